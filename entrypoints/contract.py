@@ -1,0 +1,79 @@
+"""Names and formats that training, evaluation, serving and the pipeline must agree on.
+
+This module is shipped inside the training ``source_dir`` and inside every model artifact's ``code/``
+folder, so it may import nothing but the standard library. ``pipelines/config.py`` re-exports what the
+pipeline needs from here, so each value is written down once.
+"""
+
+from __future__ import annotations
+
+import re
+
+# --- files of the data contract (the processing step writes them, training reads them) -------------------
+LABELS_FILE = "labels.json"
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "valid", "test")
+
+# --- the model artifact (SM_MODEL_DIR -> model.tar.gz) ----------------------------------------------------
+WEIGHTS_FILE = "model.pt"  # a plain state_dict: loads with torch.load(weights_only=True)
+MODEL_CONFIG_FILE = "model_config.json"
+HYPERPARAMETERS_FILE = "hyperparameters.json"
+CODE_DIR = "code"
+# Files copied from entrypoints/ into <model>/code/ so the serving container needs no repack step.
+SERVING_CODE_FILES = ("inference.py", "modeling.py", "transforms.py", "contract.py")
+SERVING_REQUIREMENTS_FILE = "requirements-serving.txt"  # copied as code/requirements.txt
+
+# --- image preprocessing shared by training, evaluation and serving ----------------------------------------
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_INPUT_SIZE = 224  # the crop the network sees
+DEFAULT_RESIZE_SIZE = 256  # short side before the centre crop (and the processing step's default)
+
+# --- metrics the training script logs, once per epoch -------------------------------------------------------
+OBJECTIVE_METRIC = "valid_accuracy"
+_FLOAT = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+METRIC_NAMES = ("train_loss", "valid_loss", "valid_accuracy")
+# Metric definitions in the shape SageMaker's estimator and tuner take (Name/Regex).
+METRIC_DEFINITIONS = [{"Name": name, "Regex": rf"\b{name}={_FLOAT}"} for name in METRIC_NAMES]
+METRIC_DEFINITIONS.append({"Name": "epoch", "Regex": rf"\bepoch={_FLOAT}"})
+
+
+def format_metrics_line(epoch: int, train_loss: float, valid_loss: float, valid_accuracy: float) -> str:
+    """The one line per epoch that the tuner's and Studio's metric regexes read."""
+    return (
+        f"epoch={epoch} train_loss={train_loss:.6f} valid_loss={valid_loss:.6f} "
+        f"valid_accuracy={valid_accuracy:.6f}"
+    )
+
+
+def parse_metrics(log_text: str) -> list[dict[str, float]]:
+    """Read every metrics line of a training log with the same regexes the tuner uses.
+
+    Returns one dict per epoch line, in order. A line counts only when all metrics are on it.
+    """
+    patterns = {d["Name"]: re.compile(d["Regex"]) for d in METRIC_DEFINITIONS}
+    rows = []
+    for line in log_text.splitlines():
+        row = {}
+        for name, pattern in patterns.items():
+            match = pattern.search(line)
+            if match:
+                row[name] = float(match.group(1))
+        if len(row) == len(patterns):
+            rows.append(row)
+    return rows
+
+
+# --- evaluation report (SageMaker model-quality format, doubles as the registry's ModelMetrics) --------------
+EVALUATION_FILE = "evaluation.json"
+CONFUSION_MATRIX_IMAGE = "confusion_matrix.png"
+ACCURACY_JSON_PATH = "multiclass_classification_metrics.accuracy.value"
+
+# --- the endpoint contract ------------------------------------------------------------------------------------
+IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
+JSON_CONTENT_TYPE = "application/json"
+REQUEST_CONTENT_TYPES = (*IMAGE_CONTENT_TYPES, JSON_CONTENT_TYPE)
+RESPONSE_CONTENT_TYPES = (JSON_CONTENT_TYPE,)
+DEFAULT_TOP_K = 5
+MAX_BATCH_IMAGES = 32
+MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused as possible decompression bombs

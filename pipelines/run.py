@@ -1,0 +1,58 @@
+"""The command line: ``python -m pipelines.run <command>`` (also installed as ``image-pipeline``).
+
+Each group of commands lives in its own module and adds itself here through ``add_commands(subparsers)``;
+modules import the SageMaker SDK and boto3 lazily so ``local`` starts fast and works with no AWS account.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules that contribute subcommands, in the order ``--help`` lists them.
+COMMAND_MODULES = (
+    "pipelines.aws_cli",  # definition, upsert, start, status, models, approve, reject
+    "pipelines.deploy_cli",  # deploy
+    "pipelines.local.cli",  # local, predict
+)
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.run",
+        description="Build, run and deploy the image-classification pipeline, on SageMaker or on this machine.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue  # a command group not built yet
+        module.add_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except CommandError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Packaging for the image-classification SageMaker pipeline.
+
+Install for development and tests with ``pip install -e ".[dev]"`` (see README.md).
+"""
+
+from setuptools import find_packages, setup
+
+RUNTIME_REQUIREMENTS = [
+    "sagemaker>=2.257,<3",
+    "boto3>=1.34",
+    "torch>=2.4",
+    "torchvision>=0.19",
+    "pillow>=10",
+    "numpy>=1.26",
+    "scikit-learn>=1.4",  # the built-in demo dataset (digits) and evaluation metrics
+    "matplotlib>=3.8",  # confusion matrix and training-curve pictures
+    "tensorboard>=2.15",  # TensorBoard scalars from the training script
+    "tqdm>=4.66",
+]
+
+DEV_REQUIREMENTS = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "moto[s3,sagemaker,lambda,events,sqs,iam,sts]>=5.0,<6",
+    "ruff>=0.6",
+    "sagemaker-pytorch-inference>=2.0.25",  # the serving toolkit the handler tests run under
+]
+
+setup(
+    name="image-classification-pipeline",
+    version="0.1.0",
+    description=(
+        "SageMaker Pipelines MLOps workflow that fine-tunes torchvision CNNs for image classification, "
+        "runnable whole on one machine"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipelines", "pipelines.*", "steps", "entrypoints"]),
+    package_data={"entrypoints": ["*.txt"], "steps": ["*.json", "*.txt"]},
+    install_requires=RUNTIME_REQUIREMENTS,
+    extras_require={"dev": DEV_REQUIREMENTS},
+    entry_points={"console_scripts": ["image-pipeline=pipelines.run:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "License :: OSI Approved :: Apache Software License",
+    ],
+)
