@@ -3,6 +3,8 @@
 Install for development and tests with ``pip install -e ".[dev]"`` (see README.md).
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 RUNTIME_REQUIREMENTS = [
@@ -33,7 +35,7 @@ setup(
         "SageMaker Pipelines MLOps workflow that fine-tunes torchvision CNNs for image classification, "
         "runnable whole on one machine"
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

@@ -40,10 +40,7 @@ METRIC_DEFINITIONS.append({"Name": "epoch", "Regex": rf"\bepoch={_FLOAT}"})
 
 def format_metrics_line(epoch: int, train_loss: float, valid_loss: float, valid_accuracy: float) -> str:
     """The one line per epoch that the tuner's and Studio's metric regexes read."""
-    return (
-        f"epoch={epoch} train_loss={train_loss:.6f} valid_loss={valid_loss:.6f} "
-        f"valid_accuracy={valid_accuracy:.6f}"
-    )
+    return f"epoch={epoch} train_loss={train_loss:.6f} valid_loss={valid_loss:.6f} valid_accuracy={valid_accuracy:.6f}"
 
 
 def parse_metrics(log_text: str) -> list[dict[str, float]]:

@@ -81,13 +81,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
-            )
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
         if self.num_classes != len(self.class_names):
-            raise ValueError(
-                f"num_classes={self.num_classes} but {len(self.class_names)} class names were given"
-            )
+            raise ValueError(f"num_classes={self.num_classes} but {len(self.class_names)} class names were given")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -147,14 +143,10 @@ def load_backbone_weights(arch: str, weights: str) -> nn.Module:
     if path.is_dir():
         candidates = sorted(p for p in path.iterdir() if p.suffix in (".pth", ".pt", ".bin"))
         if len(candidates) != 1:
-            raise ValueError(
-                f"weights folder {path} must hold exactly one .pth/.pt file, found {len(candidates)}"
-            )
+            raise ValueError(f"weights folder {path} must hold exactly one .pth/.pt file, found {len(candidates)}")
         path = candidates[0]
     if not path.is_file():
-        raise ValueError(
-            f"weights must be 'none', 'imagenet' or a state_dict file; {weights!r} is none of these"
-        )
+        raise ValueError(f"weights must be 'none', 'imagenet' or a state_dict file; {weights!r} is none of these")
     model = torchvision.models.get_model(arch, weights=None)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
