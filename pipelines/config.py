@@ -20,6 +20,19 @@ DEPLOY_FUNCTION_NAME = "imgclf-deploy-on-approval"
 DEPLOY_RULE_NAME = "imgclf-model-approved"
 ENDPOINT_NAME_PREFIX = "imgclf"
 
+# --- deployment on approval (steps/deploy.py, wired by pipelines/deploy_infra.py) -------------------------------
+ENV_DEPLOY_ROLE_ARN = "DEPLOY_LAMBDA_ROLE_ARN"  # the deploy Lambda's own role (see README: create it once)
+DEPLOY_RULE_TARGET_ID = "deploy-lambda"
+DEPLOY_LAMBDA_RUNTIME = "python3.12"
+DEPLOY_LAMBDA_TIMEOUT_SECONDS = 900  # the most Lambda allows: the handler may wait for a busy endpoint
+DEPLOY_LAMBDA_MEMORY_MB = 256
+DEPLOY_ENDPOINT_WAIT_SECONDS = 600  # how long the function waits for a busy endpoint before failing (retried)
+ENDPOINT_INSTANCE_TYPE = "ml.m5.large"
+ENDPOINT_INSTANCE_COUNT = 1
+ENDPOINT_SERVERLESS_MAX_CONCURRENCY = 5
+ENDPOINT_DATA_CAPTURE_PERCENT = 100
+ENDPOINT_TARGET_INVOCATIONS_PER_INSTANCE = 70.0  # autoscaling target, invocations per instance per minute
+
 # Environment variables that carry account-specific settings (never written in code).
 ENV_ROLE_ARN = "SAGEMAKER_PIPELINE_ROLE_ARN"
 ENV_BUCKET = "ARTIFACT_BUCKET"
@@ -92,12 +105,16 @@ TUNING_STRATEGY = "Bayesian"  # or "Hyperband", "Random"
 TUNING_STRATEGIES = ("Bayesian", "Hyperband", "Random")
 MAX_TUNING_JOBS = 8
 MAX_PARALLEL_TUNING_JOBS = 2
+TRAINING_MAX_RUNTIME_SECONDS = 24 * 3600  # per training job (each trial and the final training)
+TRAINING_MAX_WAIT_SECONDS = 36 * 3600  # with managed spot training: runtime plus time waiting for capacity
+CACHE_EXPIRE_AFTER = "P30D"  # ISO 8601 duration a cached step result of the expensive steps stays reusable
 
 # --- evaluation and registration ------------------------------------------------------------------------------------
 EVALUATION_FILE = contract.EVALUATION_FILE
 ACCURACY_JSON_PATH = contract.ACCURACY_JSON_PATH
 ACCURACY_THRESHOLD = 0.7
 APPROVAL_STATUS = "PendingManualApproval"
+APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
 REQUEST_CONTENT_TYPES = contract.REQUEST_CONTENT_TYPES
 RESPONSE_CONTENT_TYPES = contract.RESPONSE_CONTENT_TYPES
 
@@ -112,3 +129,17 @@ LOCAL_DEMO_HYPERPARAMETERS: dict[str, str | int | float] = {
 LOCAL_DEMO_IMAGE_SIZE = 32  # the digits are 8x8; the demo archive upscales them
 LOCAL_TUNING_TRIALS = 2
 LOCAL_ACCURACY_THRESHOLD = 0.9
+LOCAL_DEMO_TRAINING_EPOCHS = 8  # the final training of the demo (the trials run LOCAL_DEMO_HYPERPARAMETERS' epochs)
+# The demo trains from random weights (no download), so it tunes the tuner's ranges minus trainable-blocks
+# (freezing random layers teaches nothing; it stays "all") and with learning rates that converge in a few epochs.
+LOCAL_DEMO_HYPERPARAMETER_RANGES: dict[str, HyperparameterRange] = {
+    **{name: spec for name, spec in HYPERPARAMETER_RANGES.items() if name != "trainable-blocks"},
+    "lr": HyperparameterRange("continuous", 1e-3, 1e-2, scaling="Logarithmic"),
+}
+LOCAL_TUNING_SEED = 42  # seeds the local tuner's sampling of the ranges
+LOCAL_WORKDIR = "runs"  # python -m pipelines.run local --workdir: one run-NNNN folder per run, cache, registry
+LOCAL_ENDPOINT_NAME = f"{ENDPOINT_NAME_PREFIX}-local"
+LOCAL_ENDPOINT_PORT = 8080  # SageMaker's serving containers listen on 8080; a busy port gives way to a free one
+# Flags the local runner adds to each training job after the hyperparameters (the jobs share this machine's
+# cores, where on SageMaker each has an instance of its own).
+LOCAL_TRAINING_EXTRA_ARGUMENTS: tuple[str, ...] = ("--workers", "0")

@@ -55,4 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under ``python -m`` this file runs as __main__, while command modules raise ``pipelines.run.CommandError``
+    # (a second copy of this module): run that copy's main so its ``except CommandError`` catches them.
+    from pipelines.run import main as _main
+
+    sys.exit(_main())

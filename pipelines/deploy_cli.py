@@ -1,0 +1,123 @@
+"""``python -m pipelines.run deploy``: run the deploy Lambda's logic by hand for one model package.
+
+Same code (``steps/deploy.py``), same settings (the flags become the same environment the function gets from
+``upsert``), same result: the endpoint is created, or updated blue/green to the package's model. Useful to
+deploy without waiting for EventBridge, to redeploy after fixing a failed endpoint, or to roll back by
+deploying an older approved version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from pipelines import config, deploy_infra
+from pipelines.run import CommandError
+
+IN_SERVICE_POLL_SECONDS = 30
+
+
+def add_commands(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "deploy",
+        help="deploy an approved model package to the endpoint now (what the deploy Lambda does on approval)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model-package-arn", required=True, help="ARN of the Approved model package to deploy")
+    parser.add_argument(
+        "--model-package-group",
+        default=config.MODEL_PACKAGE_GROUP,
+        help="the package must belong to this group (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--role",
+        default=None,
+        help=f"SageMaker execution role the model runs under (default: ${config.ENV_ROLE_ARN})",
+    )
+    parser.add_argument("--region", default=None, help="AWS region (default: the AWS configuration's)")
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        default=False,
+        help="after starting the deployment, wait until the endpoint is InService (default: return at once)",
+    )
+    parser.add_argument(
+        "--wait-timeout-seconds",
+        type=int,
+        default=3600,
+        help="give up waiting for InService after this long (default: %(default)s)",
+    )
+    deploy_infra.add_endpoint_arguments(parser)
+    parser.set_defaults(func=run_deploy)
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from steps import deploy
+
+    _configure_logging()
+    execution_role_arn = deploy_infra.execution_role_from_args(args)
+    _, settings = deploy_infra.settings_from_args(args, args.model_package_group, execution_role_arn)
+    session = boto3.session.Session(region_name=args.region)
+    if session.region_name is None:
+        raise CommandError("no AWS region: pass --region or set AWS_REGION")
+    clients = deploy.create_clients(session=session)
+    try:
+        result = deploy.deploy_model_package(args.model_package_arn, settings, clients)
+    except deploy.DeployError as error:
+        raise CommandError(str(error)) from error
+    except ClientError as error:
+        details = error.response.get("Error", {})
+        raise CommandError(
+            f"{error.operation_name} failed for {args.model_package_arn}: "
+            f"{details.get('Code', '?')}: {details.get('Message', error)}"
+        ) from error
+    except BotoCoreError as error:
+        raise CommandError(f"AWS is out of reach ({error}); check your credentials and region") from error
+    if result["action"] == "ignored":
+        raise CommandError(
+            f"not deployed: {result['reason']}. Deploy an Approved package of {args.model_package_group} "
+            "(approve it in Studio or with `python -m pipelines.run approve`), or pass --model-package-group."
+        )
+    if args.wait:
+        result["endpoint_status"] = _wait_in_service(
+            clients.sagemaker, result["endpoint_name"], result["endpoint_config_name"], args
+        )
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _wait_in_service(sagemaker_client: Any, endpoint_name: str, config_name: str, args: argparse.Namespace) -> str:
+    """Wait for the deployment to finish; an endpoint back InService on another config was rolled back."""
+    deadline = time.monotonic() + args.wait_timeout_seconds
+    while True:
+        endpoint = sagemaker_client.describe_endpoint(EndpointName=endpoint_name)
+        status = endpoint["EndpointStatus"]
+        print(f"endpoint {endpoint_name}: {status}", file=sys.stderr, flush=True)
+        if status == "InService" and not endpoint.get("PendingDeploymentSummary"):
+            if endpoint.get("EndpointConfigName") != config_name:
+                raise CommandError(
+                    f"endpoint {endpoint_name} is InService on {endpoint.get('EndpointConfigName')}, not "
+                    f"{config_name}: the update was rolled back ({endpoint.get('FailureReason', 'see its events')})"
+                )
+            return status
+        if status in ("Failed", "UpdateRollbackFailed"):
+            raise CommandError(f"endpoint {endpoint_name} is {status}: {endpoint.get('FailureReason', 'no reason')}")
+        if time.monotonic() > deadline:
+            raise CommandError(
+                f"endpoint {endpoint_name} still {status} after {args.wait_timeout_seconds}s; "
+                "the deployment goes on: check it with `aws sagemaker describe-endpoint`"
+            )
+        time.sleep(IN_SERVICE_POLL_SECONDS)

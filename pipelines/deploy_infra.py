@@ -1,0 +1,662 @@
+"""The wiring of deployment on approval: the deploy Lambda, its EventBridge rule, target and invoke permission.
+
+``python -m pipelines.run upsert`` calls :func:`add_deploy_arguments` on its parser and
+:func:`upsert_from_args` after upserting the pipeline. Every step describes first and changes only what
+differs, so running it twice changes nothing (same code SHA-256, one rule, one target, one permission).
+
+The function's role is not created here (creating IAM roles needs more rights than deploying does): render
+its least-privilege policy with ``python -m pipelines.deploy_infra policy`` and create the role once, as the
+README shows. ``python -m pipelines.deploy_infra trust-policy`` prints the role's trust policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import importlib.resources
+import io
+import json
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from pipelines import config
+from steps import deploy
+
+HANDLER = "deploy.handler"  # the zip holds deploy.py at its root
+POLICY_TEMPLATE = "deploy_policy.json"
+TRUST_POLICY = "deploy_trust_policy.json"
+# Statements of the policy template that only some deployments need (see render_deploy_policy).
+AUTOSCALING_SID_PREFIX = "Autoscaling"
+ROLLBACK_ALARMS_SID_PREFIX = "RollbackAlarms"
+# The one statement that has to say "Resource": "*": Application Auto Scaling's Describe* actions support no
+# resource-level permissions, and a scalable target's ARN carries an ID assigned when it is registered, so
+# RegisterScalableTarget/PutScalingPolicy cannot name it in advance either.
+STATEMENTS_NEEDING_ANY_RESOURCE = ("AutoscalingRegisterTargetAndPolicy",)
+
+# argparse dest -> environment variable of steps/deploy.py
+_ENDPOINT_ARGUMENT_ENV = {
+    "endpoint_name": "ENDPOINT_NAME",
+    "endpoint_instance_type": "INSTANCE_TYPE",
+    "endpoint_instance_count": "INSTANCE_COUNT",
+    "serverless_memory_mb": "SERVERLESS_MEMORY_MB",
+    "serverless_max_concurrency": "SERVERLESS_MAX_CONCURRENCY",
+    "data_capture_s3_uri": "DATA_CAPTURE_S3_URI",
+    "data_capture_percent": "DATA_CAPTURE_PERCENT",
+    "rollback_alarm_names": "ROLLBACK_ALARM_NAMES",
+    "traffic_routing": "TRAFFIC_ROUTING",
+    "traffic_step_percent": "TRAFFIC_STEP_PERCENT",
+    "traffic_wait_seconds": "TRAFFIC_WAIT_SECONDS",
+    "termination_wait_seconds": "TERMINATION_WAIT_SECONDS",
+    "max_execution_timeout_seconds": "MAX_EXECUTION_TIMEOUT_SECONDS",
+    "min_capacity": "MIN_CAPACITY",
+    "max_capacity": "MAX_CAPACITY",
+    "target_invocations_per_instance": "TARGET_INVOCATIONS_PER_INSTANCE",
+    "endpoint_wait_seconds": "ENDPOINT_WAIT_SECONDS",
+}
+
+
+def _command_error(message: str) -> Exception:
+    from pipelines.run import CommandError  # imported late: pipelines.run imports the command modules
+
+    return CommandError(message)
+
+
+# --- arguments ------------------------------------------------------------------------------------------------
+
+
+def add_endpoint_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Flags for what the endpoint looks like; shared by ``upsert`` (into the function's environment),
+    ``deploy`` (run by hand) and ``python -m pipelines.deploy_infra policy``."""
+    parser.add_argument(
+        "--endpoint-name",
+        default=None,
+        help=f"endpoint to create or update (default: {config.ENDPOINT_NAME_PREFIX}-<model package group>)",
+    )
+    parser.add_argument(
+        "--endpoint-instance-type",
+        default=config.ENDPOINT_INSTANCE_TYPE,
+        help="instance type of the endpoint (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--endpoint-instance-count",
+        type=int,
+        default=config.ENDPOINT_INSTANCE_COUNT,
+        help="initial instance count (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--serverless-memory-mb",
+        type=int,
+        default=None,
+        help="serve from a serverless endpoint with this much memory (1024-6144, multiple of 1024) "
+        "instead of instances (default: instances)",
+    )
+    parser.add_argument(
+        "--serverless-max-concurrency",
+        type=int,
+        default=config.ENDPOINT_SERVERLESS_MAX_CONCURRENCY,
+        help="serverless endpoint's maximum concurrent invocations (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-capture-s3-uri",
+        default=None,
+        help="capture requests and responses to this s3:// prefix (default: no data capture)",
+    )
+    parser.add_argument(
+        "--data-capture-percent",
+        type=int,
+        default=config.ENDPOINT_DATA_CAPTURE_PERCENT,
+        help="percentage of requests captured (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rollback-alarm-names",
+        default=None,
+        help="comma-separated CloudWatch alarms that roll a blue/green update back (default: none)",
+    )
+    parser.add_argument(
+        "--traffic-routing",
+        choices=deploy.TRAFFIC_ROUTING_TYPES,
+        default="ALL_AT_ONCE",
+        help="how a blue/green update shifts traffic to the new fleet (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--traffic-step-percent",
+        type=int,
+        default=None,
+        help="canary size or linear step, percent of capacity (needed for CANARY and LINEAR; default: none)",
+    )
+    parser.add_argument(
+        "--traffic-wait-seconds",
+        type=int,
+        default=None,
+        help=f"wait (baking) between traffic steps, 0-3600 (default: {deploy.DEFAULT_BAKING_SECONDS_WITH_ALARMS} "
+        "with rollback alarms, else 0)",
+    )
+    parser.add_argument(
+        "--termination-wait-seconds",
+        type=int,
+        default=0,
+        help="keep the old fleet this long after traffic has moved, 0-3600 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-execution-timeout-seconds",
+        type=int,
+        default=None,
+        help="roll back a blue/green update that takes longer than this, 600-14400 (default: SageMaker's)",
+    )
+    parser.add_argument(
+        "--min-capacity",
+        type=int,
+        default=None,
+        help="with --max-capacity: autoscale the endpoint's instances between the two (default: no autoscaling)",
+    )
+    parser.add_argument("--max-capacity", type=int, default=None, help="see --min-capacity (default: no autoscaling)")
+    parser.add_argument(
+        "--target-invocations-per-instance",
+        type=float,
+        default=config.ENDPOINT_TARGET_INVOCATIONS_PER_INSTANCE,
+        help="autoscaling target: invocations per instance per minute (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--endpoint-wait-seconds",
+        type=int,
+        default=config.DEPLOY_ENDPOINT_WAIT_SECONDS,
+        help="how long to wait for an endpoint that is busy (being created or updated) before failing "
+        "with a retryable error (default: %(default)s)",
+    )
+
+
+def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the deploy wiring for ``upsert``: the function's role and names, and the endpoint settings."""
+    group = parser.add_argument_group("deployment on approval (the deploy Lambda and its EventBridge rule)")
+    group.add_argument(
+        "--deploy-role-arn",
+        default=None,
+        help=f"IAM role of the deploy Lambda (default: ${config.ENV_DEPLOY_ROLE_ARN}); "
+        "create it with `python -m pipelines.deploy_infra policy` as the README shows",
+    )
+    group.add_argument(
+        "--deploy-function-name",
+        default=config.DEPLOY_FUNCTION_NAME,
+        help="name of the deploy Lambda (default: %(default)s)",
+    )
+    group.add_argument(
+        "--deploy-rule-name",
+        default=config.DEPLOY_RULE_NAME,
+        help="name of the EventBridge rule (default: %(default)s)",
+    )
+    group.add_argument(
+        "--skip-deploy-wiring",
+        action="store_true",
+        default=False,
+        help="do not create or update the deploy Lambda and its rule (default: create or update them)",
+    )
+    add_endpoint_arguments(group)
+
+
+def function_environment(args: argparse.Namespace, model_package_group: str, execution_role_arn: str) -> dict[str, str]:
+    """The deploy function's environment from parsed flags (flags that are absent or None are left out)."""
+    environment = {
+        "MODEL_PACKAGE_GROUP_NAME": model_package_group,
+        "EXECUTION_ROLE_ARN": execution_role_arn,
+        "RESOURCE_NAME_PREFIX": config.ENDPOINT_NAME_PREFIX,
+        "LOG_LEVEL": "INFO",
+    }
+    for dest, variable in _ENDPOINT_ARGUMENT_ENV.items():
+        value = getattr(args, dest, None)
+        if value is None or value == "":
+            continue
+        if dest == "endpoint_instance_type" and getattr(args, "serverless_memory_mb", None) is not None:
+            continue  # a serverless endpoint has no instance type: do not suggest it has one
+        environment[variable] = str(value)
+    return environment
+
+
+def settings_from_args(
+    args: argparse.Namespace, model_package_group: str, execution_role_arn: str
+) -> tuple[dict[str, str], deploy.DeploySettings]:
+    """The environment and the settings the handler will parse from it; bad flags become a CommandError."""
+    environment = function_environment(args, model_package_group, execution_role_arn)
+    try:
+        settings = deploy.DeploySettings.from_env(environment)
+    except deploy.ConfigurationError as error:
+        raise _command_error(f"{error} (the flags of the same names set these)") from error
+    return environment, settings
+
+
+def execution_role_from_args(args: argparse.Namespace) -> str:
+    role = getattr(args, "role", None) or os.environ.get(config.ENV_ROLE_ARN)
+    if not role:
+        raise _command_error(
+            f"no SageMaker execution role for the deployed model: pass --role or set {config.ENV_ROLE_ARN}"
+        )
+    return role
+
+
+# --- the code -------------------------------------------------------------------------------------------------
+
+
+def handler_source() -> bytes:
+    return (importlib.resources.files("steps") / "deploy.py").read_bytes()
+
+
+def build_function_zip() -> bytes:
+    """A zip of ``deploy.py`` alone, byte-for-byte the same for the same source (fixed time stamp and mode),
+    so the function's CodeSha256 changes only when the code does."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        info = zipfile.ZipInfo("deploy.py", date_time=(1980, 1, 1, 0, 0, 0))
+        info.external_attr = 0o644 << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        archive.writestr(info, handler_source())
+    return buffer.getvalue()
+
+
+def code_sha256(zip_bytes: bytes) -> str:
+    """What Lambda reports as CodeSha256: base64 of the SHA-256 of the deployment package."""
+    return base64.b64encode(hashlib.sha256(zip_bytes).digest()).decode()
+
+
+def event_pattern(model_package_group: str) -> dict[str, Any]:
+    """Approvals of this group only: any other group, and any status but Approved, never reaches the function."""
+    return {
+        "source": [deploy.EVENT_SOURCE],
+        "detail-type": [deploy.EVENT_DETAIL_TYPE],
+        "detail": {"ModelPackageGroupName": [model_package_group], "ModelApprovalStatus": [deploy.APPROVED]},
+    }
+
+
+# --- AWS upserts ----------------------------------------------------------------------------------------------
+
+
+def _error_code(error: Exception) -> str:
+    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _wait(lambda_client: Any, waiter_name: str, function_name: str) -> None:
+    lambda_client.get_waiter(waiter_name).wait(
+        FunctionName=function_name, WaiterConfig={"Delay": 2, "MaxAttempts": 150}
+    )
+
+
+def upsert_function(
+    lambda_client: Any,
+    *,
+    function_name: str,
+    role_arn: str,
+    zip_bytes: bytes,
+    environment: Mapping[str, str],
+    description: str,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Create the function, or update its code and configuration where they differ."""
+    from botocore.exceptions import ClientError
+
+    desired: dict[str, Any] = {
+        "Runtime": config.DEPLOY_LAMBDA_RUNTIME,
+        "Role": role_arn,
+        "Handler": HANDLER,
+        "Timeout": config.DEPLOY_LAMBDA_TIMEOUT_SECONDS,
+        "MemorySize": config.DEPLOY_LAMBDA_MEMORY_MB,
+        "Description": description,
+        "Environment": {"Variables": dict(environment)},
+    }
+    sha = code_sha256(zip_bytes)
+    try:
+        current = lambda_client.get_function_configuration(FunctionName=function_name)
+    except ClientError as error:
+        if _error_code(error) != "ResourceNotFoundException":
+            raise
+        current = None
+
+    if current is None:
+        for attempt in range(8):
+            try:
+                created = lambda_client.create_function(
+                    FunctionName=function_name, Code={"ZipFile": zip_bytes}, **desired
+                )
+                break
+            except ClientError as error:
+                # A role created moments ago may not be assumable yet (IAM is eventually consistent).
+                if "cannot be assumed" not in str(error) or attempt == 7:
+                    raise
+                print(f"waiting for the new role {role_arn} to become usable by Lambda...", file=sys.stderr)
+                sleep(5)
+        _wait(lambda_client, "function_active_v2", function_name)
+        return {
+            "name": function_name,
+            "arn": created["FunctionArn"],
+            "action": "created",
+            "code_sha256": created["CodeSha256"],
+        }
+
+    changed: list[str] = []
+    _wait(lambda_client, "function_updated_v2", function_name)  # a previous update may still be in progress
+    if current.get("CodeSha256") != sha:
+        lambda_client.update_function_code(FunctionName=function_name, ZipFile=zip_bytes)
+        _wait(lambda_client, "function_updated_v2", function_name)
+        changed.append("code")
+    current_values = {
+        **{key: current.get(key) for key in desired},
+        "Description": current.get("Description", ""),
+        "Environment": {"Variables": (current.get("Environment") or {}).get("Variables", {})},
+    }
+    changed_settings = [key for key, value in desired.items() if current_values[key] != value]
+    if changed_settings:
+        lambda_client.update_function_configuration(FunctionName=function_name, **desired)
+        _wait(lambda_client, "function_updated_v2", function_name)
+        changed.extend(changed_settings)
+    final = lambda_client.get_function_configuration(FunctionName=function_name)
+    return {
+        "name": function_name,
+        "arn": final["FunctionArn"],
+        "action": "updated" if changed else "unchanged",
+        "changed": changed,
+        "code_sha256": final["CodeSha256"],
+    }
+
+
+def upsert_rule(events_client: Any, *, rule_name: str, model_package_group: str) -> dict[str, Any]:
+    from botocore.exceptions import ClientError
+
+    pattern = event_pattern(model_package_group)
+    description = f"Approved model packages of {model_package_group} -> deploy Lambda"
+    try:
+        current = events_client.describe_rule(Name=rule_name)
+    except ClientError as error:
+        if _error_code(error) != "ResourceNotFoundException":
+            raise
+        current = None
+    if (
+        current is not None
+        and json.loads(current.get("EventPattern") or "{}") == pattern
+        and current.get("State") == "ENABLED"
+        and current.get("Description", "") == description
+    ):
+        return {"name": rule_name, "arn": current["Arn"], "action": "unchanged", "event_pattern": pattern}
+    response = events_client.put_rule(
+        Name=rule_name, EventPattern=json.dumps(pattern), State="ENABLED", Description=description
+    )
+    return {
+        "name": rule_name,
+        "arn": response["RuleArn"],
+        "action": "created" if current is None else "updated",
+        "event_pattern": pattern,
+    }
+
+
+def ensure_rule_target(events_client: Any, *, rule_name: str, function_arn: str) -> dict[str, Any]:
+    """Point the rule's target (ours, by its Id; other targets are left alone) at the function."""
+    targets = events_client.list_targets_by_rule(Rule=rule_name).get("Targets", [])
+    ours = next((target for target in targets if target["Id"] == config.DEPLOY_RULE_TARGET_ID), None)
+    if ours is not None and ours.get("Arn") == function_arn:
+        return {"id": config.DEPLOY_RULE_TARGET_ID, "arn": function_arn, "action": "unchanged"}
+    response = events_client.put_targets(
+        Rule=rule_name, Targets=[{"Id": config.DEPLOY_RULE_TARGET_ID, "Arn": function_arn}]
+    )
+    if response.get("FailedEntryCount"):
+        raise _command_error(f"EventBridge refused the target of rule {rule_name}: {response.get('FailedEntries')}")
+    return {
+        "id": config.DEPLOY_RULE_TARGET_ID,
+        "arn": function_arn,
+        "action": "created" if ours is None else "updated",
+    }
+
+
+def _statement_source_arn(statement: Mapping[str, Any]) -> str | None:
+    condition = statement.get("Condition") or {}
+    for operator in ("ArnLike", "ArnEquals"):
+        source = (condition.get(operator) or {}).get("AWS:SourceArn")
+        if source:
+            return str(source)
+    return None
+
+
+def ensure_invoke_permission(
+    lambda_client: Any, *, function_name: str, rule_arn: str, rule_name: str
+) -> dict[str, Any]:
+    """Let EventBridge invoke the function for this rule only (SourceArn = the rule's ARN)."""
+    from botocore.exceptions import ClientError
+
+    statement_id = f"{rule_name}-invoke"
+    try:
+        policy = lambda_client.get_policy(FunctionName=function_name)["Policy"]
+        statements = (json.loads(policy) if isinstance(policy, str) else policy).get("Statement", [])
+    except ClientError as error:
+        if _error_code(error) != "ResourceNotFoundException":
+            raise
+        statements = []
+    ours = next((statement for statement in statements if statement.get("Sid") == statement_id), None)
+    principal = (ours or {}).get("Principal") or {}
+    principal_service = principal.get("Service") if isinstance(principal, Mapping) else principal
+    if ours is not None and _statement_source_arn(ours) == rule_arn and principal_service == "events.amazonaws.com":
+        return {"statement_id": statement_id, "source_arn": rule_arn, "action": "unchanged"}
+    if ours is not None:
+        lambda_client.remove_permission(FunctionName=function_name, StatementId=statement_id)
+    lambda_client.add_permission(
+        FunctionName=function_name,
+        StatementId=statement_id,
+        Action="lambda:InvokeFunction",
+        Principal="events.amazonaws.com",
+        SourceArn=rule_arn,
+    )
+    return {"statement_id": statement_id, "source_arn": rule_arn, "action": "created" if ours is None else "updated"}
+
+
+def _boto3_session(boto_session: Any) -> Any:
+    """Accept a boto3 Session or a sagemaker.Session (which carries one)."""
+    return getattr(boto_session, "boto_session", None) or boto_session
+
+
+def upsert_from_args(args: argparse.Namespace, boto_session: Any, model_package_group: str) -> dict[str, Any]:
+    """Create or update the deploy Lambda, its EventBridge rule, the rule's target and the invoke permission.
+
+    Returns what it did per resource (``action``: created / updated / unchanged) and the function's settings.
+    """
+    if getattr(args, "skip_deploy_wiring", False):
+        return {"skipped": True}
+    role_arn = getattr(args, "deploy_role_arn", None) or os.environ.get(config.ENV_DEPLOY_ROLE_ARN)
+    if not role_arn:
+        raise _command_error(
+            f"no role for the deploy Lambda: pass --deploy-role-arn or set {config.ENV_DEPLOY_ROLE_ARN} "
+            "(the README's 'Deployment on approval' section shows how to create it), "
+            "or pass --skip-deploy-wiring"
+        )
+    execution_role_arn = execution_role_from_args(args)
+    environment, settings = settings_from_args(args, model_package_group, execution_role_arn)
+    function_name = getattr(args, "deploy_function_name", None) or config.DEPLOY_FUNCTION_NAME
+    rule_name = getattr(args, "deploy_rule_name", None) or config.DEPLOY_RULE_NAME
+
+    session = _boto3_session(boto_session)
+    lambda_client = session.client("lambda")
+    events_client = session.client("events")
+    function = upsert_function(
+        lambda_client,
+        function_name=function_name,
+        role_arn=role_arn,
+        zip_bytes=build_function_zip(),
+        environment=environment,
+        description=f"Deploys approved packages of {model_package_group} to {settings.resolved_endpoint_name}"[:256],
+    )
+    rule = upsert_rule(events_client, rule_name=rule_name, model_package_group=model_package_group)
+    target = ensure_rule_target(events_client, rule_name=rule_name, function_arn=function["arn"])
+    permission = ensure_invoke_permission(
+        lambda_client, function_name=function_name, rule_arn=rule["arn"], rule_name=rule_name
+    )
+    return {
+        "function": function,
+        "rule": rule,
+        "target": target,
+        "permission": permission,
+        "endpoint_name": settings.resolved_endpoint_name,
+        "environment": environment,
+        "changed": any(part["action"] != "unchanged" for part in (function, rule, target, permission)),
+    }
+
+
+# --- the IAM policy -------------------------------------------------------------------------------------------
+
+
+def partition_for_region(region: str) -> str:
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
+def render_deploy_policy(
+    *,
+    region: str,
+    account_id: str,
+    execution_role_arn: str,
+    model_package_group: str,
+    endpoint_name: str | None = None,
+    function_name: str = config.DEPLOY_FUNCTION_NAME,
+    resource_name_prefix: str = config.ENDPOINT_NAME_PREFIX,
+    autoscaling: bool = False,
+    rollback_alarm_names: Sequence[str] = (),
+    partition: str | None = None,
+) -> dict[str, Any]:
+    """The deploy function's least-privilege policy: steps/deploy_policy.json with its placeholders filled in,
+    keeping the autoscaling statements only with ``autoscaling`` and the alarm statement only with alarms."""
+    if not (account_id.isdigit() and len(account_id) == 12):
+        raise ValueError(f"account ID {account_id!r} is not 12 digits")
+    base_name = deploy.resource_base_name(resource_name_prefix, model_package_group)
+    endpoint = endpoint_name or base_name
+    values = {
+        "${AWS::Partition}": partition or partition_for_region(region),
+        "${AWS::Region}": region,
+        "${AWS::AccountId}": account_id,
+        "${ExecutionRoleArn}": execution_role_arn,
+        # SageMaker writes resource names in lower case in its ARNs.
+        "${ModelPackageGroupArnName}": model_package_group.lower(),
+        "${ResourceBaseName}": base_name,
+        "${EndpointArnName}": endpoint.lower(),
+        "${EndpointName}": endpoint,
+        "${FunctionName}": function_name,
+    }
+    alarm_arn = "arn:${AWS::Partition}:cloudwatch:${AWS::Region}:${AWS::AccountId}:alarm:"
+
+    def fill(text: str) -> str:
+        for placeholder, value in values.items():
+            text = text.replace(placeholder, value)
+        return text
+
+    template = json.loads((importlib.resources.files("steps") / POLICY_TEMPLATE).read_text(encoding="utf-8"))
+    statements = []
+    for statement in template["Statement"]:
+        sid = statement.get("Sid", "")
+        if sid.startswith(AUTOSCALING_SID_PREFIX) and not autoscaling:
+            continue
+        if sid.startswith(ROLLBACK_ALARMS_SID_PREFIX):
+            if not rollback_alarm_names:
+                continue
+            statement = {**statement, "Resource": [alarm_arn + name for name in rollback_alarm_names]}
+        statements.append(json.loads(fill(json.dumps(statement))))
+    policy = {"Version": template["Version"], "Statement": statements}
+    leftover = [text for text in _strings(policy) if "${" in text]
+    if leftover:
+        raise ValueError(f"unfilled placeholders in the deploy policy: {leftover}")
+    return policy
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [text for item in value.values() for text in _strings(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return []
+
+
+def trust_policy() -> dict[str, Any]:
+    return json.loads((importlib.resources.files("steps") / TRUST_POLICY).read_text(encoding="utf-8"))
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.deploy_infra",
+        description="Print the IAM documents the deploy Lambda's role needs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    policy = commands.add_parser("policy", help="the role's least-privilege permissions policy (JSON)")
+    policy.add_argument(
+        "--execution-role-arn",
+        default=os.environ.get(config.ENV_ROLE_ARN),
+        help=f"SageMaker execution role the function passes to CreateModel (default: ${config.ENV_ROLE_ARN})",
+    )
+    policy.add_argument(
+        "--model-package-group",
+        default=config.MODEL_PACKAGE_GROUP,
+        help="model package group deployed (default: %(default)s)",
+    )
+    policy.add_argument(
+        "--deploy-function-name",
+        default=config.DEPLOY_FUNCTION_NAME,
+        help="name of the deploy Lambda (its log group) (default: %(default)s)",
+    )
+    policy.add_argument("--region", default=None, help="AWS region (default: the AWS configuration's)")
+    policy.add_argument("--account-id", default=None, help="AWS account ID (default: the caller's, from STS)")
+    policy.add_argument("--output", default=None, help="write the policy to this file (default: standard output)")
+    add_endpoint_arguments(policy)
+    commands.add_parser("trust-policy", help="the role's trust policy (lambda.amazonaws.com may assume it)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.command == "trust-policy":
+        print(json.dumps(trust_policy(), indent=2))
+        return 0
+    if not args.execution_role_arn:
+        print(f"error: pass --execution-role-arn or set {config.ENV_ROLE_ARN}", file=sys.stderr)
+        return 2
+    region, account_id = args.region, args.account_id
+    if region is None or account_id is None:
+        import boto3
+
+        session = boto3.session.Session(region_name=region)
+        region = region or session.region_name
+        if region is None:
+            print("error: no AWS region: pass --region or set AWS_REGION", file=sys.stderr)
+            return 2
+        account_id = account_id or session.client("sts").get_caller_identity()["Account"]
+    if (args.min_capacity is None) != (args.max_capacity is None):
+        print("error: --min-capacity and --max-capacity go together", file=sys.stderr)
+        return 2
+    alarms = [name.strip() for name in (args.rollback_alarm_names or "").split(",") if name.strip()]
+    try:
+        policy = render_deploy_policy(
+            region=region,
+            account_id=account_id,
+            execution_role_arn=args.execution_role_arn,
+            model_package_group=args.model_package_group,
+            endpoint_name=args.endpoint_name,
+            function_name=args.deploy_function_name,
+            autoscaling=args.min_capacity is not None,
+            rollback_alarm_names=alarms,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    text = json.dumps(policy, indent=2)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

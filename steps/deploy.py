@@ -1,0 +1,794 @@
+"""Deploy on approval: the Lambda handler that serves an approved model package from a SageMaker endpoint.
+
+EventBridge sends every "SageMaker Model Package State Change" event of the configured model package group
+whose status is Approved here (``pipelines/deploy_infra.py`` creates the rule, the function and its
+permission). The handler
+
+1. ignores (with a log line) any event that is not an approval of a package of ``MODEL_PACKAGE_GROUP_NAME``,
+   and any package that is no longer Approved when it runs;
+2. creates a SageMaker Model from the package, then an endpoint config (instances or serverless, optional data
+   capture) -- both only if absent, under names derived from the package version, so a repeated event
+   creates nothing twice;
+3. creates the endpoint if absent, or moves it to the new config with UpdateEndpoint (blue/green, with the
+   rollback alarms and traffic shifting from the environment). The config that is serving is never changed or
+   deleted: SageMaker switches to the new one only once the new fleet is healthy;
+4. registers target-tracking autoscaling on invocations per instance when MIN_CAPACITY/MAX_CAPACITY are set.
+
+An endpoint that is busy (Creating, Updating, ...) raises :class:`EndpointBusyError`, which Lambda retries for
+asynchronous (EventBridge) invocations. AWS errors are logged with the package ARN and re-raised.
+
+This file is zipped alone into the function: standard library and boto3 (in the Lambda runtime) only.
+``python -m pipelines.run deploy --model-package-arn ...`` runs the same code by hand.
+
+Environment (all strings, as Lambda passes them):
+
+================================  ==================================================================
+MODEL_PACKAGE_GROUP_NAME          required: the only group whose approvals are deployed
+EXECUTION_ROLE_ARN                required: the SageMaker execution role the Model runs under
+RESOURCE_NAME_PREFIX              prefix of model, endpoint config and default endpoint names ("imgclf")
+ENDPOINT_NAME                     endpoint to create or update (default: ``<prefix>-<group>``)
+INSTANCE_TYPE / INSTANCE_COUNT    instance-backed variant ("ml.m5.large" x 1)
+SERVERLESS_MEMORY_MB              serverless variant instead (1024..6144, a multiple of 1024)
+SERVERLESS_MAX_CONCURRENCY        serverless concurrency (default 5)
+DATA_CAPTURE_S3_URI               turn on data capture to this s3:// prefix
+DATA_CAPTURE_PERCENT              percentage of requests captured (default 100)
+ROLLBACK_ALARM_NAMES              comma-separated CloudWatch alarms that roll a deployment back
+TRAFFIC_ROUTING                   ALL_AT_ONCE (default), CANARY or LINEAR
+TRAFFIC_STEP_PERCENT              canary size / linear step, percent of capacity (CANARY, LINEAR)
+TRAFFIC_WAIT_SECONDS              wait between traffic steps (default 300 with alarms, else 0)
+TERMINATION_WAIT_SECONDS          keep the old fleet this long after the shift (default 0)
+MAX_EXECUTION_TIMEOUT_SECONDS     abort (and roll back) a deployment that takes longer than this
+MIN_CAPACITY / MAX_CAPACITY       turn on autoscaling of the variant between these instance counts
+TARGET_INVOCATIONS_PER_INSTANCE   target-tracking value, invocations per instance per minute (70)
+SCALE_IN_COOLDOWN_SECONDS         autoscaling cooldowns (300 / 60)
+SCALE_OUT_COOLDOWN_SECONDS
+ENDPOINT_WAIT_SECONDS             how long to wait for a busy endpoint before raising (default 0)
+ENDPOINT_POLL_SECONDS             poll interval while waiting (default 30)
+LOG_LEVEL                         logging level (INFO)
+================================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+try:  # boto3 is in the Lambda runtime; imported lazily elsewhere so this module loads without it
+    from botocore.exceptions import ClientError
+except ImportError:  # pragma: no cover - boto3/botocore are always installed where this runs
+
+    class ClientError(Exception):  # type: ignore[no-redef]
+        """Placeholder so ``except ClientError`` is valid without botocore."""
+
+
+logger = logging.getLogger("deploy")
+logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+
+EVENT_SOURCE = "aws.sagemaker"
+EVENT_DETAIL_TYPE = "SageMaker Model Package State Change"
+APPROVED = "Approved"
+VARIANT_NAME = "AllTraffic"  # blue/green needs the same variant name in the old and the new config
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+
+DEFAULT_RESOURCE_NAME_PREFIX = "imgclf"
+DEFAULT_INSTANCE_TYPE = "ml.m5.large"
+DEFAULT_INSTANCE_COUNT = 1
+DEFAULT_SERVERLESS_MAX_CONCURRENCY = 5
+DEFAULT_DATA_CAPTURE_PERCENT = 100
+DEFAULT_TARGET_INVOCATIONS_PER_INSTANCE = 70.0
+DEFAULT_SCALE_IN_COOLDOWN_SECONDS = 300
+DEFAULT_SCALE_OUT_COOLDOWN_SECONDS = 60
+DEFAULT_BAKING_SECONDS_WITH_ALARMS = 300
+DEFAULT_ENDPOINT_POLL_SECONDS = 30
+TRAFFIC_ROUTING_TYPES = ("ALL_AT_ONCE", "CANARY", "LINEAR")
+
+MAX_NAME_LENGTH = 63  # SageMaker model, endpoint config and endpoint names
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+# Room left after the base name for "-v<version>-<8 hex digits>".
+_SUFFIX_ROOM = 21
+
+# EndpointStatus values: the endpoint cannot take an UpdateEndpoint now, but will be able to later.
+BUSY_STATUSES = frozenset({"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting", "OutOfService"})
+# UpdateRollbackFailed is cleared by a new UpdateEndpoint, so it counts as updatable.
+UPDATABLE_STATUSES = frozenset({"InService", "UpdateRollbackFailed"})
+
+
+class DeployError(Exception):
+    """A deployment that cannot go ahead; the message says why and what to do."""
+
+
+class ConfigurationError(DeployError):
+    """The function's environment (or the deploy command's flags) is invalid."""
+
+
+class EndpointBusyError(DeployError):
+    """The endpoint is being created or updated: retryable. Lambda retries asynchronous invocations."""
+
+
+class EndpointFailedError(DeployError):
+    """The endpoint is Failed: SageMaker allows only DeleteEndpoint on it, so no retry will help."""
+
+
+# --- settings -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """Everything the deployment reads from the function's environment, parsed and validated."""
+
+    model_package_group: str
+    execution_role_arn: str
+    resource_name_prefix: str = DEFAULT_RESOURCE_NAME_PREFIX
+    endpoint_name: str = ""  # "" = derived from the prefix and the group
+    instance_type: str = DEFAULT_INSTANCE_TYPE
+    instance_count: int = DEFAULT_INSTANCE_COUNT
+    serverless_memory_mb: int | None = None
+    serverless_max_concurrency: int = DEFAULT_SERVERLESS_MAX_CONCURRENCY
+    data_capture_s3_uri: str | None = None
+    data_capture_percent: int = DEFAULT_DATA_CAPTURE_PERCENT
+    rollback_alarm_names: tuple[str, ...] = field(default_factory=tuple)
+    traffic_routing: str = "ALL_AT_ONCE"
+    traffic_step_percent: int | None = None
+    traffic_wait_seconds: int | None = None
+    termination_wait_seconds: int = 0
+    max_execution_timeout_seconds: int | None = None
+    min_capacity: int | None = None
+    max_capacity: int | None = None
+    target_invocations_per_instance: float = DEFAULT_TARGET_INVOCATIONS_PER_INSTANCE
+    scale_in_cooldown_seconds: int = DEFAULT_SCALE_IN_COOLDOWN_SECONDS
+    scale_out_cooldown_seconds: int = DEFAULT_SCALE_OUT_COOLDOWN_SECONDS
+    endpoint_wait_seconds: int = 0
+    endpoint_poll_seconds: int = DEFAULT_ENDPOINT_POLL_SECONDS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DeploySettings:
+        """Parse and validate settings; raise :class:`ConfigurationError` naming every bad variable."""
+        env = os.environ if environ is None else environ
+        problems: list[str] = []
+
+        def text(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        def integer(name: str, minimum: int, maximum: int | None = None) -> int | None:
+            raw = text(name)
+            if raw is None:
+                return None
+            try:
+                value = int(raw)
+            except ValueError:
+                problems.append(f"{name}={raw!r} is not an integer")
+                return None
+            if value < minimum or (maximum is not None and value > maximum):
+                bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+                problems.append(f"{name}={value} must be {bounds}")
+                return None
+            return value
+
+        def number(name: str) -> float | None:
+            raw = text(name)
+            if raw is None:
+                return None
+            try:
+                value = float(raw)
+            except ValueError:
+                problems.append(f"{name}={raw!r} is not a number")
+                return None
+            if not value > 0:
+                problems.append(f"{name}={raw} must be > 0")
+                return None
+            return value
+
+        group = text("MODEL_PACKAGE_GROUP_NAME")
+        if group is None:
+            problems.append("MODEL_PACKAGE_GROUP_NAME is not set (the model package group to deploy)")
+        role = text("EXECUTION_ROLE_ARN")
+        if role is None:
+            problems.append("EXECUTION_ROLE_ARN is not set (the SageMaker execution role for the model)")
+        elif not role.startswith("arn:") or ":role/" not in role:
+            problems.append(f"EXECUTION_ROLE_ARN={role!r} is not an IAM role ARN (arn:aws:iam::<account>:role/...)")
+
+        prefix = text("RESOURCE_NAME_PREFIX") or DEFAULT_RESOURCE_NAME_PREFIX
+        if not NAME_PATTERN.match(prefix) or len(prefix) > 20:
+            problems.append(f"RESOURCE_NAME_PREFIX={prefix!r} must be 1-20 letters, digits or hyphens")
+        endpoint_name = text("ENDPOINT_NAME") or ""
+        if endpoint_name and not NAME_PATTERN.match(endpoint_name):
+            problems.append(
+                f"ENDPOINT_NAME={endpoint_name!r} is not a valid endpoint name "
+                "(1-63 letters, digits and hyphens, starting and ending with a letter or digit)"
+            )
+
+        memory = integer("SERVERLESS_MEMORY_MB", 1024, 6144)
+        if memory is not None and memory % 1024:
+            problems.append(f"SERVERLESS_MEMORY_MB={memory} must be a multiple of 1024 (1024, 2048, ... 6144)")
+        concurrency = integer("SERVERLESS_MAX_CONCURRENCY", 1, 200)
+        instance_type = text("INSTANCE_TYPE") or DEFAULT_INSTANCE_TYPE
+        if not instance_type.startswith("ml."):
+            problems.append(f"INSTANCE_TYPE={instance_type!r} is not a SageMaker instance type (ml.*)")
+        instance_count = integer("INSTANCE_COUNT", 1)
+
+        capture_uri = text("DATA_CAPTURE_S3_URI")
+        if capture_uri is not None and not capture_uri.startswith("s3://"):
+            problems.append(f"DATA_CAPTURE_S3_URI={capture_uri!r} must be an s3:// URI")
+        capture_percent = integer("DATA_CAPTURE_PERCENT", 1, 100)
+
+        alarms = tuple(name.strip() for name in (text("ROLLBACK_ALARM_NAMES") or "").split(",") if name.strip())
+        routing = (text("TRAFFIC_ROUTING") or "ALL_AT_ONCE").upper()
+        step = integer("TRAFFIC_STEP_PERCENT", 1, 100)
+        if routing not in TRAFFIC_ROUTING_TYPES:
+            problems.append(f"TRAFFIC_ROUTING={routing!r} must be one of {', '.join(TRAFFIC_ROUTING_TYPES)}")
+        elif routing != "ALL_AT_ONCE" and step is None:
+            problems.append(f"TRAFFIC_ROUTING={routing} needs TRAFFIC_STEP_PERCENT (percent of capacity per step)")
+
+        min_capacity = integer("MIN_CAPACITY", 1)
+        max_capacity = integer("MAX_CAPACITY", 1)
+        if (text("MIN_CAPACITY") is None) != (text("MAX_CAPACITY") is None):
+            problems.append("MIN_CAPACITY and MAX_CAPACITY turn on autoscaling together: set both or neither")
+        if min_capacity is not None and max_capacity is not None and min_capacity > max_capacity:
+            problems.append(f"MIN_CAPACITY={min_capacity} is greater than MAX_CAPACITY={max_capacity}")
+        if memory is not None and min_capacity is not None:
+            problems.append(
+                "MIN_CAPACITY/MAX_CAPACITY scale instances; a serverless endpoint (SERVERLESS_MEMORY_MB) scales "
+                "by itself up to SERVERLESS_MAX_CONCURRENCY: unset one of them"
+            )
+
+        traffic_wait = integer("TRAFFIC_WAIT_SECONDS", 0, 3600)
+        termination_wait = integer("TERMINATION_WAIT_SECONDS", 0, 3600)
+        max_execution_timeout = integer("MAX_EXECUTION_TIMEOUT_SECONDS", 600, 14400)
+        target_invocations = number("TARGET_INVOCATIONS_PER_INSTANCE")
+        scale_in_cooldown = integer("SCALE_IN_COOLDOWN_SECONDS", 0)
+        scale_out_cooldown = integer("SCALE_OUT_COOLDOWN_SECONDS", 0)
+        endpoint_wait = integer("ENDPOINT_WAIT_SECONDS", 0)
+        endpoint_poll = integer("ENDPOINT_POLL_SECONDS", 1)
+        if problems:
+            raise ConfigurationError("invalid deploy settings: " + "; ".join(problems))
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return cls(
+            model_package_group=group or "",
+            execution_role_arn=role or "",
+            resource_name_prefix=prefix,
+            endpoint_name=endpoint_name,
+            instance_type=instance_type,
+            instance_count=pick(instance_count, DEFAULT_INSTANCE_COUNT),
+            serverless_memory_mb=memory,
+            serverless_max_concurrency=pick(concurrency, DEFAULT_SERVERLESS_MAX_CONCURRENCY),
+            data_capture_s3_uri=capture_uri,
+            data_capture_percent=pick(capture_percent, DEFAULT_DATA_CAPTURE_PERCENT),
+            rollback_alarm_names=alarms,
+            traffic_routing=routing,
+            traffic_step_percent=step,
+            traffic_wait_seconds=traffic_wait,
+            termination_wait_seconds=pick(termination_wait, 0),
+            max_execution_timeout_seconds=max_execution_timeout,
+            min_capacity=min_capacity,
+            max_capacity=max_capacity,
+            target_invocations_per_instance=pick(target_invocations, DEFAULT_TARGET_INVOCATIONS_PER_INSTANCE),
+            scale_in_cooldown_seconds=pick(scale_in_cooldown, DEFAULT_SCALE_IN_COOLDOWN_SECONDS),
+            scale_out_cooldown_seconds=pick(scale_out_cooldown, DEFAULT_SCALE_OUT_COOLDOWN_SECONDS),
+            endpoint_wait_seconds=pick(endpoint_wait, 0),
+            endpoint_poll_seconds=pick(endpoint_poll, DEFAULT_ENDPOINT_POLL_SECONDS),
+        )
+
+    @property
+    def serverless(self) -> bool:
+        return self.serverless_memory_mb is not None
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_capacity is not None and self.max_capacity is not None
+
+    @property
+    def base_name(self) -> str:
+        return resource_base_name(self.resource_name_prefix, self.model_package_group)
+
+    @property
+    def resolved_endpoint_name(self) -> str:
+        return self.endpoint_name or self.base_name
+
+
+# --- names ----------------------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    """Lower-case letters, digits and single hyphens: valid in every SageMaker name and the same in its ARN."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-")
+
+
+def resource_base_name(prefix: str, model_package_group: str) -> str:
+    """``<prefix>-<group>`` as a valid name short enough for the version suffixes; long groups get a hash tail."""
+    base = _slug(f"{prefix}-{model_package_group}")
+    limit = MAX_NAME_LENGTH - _SUFFIX_ROOM
+    if len(base) > limit:
+        digest = hashlib.sha256(base.encode()).hexdigest()[:6]
+        base = f"{base[: limit - 7].rstrip('-')}-{digest}"
+    return base
+
+
+def model_name_for(settings: DeploySettings, version: int) -> str:
+    return f"{settings.base_name}-v{version}"
+
+
+def endpoint_config_name_for(settings: DeploySettings, version: int, config_request: Mapping[str, Any]) -> str:
+    """Stable per version *and* per config content: the same event reuses it, changed settings get a new one."""
+    content = {key: value for key, value in config_request.items() if key not in ("EndpointConfigName", "Tags")}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{settings.base_name}-v{version}-{digest}"
+
+
+# --- requests -------------------------------------------------------------------------------------------------
+
+
+def production_variant(settings: DeploySettings, model_name: str) -> dict[str, Any]:
+    variant: dict[str, Any] = {"VariantName": VARIANT_NAME, "ModelName": model_name, "InitialVariantWeight": 1.0}
+    if settings.serverless:
+        variant["ServerlessConfig"] = {
+            "MemorySizeInMB": settings.serverless_memory_mb,
+            "MaxConcurrency": settings.serverless_max_concurrency,
+        }
+    else:
+        variant["InstanceType"] = settings.instance_type
+        variant["InitialInstanceCount"] = settings.instance_count
+    return variant
+
+
+def data_capture_config(settings: DeploySettings) -> dict[str, Any] | None:
+    if not settings.data_capture_s3_uri:
+        return None
+    return {
+        "EnableCapture": True,
+        "InitialSamplingPercentage": settings.data_capture_percent,
+        "DestinationS3Uri": settings.data_capture_s3_uri,
+        "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+        # JSON requests and responses are stored as text; images are stored base64-encoded.
+        "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
+    }
+
+
+def endpoint_config_request(settings: DeploySettings, model_name: str) -> dict[str, Any]:
+    request: dict[str, Any] = {"ProductionVariants": [production_variant(settings, model_name)]}
+    capture = data_capture_config(settings)
+    if capture is not None:
+        request["DataCaptureConfig"] = capture
+    return request
+
+
+def deployment_config(settings: DeploySettings) -> dict[str, Any]:
+    """UpdateEndpoint's DeploymentConfig: blue/green always, traffic shifting and rollback alarms when set."""
+    wait = settings.traffic_wait_seconds
+    if wait is None:  # baking only makes sense while alarms watch it
+        wait = DEFAULT_BAKING_SECONDS_WITH_ALARMS if settings.rollback_alarm_names else 0
+    routing: dict[str, Any] = {"Type": settings.traffic_routing, "WaitIntervalInSeconds": wait}
+    if settings.traffic_routing == "CANARY":
+        routing["CanarySize"] = {"Type": "CAPACITY_PERCENT", "Value": settings.traffic_step_percent}
+    elif settings.traffic_routing == "LINEAR":
+        routing["LinearStepSize"] = {"Type": "CAPACITY_PERCENT", "Value": settings.traffic_step_percent}
+    policy: dict[str, Any] = {
+        "TrafficRoutingConfiguration": routing,
+        "TerminationWaitInSeconds": settings.termination_wait_seconds,
+    }
+    if settings.max_execution_timeout_seconds is not None:
+        policy["MaximumExecutionTimeoutInSeconds"] = settings.max_execution_timeout_seconds
+    config: dict[str, Any] = {"BlueGreenUpdatePolicy": policy}
+    if settings.rollback_alarm_names:
+        config["AutoRollbackConfiguration"] = {
+            "Alarms": [{"AlarmName": name} for name in settings.rollback_alarm_names]
+        }
+    return config
+
+
+# --- AWS helpers ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeployClients:
+    """The boto3 clients the deployment uses (application-autoscaling only when autoscaling is on)."""
+
+    sagemaker: Any
+    autoscaling: Any = None
+
+
+def create_clients(region_name: str | None = None, session: Any = None) -> DeployClients:
+    import boto3  # in the Lambda runtime; imported here so the module loads (and tests collect) without AWS
+
+    if session is None and region_name is None:
+        session = boto3  # the default session: in Lambda, the function's role and region
+    elif session is None:
+        session = boto3.session.Session(region_name=region_name)
+    return DeployClients(sagemaker=session.client("sagemaker"), autoscaling=session.client("application-autoscaling"))
+
+
+def _error_code(error: ClientError) -> str:
+    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _error_message(error: ClientError) -> str:
+    return str(getattr(error, "response", {}).get("Error", {}).get("Message", ""))
+
+
+def _is_not_found(error: ClientError) -> bool:
+    # SageMaker answers Describe* of a missing resource with ValidationException "Could not find ...".
+    message = _error_message(error).lower()
+    return _error_code(error) in ("ValidationException", "ResourceNotFound") and (
+        "could not find" in message or "not found" in message or "does not exist" in message
+    )
+
+
+def _is_already_exists(error: ClientError) -> bool:
+    # A concurrent invocation created it between our Describe and Create.
+    message = _error_message(error).lower()
+    return _error_code(error) in ("ValidationException", "ResourceInUse") and (
+        "already exist" in message or "already in use" in message
+    )
+
+
+def _describe_or_none(describe: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any] | None:
+    try:
+        return describe(**kwargs)
+    except ClientError as error:
+        if _is_not_found(error):
+            return None
+        raise
+
+
+def _log(level: int, message: str, **fields: Any) -> None:
+    """One line per fact: ``message key=value ...`` so CloudWatch Logs Insights can parse it."""
+    rendered = " ".join(f"{key}={json.dumps(value, default=str)}" for key, value in fields.items())
+    logger.log(level, "%s %s", message, rendered)
+
+
+def _tags(model_package_arn: str) -> list[dict[str, str]]:
+    return [
+        {"Key": "model-package-arn", "Value": model_package_arn[:256]},
+        {"Key": "deployed-by", "Value": "deploy-on-approval"},
+    ]
+
+
+# --- the deployment -------------------------------------------------------------------------------------------
+
+
+def _ensure_model(clients: DeployClients, settings: DeploySettings, model_name: str, package_arn: str) -> bool:
+    """Create the Model from the package unless it exists; True when this call created it."""
+    if _describe_or_none(clients.sagemaker.describe_model, ModelName=model_name) is not None:
+        _log(logging.INFO, "model exists", model_name=model_name)
+        return False
+    try:
+        clients.sagemaker.create_model(
+            ModelName=model_name,
+            ExecutionRoleArn=settings.execution_role_arn,
+            PrimaryContainer={"ModelPackageName": package_arn},
+            Tags=_tags(package_arn),
+        )
+    except ClientError as error:
+        if not _is_already_exists(error):
+            raise
+        _log(logging.INFO, "model created concurrently", model_name=model_name)
+        return False
+    _log(logging.INFO, "model created", model_name=model_name, model_package_arn=package_arn)
+    return True
+
+
+def _ensure_endpoint_config(
+    clients: DeployClients, config_name: str, request: Mapping[str, Any], package_arn: str
+) -> bool:
+    """Create the endpoint config unless it exists (configs are immutable: an existing one is never changed)."""
+    if _describe_or_none(clients.sagemaker.describe_endpoint_config, EndpointConfigName=config_name) is not None:
+        _log(logging.INFO, "endpoint config exists", endpoint_config_name=config_name)
+        return False
+    try:
+        clients.sagemaker.create_endpoint_config(EndpointConfigName=config_name, Tags=_tags(package_arn), **request)
+    except ClientError as error:
+        if not _is_already_exists(error):
+            raise
+        _log(logging.INFO, "endpoint config created concurrently", endpoint_config_name=config_name)
+        return False
+    _log(logging.INFO, "endpoint config created", endpoint_config_name=config_name)
+    return True
+
+
+def _pending_config_name(endpoint: Mapping[str, Any]) -> str | None:
+    return (endpoint.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+
+
+def _wait_while_busy(
+    clients: DeployClients,
+    settings: DeploySettings,
+    endpoint_name: str,
+    deadline: float,
+    sleep: Callable[[float], None],
+    target_config: str,
+) -> dict[str, Any] | None:
+    """Describe the endpoint, polling while it is busy and time is left; None when it does not exist."""
+    while True:
+        endpoint = _describe_or_none(clients.sagemaker.describe_endpoint, EndpointName=endpoint_name)
+        if endpoint is None:
+            return None
+        status = endpoint.get("EndpointStatus", "")
+        already_ours = target_config in (endpoint.get("EndpointConfigName"), _pending_config_name(endpoint))
+        if status not in BUSY_STATUSES or already_ours:
+            return endpoint
+        remaining = deadline - time.monotonic()
+        if remaining < settings.endpoint_poll_seconds:
+            raise EndpointBusyError(
+                f"endpoint {endpoint_name} is {status} (another deployment or a scaling activity is in progress); "
+                f"it cannot take endpoint config {target_config} now. The invocation fails so that it is retried "
+                "(Lambda retries asynchronous invocations); to deploy by hand later run "
+                "`python -m pipelines.run deploy --model-package-arn <arn>`."
+            )
+        _log(logging.INFO, "endpoint busy, waiting", endpoint_name=endpoint_name, status=status)
+        sleep(settings.endpoint_poll_seconds)
+
+
+def _wait_until_in_service(
+    clients: DeployClients,
+    settings: DeploySettings,
+    endpoint_name: str,
+    deadline: float,
+    sleep: Callable[[float], None],
+) -> None:
+    """Autoscaling can be registered only on an InService endpoint."""
+    while True:
+        endpoint = clients.sagemaker.describe_endpoint(EndpointName=endpoint_name)
+        status = endpoint.get("EndpointStatus", "")
+        if status == "InService":
+            return
+        if status == "Failed":
+            raise EndpointFailedError(_failed_message(endpoint_name, endpoint))
+        if deadline - time.monotonic() < settings.endpoint_poll_seconds:
+            raise EndpointBusyError(
+                f"endpoint {endpoint_name} is {status}: the deployment is under way, but autoscaling can be "
+                "registered only once it is InService. The invocation fails so that it is retried; the retry "
+                "finds the deployment done and only registers autoscaling."
+            )
+        _log(logging.INFO, "waiting for InService before autoscaling", endpoint_name=endpoint_name, status=status)
+        sleep(settings.endpoint_poll_seconds)
+
+
+def _failed_message(endpoint_name: str, endpoint: Mapping[str, Any]) -> str:
+    return (
+        f"endpoint {endpoint_name} is Failed ({endpoint.get('FailureReason', 'no reason given')}); SageMaker allows "
+        f"only deleting a failed endpoint. Delete it (aws sagemaker delete-endpoint --endpoint-name {endpoint_name}) "
+        "and deploy again (python -m pipelines.run deploy --model-package-arn <arn>)."
+    )
+
+
+def _ensure_autoscaling(clients: DeployClients, settings: DeploySettings, endpoint_name: str) -> dict[str, Any]:
+    """Register the variant as a scalable target and put the target-tracking policy (both are upserts)."""
+    resource_id = f"endpoint/{endpoint_name}/variant/{VARIANT_NAME}"
+    policy_name = f"{endpoint_name}-invocations-per-instance"
+    clients.autoscaling.register_scalable_target(
+        ServiceNamespace="sagemaker",
+        ResourceId=resource_id,
+        ScalableDimension=SCALABLE_DIMENSION,
+        MinCapacity=settings.min_capacity,
+        MaxCapacity=settings.max_capacity,
+    )
+    clients.autoscaling.put_scaling_policy(
+        PolicyName=policy_name,
+        ServiceNamespace="sagemaker",
+        ResourceId=resource_id,
+        ScalableDimension=SCALABLE_DIMENSION,
+        PolicyType="TargetTrackingScaling",
+        TargetTrackingScalingPolicyConfiguration={
+            "TargetValue": settings.target_invocations_per_instance,
+            "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+            "ScaleInCooldown": settings.scale_in_cooldown_seconds,
+            "ScaleOutCooldown": settings.scale_out_cooldown_seconds,
+        },
+    )
+    result = {
+        "resource_id": resource_id,
+        "policy_name": policy_name,
+        "min_capacity": settings.min_capacity,
+        "max_capacity": settings.max_capacity,
+        "target_invocations_per_instance": settings.target_invocations_per_instance,
+    }
+    _log(logging.INFO, "autoscaling registered", **result)
+    return result
+
+
+def deploy_model_package(
+    model_package_arn: str,
+    settings: DeploySettings,
+    clients: DeployClients,
+    *,
+    deadline: float | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Deploy one model package if it is an Approved package of the configured group; return what was done.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds every wait; the default is ``settings.endpoint_wait_seconds``
+    from now. Any AWS error is logged with the package ARN and re-raised.
+    """
+    if deadline is None:
+        deadline = time.monotonic() + settings.endpoint_wait_seconds
+    try:
+        return _deploy(model_package_arn, settings, clients, deadline, sleep or time.sleep)
+    except ClientError as error:
+        _log(
+            logging.ERROR,
+            "AWS call failed",
+            model_package_arn=model_package_arn,
+            operation=getattr(error, "operation_name", "?"),
+            code=_error_code(error),
+            error=_error_message(error),
+        )
+        raise
+    except DeployError as error:
+        _log(logging.ERROR, "deployment not done", model_package_arn=model_package_arn, error=str(error))
+        raise
+
+
+def _ignored(reason: str, **fields: Any) -> dict[str, Any]:
+    _log(logging.INFO, "ignored", reason=reason, **fields)
+    return {"action": "ignored", "reason": reason, **fields}
+
+
+def _deploy(
+    package_arn: str,
+    settings: DeploySettings,
+    clients: DeployClients,
+    deadline: float,
+    sleep: Callable[[float], None],
+) -> dict[str, Any]:
+    package = clients.sagemaker.describe_model_package(ModelPackageName=package_arn)
+    group = package.get("ModelPackageGroupName")
+    status = package.get("ModelApprovalStatus")
+    version = package.get("ModelPackageVersion")
+    if group != settings.model_package_group:
+        return _ignored(
+            f"package belongs to group {group!r}, not {settings.model_package_group!r}",
+            model_package_arn=package_arn,
+        )
+    if status != APPROVED:
+        # The event said Approved, but someone changed it since: deploy only what is approved now.
+        return _ignored(f"package is {status}, not Approved", model_package_arn=package_arn)
+    if not isinstance(version, int):
+        return _ignored("package has no version (not a versioned package of a group)", model_package_arn=package_arn)
+
+    model_name = model_name_for(settings, version)
+    config_request = endpoint_config_request(settings, model_name)
+    config_name = endpoint_config_name_for(settings, version, config_request)
+    endpoint_name = settings.resolved_endpoint_name
+    names = {
+        "model_package_arn": package_arn,
+        "model_package_version": version,
+        "model_name": model_name,
+        "endpoint_config_name": config_name,
+        "endpoint_name": endpoint_name,
+    }
+    _log(logging.INFO, "deploying", **names)
+
+    model_created = _ensure_model(clients, settings, model_name, package_arn)
+    config_created = _ensure_endpoint_config(clients, config_name, config_request, package_arn)
+    result: dict[str, Any] = {**names, "model_created": model_created, "endpoint_config_created": config_created}
+
+    endpoint = _wait_while_busy(clients, settings, endpoint_name, deadline, sleep, config_name)
+    if endpoint is None:
+        try:
+            clients.sagemaker.create_endpoint(
+                EndpointName=endpoint_name, EndpointConfigName=config_name, Tags=_tags(package_arn)
+            )
+            result["action"] = "created"
+            _log(logging.INFO, "endpoint created", endpoint_name=endpoint_name, endpoint_config_name=config_name)
+        except ClientError as error:
+            if not _is_already_exists(error):
+                raise
+            endpoint = _wait_while_busy(clients, settings, endpoint_name, deadline, sleep, config_name)
+            if endpoint is None:  # created and deleted again in between: let the retry sort it out
+                raise EndpointBusyError(f"endpoint {endpoint_name} appeared and disappeared; retry") from error
+    if endpoint is not None:
+        result.update(_update_endpoint(clients, settings, endpoint, endpoint_name, config_name))
+
+    result["autoscaling"] = None
+    if settings.autoscaling:
+        _wait_until_in_service(clients, settings, endpoint_name, deadline, sleep)
+        result["autoscaling"] = _ensure_autoscaling(clients, settings, endpoint_name)
+    _log(logging.INFO, "done", action=result["action"], endpoint_name=endpoint_name, endpoint_config_name=config_name)
+    return result
+
+
+def _update_endpoint(
+    clients: DeployClients,
+    settings: DeploySettings,
+    endpoint: Mapping[str, Any],
+    endpoint_name: str,
+    config_name: str,
+) -> dict[str, Any]:
+    current = endpoint.get("EndpointConfigName")
+    status = endpoint.get("EndpointStatus", "")
+    if config_name in (current, _pending_config_name(endpoint)):
+        _log(logging.INFO, "endpoint already on this config", endpoint_name=endpoint_name, status=status)
+        return {"action": "unchanged", "endpoint_status": status}
+    if status == "Failed":
+        raise EndpointFailedError(_failed_message(endpoint_name, endpoint))
+    if status not in UPDATABLE_STATUSES:  # _wait_while_busy raised for the busy ones; anything new lands here
+        raise EndpointBusyError(f"endpoint {endpoint_name} is {status}; it cannot be updated now, retry later")
+    deployment = deployment_config(settings)
+    clients.sagemaker.update_endpoint(
+        EndpointName=endpoint_name,
+        EndpointConfigName=config_name,
+        RetainAllVariantProperties=False,
+        DeploymentConfig=deployment,
+    )
+    _log(
+        logging.INFO,
+        "endpoint update started",
+        endpoint_name=endpoint_name,
+        previous_endpoint_config_name=current,
+        endpoint_config_name=config_name,
+        deployment_config=deployment,
+    )
+    return {"action": "updated", "previous_endpoint_config_name": current, "deployment_config": deployment}
+
+
+# --- the event ------------------------------------------------------------------------------------------------
+
+
+def parse_event(event: Any, settings: DeploySettings) -> tuple[str | None, str | None]:
+    """(model package ARN, None) for an approval of the configured group, else (None, why it is ignored)."""
+    if not isinstance(event, Mapping):
+        return None, f"event is a {type(event).__name__}, not an EventBridge event object"
+    if event.get("source") != EVENT_SOURCE or event.get("detail-type") != EVENT_DETAIL_TYPE:
+        return None, f"not a model package state change (source={event.get('source')!r}, " + (
+            f"detail-type={event.get('detail-type')!r})"
+        )
+    detail = event.get("detail")
+    if not isinstance(detail, Mapping):
+        return None, "event has no detail object"
+    status = detail.get("ModelApprovalStatus")
+    group = detail.get("ModelPackageGroupName")
+    if status != APPROVED:
+        return None, f"approval status is {status!r}, not 'Approved'"
+    if group != settings.model_package_group:
+        return None, f"model package group is {group!r}, not {settings.model_package_group!r}"
+    arn = detail.get("ModelPackageArn") or (event.get("resources") or [None])[0]
+    if not isinstance(arn, str) or ":model-package/" not in arn:
+        return None, "event names no model package ARN (detail.ModelPackageArn)"
+    return arn, None
+
+
+def handle_event(
+    event: Any,
+    settings: DeploySettings,
+    clients: DeployClients,
+    *,
+    deadline: float | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Filter the event, then deploy its package; see :func:`deploy_model_package`."""
+    arn, reason = parse_event(event, settings)
+    if arn is None:
+        detail = event.get("detail") if isinstance(event, Mapping) else None
+        arn_in_event = detail.get("ModelPackageArn") if isinstance(detail, Mapping) else None
+        return _ignored(reason or "ignored", model_package_arn=arn_in_event, event_id=_event_id(event))
+    return deploy_model_package(arn, settings, clients, deadline=deadline, sleep=sleep)
+
+
+def _event_id(event: Any) -> Any:
+    return event.get("id") if isinstance(event, Mapping) else None
+
+
+def _deadline_from_context(context: Any, settings: DeploySettings) -> float:
+    """Wait no longer than ENDPOINT_WAIT_SECONDS, and stop a minute before Lambda's own timeout."""
+    wait = float(settings.endpoint_wait_seconds)
+    remaining_ms = getattr(context, "get_remaining_time_in_millis", None)
+    if callable(remaining_ms):
+        wait = min(wait, max(0.0, remaining_ms() / 1000.0 - 60.0))
+    return time.monotonic() + wait
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Lambda entry point (``deploy.handler``)."""
+    settings = DeploySettings.from_env()
+    _log(logging.INFO, "event received", event_id=_event_id(event), settings=asdict(settings))
+    return handle_event(event, settings, create_clients(), deadline=_deadline_from_context(context, settings))
