@@ -25,7 +25,9 @@ DEV_REQUIREMENTS = [
     "pytest-timeout>=2.3",
     "moto[s3,sagemaker,lambda,events,sqs,iam,sts]>=5.0,<6",
     "ruff>=0.6",
+    "pyyaml>=6",  # tests read buildspec.yml
     "sagemaker-pytorch-inference>=2.0.25",  # the serving toolkit the handler tests run under
+    "sagemaker-training>=5.1,<6",  # the training toolkit: tests launch train.py the way the container does
 ]
 
 setup(

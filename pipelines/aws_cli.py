@@ -1,0 +1,805 @@
+"""Commands that work with SageMaker: definition, upsert, start, status, models, approve, reject.
+
+``python -m pipelines.run <command> --help`` shows each one's flags. Region, role and bucket come from flags or
+the environment (``AWS_REGION``, ``SAGEMAKER_PIPELINE_ROLE_ARN``, ``ARTIFACT_BUCKET``). The SageMaker SDK and
+boto3 are imported inside the commands, so ``python -m pipelines.run local`` starts without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from pipelines import config
+from pipelines.run import CommandError
+
+TERMINAL_EXECUTION_STATUSES = ("Succeeded", "Failed", "Stopped")
+DEFAULT_POLL_SECONDS = 30
+DEFAULT_WAIT_TIMEOUT_SECONDS = 48 * 3600
+DEFAULT_TAGS = {"Project": "image-classification-pipeline"}
+DEPLOY_INFRA_MODULE = "pipelines.deploy_infra"
+
+
+# --- argument plumbing ----------------------------------------------------------------------------------------
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    name, separator, value = text.partition("=")
+    if not separator or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected Name=Value, got {text!r}")
+    return name.strip(), value
+
+
+def _add_aws_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--region", default=None, help=f"AWS region (default: ${config.ENV_REGION}, then $AWS_DEFAULT_REGION)"
+    )
+    parser.add_argument("--profile", default=None, help="AWS named profile for credentials (default: boto3's chain)")
+
+
+def _add_pipeline_name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pipeline-name", default=config.PIPELINE_NAME, help="the SageMaker pipeline's name (default: %(default)s)"
+    )
+
+
+def _add_group_name(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--model-package-group", default=config.MODEL_PACKAGE_GROUP, help=help_text)
+
+
+def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that shape the definition (the same for `definition` and `upsert`, so both build the same one)."""
+    _add_aws_arguments(parser)
+    _add_pipeline_name(parser)
+    _add_group_name(parser, "model package group the pipeline registers into (default: %(default)s)")
+    parser.add_argument(
+        "--role", default=None, help=f"IAM role ARN the pipeline and its jobs run as (default: ${config.ENV_ROLE_ARN})"
+    )
+    parser.add_argument(
+        "--bucket", default=None, help=f"S3 bucket for code, data and artifacts (default: ${config.ENV_BUCKET})"
+    )
+    parser.add_argument(
+        "--base-job-prefix", default=config.BASE_JOB_PREFIX, help="prefix of every job's name (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--input-data-uri",
+        default=None,
+        help="default of the InputDataUri parameter (default: s3://<bucket>/<pipeline-name>/input/)",
+    )
+    parser.add_argument(
+        "--training-instance-type",
+        default=config.TRAINING_INSTANCE_TYPE,
+        help="default of TrainingInstanceType; also picks the CPU or GPU training image (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--processing-instance-type",
+        default=config.PROCESSING_INSTANCE_TYPE,
+        help="default of ProcessingInstanceType (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-debugger",
+        dest="debugger",
+        action="store_false",
+        default=True,
+        help="leave out SageMaker Debugger rules, hook and profiler (default: on)",
+    )
+    parser.add_argument(
+        "--tuning-strategy",
+        choices=config.TUNING_STRATEGIES,
+        default=config.TUNING_STRATEGY,
+        help="hyperparameter search strategy (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warm-start-parent",
+        default=None,
+        help="name of a finished tuning job to warm-start the search from (default: none)",
+    )
+    parser.add_argument(
+        "--spot", action="store_true", default=False, help="managed spot training for trials and the final training"
+    )
+    parser.add_argument(
+        "--kms-key", default=None, help="KMS key for job volumes, outputs and uploaded code (default: S3/EBS defaults)"
+    )
+    parser.add_argument(
+        "--subnets", type=_comma_list, default=(), help="comma-separated VPC subnet ids for every job (default: none)"
+    )
+    parser.add_argument(
+        "--security-groups",
+        type=_comma_list,
+        default=(),
+        help="comma-separated security group ids for every job (default: none; needs --subnets)",
+    )
+    parser.add_argument(
+        "--network-isolation",
+        action="store_true",
+        default=False,
+        help="no network access inside the jobs' containers (needs --weights-uri for pretrained weights)",
+    )
+    parser.add_argument(
+        "--weights-uri",
+        default=None,
+        help="s3:// URI of a torchvision state_dict .pth given to training as the 'weights' channel (default: none)",
+    )
+    parser.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        default=True,
+        help=f"turn step caching off (default: cache expensive steps for {config.CACHE_EXPIRE_AFTER})",
+    )
+    parser.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        default=True,
+        help="skip checking the definition against SageMaker's API shapes (default: check, and stop on problems)",
+    )
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add definition, upsert, start, status, models, approve and reject to ``python -m pipelines.run``."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+
+    parser = subparsers.add_parser(
+        "definition",
+        help="write the pipeline's JSON definition (offline: no AWS account or network needed)",
+        description="Build the pipeline and write its JSON definition to a file or stdout. Makes no AWS call: "
+        "code objects are only named (by content hash), not uploaded; `upsert` uploads them.",
+    )
+    _add_build_arguments(parser)
+    parser.add_argument("--output", "-o", default="-", help="file to write, or - for stdout (default: -)")
+    parser.set_defaults(func=cmd_definition)
+
+    parser = subparsers.add_parser(
+        "upsert",
+        help="create or update the pipeline (and the deploy-on-approval Lambda and rule)",
+        description="Check the definition, create the model package group if missing, upload the code, create or "
+        "update the pipeline with tags, then create or update the deploy Lambda and its EventBridge rule.",
+    )
+    _add_build_arguments(parser)
+    parser.add_argument(
+        "--tag",
+        dest="tags",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"tag for the pipeline and the model package group, repeatable (always: {DEFAULT_TAGS})",
+    )
+    parser.add_argument(
+        "--description", default=None, help="pipeline description (default: one naming the DAG and the group)"
+    )
+    _add_deploy_trigger_arguments(parser)
+    parser.set_defaults(func=cmd_upsert)
+
+    parser = subparsers.add_parser(
+        "start",
+        help="start an execution, optionally waiting for it and following its steps",
+        description="Start an execution of the pipeline and print its ARN on stdout. With --wait, follow the "
+        "steps' statuses on stderr and exit 0 if it succeeds, 1 if it fails or stops.",
+    )
+    _add_aws_arguments(parser)
+    _add_pipeline_name(parser)
+    parser.add_argument(
+        "--param",
+        dest="params",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a pipeline parameter, repeatable, e.g. --param MaxTuningJobs=4",
+    )
+    parser.add_argument("--display-name", default=None, help="execution display name (default: none)")
+    parser.add_argument("--wait", action="store_true", default=False, help="wait for the execution to finish")
+    parser.add_argument(
+        "--poll-seconds", type=float, default=DEFAULT_POLL_SECONDS, help="seconds between polls (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--timeout-seconds",
+        type=float,
+        default=DEFAULT_WAIT_TIMEOUT_SECONDS,
+        help="stop waiting after this long; the execution goes on (default: %(default)s)",
+    )
+    parser.set_defaults(func=cmd_start)
+
+    parser = subparsers.add_parser(
+        "status",
+        help="show an execution's steps with their status and failure reasons",
+        formatter_class=formatter,
+    )
+    _add_aws_arguments(parser)
+    _add_pipeline_name(parser)
+    parser.add_argument("--execution-arn", default=None, help="the execution (default: the pipeline's latest)")
+    parser.set_defaults(func=cmd_status)
+
+    parser = subparsers.add_parser(
+        "models",
+        help="list the group's model packages with accuracy and approval status",
+        formatter_class=formatter,
+    )
+    _add_aws_arguments(parser)
+    _add_group_name(parser, "model package group")
+    parser.add_argument("--max", type=int, default=20, help="show at most this many packages, newest first")
+    parser.add_argument("--json", action="store_true", default=False, help="print JSON instead of a table")
+    parser.set_defaults(func=cmd_models)
+
+    for name, status in (("approve", "Approved"), ("reject", "Rejected")):
+        parser = subparsers.add_parser(
+            name,
+            help=f"mark a model package {status}" + (" (this triggers the deployment)" if status == "Approved" else ""),
+            formatter_class=formatter,
+        )
+        _add_aws_arguments(parser)
+        _add_group_name(parser, "model package group (for a version number or 'latest')")
+        parser.add_argument("model_package", help="the package: its ARN, its version number in the group, or 'latest'")
+        parser.add_argument("--description", default=None, help="approval description recorded with the change")
+        parser.set_defaults(func=cmd_set_approval, approval_status=status)
+
+
+def _add_deploy_trigger_arguments(parser: argparse.ArgumentParser) -> None:
+    """The deploy wiring's flags (issue 6) plus --no-deploy-trigger, an alias of its --skip-deploy-wiring."""
+    deploy_infra = _deploy_infra()
+    if deploy_infra is not None:
+        deploy_infra.add_deploy_arguments(parser)
+    parser.add_argument(
+        "--no-deploy-trigger",
+        dest="skip_deploy_wiring",
+        action="store_true",
+        default=False,
+        help="do not create or update the deploy Lambda and its EventBridge rule",
+    )
+
+
+def _deploy_infra() -> Any:
+    """pipelines.deploy_infra, or None while that module does not exist."""
+    import importlib
+
+    try:
+        return importlib.import_module(DEPLOY_INFRA_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != DEPLOY_INFRA_MODULE:
+            raise
+        return None
+
+
+# --- settings from flags and environment ----------------------------------------------------------------------
+
+
+def _from_flag_or_env(value: str | None, env_name: str, flag: str, what: str) -> str:
+    resolved = value or os.environ.get(env_name)
+    if not resolved:
+        raise CommandError(f"no {what}: pass {flag} or set {env_name}")
+    return resolved
+
+
+def resolve_region(args: argparse.Namespace) -> str:
+    region = args.region or os.environ.get(config.ENV_REGION) or os.environ.get("AWS_DEFAULT_REGION")
+    if not region:
+        raise CommandError(f"no AWS region: pass --region or set {config.ENV_REGION}")
+    return region
+
+
+def resolve_role(args: argparse.Namespace) -> str:
+    role = _from_flag_or_env(args.role, config.ENV_ROLE_ARN, "--role", "IAM role for the pipeline")
+    if not role.startswith("arn:"):
+        raise CommandError(f"--role / {config.ENV_ROLE_ARN} must be an IAM role ARN (arn:aws:iam::...), got {role!r}")
+    return role
+
+
+def resolve_bucket(args: argparse.Namespace) -> str:
+    bucket = _from_flag_or_env(args.bucket, config.ENV_BUCKET, "--bucket", "S3 bucket for artifacts")
+    if bucket.startswith("s3://") or "/" in bucket:
+        raise CommandError(f"--bucket / {config.ENV_BUCKET} takes a bucket name (no s3://, no folder), got {bucket!r}")
+    return bucket
+
+
+def make_boto_session(args: argparse.Namespace) -> Any:
+    import boto3
+
+    return boto3.Session(region_name=resolve_region(args), profile_name=getattr(args, "profile", None))
+
+
+def pipeline_options(args: argparse.Namespace) -> Any:
+    from pipelines.pipeline import PipelineOptions
+
+    return PipelineOptions(
+        pipeline_name=args.pipeline_name,
+        model_package_group=args.model_package_group,
+        base_job_prefix=args.base_job_prefix,
+        debugger=args.debugger,
+        tuning_strategy=args.tuning_strategy,
+        warm_start_parent=args.warm_start_parent,
+        use_spot_instances=args.spot,
+        kms_key=args.kms_key,
+        subnets=tuple(args.subnets),
+        security_group_ids=tuple(args.security_groups),
+        network_isolation=args.network_isolation,
+        weights_uri=args.weights_uri,
+        input_data_uri=args.input_data_uri,
+        training_instance_type=args.training_instance_type,
+        processing_instance_type=args.processing_instance_type,
+        cache_expire_after=config.CACHE_EXPIRE_AFTER if args.cache else None,
+    )
+
+
+@contextlib.contextmanager
+def _sdk_telemetry_off() -> Iterator[None]:
+    """No usage telemetry from the SDK while building offline (it would call STS and an S3 URL).
+
+    The SDK's documented switch (TelemetryOptOut in an SDK defaults config) makes the SDK re-validate that
+    config against its JSON schema on every lookup, some 30 s per build, so the sender is switched off here
+    for the duration of the build instead.
+    """
+    try:
+        from sagemaker.telemetry import telemetry_logging
+    except ImportError:  # an SDK without telemetry
+        yield
+        return
+    original = telemetry_logging._send_telemetry_request
+    telemetry_logging._send_telemetry_request = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        telemetry_logging._send_telemetry_request = original
+
+
+def _quiet_sdk() -> None:
+    """Keep the SDK's build-time chatter (config lookups, "pipeline variable" notes) off the terminal."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+    for name in ("sagemaker", "sagemaker.config"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"sagemaker(\..*)?")
+
+
+def build_from_args(args: argparse.Namespace, boto_session: Any, offline: bool) -> tuple[Any, str]:
+    """The Pipeline and its definition JSON, checked unless --no-check. Raises CommandError on problems."""
+    _quiet_sdk()
+    from sagemaker.workflow.pipeline_context import PipelineSession
+
+    from pipelines.pipeline import check_definition, get_pipeline
+
+    role, bucket = resolve_role(args), resolve_bucket(args)
+    session = PipelineSession(boto_session=boto_session, default_bucket=bucket)
+    with _sdk_telemetry_off() if offline else contextlib.nullcontext():
+        try:
+            pipeline = get_pipeline(session, role=role, bucket=bucket, options=pipeline_options(args))
+        except (ValueError, FileNotFoundError) as error:
+            raise CommandError(str(error)) from error
+        definition = pipeline.definition()
+    if args.check:
+        problems = check_definition(definition)
+        if problems:
+            for problem in problems:
+                print(f"definition problem: {problem}", file=sys.stderr)
+            raise CommandError(f"the definition has {len(problems)} problem(s) (listed above); nothing was changed")
+    return pipeline, definition
+
+
+def _aws_errors(function: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn AWS client errors (no credentials, access denied, not found...) into one-line CommandErrors."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return function(args)
+        except ClientError as error:
+            details = error.response.get("Error", {})
+            raise CommandError(
+                f"AWS refused {error.operation_name}: {details.get('Code')}: {details.get('Message')}"
+            ) from error
+        except BotoCoreError as error:
+            raise CommandError(f"AWS call failed: {error}") from error
+
+    wrapper.__name__ = function.__name__
+    wrapper.__doc__ = function.__doc__
+    return wrapper
+
+
+# --- definition / upsert --------------------------------------------------------------------------------------
+
+
+@_aws_errors
+def cmd_definition(args: argparse.Namespace) -> int:
+    """Write the definition; no AWS call (code objects are named by content hash, not uploaded)."""
+    _, definition = build_from_args(args, make_boto_session(args), offline=True)
+    text = json.dumps(json.loads(definition), indent=2) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(path)  # never a half-written definition
+        print(f"wrote {path} ({len(text)} bytes)", file=sys.stderr)
+    return 0
+
+
+def _tags(args: argparse.Namespace) -> list[dict[str, str]]:
+    tags = {**DEFAULT_TAGS, "PipelineName": args.pipeline_name, **dict(args.tags)}
+    return [{"Key": key, "Value": value} for key, value in tags.items()]
+
+
+def ensure_model_package_group(sagemaker_client: Any, name: str, tags: list[dict[str, str]]) -> str:
+    """Create the model package group if it does not exist. Returns "created" or "exists"."""
+    from botocore.exceptions import ClientError
+
+    try:
+        sagemaker_client.describe_model_package_group(ModelPackageGroupName=name)
+        return "exists"
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") not in ("ValidationException", "ResourceNotFound"):
+            raise
+    sagemaker_client.create_model_package_group(
+        ModelPackageGroupName=name,
+        ModelPackageGroupDescription="Image classifiers registered by the image-classification pipeline",
+        Tags=tags,
+    )
+    return "created"
+
+
+def _pipeline_exists(sagemaker_client: Any, name: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        sagemaker_client.describe_pipeline(PipelineName=name)
+        return True
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("ValidationException", "ResourceNotFound"):
+            return False
+        raise
+
+
+@_aws_errors
+def cmd_upsert(args: argparse.Namespace) -> int:
+    """Create or update the pipeline, its model package group, its code objects and the deploy trigger."""
+    from pipelines.pipeline import code_artifacts, upload_code_artifacts
+
+    boto_session = make_boto_session(args)
+    pipeline, _ = build_from_args(args, boto_session, offline=False)
+    bucket, role, tags = resolve_bucket(args), resolve_role(args), _tags(args)
+    deploy_infra = None if args.skip_deploy_wiring else _deploy_infra()
+    if deploy_infra is not None:
+        _check_deploy_settings(deploy_infra, args)  # before anything changes, not halfway through
+    sagemaker_client = boto_session.client("sagemaker")
+
+    group_state = ensure_model_package_group(sagemaker_client, args.model_package_group, tags)
+    print(f"model package group {args.model_package_group}: {group_state}")
+    uploaded = upload_code_artifacts(boto_session, code_artifacts(bucket, args.pipeline_name), kms_key=args.kms_key)
+    for uri in uploaded:
+        print(f"code: {uri}")
+
+    existed = _pipeline_exists(sagemaker_client, args.pipeline_name)
+    description = args.description or (
+        "Preprocess -> Tune -> Train -> Evaluate -> CheckAccuracy -> Register into "
+        f"{args.model_package_group} (image classification, torchvision)"
+    )
+    response = pipeline.upsert(role_arn=role, description=description, tags=tags)
+    print(f"pipeline {args.pipeline_name}: {'updated' if existed else 'created'} {response['PipelineArn']}")
+
+    if args.skip_deploy_wiring:
+        print("deploy trigger: skipped (--no-deploy-trigger)")
+        return 0
+    if deploy_infra is None:
+        print(f"deploy trigger: not wired ({DEPLOY_INFRA_MODULE} is not installed)", file=sys.stderr)
+        return 0
+    result = deploy_infra.upsert_from_args(args, boto_session, args.model_package_group)
+    print("deploy trigger: " + json.dumps(_summarise_deploy(result), default=str))
+    return 0
+
+
+def _check_deploy_settings(deploy_infra: Any, args: argparse.Namespace) -> None:
+    """The deploy wiring's own checks of its flags (roles, endpoint settings), run before any change."""
+    if not (getattr(args, "deploy_role_arn", None) or os.environ.get(config.ENV_DEPLOY_ROLE_ARN)):
+        raise CommandError(
+            f"no role for the deploy Lambda: pass --deploy-role-arn or set {config.ENV_DEPLOY_ROLE_ARN} "
+            "(README: Deployment on approval), or pass --no-deploy-trigger; nothing was changed"
+        )
+    deploy_infra.settings_from_args(args, args.model_package_group, deploy_infra.execution_role_from_args(args))
+
+
+def _summarise_deploy(result: dict[str, Any]) -> dict[str, Any]:
+    summary = {}
+    for key, value in result.items():
+        if isinstance(value, dict) and "action" in value:
+            summary[key] = {k: value[k] for k in ("action", "arn", "name") if k in value}
+        elif key != "environment":
+            summary[key] = value
+    return summary
+
+
+# --- start / status -------------------------------------------------------------------------------------------
+
+
+def _pipeline_definition(sagemaker_client: Any, pipeline_name: str, region: str) -> dict[str, Any]:
+    from botocore.exceptions import ClientError
+
+    try:
+        described = sagemaker_client.describe_pipeline(PipelineName=pipeline_name)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("ValidationException", "ResourceNotFound"):
+            raise CommandError(
+                f"pipeline {pipeline_name!r} does not exist in {region}: create it with `upsert` first"
+            ) from error
+        raise
+    return json.loads(described.get("PipelineDefinition") or "{}")
+
+
+def parameter_overrides(definition: dict[str, Any], overrides: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """--param pairs checked against the pipeline's declared parameters (name, type, allowed values)."""
+    declared = {parameter["Name"]: parameter for parameter in definition.get("Parameters", [])}
+    checked: dict[str, str] = {}
+    for name, value in overrides:
+        parameter = declared.get(name)
+        if parameter is None:
+            raise CommandError(f"--param {name}: no such pipeline parameter; the parameters are {', '.join(declared)}")
+        kind = parameter.get("Type", "String")
+        try:
+            if kind == "Integer":
+                int(value)
+            elif kind == "Float":
+                float(value)
+        except ValueError as error:
+            wanted = "an integer" if kind == "Integer" else "a number"
+            raise CommandError(f"--param {name}={value}: {name} takes {wanted}") from error
+        if kind == "Boolean" and value.lower() not in ("true", "false"):
+            raise CommandError(f"--param {name}={value}: {name} takes true or false")
+        allowed = parameter.get("EnumValues")
+        if allowed and value not in allowed:
+            raise CommandError(f"--param {name}={value}: {name} takes one of {', '.join(allowed)}")
+        checked[name] = value
+    return [{"Name": name, "Value": value} for name, value in checked.items()]
+
+
+def list_execution_steps(sagemaker_client: Any, execution_arn: str) -> list[dict[str, Any]]:
+    """The execution's steps, oldest first (ListPipelineExecutionSteps, all pages)."""
+    steps: list[dict[str, Any]] = []
+    request: dict[str, Any] = {"PipelineExecutionArn": execution_arn, "SortOrder": "Ascending"}
+    while True:
+        page = sagemaker_client.list_pipeline_execution_steps(**request)
+        steps.extend(page.get("PipelineExecutionSteps", []))
+        if not page.get("NextToken"):
+            return steps
+        request["NextToken"] = page["NextToken"]
+
+
+def _step_detail(step: dict[str, Any]) -> str:
+    """The useful part of a step's metadata: its job ARN, the condition outcome, or the fail message."""
+    metadata = step.get("Metadata", {})
+    for key in ("TrainingJob", "ProcessingJob", "TuningJob", "RegisterModel", "Model"):
+        if "Arn" in metadata.get(key, {}):
+            return metadata[key]["Arn"]
+    if "Condition" in metadata:
+        return f"outcome {metadata['Condition'].get('Outcome')}"
+    if "Fail" in metadata:
+        return metadata["Fail"].get("ErrorMessage", "")
+    return ""
+
+
+def _format_step(step: dict[str, Any]) -> str:
+    line = f"{step.get('StepName', '?'):<24} {step.get('StepStatus', '?'):<10}"
+    if step.get("CacheHitResult"):
+        line += " (cached)"
+    detail = _step_detail(step)
+    if detail:
+        line += f" {detail}"
+    if step.get("FailureReason"):
+        line += f"\n    reason: {step['FailureReason']}"
+    return line
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def follow_execution(
+    sagemaker_client: Any,
+    execution_arn: str,
+    poll_seconds: float = DEFAULT_POLL_SECONDS,
+    timeout_seconds: float = DEFAULT_WAIT_TIMEOUT_SECONDS,
+    out: TextIO | None = None,
+) -> str:
+    """Print each step's status as it changes until the execution ends. Returns the final execution status."""
+    out = out or sys.stderr
+    seen: dict[str, str] = {}
+    started = time.monotonic()
+    while True:
+        status = sagemaker_client.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
+        execution_status = status["PipelineExecutionStatus"]
+        for step in list_execution_steps(sagemaker_client, execution_arn):
+            name, step_status = step.get("StepName", "?"), step.get("StepStatus", "?")
+            if seen.get(name) != step_status:
+                seen[name] = step_status
+                print(f"{datetime.now():%H:%M:%S} {_format_step(step)}", file=out, flush=True)
+        if execution_status in TERMINAL_EXECUTION_STATUSES:
+            print(f"execution {execution_status}: {execution_arn}", file=out, flush=True)
+            if status.get("FailureReason"):
+                print(f"    reason: {status['FailureReason']}", file=out, flush=True)
+            return execution_status
+        if time.monotonic() - started > timeout_seconds:
+            raise CommandError(
+                f"stopped waiting after {timeout_seconds:.0f} s; the execution goes on ({execution_status}): "
+                f"see `python -m pipelines.run status --execution-arn {execution_arn}`"
+            )
+        _sleep(poll_seconds)
+
+
+@_aws_errors
+def cmd_start(args: argparse.Namespace) -> int:
+    """Start an execution; print its ARN on stdout; with --wait, exit 0 only if it succeeds."""
+    region = resolve_region(args)
+    sagemaker_client = make_boto_session(args).client("sagemaker")
+    definition = _pipeline_definition(sagemaker_client, args.pipeline_name, region)
+    request: dict[str, Any] = {
+        "PipelineName": args.pipeline_name,
+        "PipelineParameters": parameter_overrides(definition, args.params),
+    }
+    if args.display_name:
+        request["PipelineExecutionDisplayName"] = args.display_name
+    execution_arn = sagemaker_client.start_pipeline_execution(**request)["PipelineExecutionArn"]
+    print(execution_arn, flush=True)
+    for parameter in request["PipelineParameters"]:
+        print(f"  {parameter['Name']} = {parameter['Value']}", file=sys.stderr)
+    if not args.wait:
+        return 0
+    final = follow_execution(sagemaker_client, execution_arn, args.poll_seconds, args.timeout_seconds)
+    return 0 if final == "Succeeded" else 1
+
+
+def latest_execution_arn(sagemaker_client: Any, pipeline_name: str) -> str:
+    executions = sagemaker_client.list_pipeline_executions(
+        PipelineName=pipeline_name, SortBy="CreationTime", SortOrder="Descending", MaxResults=1
+    ).get("PipelineExecutionSummaries", [])
+    if not executions:
+        raise CommandError(f"pipeline {pipeline_name!r} has no executions yet: start one with `start`")
+    return max(executions, key=lambda summary: summary["StartTime"])["PipelineExecutionArn"]
+
+
+@_aws_errors
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print an execution's status and its steps (status, job, failure reason)."""
+    region = resolve_region(args)
+    sagemaker_client = make_boto_session(args).client("sagemaker")
+    if args.execution_arn:
+        execution_arn = args.execution_arn
+    else:
+        _pipeline_definition(sagemaker_client, args.pipeline_name, region)  # a clear error if it does not exist
+        execution_arn = latest_execution_arn(sagemaker_client, args.pipeline_name)
+    execution = sagemaker_client.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
+    print(f"execution {execution_arn}")
+    print(f"status    {execution['PipelineExecutionStatus']}")
+    if execution.get("CreationTime"):
+        print(f"started   {execution['CreationTime']}")
+    if execution.get("FailureReason"):
+        print(f"reason    {execution['FailureReason']}")
+    steps = list_execution_steps(sagemaker_client, execution_arn)
+    print("steps:" if steps else "steps:    none started yet")
+    for step in steps:
+        print(f"  {_format_step(step)}")
+    return 0
+
+
+# --- model registry -------------------------------------------------------------------------------------------
+
+
+def accuracy_from_report(report: dict[str, Any]) -> float | None:
+    """The value at contract.ACCURACY_JSON_PATH of an evaluation report, or None if absent."""
+    value: Any = report
+    for key in config.ACCURACY_JSON_PATH.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _read_s3_json(s3_client: Any, uri: str) -> dict[str, Any]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return json.loads(body)
+
+
+def model_package_summaries(session: Any, group: str, limit: int) -> list[dict[str, Any]]:
+    """Newest first: version, approval status, accuracy (from the ModelMetrics report), creation time, ARN."""
+    from botocore.exceptions import ClientError
+
+    sagemaker_client, s3_client = session.client("sagemaker"), session.client("s3")
+    request: dict[str, Any] = {"ModelPackageGroupName": group, "SortBy": "CreationTime", "SortOrder": "Descending"}
+    packages: list[dict[str, Any]] = []
+    while len(packages) < limit:
+        page = sagemaker_client.list_model_packages(**request)
+        packages.extend(page.get("ModelPackageSummaryList", []))
+        if not page.get("NextToken"):
+            break
+        request["NextToken"] = page["NextToken"]
+    rows = []
+    for package in packages[:limit]:
+        arn = package["ModelPackageArn"]
+        described = sagemaker_client.describe_model_package(ModelPackageName=arn)
+        metrics_uri = described.get("ModelMetrics", {}).get("ModelQuality", {}).get("Statistics", {}).get("S3Uri")
+        accuracy, note = None, ""
+        if metrics_uri:
+            try:
+                accuracy = accuracy_from_report(_read_s3_json(s3_client, metrics_uri))
+            except (ClientError, ValueError) as error:
+                note = f"metrics unreadable: {error}"
+        else:
+            note = "no model metrics"
+        rows.append(
+            {
+                "version": described.get("ModelPackageVersion", package.get("ModelPackageVersion")),
+                "status": described.get("ModelApprovalStatus", package.get("ModelApprovalStatus")),
+                "accuracy": accuracy,
+                "created": str(described.get("CreationTime", package.get("CreationTime", ""))),
+                "arn": arn,
+                "note": note,
+            }
+        )
+    return rows
+
+
+@_aws_errors
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print the group's packages: version, approval status, accuracy, created, ARN."""
+    rows = model_package_summaries(make_boto_session(args), args.model_package_group, args.max)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no model packages in {args.model_package_group} yet")
+        return 0
+    print(f"{'VERSION':>7}  {'STATUS':<22} {'ACCURACY':>8}  {'CREATED':<26} ARN")
+    for row in rows:
+        accuracy = f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "-"
+        line = f"{row['version']!s:>7}  {row['status']!s:<22} {accuracy:>8}  {row['created'][:26]:<26} {row['arn']}"
+        print(line + (f"  ({row['note']})" if row["note"] else ""))
+    return 0
+
+
+def resolve_model_package(sagemaker_client: Any, group: str, reference: str) -> str:
+    """An ARN as is; a version number or 'latest' looked up in the group."""
+    if reference.startswith("arn:"):
+        return reference
+    if reference != "latest" and not reference.isdigit():
+        raise CommandError(f"model package {reference!r}: give its ARN, its version number in {group}, or 'latest'")
+    request: dict[str, Any] = {"ModelPackageGroupName": group, "SortBy": "CreationTime", "SortOrder": "Descending"}
+    while True:
+        page = sagemaker_client.list_model_packages(**request)
+        summaries = page.get("ModelPackageSummaryList", [])
+        if reference == "latest" and summaries:
+            return max(summaries, key=lambda s: s.get("ModelPackageVersion", 0))["ModelPackageArn"]
+        for summary in summaries:
+            if str(summary.get("ModelPackageVersion")) == reference:
+                return summary["ModelPackageArn"]
+        if not page.get("NextToken"):
+            break
+        request["NextToken"] = page["NextToken"]
+    raise CommandError(f"model package group {group} has no version {reference}: see `models`")
+
+
+@_aws_errors
+def cmd_set_approval(args: argparse.Namespace) -> int:
+    """Set a package's approval status (approve / reject)."""
+    sagemaker_client = make_boto_session(args).client("sagemaker")
+    arn = resolve_model_package(sagemaker_client, args.model_package_group, args.model_package)
+    request = {"ModelPackageArn": arn, "ModelApprovalStatus": args.approval_status}
+    if args.description:
+        request["ApprovalDescription"] = args.description
+    sagemaker_client.update_model_package(**request)
+    print(f"{arn}: {args.approval_status}")
+    return 0
