@@ -1,0 +1,140 @@
+"""The built-in demo dataset: scikit-learn's bundled digits written as a dog-breed-layout archive.
+
+``dogImages/{train,valid,test}/<NNN.name>/<name>_<NNNNN>.jpg`` with classes ``000.zero`` .. ``009.nine``; the 8x8
+digits are upscaled to ``image_size`` pixels (RGB JPEG) so a CNN can use them. The archive is byte-identical for
+the same arguments (fixed split seed, fixed zip timestamps), so the pipeline's input checksum and step caching
+stay stable. Nothing is downloaded: the digits ship with scikit-learn.
+
+    python -m pipelines.demo_data digits.zip [--image-size 32] [--per-class-limit 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines import config
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CLASS_NAMES = tuple(f"{index:03d}.{name}" for index, name in enumerate(DIGIT_NAMES))
+ARCHIVE_ROOT = "dogImages"
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can hold: no build time leaks into the archive
+DEMO_JPEG_QUALITY = 95
+
+
+def _split_counts(count: int, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Valid and test counts for one class: each at least one image once the class has three, train keeps one."""
+    n_valid = max(1, round(count * valid_fraction)) if count >= 3 and valid_fraction > 0 else 0
+    n_test = max(1, round(count * test_fraction)) if count >= 3 and test_fraction > 0 else 0
+    while n_valid + n_test > count - 1 and n_valid + n_test > 0:
+        if n_test >= n_valid:
+            n_test -= 1
+        else:
+            n_valid -= 1
+    return n_valid, n_test
+
+
+def _digit_jpeg(pixels: np.ndarray, image_size: int) -> bytes:
+    """One 8x8 digit (values 0..16, ink high) as an RGB JPEG: dark ink on white, like a scanned digit."""
+    gray = (255 - np.clip(pixels, 0, 16) * (255 / 16)).astype(np.uint8)
+    image = Image.fromarray(gray, "L").resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=DEMO_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def write_digits_archive(
+    path: Path,
+    image_size: int = config.LOCAL_DEMO_IMAGE_SIZE,
+    *,
+    per_class_limit: int | None = None,
+    valid_fraction: float = config.VALID_FRACTION,
+    test_fraction: float = config.TEST_FRACTION,
+    seed: int = config.SPLIT_SEED,
+) -> Path:
+    """Write the digits as ``dogImages/{train,valid,test}/<NNN.name>/*.jpg`` into the zip at ``path``.
+
+    ``per_class_limit`` keeps only that many images per class (tests use a handful); the split is stratified per
+    class and the same for the same ``seed``. The zip is written next to ``path`` and renamed into place.
+    Returns ``path``.
+    """
+    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import
+
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 (the digits are 8x8), got {image_size}")
+    if per_class_limit is not None and per_class_limit < 1:
+        raise ValueError(f"per_class_limit must be at least 1, got {per_class_limit}")
+    if not (0 <= valid_fraction < 1 and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1):
+        raise ValueError("valid_fraction and test_fraction must be in [0, 1) and leave a share for train")
+    digits = load_digits()
+    images, targets = digits.images, digits.target
+    rng = np.random.default_rng(seed)
+    entries: list[tuple[str, bytes]] = []
+    for label, class_name in enumerate(CLASS_NAMES):
+        indices = np.flatnonzero(targets == label)
+        indices = indices[rng.permutation(len(indices))]
+        if per_class_limit is not None:
+            indices = indices[:per_class_limit]
+        n_valid, n_test = _split_counts(len(indices), valid_fraction, test_fraction)
+        splits = ["test"] * n_test + ["valid"] * n_valid + ["train"] * (len(indices) - n_test - n_valid)
+        for number, (index, split) in enumerate(zip(indices, splits, strict=True), start=1):
+            name = f"{ARCHIVE_ROOT}/{split}/{class_name}/{DIGIT_NAMES[label]}_{number:05d}.jpg"
+            entries.append((name, _digit_jpeg(images[index], image_size)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    os.replace(partial, path)
+    return path
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.demo_data",
+        description="Write scikit-learn's digits as a dog-breed-layout zip (the built-in demo dataset).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("output", type=Path, help="the zip file to write")
+    parser.add_argument(
+        "--image-size", type=int, default=config.LOCAL_DEMO_IMAGE_SIZE, help="side of the upscaled square images"
+    )
+    parser.add_argument("--per-class-limit", type=int, default=None, help="keep at most this many images per class")
+    parser.add_argument("--valid-fraction", type=float, default=config.VALID_FRACTION, help="share of each class")
+    parser.add_argument("--test-fraction", type=float, default=config.TEST_FRACTION, help="share of each class")
+    parser.add_argument("--seed", type=int, default=config.SPLIT_SEED, help="seed of the split")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        path = write_digits_archive(
+            args.output,
+            args.image_size,
+            per_class_limit=args.per_class_limit,
+            valid_fraction=args.valid_fraction,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with zipfile.ZipFile(path) as archive:
+        count = sum(1 for name in archive.namelist() if name.endswith(".jpg"))
+    print(f"wrote {count} digit images ({len(CLASS_NAMES)} classes, {args.image_size} px) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
