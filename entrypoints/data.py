@@ -304,7 +304,8 @@ def load_crop(path: str, size: int, choose_box, flip: bool = False) -> torch.Ten
 class ImageDataset(Dataset):
     """uint8 CHW crops of a channel's images; keys are ``(index, epoch)`` pairs from :class:`EpochSampler`.
 
-    ``train=True``: random resized crop + horizontal flip, drawn from (seed, epoch, index).
+    ``train=True``: random resized crop + horizontal flip (unless ``horizontal_flip=False``), drawn from
+    (seed, epoch, index).
     ``train=False``: resize-short-side + centre crop, as ``transforms.eval_transform`` does.
     """
 
@@ -315,12 +316,14 @@ class ImageDataset(Dataset):
         resize_size: int,
         train: bool,
         seed: int = 0,
+        horizontal_flip: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.input_size = input_size
         self.resize_size = resize_size
         self.train = train
         self.seed = seed
+        self.horizontal_flip = horizontal_flip
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -331,7 +334,10 @@ class ImageDataset(Dataset):
         if self.train:
             rng = random.Random(f"{self.seed}:{epoch}:{index}")  # noqa: S311 - augmentation, not security
             image = load_crop(
-                path, self.input_size, lambda w, h: random_resized_crop_box(w, h, rng), flip=rng.random() < 0.5
+                path,
+                self.input_size,
+                lambda w, h: random_resized_crop_box(w, h, rng),
+                flip=rng.random() < 0.5 and self.horizontal_flip,  # drawn either way: the same crops follow
             )
         else:
             image = load_crop(

@@ -243,6 +243,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="per-step learning rate: cosine to 0, step (x0.1 at 50%% and 75%% of the epochs), none",
     )
     optim.add_argument("--seed", type=_int, default=42, help="seed for initialisation, shuffling and augmentation")
+    _add_switch(
+        optim,
+        "horizontal-flip",
+        "random horizontal flips in training (default: on; turn off where a mirror image means something else: "
+        "digits, text)",
+    )
 
     speed = parser.add_argument_group("speed")
     speed.add_argument(
@@ -322,6 +328,7 @@ class Settings:
             "seed": a.seed,
             "input-size": a.input_size,
             "resize-size": self.resize_size,
+            "horizontal-flip": a.horizontal_flip is not False,
         }
 
     def fingerprint(self) -> dict[str, Any]:
@@ -764,7 +771,12 @@ def run_training(settings: Settings) -> TrainingResult:
     pin = device.type == "cuda"
     batch_size = min(args.batch_size, len(train_index.samples))
     train_set = data.ImageDataset(
-        train_index.samples, args.input_size, settings.resize_size, train=True, seed=args.seed
+        train_index.samples,
+        args.input_size,
+        settings.resize_size,
+        train=True,
+        seed=args.seed,
+        horizontal_flip=args.horizontal_flip is not False,
     )
     valid_set = data.ImageDataset(valid_index.samples, args.input_size, settings.resize_size, train=False)
     # drop_last: a final batch of one image would break batch norm in train mode.

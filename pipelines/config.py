@@ -125,6 +125,7 @@ LOCAL_DEMO_HYPERPARAMETERS: dict[str, str | int | float] = {
     "weights": "none",
     "epochs": 4,
     "trainable-blocks": "all",
+    "horizontal-flip": False,  # a mirrored digit is another symbol (or none); flips cost the demo ~4 points
 }
 LOCAL_DEMO_IMAGE_SIZE = 32  # the digits are 8x8; the demo archive upscales them
 LOCAL_TUNING_TRIALS = 2

@@ -1,0 +1,90 @@
+"""Step caching like SageMaker Pipelines': a step whose code, inputs and arguments are unchanged is reused.
+
+SageMaker keys a cached step by its arguments (which name the code object and the input URIs) and reuses the
+earlier execution's outputs. Locally the key is the hash of
+
+- the code the step ships (the processing script, or the training ``source_dir``), file by file;
+- the content of every input (files and folders by content, zip archives by their entries), so a step
+  downstream of a re-run that produced the same output is still reused;
+- the arguments, hyperparameters and settings, and the Python/torch/torchvision versions (SageMaker's key
+  holds the container image).
+
+Entries live in ``<workdir>/cache/<key>.json`` and point at the outputs of the run that made them (paths
+relative to the workdir). A hit is used only while those outputs still exist; the new run's step folder
+then gets hard links to them, so every run folder is complete on its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.local import fsutil
+
+CACHE_DIR = "cache"
+
+
+def runtime_versions() -> dict[str, str]:
+    """What stands in for the container image in the cache key (read from metadata: no torch import)."""
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "torchvision", "pillow", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "missing"
+    return versions
+
+
+@dataclass
+class CacheEntry:
+    key: str
+    step: str
+    run_id: str
+    outputs: dict[str, str]  # output name -> path relative to the workdir
+    result: dict[str, Any] = field(default_factory=dict)  # what the step reported (metrics, summary)
+    created: str = ""
+
+    def output_paths(self, workdir: Path) -> dict[str, Path]:
+        return {name: workdir / relative for name, relative in self.outputs.items()}
+
+
+class StepCache:
+    """Lookup and store of step results in a workdir; ``enabled=False`` looks nothing up but still stores."""
+
+    def __init__(self, workdir: Path, enabled: bool = True) -> None:
+        self.workdir = workdir
+        self.enabled = enabled
+        self.folder = workdir / CACHE_DIR
+
+    @staticmethod
+    def key(step: str, parts: dict[str, Any]) -> str:
+        return fsutil.json_hash({"step": step, "runtime": runtime_versions(), **parts})
+
+    def lookup(self, key: str) -> CacheEntry | None:
+        if not self.enabled:
+            return None
+        data = fsutil.read_json(self.folder / f"{key}.json")
+        if not data:
+            return None
+        entry = CacheEntry(**data)
+        if not all(path.exists() for path in entry.output_paths(self.workdir).values()):
+            return None  # the run that made it was deleted: run the step again
+        return entry
+
+    def store(self, key: str, step: str, run_id: str, outputs: dict[str, Path], result: dict[str, Any]) -> CacheEntry:
+        entry = CacheEntry(
+            key=key,
+            step=step,
+            run_id=run_id,
+            outputs={
+                name: path.resolve().relative_to(self.workdir.resolve()).as_posix() for name, path in outputs.items()
+            },
+            result=result,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        fsutil.write_json_atomic(self.folder / f"{key}.json", entry.__dict__)
+        return entry

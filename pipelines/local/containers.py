@@ -1,0 +1,436 @@
+"""SageMaker's processing and training container contract, emulated in a folder.
+
+A job gets its own folder ``<job root>``; what the container sees as ``/opt/ml/...`` is ``<job root>/opt/ml/...``.
+The script runs as a subprocess the way the container starts it:
+
+- processing (``ScriptProcessor`` / ``FrameworkProcessor``): ``python3 /opt/ml/processing/input/code/<script>
+  <arguments>``, inputs copied to their ``/opt/ml/processing/input/...`` destinations, outputs collected from
+  ``/opt/ml/processing/output/...``; ``/opt/ml/config/processingjobconfig.json`` and ``resourceconfig.json``.
+- training (the ``sagemaker-training`` toolkit of the PyTorch images): ``source_dir`` in ``/opt/ml/code``,
+  ``/opt/ml/input/config/{hyperparameters,resourceconfig,inputdataconfig}.json``, channels in
+  ``/opt/ml/input/data/<channel>``, the ``SM_*`` environment the toolkit exports, and
+  ``python train.py --key value ...`` with the decoded hyperparameters in sorted order, ``sagemaker_*`` and
+  ``_tuning_objective_metric`` left out as the toolkit leaves them out. The model folder is packed into a
+  deterministic ``model.tar.gz`` afterwards, as SageMaker uploads it.
+
+Scripts only ever see paths under the job root; arguments written with container paths (``/opt/ml/...``) are
+mapped to the job root, so the pipeline's arguments are written once, the way the SageMaker steps pass them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.local import fsutil
+
+CONTAINER_ROOT = "/opt/ml"
+HOST = "algo-1"
+LOG_TAIL_LINES = 25
+# Hyperparameters the training toolkit keeps for itself: never passed to the script as flags.
+TOOLKIT_PARAMETERS = frozenset(
+    {
+        "sagemaker_program",
+        "sagemaker_submit_directory",
+        "sagemaker_enable_cloudwatch_metrics",
+        "sagemaker_region",
+        "sagemaker_container_log_level",
+        "sagemaker_job_name",
+        "default_user_module_name",
+        "_tuning_objective_metric",
+    }
+)
+TOOLKIT_PREFIX = "sagemaker_"
+TUNING_METRIC_PARAMETER = "_tuning_objective_metric"
+
+LineCallback = Callable[[str], None]
+
+
+class JobError(Exception):
+    """A job's script exited non-zero (or could not start): names the job, the log and its last lines."""
+
+    def __init__(self, job_name: str, message: str, log_path: Path | None, tail: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.job_name = job_name
+        self.log_path = log_path
+        self.tail = list(tail)
+
+
+@dataclass
+class JobResult:
+    job_name: str
+    log_path: Path
+    duration_s: float
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+def source_dir_files(source_dir: Path) -> list[Path]:
+    """Every file of a training ``source_dir`` (what the SDK tars as sourcedir.tar.gz), caches left out."""
+    return list(fsutil.iter_files(source_dir))
+
+
+def _thread_environment(cpus: int) -> dict[str, str]:
+    """Pin the math libraries to the job's share of the cores, as an instance of that size would."""
+    value = str(max(1, cpus))
+    return {name: value for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
+def _temporary_folder(root: Path) -> dict[str, str]:
+    """Temporary files of the job inside its own folder: a run writes nothing outside its workdir."""
+    folder = root / "tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"TMPDIR": str(folder)}
+
+
+def base_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without anything a container would not have (``SM_*``, ``PYTHONPATH``)."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SM_", "SAGEMAKER_")) and key not in ("PYTHONPATH", "TRAINING_JOB_NAME")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_logged(
+    command: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log_path: Path,
+    job_name: str,
+    on_line: LineCallback | None = None,
+) -> float:
+    """Run ``command``, copying its output (stdout and stderr together) to ``log_path`` line by line.
+
+    ``on_line`` sees each line as it arrives (progress, metrics). Returns the duration; raises
+    :class:`JobError` with the log's last lines when the command exits non-zero. Interrupting the caller
+    stops the child.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+    started = time.perf_counter()
+    with log_path.open("w", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n# cwd: {cwd}\n")
+        log.flush()
+        try:
+            process = subprocess.Popen(
+                list(command),
+                cwd=cwd,
+                env=dict(env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+            )
+        except OSError as error:
+            raise JobError(job_name, f"could not start {command[0]}: {error}", log_path) from error
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                stripped = line.rstrip("\n")
+                tail.append(stripped)
+                if on_line is not None:
+                    on_line(stripped)
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:  # interrupted: do not leave a training process behind
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    duration = time.perf_counter() - started
+    if returncode != 0:
+        reason = "killed by a signal" if returncode < 0 else f"exit status {returncode}"
+        raise JobError(job_name, f"{reason}", log_path, list(tail))
+    return duration
+
+
+def _failure_reason(root: Path) -> str | None:
+    """What the script wrote to /opt/ml/output/failure (or message): SageMaker's FailureReason / ExitMessage."""
+    for name in ("failure", "message"):
+        path = root / "opt/ml/output" / name
+        if path.is_file():
+            text = path.read_text(errors="replace").strip()
+            if text:
+                return text.splitlines()[-1][:500]
+    return None
+
+
+@dataclass
+class ProcessingInput:
+    source: Path  # a local file or folder (what the S3 URI names)
+    destination: str  # the container path, under /opt/ml/processing/input
+    input_name: str
+
+
+@dataclass
+class ProcessingOutput:
+    source: str  # the container path, under /opt/ml/processing/output
+    output_name: str
+
+
+@dataclass
+class ProcessingJob:
+    """One ProcessingStep run: the script, its inputs and outputs, and the arguments the pipeline passes."""
+
+    job_name: str
+    root: Path
+    script: Path
+    inputs: list[ProcessingInput]
+    outputs: list[ProcessingOutput]
+    arguments: list[str]
+    cpus: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+
+    def container_path(self, path: str) -> Path:
+        return container_path(self.root, path)
+
+    def code_files(self) -> list[Path]:
+        """The script alone, as the pipeline's ScriptProcessor ships it (``code=``): siblings are not there."""
+        return [self.script]
+
+    def run(self, on_line: LineCallback | None = None) -> JobResult:
+        fsutil.remove_path(self.root / "opt")
+        code_dir = self.container_path("/opt/ml/processing/input/code")
+        fsutil.copy_files(self.code_files(), self.script.parent, code_dir)
+        for item in self.inputs:
+            destination = self.container_path(item.destination)
+            if item.source.is_dir():
+                fsutil.link_tree(item.source, destination)
+            else:  # an S3 object lands in the destination folder under its own name
+                destination.mkdir(parents=True, exist_ok=True)
+                fsutil.link_tree(item.source, destination / item.source.name)
+        for item in self.outputs:
+            self.container_path(item.source).mkdir(parents=True, exist_ok=True)
+        config_dir = self.container_path("/opt/ml/config")
+        fsutil.write_json_atomic(
+            config_dir / "processingjobconfig.json",
+            {
+                "ProcessingJobName": self.job_name,
+                "ProcessingInputs": [
+                    {"InputName": i.input_name, "S3Input": {"LocalPath": i.destination}} for i in self.inputs
+                ],
+                "ProcessingOutputConfig": {
+                    "Outputs": [
+                        {"OutputName": o.output_name, "S3Output": {"LocalPath": o.source}} for o in self.outputs
+                    ]
+                },
+                "AppSpecification": {"ContainerArguments": self.arguments},
+                "Environment": self.env,
+            },
+        )
+        fsutil.write_json_atomic(config_dir / "resourceconfig.json", {"current_host": HOST, "hosts": [HOST]})
+        command = [
+            sys.executable,
+            str(code_dir / self.script.name),
+            *(map_container_argument(self.root, argument) for argument in self.arguments),
+        ]
+        env = base_environment({**_thread_environment(self.cpus), **_temporary_folder(self.root), **self.env})
+        log_path = self.root / "log.txt"
+        try:
+            duration = run_logged(
+                command, cwd=code_dir, env=env, log_path=log_path, job_name=self.job_name, on_line=on_line
+            )
+        except JobError as error:
+            reason = _failure_reason(self.root)
+            if reason:
+                error.args = (f"{error.args[0]}: {reason}",)
+            raise
+        outputs = {item.output_name: self.container_path(item.source) for item in self.outputs}
+        return JobResult(self.job_name, log_path, duration, outputs)
+
+
+def container_path(root: Path, path: str) -> Path:
+    if not path.startswith(CONTAINER_ROOT):
+        raise ValueError(f"{path!r} is not a container path under {CONTAINER_ROOT}")
+    return root / path.lstrip("/")
+
+
+def map_container_argument(root: Path, argument: str) -> str:
+    """``/opt/ml/x`` -> ``<root>/opt/ml/x``; ``--flag=/opt/ml/x`` too; anything else unchanged."""
+    flag, separator, value = argument.partition("=")
+    if separator and flag.startswith("-") and value.startswith(CONTAINER_ROOT):
+        return f"{flag}={container_path(root, value)}"
+    if argument.startswith(CONTAINER_ROOT):
+        return str(container_path(root, argument))
+    return argument
+
+
+def decode_hyperparameter(value: str) -> object:
+    """How the training toolkit reads hyperparameters.json: JSON where it parses, the raw string otherwise."""
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def hyperparameter_flags(decoded: Mapping[str, object]) -> list[str]:
+    """``sagemaker_training.mapping.to_cmd_args``: sorted keys, ``--key value`` (``-k`` for one letter)."""
+    arguments: list[str] = []
+    for key in sorted(decoded):
+        value = decoded[key]
+        arguments.append(f"--{key}" if len(key) > 1 else f"-{key}")
+        if isinstance(value, Mapping):
+            arguments.append(",".join(f"{k}={v}" for k, v in sorted(value.items())))
+        else:
+            arguments.append(str(value))
+    return arguments
+
+
+def _env_value(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass
+class TrainingJob:
+    """One training job (a tuning trial or the TrainingStep) under the PyTorch training container contract.
+
+    ``hyperparameters`` are the strings of CreateTrainingJob's ``HyperParameters`` (static values JSON-encoded
+    as the SDK's framework estimators encode them, tuned values as the tuner writes them).
+    """
+
+    job_name: str
+    root: Path
+    source_dir: Path
+    entry_point: str
+    hyperparameters: dict[str, str]
+    channels: dict[str, Path]
+    cpus: int = 1
+    extra_arguments: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model_tarball(self) -> Path:
+        return self.root / "output" / "model.tar.gz"
+
+    def code_files(self) -> list[Path]:
+        return source_dir_files(self.source_dir)
+
+    def environment(self) -> tuple[dict[str, str], list[str]]:
+        """The ``SM_*`` variables and the script's arguments, as the training toolkit computes them."""
+        opt = self.root / "opt/ml"
+        decoded = {key: decode_hyperparameter(value) for key, value in self.hyperparameters.items()}
+        toolkit = {k: v for k, v in decoded.items() if k in TOOLKIT_PARAMETERS or k.startswith(TOOLKIT_PREFIX)}
+        user = {k: v for k, v in decoded.items() if k not in toolkit}
+        arguments = hyperparameter_flags(user)
+        channels = sorted(self.channels)
+        input_data_config = {
+            name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+            for name in channels
+        }
+        resource_config = {"current_host": HOST, "hosts": [HOST], "network_interface_name": "eth0"}
+        module_name = Path(self.entry_point).stem
+        training_env: dict[str, object] = {
+            "additional_framework_parameters": {k: v for k, v in toolkit.items() if k != TUNING_METRIC_PARAMETER},
+            "channel_input_dirs": {name: str(opt / "input/data" / name) for name in channels},
+            "current_host": HOST,
+            "current_instance_group": "homogeneousCluster",
+            "current_instance_group_hosts": [HOST],
+            "current_instance_type": "local",
+            "distribution_hosts": [],
+            "distribution_instance_groups": [],
+            "framework_module": "sagemaker_pytorch_container.training:main",
+            "hosts": [HOST],
+            "hyperparameters": user,
+            "input_config_dir": str(opt / "input/config"),
+            "input_data_config": input_data_config,
+            "input_dir": str(opt / "input"),
+            "instance_groups": ["homogeneousCluster"],
+            "is_hetero": False,
+            "is_master": True,
+            "is_modelparallel_enabled": None,
+            "job_name": self.job_name,
+            "log_level": 20,
+            "master_hostname": HOST,
+            "model_dir": str(opt / "model"),
+            "module_dir": str(opt / "code"),
+            "module_name": module_name,
+            "network_interface_name": "eth0",
+            "num_cpus": self.cpus,
+            "num_gpus": 0,
+            "num_neurons": 0,
+            "output_data_dir": str(opt / "output/data"),
+            "output_dir": str(opt / "output"),
+            "output_intermediate_dir": str(opt / "output/intermediate"),
+            "resource_config": resource_config,
+            "user_entry_point": self.entry_point,
+        }
+        env = {f"SM_{key.upper()}": _env_value(value) for key, value in training_env.items()}
+        env["SM_TRAINING_ENV"] = json.dumps(training_env, sort_keys=True, separators=(",", ":"))
+        env["SM_HPS"] = json.dumps(user, sort_keys=True, separators=(",", ":"))
+        env["SM_USER_ARGS"] = json.dumps(arguments, separators=(",", ":"))
+        env["SM_CHANNELS"] = json.dumps(channels, separators=(",", ":"))
+        env["SM_NUM_CPUS"] = str(self.cpus)
+        for name in channels:
+            env[f"SM_CHANNEL_{name.upper()}"] = str(opt / "input/data" / name)
+        for key, value in user.items():
+            env[f"SM_HP_{key.upper()}"] = _env_value(value)
+        env["TRAINING_JOB_NAME"] = self.job_name
+        env["SAGEMAKER_REGION"] = ""
+        return env, arguments
+
+    def run(self, on_line: LineCallback | None = None) -> JobResult:
+        opt = self.root / "opt/ml"
+        fsutil.remove_path(self.root / "opt")
+        fsutil.remove_path(self.root / "output")
+        fsutil.copy_files(self.code_files(), self.source_dir, opt / "code")
+        for name, source in self.channels.items():
+            fsutil.link_tree(source, opt / "input/data" / name)
+        for folder in ("model", "output/data", "output/tensorboard", "checkpoints", "output/intermediate"):
+            (opt / folder).mkdir(parents=True, exist_ok=True)
+        env, arguments = self.environment()
+        config_dir = opt / "input/config"
+        fsutil.write_json_atomic(config_dir / "hyperparameters.json", self.hyperparameters)
+        fsutil.write_json_atomic(config_dir / "resourceconfig.json", json.loads(env["SM_RESOURCE_CONFIG"]))
+        fsutil.write_json_atomic(config_dir / "inputdataconfig.json", json.loads(env["SM_INPUT_DATA_CONFIG"]))
+        command = [
+            sys.executable,
+            self.entry_point,
+            *arguments,
+            *(map_container_argument(self.root, argument) for argument in self.extra_arguments),
+        ]
+        log_path = self.root / "log.txt"
+        full_env = base_environment(
+            {**_thread_environment(self.cpus), **_temporary_folder(self.root), **self.env, **env}
+        )
+        try:
+            duration = run_logged(
+                command, cwd=opt / "code", env=full_env, log_path=log_path, job_name=self.job_name, on_line=on_line
+            )
+        except JobError as error:
+            reason = _failure_reason(self.root)
+            if reason:
+                error.args = (f"{error.args[0]}: {reason}",)
+            raise
+        model_dir = opt / "model"
+        if not any(model_dir.iterdir()):
+            raise JobError(self.job_name, f"the script wrote nothing to SM_MODEL_DIR ({model_dir})", log_path)
+        fsutil.make_tarball(model_dir, self.model_tarball)
+        outputs = {"model": self.model_tarball}
+        output_data = opt / "output/data"
+        if any(output_data.iterdir()):
+            outputs["output"] = fsutil.make_tarball(output_data, self.root / "output" / "output.tar.gz")
+        return JobResult(self.job_name, log_path, duration, outputs)
+
+
+def code_hash(files: Iterable[Path], root: Path) -> str:
+    return fsutil.files_hash(list(files), root)

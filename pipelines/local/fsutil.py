@@ -1,0 +1,214 @@
+"""Files: content hashes for step caching, cheap copies of step outputs, deterministic tarballs, atomic JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+# Folders and files that are never part of shipped code or of a step's content.
+IGNORED_NAMES = frozenset({"__pycache__", ".DS_Store", ".ipynb_checkpoints", ".pytest_cache"})
+
+
+def _ignored(path: Path) -> bool:
+    return path.name in IGNORED_NAMES or path.suffix in (".pyc", ".pyo")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Every file under ``root`` in a stable order (sorted relative paths), skipping caches."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_NAMES)
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not _ignored(path):
+                yield path
+
+
+def _zip_content_hash(path: Path) -> str:
+    """Names, sizes and CRC-32s from the central directory: the entries' content, not their timestamps.
+
+    Reading the central directory costs milliseconds even for a multi-gigabyte archive, and an archive
+    rewritten with the same images (a fresh demo archive each run) hashes the same.
+    """
+    digest = hashlib.sha256(b"zip-content-v1\0")
+    with zipfile.ZipFile(path) as archive:
+        for info in sorted(archive.infolist(), key=lambda item: item.filename):
+            digest.update(f"{info.filename}\0{info.file_size}\0{info.CRC:08x}\n".encode())
+    return digest.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """A hash of what ``path`` holds: a folder's relative paths and file bytes, a zip's entries, a file's bytes."""
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256(b"folder-v1\0")
+        for file in iter_files(path):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+        return digest.hexdigest()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if zipfile.is_zipfile(path):
+        try:
+            return _zip_content_hash(path)
+        except zipfile.BadZipFile:
+            pass  # a damaged archive: hash its bytes and let the step report the damage
+    return file_sha256(path)
+
+
+def files_hash(files: Iterable[Path], root: Path) -> str:
+    """A hash of the given files' paths (relative to ``root``) and bytes: what a step ships as its code."""
+    digest = hashlib.sha256(b"code-v1\0")
+    for file in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        digest.update(f"{file.relative_to(root).as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def json_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    """Hard link where the file system allows it (step outputs are never modified in place), else copy."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def link_tree(source: Path, destination: Path) -> Path:
+    """A copy of ``source`` (file or folder) at ``destination`` made of hard links where possible."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists() or destination.is_symlink():
+        remove_path(destination)
+    if source.is_dir():
+        shutil.copytree(source, destination, copy_function=_link_or_copy, ignore=_ignore_caches)
+    else:
+        _link_or_copy(str(source), str(destination))
+    return destination
+
+
+def copy_files(files: Iterable[Path], root: Path, destination: Path) -> None:
+    """Copy ``files`` (all under ``root``) into ``destination`` keeping their relative paths."""
+    for file in files:
+        target = destination / file.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, target)
+
+
+def _ignore_caches(_directory: str, names: list[str]) -> set[str]:
+    return {name for name in names if name in IGNORED_NAMES or name.endswith((".pyc", ".pyo"))}
+
+
+def remove_path(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def make_tarball(source_dir: Path, tarball: Path) -> Path:
+    """``tar czf`` of a folder's contents, byte-identical for identical contents (as SageMaker packs model.tar.gz).
+
+    Entries are sorted, owners, times and modes are normalised and the gzip header carries no time or name,
+    so the archive's hash (and so the cache key of the steps that read it) depends on the contents only.
+    """
+    tarball.parent.mkdir(parents=True, exist_ok=True)
+    buffer = tarball.with_name(tarball.name + ".partial")
+    with (
+        buffer.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped,
+        tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive,
+    ):
+        entries: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(source_dir):
+            dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_NAMES)
+            entries.extend(Path(dirpath) / d for d in dirnames)
+            entries.extend(Path(dirpath) / f for f in sorted(filenames) if not _ignored(Path(f)))
+        for path in sorted(entries, key=lambda p: p.relative_to(source_dir).as_posix()):
+            info = archive.gettarinfo(str(path), arcname=path.relative_to(source_dir).as_posix())
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mode = 0o755 if info.isdir() else 0o644
+            if info.isfile():
+                with path.open("rb") as handle:
+                    archive.addfile(info, handle)
+            else:
+                archive.addfile(info)
+    buffer.replace(tarball)
+    return tarball
+
+
+def safe_extract_tarball(tarball: Path, destination: Path) -> Path:
+    """Extract a model.tar.gz refusing entries that would land outside ``destination`` (links, ``..``, absolute)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    root = destination.resolve()
+    with tarfile.open(tarball, "r:*") as archive:
+        members = archive.getmembers()
+        for member in members:
+            target = (root / member.name).resolve()
+            if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+                raise ValueError(f"{tarball}: entry {member.name!r} is a link or points outside the archive's folder")
+        archive.extractall(destination, members=members, filter="data")
+    return destination
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON so a reader never sees half a file (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        json.dump(value, stream, indent=2, sort_keys=False, default=str)
+        stream.write("\n")
+    os.replace(temporary, path)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    if not path.is_file():
+        return default
+    return json.loads(path.read_text())
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path``.lock for read-modify-write of a shared JSON file (registry, cache index)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def tail_lines(path: Path, count: int = 20) -> list[str]:
+    """The last ``count`` lines of a text file (a log), read from the end."""
+    if not path.is_file():
+        return []
+    with path.open("rb") as handle:
+        handle.seek(0, io.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 64 * 1024))
+        text = handle.read().decode("utf-8", errors="replace")
+    return text.splitlines()[-count:]

@@ -1,0 +1,116 @@
+"""Send images to an endpoint (local URL or SageMaker endpoint name) and read back the top-k classes."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from entrypoints import contract
+
+TIMEOUT_S = 60.0
+
+
+class PredictError(Exception):
+    """The endpoint refused the request or could not be reached; the message says which and why."""
+
+
+def content_type_for(path: Path) -> str:
+    """The request content type of an image file, from its first bytes (its name may lie)."""
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    return "application/x-image"
+
+
+def build_request(images: list[Path], top_k: int | None) -> tuple[bytes, str]:
+    """One image as raw bytes; several images (or a ``top_k``) as the JSON batch of the endpoint contract."""
+    for path in images:
+        if not path.is_file():
+            raise PredictError(f"{path} is not a file")
+    if len(images) == 1 and top_k is None:
+        return images[0].read_bytes(), content_type_for(images[0])
+    body: dict[str, Any] = {"instances": [{"b64": base64.b64encode(p.read_bytes()).decode("ascii")} for p in images]}
+    if top_k is not None:
+        body["top_k"] = top_k
+    return json.dumps(body).encode("utf-8"), contract.JSON_CONTENT_TYPE
+
+
+def invoke_url(url: str, body: bytes, content_type: str) -> Any:
+    """POST to ``<url>/invocations`` (the URL may already end in /invocations)."""
+    target = url.rstrip("/")
+    if not target.endswith("/invocations"):
+        target += "/invocations"
+    if not target.startswith(("http://", "https://")):
+        raise PredictError(f"--endpoint {url!r} is not an http(s) URL")
+    request = urllib.request.Request(  # noqa: S310 - an http(s) URL, checked above
+        target, data=body, method="POST", headers={"Content-Type": content_type, "Accept": contract.JSON_CONTENT_TYPE}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 - the user's endpoint URL
+            return json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode("utf-8", errors="replace")
+        with contextlib.suppress(ValueError, AttributeError):  # not JSON: show the body as it came
+            detail = json.loads(detail).get("error", detail)
+        raise PredictError(f"the endpoint answered {error.code}: {detail}") from error
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise PredictError(f"cannot reach {target}: {reason}") from error
+
+
+def invoke_sagemaker(endpoint_name: str, body: bytes, content_type: str, region: str | None) -> Any:
+    """``sagemaker-runtime`` InvokeEndpoint (needs AWS credentials; boto3 is imported only here)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client = boto3.client("sagemaker-runtime", region_name=region)
+        response = client.invoke_endpoint(
+            EndpointName=endpoint_name, ContentType=content_type, Accept=contract.JSON_CONTENT_TYPE, Body=body
+        )
+        return json.loads(response["Body"].read().decode("utf-8"))
+    except ClientError as error:
+        raise PredictError(
+            f"InvokeEndpoint {endpoint_name} failed: {error.response['Error'].get('Message')}"
+        ) from error
+    except BotoCoreError as error:
+        raise PredictError(f"InvokeEndpoint {endpoint_name} failed: {error}") from error
+
+
+def predictions_of(response: Any) -> list[list[tuple[str, float]]]:
+    """(class, probability) pairs per image from the endpoint's JSON, whichever documented shape it has."""
+    items = response.get("predictions", response) if isinstance(response, dict) else response
+    if isinstance(items, dict):
+        items = [items]
+    result = []
+    for item in items if isinstance(items, list) else []:
+        entries = item.get("top_k", item.get("classes", item)) if isinstance(item, dict) else item
+        pairs = []
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict):
+                name = entry.get("class", entry.get("label", entry.get("name")))
+                probability = entry.get("probability", entry.get("score"))
+                if name is not None and probability is not None:
+                    pairs.append((str(name), float(probability)))
+        result.append(pairs)
+    return result
+
+
+def format_predictions(images: list[Path], response: Any) -> list[str]:
+    lines = []
+    parsed = predictions_of(response)
+    if len(parsed) != len(images) or not all(parsed):
+        return [json.dumps(response, indent=2)]
+    for path, pairs in zip(images, parsed, strict=True):
+        lines.append(f"{path}:")
+        for rank, (name, probability) in enumerate(pairs, start=1):
+            lines.append(f"  {rank}. {name:<30} {probability:.4f}")
+    return lines

@@ -1,0 +1,109 @@
+"""The local tuner: trials sampled from the SageMaker tuner's ranges, the objective read like SageMaker reads it.
+
+Sampling: a seeded Latin hypercube over the ranges of ``config.HYPERPARAMETER_RANGES`` (continuous ranges on
+their Logarithmic or Linear scale, integer ranges rounded, categorical values picked by stratum), so that even
+two or three trials span each range instead of clustering; SageMaker's Random strategy samples independently
+and its Bayesian strategy starts the same way, then models the results (which a handful of local trials cannot
+feed). ``Auto`` scaling is treated as Linear.
+
+Values are written the way the tuner writes them into each training job's ``HyperParameters``: continuous
+values as the shortest decimal of the float, integers as decimals, categorical values JSON-encoded (the SDK
+encodes categorical values for framework estimators, the toolkit decodes them before building the flags).
+
+Objective: SageMaker's tuner ranks a training job by the *latest* value of the objective metric it emitted
+(``FinalHyperParameterTuningJobObjectiveMetric``), found in the log with the metric definition's regex, so the
+local tuner takes the last epoch's ``valid_accuracy`` read with ``contract.METRIC_DEFINITIONS``. Ties go to the
+earlier trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pipelines.config import HyperparameterRange
+
+
+def _scaled(spec: HyperparameterRange, unit: float) -> float:
+    assert spec.min_value is not None and spec.max_value is not None
+    low, high = float(spec.min_value), float(spec.max_value)
+    if spec.scaling == "Logarithmic":
+        if low <= 0:
+            raise ValueError(f"a Logarithmic range needs a positive minimum, got {low}")
+        return math.exp(math.log(low) + unit * (math.log(high) - math.log(low)))
+    return low + unit * (high - low)
+
+
+def encode_value(spec: HyperparameterRange, unit: float) -> str:
+    """One value of ``spec`` at position ``unit`` in [0, 1), encoded as the tuner writes it."""
+    if spec.kind == "categorical":
+        if not spec.values:
+            raise ValueError("a categorical range needs at least one value")
+        index = min(int(unit * len(spec.values)), len(spec.values) - 1)
+        return json.dumps(spec.values[index])
+    if spec.kind == "integer":
+        assert spec.min_value is not None and spec.max_value is not None
+        low, high = int(spec.min_value), int(spec.max_value)
+        # Widen by one step so both ends are as likely as the values between them.
+        widened = HyperparameterRange("continuous", low, high + 1, scaling=spec.scaling)
+        return str(min(high, max(low, math.floor(_scaled(widened, unit)))))
+    if spec.kind == "continuous":
+        value = _scaled(spec, unit)
+        return repr(min(float(spec.max_value), max(float(spec.min_value), value)))  # type: ignore[arg-type]
+    raise ValueError(f"unknown range kind {spec.kind!r}")
+
+
+def sample_trials(ranges: Mapping[str, HyperparameterRange], trials: int, seed: int) -> list[dict[str, str]]:
+    """``trials`` assignments of every tuned hyperparameter (strings, as in each trial's HyperParameters)."""
+    if trials < 1:
+        raise ValueError(f"the number of trials must be at least 1, got {trials}")
+    generator = random.Random(seed)  # noqa: S311 - reproducible sampling, not security
+    columns: dict[str, list[float]] = {}
+    for name in sorted(ranges):
+        strata = [(index + generator.random()) / trials for index in range(trials)]
+        generator.shuffle(strata)
+        columns[name] = strata
+    return [{name: encode_value(ranges[name], columns[name][row]) for name in sorted(ranges)} for row in range(trials)]
+
+
+def objective_values(log_text: str, metric_definitions: list[dict[str, str]], metric_name: str) -> list[float]:
+    """Every value of ``metric_name`` in a training log, in order, found with its definition's regex."""
+    definition = next((d for d in metric_definitions if d["Name"] == metric_name), None)
+    if definition is None:
+        raise ValueError(f"no metric definition named {metric_name!r}")
+    pattern = re.compile(definition["Regex"])
+    values = []
+    for line in log_text.splitlines():
+        match = pattern.search(line)
+        if match:
+            values.append(float(match.group(1)))
+    return values
+
+
+def final_objective(log_text: str, metric_definitions: list[dict[str, str]], metric_name: str) -> float | None:
+    """The latest value emitted (what SageMaker's tuner ranks a training job by), or None if none was."""
+    values = objective_values(log_text, metric_definitions, metric_name)
+    return values[-1] if values else None
+
+
+@dataclass
+class TrialOutcome:
+    name: str
+    tuned: dict[str, str]
+    objective: float | None
+    status: str  # Completed | Failed
+    failure_reason: str | None = None
+    duration_s: float = 0.0
+
+
+def best_trial(outcomes: list[TrialOutcome], objective_type: str = "Maximize") -> TrialOutcome | None:
+    """The completed trial with the best final objective; ties go to the earlier trial."""
+    scored = [o for o in outcomes if o.status == "Completed" and o.objective is not None]
+    if not scored:
+        return None
+    sign = 1.0 if objective_type == "Maximize" else -1.0
+    return max(scored, key=lambda o: (sign * o.objective, -outcomes.index(o)))  # type: ignore[operator]

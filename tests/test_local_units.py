@@ -1,0 +1,404 @@
+"""Unit tests of the local runner's parts: the tuner's sampling, the training-container contract, hashing,
+deterministic tarballs, the step cache key, the registry and the endpoint server's error handling."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+import textwrap
+import threading
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from entrypoints import contract
+from pipelines import config
+from pipelines.config import HyperparameterRange
+from pipelines.local import cache, containers, fsutil, registry, server, tuning
+
+# --- tuning -------------------------------------------------------------------------------------------------------
+
+
+def test_sampled_trials_stay_in_ranges_and_are_encoded_like_the_tuner() -> None:
+    trials = tuning.sample_trials(config.HYPERPARAMETER_RANGES, 16, seed=3)
+    assert len(trials) == 16
+    for trial in trials:
+        assert set(trial) == set(config.HYPERPARAMETER_RANGES)
+        lr = float(trial["lr"])
+        assert 1e-5 <= lr <= 1e-2
+        assert 0.0 <= float(trial["dropout"]) <= 0.5
+        # categorical values are JSON-encoded, as the SDK encodes them for framework estimators
+        assert json.loads(trial["batch-size"]) in ("32", "64", "128")
+        assert json.loads(trial["trainable-blocks"]) in ("0", "1", "2", "all")
+
+
+def test_sampling_is_seeded_and_latin_hypercube_on_the_log_scale() -> None:
+    ranges = {"lr": HyperparameterRange("continuous", 1e-5, 1e-1, scaling="Logarithmic")}
+    first = tuning.sample_trials(ranges, 4, seed=7)
+    assert first == tuning.sample_trials(ranges, 4, seed=7)
+    assert first != tuning.sample_trials(ranges, 4, seed=8)
+    # one value per quarter of the log range: 1e-5..1e-4, 1e-4..1e-3, 1e-3..1e-2, 1e-2..1e-1
+    decades = sorted(math.floor(math.log10(float(t["lr"]))) for t in first)
+    assert decades == [-5, -4, -3, -2]
+
+
+def test_integer_and_linear_ranges() -> None:
+    ranges = {
+        "units": HyperparameterRange("integer", 1, 4),
+        "p": HyperparameterRange("continuous", 0.0, 1.0, scaling="Linear"),
+    }
+    trials = tuning.sample_trials(ranges, 8, seed=0)
+    units = [int(t["units"]) for t in trials]
+    assert set(units) == {1, 2, 3, 4}  # both ends as likely as the middle: 8 strata cover all four values
+    assert sorted(int(float(t["p"]) * 8) for t in trials) == list(range(8))
+
+
+def test_objective_is_the_last_value_found_with_the_metric_regex() -> None:
+    log = "\n".join(
+        [
+            "some output valid_accuracy is not a metric line",
+            contract.format_metrics_line(1, 1.0, 1.0, 0.9),
+            contract.format_metrics_line(2, 0.5, 0.6, 0.8),
+        ]
+    )
+    assert tuning.final_objective(log, config.METRIC_DEFINITIONS, config.OBJECTIVE_METRIC) == pytest.approx(0.8)
+    assert tuning.final_objective("no metrics", config.METRIC_DEFINITIONS, config.OBJECTIVE_METRIC) is None
+    outcomes = [
+        tuning.TrialOutcome("a", {}, 0.8, "Completed"),
+        tuning.TrialOutcome("b", {}, 0.9, "Completed"),
+        tuning.TrialOutcome("c", {}, None, "Failed", "boom"),
+        tuning.TrialOutcome("d", {}, 0.9, "Completed"),
+    ]
+    assert tuning.best_trial(outcomes).name == "b"  # ties go to the earlier trial
+    assert tuning.best_trial([outcomes[2]]) is None
+
+
+# --- the training container contract ------------------------------------------------------------------------------
+
+
+def test_training_job_environment_follows_the_toolkit(tmp_path: Path) -> None:
+    channels = {"train": tmp_path / "train", "valid": tmp_path / "valid"}
+    job = containers.TrainingJob(
+        job_name="job-1",
+        root=tmp_path / "job",
+        source_dir=tmp_path,
+        entry_point="train.py",
+        hyperparameters={
+            "lr": "0.001",
+            "batch-size": '"64"',
+            "architecture": '"resnet18"',
+            "epochs": "3",
+            "_tuning_objective_metric": '"valid_accuracy"',
+            "sagemaker_program": '"train.py"',
+            "sagemaker_region": '"local"',
+        },
+        channels=channels,
+        cpus=3,
+    )
+    env, arguments = job.environment()
+    # sorted keys, JSON-decoded values, toolkit parameters left out
+    assert arguments == ["--architecture", "resnet18", "--batch-size", "64", "--epochs", "3", "--lr", "0.001"]
+    assert json.loads(env["SM_HPS"]) == {"architecture": "resnet18", "batch-size": "64", "epochs": 3, "lr": 0.001}
+    assert json.loads(env["SM_CHANNELS"]) == ["train", "valid"]
+    opt = tmp_path / "job" / "opt" / "ml"
+    assert env["SM_CHANNEL_TRAIN"] == str(opt / "input/data/train")
+    assert env["SM_MODEL_DIR"] == str(opt / "model")
+    assert env["SM_OUTPUT_DATA_DIR"] == str(opt / "output/data")
+    assert env["SM_NUM_GPUS"] == "0" and env["SM_NUM_CPUS"] == "3"
+    assert env["SM_HP_LR"] == "0.001"
+    training_env = json.loads(env["SM_TRAINING_ENV"])
+    assert training_env["hyperparameters"] == json.loads(env["SM_HPS"])
+    assert training_env["user_entry_point"] == "train.py"
+    assert json.loads(env["SM_USER_ARGS"]) == arguments
+
+
+def test_container_paths_in_arguments_are_mapped_to_the_job_root(tmp_path: Path) -> None:
+    assert containers.map_container_argument(tmp_path, "/opt/ml/processing/input") == str(
+        tmp_path / "opt/ml/processing/input"
+    )
+    assert containers.map_container_argument(tmp_path, "--x=/opt/ml/model") == f"--x={tmp_path / 'opt/ml/model'}"
+    assert containers.map_container_argument(tmp_path, "0.1") == "0.1"
+
+
+def test_a_failing_script_reports_its_log_tail(tmp_path: Path) -> None:
+    script = tmp_path / "code" / "fail.py"
+    script.parent.mkdir()
+    script.write_text("import sys\nprint('working')\nprint('bad input: no images', file=sys.stderr)\nsys.exit(3)\n")
+    job = containers.ProcessingJob("job", tmp_path / "job", script, [], [], [])
+    with pytest.raises(containers.JobError) as caught:
+        job.run()
+    assert "exit status 3" in str(caught.value)
+    assert caught.value.tail[-1] == "bad input: no images"
+    assert "working" in caught.value.log_path.read_text()
+
+
+# --- hashing, tarballs, cache keys ------------------------------------------------------------------------------
+
+
+def _zip(path: Path, entries: dict[str, bytes], date_time: tuple[int, ...]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(zipfile.ZipInfo(name, date_time=date_time), data)
+    return path
+
+
+def test_zip_content_hash_ignores_timestamps_but_not_content(tmp_path: Path) -> None:
+    one = _zip(tmp_path / "a.zip", {"x/1.jpg": b"abc", "x/2.jpg": b"def"}, (2020, 1, 1, 0, 0, 0))
+    two = _zip(tmp_path / "b.zip", {"x/2.jpg": b"def", "x/1.jpg": b"abc"}, (2024, 5, 5, 5, 5, 6))
+    three = _zip(tmp_path / "c.zip", {"x/1.jpg": b"abd", "x/2.jpg": b"def"}, (2020, 1, 1, 0, 0, 0))
+    assert fsutil.content_hash(one) == fsutil.content_hash(two)
+    assert fsutil.content_hash(one) != fsutil.content_hash(three)
+
+
+def test_tarball_is_byte_identical_for_identical_content(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        (folder / "code").mkdir(parents=True)
+        (folder / "model.pt").write_bytes(b"weights")
+        (folder / "code" / "inference.py").write_text("x = 1\n")
+        (folder / "code" / "__pycache__").mkdir()
+        (folder / "code" / "__pycache__" / "inference.cpython-311.pyc").write_bytes(name.encode())
+    first = fsutil.make_tarball(tmp_path / "a", tmp_path / "a.tar.gz").read_bytes()
+    second = fsutil.make_tarball(tmp_path / "b", tmp_path / "b.tar.gz").read_bytes()
+    assert first == second
+    with tarfile.open(tmp_path / "a.tar.gz") as archive:
+        assert sorted(archive.getnames()) == ["code", "code/inference.py", "model.pt"]
+
+
+def test_extraction_refuses_entries_outside_the_folder(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as archive:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 2
+        archive.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(ValueError, match="outside"):
+        fsutil.safe_extract_tarball(bad, tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_cache_key_depends_on_every_part() -> None:
+    base = {"code": "c1", "inputs": {"train": "h1"}, "hyperparameters": {"lr": "0.1"}}
+    key = cache.StepCache.key("Train", base)
+    assert key == cache.StepCache.key("Train", json.loads(json.dumps(base)))
+    assert key != cache.StepCache.key("Tune", base)
+    assert key != cache.StepCache.key("Train", {**base, "code": "c2"})
+    assert key != cache.StepCache.key("Train", {**base, "inputs": {"train": "h2"}})
+    assert key != cache.StepCache.key("Train", {**base, "hyperparameters": {"lr": "0.2"}})
+
+
+# --- registry -----------------------------------------------------------------------------------------------------
+
+
+def test_registry_versions_fields_and_approval(tmp_path: Path) -> None:
+    model = tmp_path / "model.tar.gz"
+    model.write_bytes(b"model-1")
+    report = tmp_path / "evaluation.json"
+    report.write_text('{"multiclass_classification_metrics": {"accuracy": {"value": 0.97}}}')
+    local = registry.LocalModelRegistry(tmp_path / "work")
+    package, created = local.register("Group", model, report, metadata={"accuracy": "0.97"})
+    assert created and package["ModelPackageVersion"] == 1
+    assert package["ModelApprovalStatus"] == "PendingManualApproval"
+    assert package["ModelPackageArn"] == "arn:aws:sagemaker:local:000000000000:model-package/group/1"
+    stored = registry.model_data_path(package)
+    assert stored.read_bytes() == b"model-1" and stored.is_relative_to(tmp_path / "work")
+    assert package["ModelMetrics"]["ModelStatistics"]["S3Uri"].endswith("evaluation.json")
+    assert package["InferenceSpecification"]["SupportedContentTypes"] == list(config.REQUEST_CONTENT_TYPES)
+
+    again, created_again = local.register("Group", model, report)
+    assert not created_again and again["ModelPackageVersion"] == 1  # same model bytes: no duplicate version
+    model.write_bytes(b"model-2")
+    second, _ = local.register("Group", model, report)
+    assert second["ModelPackageVersion"] == 2
+    approved = local.update_approval("Group", 2, "Approved", "ok")
+    assert approved["ModelApprovalStatus"] == "Approved"
+    assert local.latest_approved("Group")["ModelPackageVersion"] == 2
+    on_disk = json.loads((tmp_path / "work" / registry.REGISTRY_FILE).read_text())
+    assert [p["ModelApprovalStatus"] for p in on_disk["ModelPackageGroups"]["Group"]["ModelPackages"]] == [
+        "PendingManualApproval",
+        "Approved",
+    ]
+    with pytest.raises(registry.RegistryError, match="no version 9"):
+        local.update_approval("Group", 9, "Approved")
+
+
+# --- the endpoint server's contract, with a handler module written here -----------------------------------------
+
+HANDLERS = textwrap.dedent(
+    """
+    import json
+
+    class BadRequest(Exception):
+        status_code = 415
+
+    def model_fn(model_dir):
+        return {"loaded_from": model_dir}
+
+    def input_fn(body, content_type):
+        if content_type == "application/json":
+            assert isinstance(body, str)  # the toolkit decodes JSON bodies to str
+            return json.loads(body)
+        if content_type != "image/png":
+            raise BadRequest(f"unsupported content type {content_type}")
+        return {"bytes": len(body)}
+
+    def predict_fn(data, model):
+        if data.get("crash"):
+            raise RuntimeError("handler bug")
+        return data
+
+    def output_fn(prediction, accept):
+        return json.dumps(prediction), accept
+    """
+)
+
+
+@pytest.fixture()
+def handler_server(tmp_path: Path):
+    (tmp_path / "model" / "code").mkdir(parents=True)
+    (tmp_path / "model" / "code" / "inference.py").write_text(HANDLERS)
+    handlers = server.ModelHandlers(tmp_path / "model")
+    http_server = server.bind_server("127.0.0.1", 0, server.make_handler(handlers), fallback=False)
+    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{http_server.server_address[1]}"
+    http_server.shutdown()
+    http_server.server_close()
+
+
+def _post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_server_maps_handler_errors_to_json_and_stays_up(handler_server: str) -> None:
+    with urllib.request.urlopen(f"{handler_server}/ping", timeout=10) as response:
+        assert response.status == 200
+    assert _post(handler_server, b"\x89PNG....", "image/png") == (200, {"bytes": 8})
+    status, body = _post(handler_server, b"GIF89a", "image/gif")
+    assert status == 415 and "unsupported content type image/gif" in body["error"]
+    status, body = _post(handler_server, b'{"crash": true}', "application/json")
+    assert status == 500 and body == {"error": "handler bug"}  # no stack trace to the client
+    assert _post(handler_server, b'{"a": 1}', "application/json") == (200, {"a": 1})  # still serving
+    status, body = _post(handler_server, b"x" * (server.MAX_PAYLOAD_BYTES + 1), "image/png")
+    assert status == 413
+
+
+# --- the local DAG matches the SageMaker pipeline -----------------------------------------------------------------
+
+
+def test_step_names_paths_and_hyperparameters_match_the_sagemaker_pipeline() -> None:
+    from pipelines import pipeline
+    from pipelines.local import runner
+
+    for name in (
+        "STEP_PREPROCESS",
+        "STEP_TUNE",
+        "STEP_TRAIN",
+        "STEP_EVALUATE",
+        "STEP_CHECK",
+        "STEP_REGISTER",
+        "STEP_FAIL",
+        "PREPROCESS_INPUT_DIR",
+        "PREPROCESS_OUTPUT_DIR",
+        "EVALUATE_MODEL_DIR",
+        "EVALUATE_TEST_DIR",
+        "EVALUATE_OUTPUT_DIR",
+        "CHECKPOINT_LOCAL_PATH",
+        "TENSORBOARD_LOCAL_PATH",
+        "OUTPUT_EVALUATION",
+    ):
+        assert getattr(runner, name) == getattr(pipeline, name), name
+
+    settings = runner.resolve_preset(runner.LocalRunOptions(data=Path("x.zip")))
+    assert settings.preset == "pipeline"
+    assert settings.ranges == config.HYPERPARAMETER_RANGES
+    assert set(settings.static_hyperparameters) == set(config.DEFAULT_HYPERPARAMETERS) - set(
+        pipeline.TUNED_HYPERPARAMETERS
+    ) - {"epochs"}
+    assert settings.training_epochs == config.FINAL_TRAINING_EPOCHS
+    assert settings.threshold == config.ACCURACY_THRESHOLD
+
+    demo = runner.resolve_preset(runner.LocalRunOptions(hyperparameters={"lr": "0.01"}, trials=3, cpus=2))
+    assert demo.preset == "demo" and demo.threshold == config.LOCAL_ACCURACY_THRESHOLD
+    assert "lr" not in demo.ranges and demo.static_hyperparameters["lr"] == "0.01"  # fixed values leave the search
+    assert set(demo.ranges) == set(config.LOCAL_DEMO_HYPERPARAMETER_RANGES) - {"lr"}
+    assert demo.parallel == 2  # trials at a time: up to the CPUs
+
+
+# --- predict against a SageMaker endpoint name ---------------------------------------------------------------------
+
+
+def test_predict_with_endpoint_name_calls_invoke_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import boto3
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    from pipelines.run import main
+
+    image = tmp_path / "digit.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 32)
+    answer = {"predictions": [{"class": "007.seven", "index": 7, "probability": 0.9, "top_k": [
+        {"class": "007.seven", "index": 7, "probability": 0.9},
+        {"class": "001.one", "index": 1, "probability": 0.05},
+    ]}]}  # fmt: skip
+    body = json.dumps(answer).encode()
+    client = boto3.client("sagemaker-runtime", region_name="eu-west-1")
+    stubber = Stubber(client)
+    stubber.add_response(
+        "invoke_endpoint",
+        {"Body": StreamingBody(io.BytesIO(body), len(body)), "ContentType": "application/json"},
+        {
+            "EndpointName": "imgclf-prod",
+            "ContentType": "image/png",
+            "Accept": "application/json",
+            "Body": image.read_bytes(),
+        },
+    )
+    monkeypatch.setattr(boto3, "client", lambda *args, **kwargs: client)
+    with stubber:
+        assert main(["predict", str(image), "--endpoint-name", "imgclf-prod", "--region", "eu-west-1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{image}:"
+    assert printed[1].split() == ["1.", "007.seven", "0.9000"]
+    assert printed[2].split() == ["2.", "001.one", "0.0500"]
+
+
+# --- the training flag the demo relies on (digits must not be mirrored) -------------------------------------------
+
+
+def test_horizontal_flip_can_be_turned_off(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from entrypoints import data, train
+
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[:, :4] = 255  # bright on the left only: a flip moves it to the right
+    path = tmp_path / "left.png"
+    Image.fromarray(pixels).save(path)
+    samples = [(str(path), 0)] * 32
+    flipping = data.ImageDataset(samples, 16, 16, train=True, seed=1)
+    upright = data.ImageDataset(samples, 16, 16, train=True, seed=1, horizontal_flip=False)
+    mirrored = 0
+    for index in range(len(samples)):
+        with_flips, without = flipping[(index, 0)][0], upright[(index, 0)][0]
+        assert without[:, :, 0].float().mean() >= without[:, :, -1].float().mean()  # never mirrored
+        if not bool((with_flips == without).all()):
+            assert bool((with_flips == without.flip(-1)).all())  # the same crop, mirrored
+            mirrored += 1
+    assert 0 < mirrored < len(samples)
+
+    parser = train.get_args_parser()
+    assert parser.parse_args(["--horizontal-flip", "False"]).horizontal_flip is False
+    assert parser.parse_args([]).horizontal_flip is None  # default: on
