@@ -18,6 +18,8 @@ RUNTIME_REQUIREMENTS = [
     "matplotlib>=3.8",  # confusion matrix and training-curve pictures
     "tensorboard>=2.15",  # TensorBoard scalars from the training script
     "tqdm>=4.66",
+    "onnx>=1.16",  # the serving handlers export the network to ONNX in memory at load time...
+    "onnxruntime>=1.18",  # ...and run it with ONNX Runtime (the local endpoint as the SageMaker one)
 ]
 
 DEV_REQUIREMENTS = [

@@ -74,3 +74,8 @@ RESPONSE_CONTENT_TYPES = (JSON_CONTENT_TYPE,)
 DEFAULT_TOP_K = 5
 MAX_BATCH_IMAGES = 32
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused as possible decompression bombs
+# Environment variables the serving handlers read (set them on the SageMaker Model / endpoint config).
+ENV_INFERENCE_RUNTIME = "INFERENCE_RUNTIME"  # auto (default) | onnxruntime | torchscript | eager
+ENV_INFERENCE_THREADS = "INFERENCE_NUM_THREADS"  # intra-op threads per model-server worker
+ENV_JPEG_DRAFT_FACTOR = "INFERENCE_JPEG_DRAFT_FACTOR"  # 0 = decode JPEGs at full size (see inference.py)
+ENV_MODEL_SERVER_WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"  # the toolkit's own: worker processes per model
