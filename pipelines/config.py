@@ -33,6 +33,26 @@ ENDPOINT_SERVERLESS_MAX_CONCURRENCY = 5
 ENDPOINT_DATA_CAPTURE_PERCENT = 100
 ENDPOINT_TARGET_INVOCATIONS_PER_INSTANCE = 70.0  # autoscaling target, invocations per instance per minute
 
+# --- step names and container paths (the SageMaker pipeline and the local runner both use them) ------------------
+# Step names are stable: they key the definition, step caching and `status`.
+STEP_PREPROCESS = "Preprocess"
+STEP_TUNE = "Tune"
+STEP_TRAIN = "Train"
+STEP_EVALUATE = "Evaluate"
+STEP_CHECK = "CheckAccuracy"
+STEP_REGISTER = "Register"
+STEP_FAIL = "AccuracyBelowThreshold"
+# Paths inside the containers (the defaults of steps/preprocess.py, steps/evaluate.py and entrypoints/train.py).
+PROCESSING_ROOT = "/opt/ml/processing"
+PREPROCESS_INPUT_DIR = f"{PROCESSING_ROOT}/input/data"
+PREPROCESS_OUTPUT_DIR = f"{PROCESSING_ROOT}/output"
+EVALUATE_MODEL_DIR = f"{PROCESSING_ROOT}/model"
+EVALUATE_TEST_DIR = f"{PROCESSING_ROOT}/test"
+EVALUATE_OUTPUT_DIR = f"{PROCESSING_ROOT}/evaluation"
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
+TENSORBOARD_LOCAL_PATH = "/opt/ml/output/tensorboard"
+OUTPUT_EVALUATION = "evaluation"  # the evaluation step's output name (also its S3 folder name)
+
 # Environment variables that carry account-specific settings (never written in code).
 ENV_ROLE_ARN = "SAGEMAKER_PIPELINE_ROLE_ARN"
 ENV_BUCKET = "ARTIFACT_BUCKET"

@@ -69,31 +69,30 @@ from sagemaker.workflow.retry import (
 from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep, TuningStep
 
 from pipelines import config
+from pipelines.config import (  # step names and container paths, shared with the local runner
+    CHECKPOINT_LOCAL_PATH,
+    EVALUATE_MODEL_DIR,
+    EVALUATE_OUTPUT_DIR,
+    EVALUATE_TEST_DIR,
+    OUTPUT_EVALUATION,
+    PREPROCESS_INPUT_DIR,
+    PREPROCESS_OUTPUT_DIR,
+    STEP_CHECK,
+    STEP_EVALUATE,
+    STEP_FAIL,
+    STEP_PREPROCESS,
+    STEP_REGISTER,
+    STEP_TRAIN,
+    STEP_TUNE,
+    TENSORBOARD_LOCAL_PATH,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-# Step names: stable, they are the keys of the definition, of step caching and of `status`.
-STEP_PREPROCESS = "Preprocess"
-STEP_TUNE = "Tune"
-STEP_TRAIN = "Train"
-STEP_EVALUATE = "Evaluate"
-STEP_CHECK = "CheckAccuracy"
-STEP_REGISTER = "Register"
-STEP_FAIL = "AccuracyBelowThreshold"
 
-# Names of the processing outputs (also the S3 folder names) and of the evaluation PropertyFile.
-OUTPUT_EVALUATION = "evaluation"
+# The evaluation report's PropertyFile (read by the CheckAccuracy condition).
 PROPERTY_FILE_EVALUATION = "EvaluationReport"
 
-# Paths inside the processing containers (the defaults of steps/preprocess.py and steps/evaluate.py).
-PROCESSING_ROOT = "/opt/ml/processing"
-PREPROCESS_INPUT_DIR = f"{PROCESSING_ROOT}/input/data"
-PREPROCESS_OUTPUT_DIR = f"{PROCESSING_ROOT}/output"
-EVALUATE_MODEL_DIR = f"{PROCESSING_ROOT}/model"
-EVALUATE_TEST_DIR = f"{PROCESSING_ROOT}/test"
-EVALUATE_OUTPUT_DIR = f"{PROCESSING_ROOT}/evaluation"
-CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
-TENSORBOARD_LOCAL_PATH = "/opt/ml/output/tensorboard"
 WEIGHTS_CHANNEL = "weights"
 
 # Hyperparameters the tuner searches and the final training takes from its best job.

@@ -25,6 +25,23 @@ from typing import Any
 
 from entrypoints import contract
 from pipelines import config
+from pipelines.config import (  # step names and container paths, shared with the SageMaker pipeline
+    CHECKPOINT_LOCAL_PATH,
+    EVALUATE_MODEL_DIR,
+    EVALUATE_OUTPUT_DIR,
+    EVALUATE_TEST_DIR,
+    OUTPUT_EVALUATION,
+    PREPROCESS_INPUT_DIR,
+    PREPROCESS_OUTPUT_DIR,
+    STEP_CHECK,
+    STEP_EVALUATE,
+    STEP_FAIL,
+    STEP_PREPROCESS,
+    STEP_REGISTER,
+    STEP_TRAIN,
+    STEP_TUNE,
+    TENSORBOARD_LOCAL_PATH,
+)
 from pipelines.local import cache as cache_module
 from pipelines.local import containers, endpoint, fsutil, tuning
 from pipelines.local.console import Console, Progress
@@ -36,23 +53,7 @@ EVALUATE_SCRIPT = PROJECT_ROOT / "steps" / "evaluate.py"
 TRAINING_SOURCE_DIR = PROJECT_ROOT / "entrypoints"
 TRAINING_ENTRY_POINT = "train.py"
 
-# Step names and container paths: the same as pipelines/pipeline.py (tests/test_local_pipeline.py checks).
-STEP_PREPROCESS = "Preprocess"
-STEP_TUNE = "Tune"
-STEP_TRAIN = "Train"
-STEP_EVALUATE = "Evaluate"
-STEP_CHECK = "CheckAccuracy"
-STEP_REGISTER = "Register"
-STEP_FAIL = "AccuracyBelowThreshold"
 STEP_DEPLOY = "Deploy"
-PREPROCESS_INPUT_DIR = "/opt/ml/processing/input/data"
-PREPROCESS_OUTPUT_DIR = "/opt/ml/processing/output"
-EVALUATE_MODEL_DIR = "/opt/ml/processing/model"
-EVALUATE_TEST_DIR = "/opt/ml/processing/test"
-EVALUATE_OUTPUT_DIR = "/opt/ml/processing/evaluation"
-CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
-TENSORBOARD_LOCAL_PATH = "/opt/ml/output/tensorboard"
-OUTPUT_EVALUATION = "evaluation"
 RUN_PATTERN = re.compile(r"^run-(\d{4,})$")
 RUN_RECORD = "run.json"
 PRESETS = ("demo", "pipeline")
