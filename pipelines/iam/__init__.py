@@ -1,0 +1,262 @@
+"""The SageMaker pipeline execution role's least-privilege IAM documents.
+
+The role passed as ``--role`` / ``$SAGEMAKER_PIPELINE_ROLE_ARN`` to ``python -m pipelines.run upsert`` is the one
+the pipeline service and every job it starts run as: processing, tuning (and its trial training jobs), the
+final training (checkpoints, TensorBoard, Debugger rules and profiler), and the model registration.
+``pipeline_role_policy.json`` (next to this file) is its permissions template; :func:`render_pipeline_role_policy`
+fills in account, region, bucket and names, keeps the KMS / VPC / extra-input statements only when they are
+asked for, and names the container image repositories of the region (the AWS Deep Learning Containers
+registry is a different account in each region, so the template holds no account ID).
+
+``python -m pipelines.iam pipeline-policy`` prints the rendered policy, ``python -m pipelines.iam trust-policy``
+the trust policy (sagemaker.amazonaws.com only). The README shows how to create the role with both.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pipelines import config
+
+POLICY_TEMPLATE = "pipeline_role_policy.json"
+TRUST_POLICY = "pipeline_role_trust_policy.json"
+DEFAULT_ROLE_NAME = f"{config.BASE_JOB_PREFIX}-sagemaker-pipeline"
+
+# Statements kept only when the matching option is given (see render_pipeline_role_policy).
+KMS_SID_PREFIX = "Kms"
+VPC_SID_PREFIX = "Vpc"
+EXTRA_INPUTS_SID_PREFIX = "ReadExtraInputs"
+# The statements that say "Resource": "*", each because AWS offers no resource-level permission for its actions:
+#   ecr:GetAuthorizationToken   - the registry login token is account-wide, it names no repository;
+#   cloudwatch:PutMetricData    - metrics have no ARN; the statement pins the cloudwatch:namespace instead;
+#   ec2:Describe* (VPC jobs)    - EC2's Describe calls support no resource-level permission;
+#   ec2:DeleteNetworkInterfacePermission - takes a permission ID, not an interface, so it has no ARN to name.
+STATEMENTS_NEEDING_ANY_RESOURCE = {
+    "AnyResourceEcrGetAuthorizationTokenHasNoResourceLevelPermission": ("ecr:GetAuthorizationToken",),
+    "AnyResourceCloudWatchPutMetricDataHasNoResourceLevelPermissionSoTheNamespaceIsPinned": (
+        "cloudwatch:PutMetricData",
+    ),
+    "VpcAnyResourceDescribeCallsAndDeleteNetworkInterfacePermissionHaveNoResourceLevelPermission": (
+        "ec2:DescribeNetworkInterfaces",
+        "ec2:DescribeVpcs",
+        "ec2:DescribeDhcpOptions",
+        "ec2:DescribeSubnets",
+        "ec2:DescribeSecurityGroups",
+        "ec2:DeleteNetworkInterfacePermission",
+    ),
+}
+# Placeholders that stand for a list: a list item that is exactly one of these becomes the list's items.
+_LIST_PLACEHOLDERS = ("${EcrRepositoryArns}", "${SubnetArns}", "${SecurityGroupArns}")
+
+# SageMaker names (pipelines, job prefixes): letters, digits and single hyphens, so no IAM wildcard sneaks in.
+_SAGEMAKER_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_ROLE_ARN = re.compile(r"arn:aws(-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]+")
+_KMS_KEY_ARN = re.compile(r"arn:aws(-cn|-us-gov)?:kms:[a-z0-9-]+:\d{12}:key/[a-zA-Z0-9-]+")
+_ECR_IMAGE = re.compile(
+    r"(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?/(?P<repo>[^:@]+)"
+)
+
+
+def partition_for_region(region: str) -> str:
+    """The ARN partition of a region (aws, aws-cn or aws-us-gov)."""
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
+def pipeline_image_uris(region: str) -> list[str]:
+    """The container images the pipeline's jobs run in this region, found the way pipelines/pipeline.py finds
+    them: the PyTorch training image (processing and training), the inference image (the registered model) and
+    the Debugger rule image (the Train step's rule and profiler jobs)."""
+    from sagemaker import image_uris
+    from sagemaker.debugger import get_rule_container_image_uri
+
+    training = image_uris.retrieve(
+        framework="pytorch",
+        region=region,
+        version=config.TRAINING_FRAMEWORK_VERSION,
+        py_version=config.PYTHON_VERSION,
+        instance_type=config.PROCESSING_INSTANCE_TYPE,
+        image_scope="training",
+    )
+    inference = image_uris.retrieve(
+        framework="pytorch",
+        region=region,
+        version=config.INFERENCE_FRAMEWORK_VERSION,
+        py_version=config.PYTHON_VERSION,
+        instance_type=config.INFERENCE_INSTANCE_TYPES[0],
+        image_scope="inference",
+    )
+    return [training, inference, get_rule_container_image_uri("ProfilerReport", region)]
+
+
+def ecr_repository_arn(image_uri: str, partition: str) -> str:
+    """``<account>.dkr.ecr.<region>.amazonaws.com/<repo>:<tag>`` -> the repository's ARN."""
+    match = _ECR_IMAGE.match(image_uri)
+    if match is None:
+        raise ValueError(f"{image_uri!r} is not an ECR image URI (<account>.dkr.ecr.<region>.amazonaws.com/<repo>)")
+    return f"arn:{partition}:ecr:{match['region']}:{match['account']}:repository/{match['repo']}"
+
+
+def _s3_parts(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"extra input {uri!r} is not an s3:// URI")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not _BUCKET_NAME.fullmatch(bucket) or "*" in key or "?" in key:
+        raise ValueError(f"extra input {uri!r}: give s3://<bucket>/<prefix> without wildcards")
+    return bucket, key
+
+
+def _check_name(value: str, what: str) -> None:
+    if not _SAGEMAKER_NAME.fullmatch(value):
+        raise ValueError(f"{what} {value!r} may hold only letters, digits and hyphens (a SageMaker name)")
+
+
+def render_pipeline_role_policy(
+    *,
+    region: str,
+    account_id: str,
+    bucket: str,
+    pipeline_name: str = config.PIPELINE_NAME,
+    model_package_group: str = config.MODEL_PACKAGE_GROUP,
+    job_prefix: str = config.BASE_JOB_PREFIX,
+    role_arn: str | None = None,
+    role_name: str = DEFAULT_ROLE_NAME,
+    kms_key_arn: str | None = None,
+    subnets: Sequence[str] = (),
+    security_group_ids: Sequence[str] = (),
+    extra_input_s3_uris: Sequence[str] = (),
+    image_uris: Sequence[str] | None = None,
+    partition: str | None = None,
+) -> dict[str, Any]:
+    """The pipeline execution role's least-privilege policy: pipeline_role_policy.json filled in.
+
+    Args:
+        region / account_id: where the pipeline runs.
+        bucket: the artifact bucket; the role reads and writes ``s3://<bucket>/<pipeline_name>/`` only.
+        pipeline_name / model_package_group / job_prefix: as given to ``upsert`` (defaults from config).
+        role_arn: the role's own ARN (for iam:PassRole on itself); default ``role/<role_name>`` in the account.
+        kms_key_arn: the KMS key ARN given to ``upsert --kms-key`` (keeps the Kms* statements).
+        subnets / security_group_ids: the VPC settings given to ``upsert`` (keep the Vpc* statements).
+        extra_input_s3_uris: s3:// prefixes outside the pipeline's prefix that jobs read (an ``InputDataUri`` or
+            ``--weights-uri`` elsewhere); read-only, one statement set each.
+        image_uris: the container images to allow pulling (default: :func:`pipeline_image_uris` of the region).
+        partition: the ARN partition (default: the region's).
+
+    Raises:
+        ValueError: naming the bad argument.
+    """
+    if not (account_id.isdigit() and len(account_id) == 12):
+        raise ValueError(f"account ID {account_id!r} is not 12 digits")
+    if not _BUCKET_NAME.fullmatch(bucket):
+        raise ValueError(f"bucket {bucket!r} is not an S3 bucket name (give the name, not an s3:// URI)")
+    _check_name(pipeline_name, "pipeline name")
+    _check_name(model_package_group, "model package group")
+    _check_name(job_prefix, "job prefix")
+    partition = partition or partition_for_region(region)
+    role_arn = role_arn or f"arn:{partition}:iam::{account_id}:role/{role_name}"
+    if not _ROLE_ARN.fullmatch(role_arn):
+        raise ValueError(f"role {role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+    if kms_key_arn is not None and not _KMS_KEY_ARN.fullmatch(kms_key_arn):
+        raise ValueError(
+            f"KMS key {kms_key_arn!r} is not a key ARN (arn:aws:kms:<region>:<account>:key/<id>): "
+            "IAM policies name keys by ARN, not by ID or alias"
+        )
+    if bool(subnets) != bool(security_group_ids):
+        raise ValueError("VPC settings need both subnets and security groups (or neither)")
+    for subnet in subnets:
+        if not re.fullmatch(r"subnet-[0-9a-f]+", subnet):
+            raise ValueError(f"{subnet!r} is not a subnet ID (subnet-...)")
+    for group in security_group_ids:
+        if not re.fullmatch(r"sg-[0-9a-f]+", group):
+            raise ValueError(f"{group!r} is not a security group ID (sg-...)")
+    images = list(image_uris) if image_uris is not None else pipeline_image_uris(region)
+    ec2_arn = f"arn:{partition}:ec2:{region}:{account_id}"
+    scalars = {
+        "${AWS::Partition}": partition,
+        "${AWS::Region}": region,
+        "${AWS::AccountId}": account_id,
+        "${ArtifactBucket}": bucket,
+        "${PipelineName}": pipeline_name,  # S3 keys keep the name's case
+        # SageMaker writes resource names in lower case in its ARNs.
+        "${PipelineArnName}": pipeline_name.lower(),
+        "${ModelPackageGroupName}": model_package_group.lower(),
+        "${JobPrefix}": job_prefix.lower(),
+        "${PipelineRoleArn}": role_arn,
+        "${KmsKeyArn}": kms_key_arn or "",
+    }
+    lists = {
+        "${EcrRepositoryArns}": sorted({ecr_repository_arn(image, partition) for image in images}),
+        "${SubnetArns}": [f"{ec2_arn}:subnet/{subnet}" for subnet in subnets],
+        "${SecurityGroupArns}": [f"{ec2_arn}:security-group/{group}" for group in security_group_ids],
+    }
+
+    def fill(value: Any, extra: Mapping[str, str]) -> Any:
+        if isinstance(value, str):
+            for placeholder, text in {**scalars, **extra}.items():
+                value = value.replace(placeholder, text)
+            return value
+        if isinstance(value, Mapping):
+            return {key: fill(item, extra) for key, item in value.items()}
+        if isinstance(value, list):
+            items = []
+            for item in value:
+                items.extend(lists[item] if item in lists else [fill(item, extra)])
+            return items
+        return value
+
+    template = json.loads(_read(POLICY_TEMPLATE))
+    statements = []
+    for statement in template["Statement"]:
+        sid = statement["Sid"]
+        if sid.startswith(KMS_SID_PREFIX) and kms_key_arn is None:
+            continue
+        if sid.startswith(VPC_SID_PREFIX) and not subnets:
+            continue
+        if sid.startswith(EXTRA_INPUTS_SID_PREFIX):
+            for number, uri in enumerate(extra_input_s3_uris, start=1):
+                input_bucket, prefix = _s3_parts(uri)
+                extra = {
+                    "${ExtraInputObjectArn}": f"arn:{partition}:s3:::{input_bucket}/{prefix}*",
+                    "${ExtraInputBucketArn}": f"arn:{partition}:s3:::{input_bucket}",
+                    "${ExtraInputPrefix}": prefix,
+                }
+                statements.append({**fill(statement, extra), "Sid": f"{sid}{number}"})
+            continue
+        statements.append(fill(statement, {}))
+    policy = {"Version": template["Version"], "Statement": statements}
+    leftover = [text for text in _strings(policy) if "${" in text]
+    if leftover:
+        raise ValueError(f"unfilled placeholders in the pipeline role policy: {leftover}")
+    return policy
+
+
+def _read(name: str) -> str:
+    return (importlib.resources.files("pipelines.iam") / name).read_text(encoding="utf-8")
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [text for item in value.values() for text in _strings(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return []
+
+
+def pipeline_role_policy_template() -> dict[str, Any]:
+    """The unrendered template (placeholders and all)."""
+    return json.loads(_read(POLICY_TEMPLATE))
+
+
+def pipeline_role_trust_policy() -> dict[str, Any]:
+    """The role's trust policy: only SageMaker may assume it."""
+    return json.loads(_read(TRUST_POLICY))
