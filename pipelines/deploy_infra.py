@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pipelines import config
+from pipelines.iam import check_placeholders_filled, partition_for_region, resolve_region_and_account
 from steps import deploy
 
 HANDLER = "deploy.handler"  # the zip holds deploy.py at its root
@@ -501,14 +502,6 @@ def upsert_from_args(args: argparse.Namespace, boto_session: Any, model_package_
 # --- the IAM policy -------------------------------------------------------------------------------------------
 
 
-def partition_for_region(region: str) -> str:
-    if region.startswith("cn-"):
-        return "aws-cn"
-    if region.startswith("us-gov-"):
-        return "aws-us-gov"
-    return "aws"
-
-
 def render_deploy_policy(
     *,
     region: str,
@@ -559,20 +552,8 @@ def render_deploy_policy(
             statement = {**statement, "Resource": [alarm_arn + name for name in rollback_alarm_names]}
         statements.append(json.loads(fill(json.dumps(statement))))
     policy = {"Version": template["Version"], "Statement": statements}
-    leftover = [text for text in _strings(policy) if "${" in text]
-    if leftover:
-        raise ValueError(f"unfilled placeholders in the deploy policy: {leftover}")
+    check_placeholders_filled(policy, "the deploy policy")
     return policy
-
-
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Mapping):
-        return [text for item in value.values() for text in _strings(item)]
-    if isinstance(value, list):
-        return [text for item in value for text in _strings(item)]
-    return []
 
 
 def trust_policy() -> dict[str, Any]:
@@ -620,16 +601,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.execution_role_arn:
         print(f"error: pass --execution-role-arn or set {config.ENV_ROLE_ARN}", file=sys.stderr)
         return 2
-    region, account_id = args.region, args.account_id
-    if region is None or account_id is None:
-        import boto3
-
-        session = boto3.session.Session(region_name=region)
-        region = region or session.region_name
-        if region is None:
-            print("error: no AWS region: pass --region or set AWS_REGION", file=sys.stderr)
-            return 2
-        account_id = account_id or session.client("sts").get_caller_identity()["Account"]
+    try:
+        region, account_id = resolve_region_and_account(args.region, args.account_id)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if (args.min_capacity is None) != (args.max_capacity is None):
         print("error: --min-capacity and --max-capacity go together", file=sys.stderr)
         return 2

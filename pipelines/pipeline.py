@@ -99,6 +99,20 @@ WEIGHTS_CHANNEL = "weights"
 TUNED_HYPERPARAMETERS = tuple(config.HYPERPARAMETER_RANGES)
 
 
+def framework_image_uri(region: str, scope: str, instance_type: str) -> str:
+    """The SageMaker PyTorch image of ``scope`` ("training" or "inference") for an instance type: the framework
+    and Python versions come from the config (the CPU or GPU build follows the instance type)."""
+    version = config.TRAINING_FRAMEWORK_VERSION if scope == "training" else config.INFERENCE_FRAMEWORK_VERSION
+    return image_uris.retrieve(
+        framework="pytorch",
+        region=region,
+        version=version,
+        py_version=config.PYTHON_VERSION,
+        instance_type=instance_type,
+        image_scope=scope,
+    )
+
+
 @dataclass(frozen=True)
 class PipelineOptions:
     """What changes the shape of the definition; chosen at ``upsert`` time, not per run.
@@ -505,14 +519,7 @@ def get_pipeline(
     kms = {"volume_kms_key": options.kms_key, "output_kms_key": options.kms_key} if options.kms_key else {}
 
     # --- Preprocess -------------------------------------------------------------------------------------------
-    processing_image = image_uris.retrieve(
-        framework="pytorch",
-        region=region,
-        version=config.TRAINING_FRAMEWORK_VERSION,
-        py_version=config.PYTHON_VERSION,
-        instance_type=options.processing_instance_type,
-        image_scope="training",
-    )
+    processing_image = framework_image_uri(region, "training", options.processing_instance_type)
     network_config = (
         NetworkConfig(
             enable_network_isolation=options.network_isolation,
@@ -590,14 +597,7 @@ def get_pipeline(
         # One instance: train.py is single-node, and a parameterised count would make the SDK drop the
         # Debugger hook (it cannot tell at build time that the job is not distributed).
         "instance_count": 1,
-        "image_uri": image_uris.retrieve(
-            framework="pytorch",
-            region=region,
-            version=config.TRAINING_FRAMEWORK_VERSION,
-            py_version=config.PYTHON_VERSION,
-            instance_type=options.training_instance_type,
-            image_scope="training",
-        ),
+        "image_uri": framework_image_uri(region, "training", options.training_instance_type),
         "metric_definitions": config.METRIC_DEFINITIONS,
         "sagemaker_session": sagemaker_session,
         "enable_network_isolation": options.network_isolation,
@@ -736,14 +736,7 @@ def get_pipeline(
     )
 
     # --- Register ----------------------------------------------------------------------------------------------
-    inference_image = image_uris.retrieve(
-        framework="pytorch",
-        region=region,
-        version=config.INFERENCE_FRAMEWORK_VERSION,
-        py_version=config.PYTHON_VERSION,
-        instance_type=config.INFERENCE_INSTANCE_TYPES[0],
-        image_scope="inference",
-    )
+    inference_image = framework_image_uri(region, "inference", config.INFERENCE_INSTANCE_TYPES[0])
     # The artifact already holds code/inference.py and code/requirements.txt (written by train.py), so no
     # entry_point is given: the SDK then adds no _RepackModel step, and the serving container finds the
     # handler through SAGEMAKER_PROGRAM in /opt/ml/model/code.

@@ -75,25 +75,12 @@ def pipeline_image_uris(region: str) -> list[str]:
     """The container images the pipeline's jobs run in this region, found the way pipelines/pipeline.py finds
     them: the PyTorch training image (processing and training), the inference image (the registered model) and
     the Debugger rule image (the Train step's rule and profiler jobs)."""
-    from sagemaker import image_uris
     from sagemaker.debugger import get_rule_container_image_uri
 
-    training = image_uris.retrieve(
-        framework="pytorch",
-        region=region,
-        version=config.TRAINING_FRAMEWORK_VERSION,
-        py_version=config.PYTHON_VERSION,
-        instance_type=config.PROCESSING_INSTANCE_TYPE,
-        image_scope="training",
-    )
-    inference = image_uris.retrieve(
-        framework="pytorch",
-        region=region,
-        version=config.INFERENCE_FRAMEWORK_VERSION,
-        py_version=config.PYTHON_VERSION,
-        instance_type=config.INFERENCE_INSTANCE_TYPES[0],
-        image_scope="inference",
-    )
+    from pipelines.pipeline import framework_image_uri
+
+    training = framework_image_uri(region, "training", config.PROCESSING_INSTANCE_TYPE)
+    inference = framework_image_uri(region, "inference", config.INFERENCE_INSTANCE_TYPES[0])
     return [training, inference, get_rule_container_image_uri("ProfilerReport", region)]
 
 
@@ -232,14 +219,36 @@ def render_pipeline_role_policy(
             continue
         statements.append(fill(statement, {}))
     policy = {"Version": template["Version"], "Statement": statements}
-    leftover = [text for text in _strings(policy) if "${" in text]
-    if leftover:
-        raise ValueError(f"unfilled placeholders in the pipeline role policy: {leftover}")
+    check_placeholders_filled(policy, "the pipeline role policy")
     return policy
 
 
 def _read(name: str) -> str:
     return (importlib.resources.files("pipelines.iam") / name).read_text(encoding="utf-8")
+
+
+def check_placeholders_filled(policy: Mapping[str, Any], what: str) -> None:
+    """Raise ValueError naming every ``${...}`` placeholder a rendered policy still holds."""
+    leftover = [text for text in _strings(policy) if "${" in text]
+    if leftover:
+        raise ValueError(f"unfilled placeholders in {what}: {leftover}")
+
+
+def resolve_region_and_account(region: str | None, account_id: str | None) -> tuple[str, str]:
+    """The region (argument, else the AWS configuration's) and account ID (argument, else the caller's, from STS).
+
+    Raises:
+        ValueError: when no region is given or configured.
+    """
+    if region is not None and account_id is not None:
+        return region, account_id
+    import boto3
+
+    session = boto3.session.Session(region_name=region)
+    region = region or session.region_name
+    if region is None:
+        raise ValueError(f"no AWS region: pass --region or set {config.ENV_REGION}")
+    return region, account_id or session.client("sts").get_caller_identity()["Account"]
 
 
 def _strings(value: Any) -> list[str]:

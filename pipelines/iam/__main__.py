@@ -16,6 +16,7 @@ from pipelines.iam import (
     DEFAULT_ROLE_NAME,
     pipeline_role_trust_policy,
     render_pipeline_role_policy,
+    resolve_region_and_account,
 )
 
 
@@ -91,16 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.bucket:
         print(f"error: pass --bucket or set {config.ENV_BUCKET}", file=sys.stderr)
         return 2
-    region, account_id = args.region, args.account_id
-    if region is None or account_id is None:
-        import boto3
-
-        session = boto3.session.Session(region_name=region)
-        region = region or session.region_name
-        if region is None:
-            print(f"error: no AWS region: pass --region or set {config.ENV_REGION}", file=sys.stderr)
-            return 2
-        account_id = account_id or session.client("sts").get_caller_identity()["Account"]
+    try:
+        region, account_id = resolve_region_and_account(args.region, args.account_id)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         policy = render_pipeline_role_policy(
             region=region,
