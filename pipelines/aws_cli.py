@@ -25,7 +25,6 @@ TERMINAL_EXECUTION_STATUSES = ("Succeeded", "Failed", "Stopped")
 DEFAULT_POLL_SECONDS = 30
 DEFAULT_WAIT_TIMEOUT_SECONDS = 48 * 3600
 DEFAULT_TAGS = {"Project": "image-classification-pipeline"}
-DEPLOY_INFRA_MODULE = "pipelines.deploy_infra"
 
 
 # --- argument plumbing ----------------------------------------------------------------------------------------
@@ -250,9 +249,9 @@ def add_commands(subparsers: Any) -> None:
 
 def _add_deploy_trigger_arguments(parser: argparse.ArgumentParser) -> None:
     """The deploy wiring's flags (issue 6) plus --no-deploy-trigger, an alias of its --skip-deploy-wiring."""
-    deploy_infra = _deploy_infra()
-    if deploy_infra is not None:
-        deploy_infra.add_deploy_arguments(parser)
+    from pipelines import deploy_infra
+
+    deploy_infra.add_deploy_arguments(parser)
     parser.add_argument(
         "--no-deploy-trigger",
         dest="skip_deploy_wiring",
@@ -260,18 +259,6 @@ def _add_deploy_trigger_arguments(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="do not create or update the deploy Lambda and its EventBridge rule",
     )
-
-
-def _deploy_infra() -> Any:
-    """pipelines.deploy_infra, or None while that module does not exist."""
-    import importlib
-
-    try:
-        return importlib.import_module(DEPLOY_INFRA_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != DEPLOY_INFRA_MODULE:
-            raise
-        return None
 
 
 # --- settings from flags and environment ----------------------------------------------------------------------
@@ -474,8 +461,9 @@ def cmd_upsert(args: argparse.Namespace) -> int:
     boto_session = make_boto_session(args)
     pipeline, _ = build_from_args(args, boto_session, offline=False)
     bucket, role, tags = resolve_bucket(args), resolve_role(args), _tags(args)
-    deploy_infra = None if args.skip_deploy_wiring else _deploy_infra()
-    if deploy_infra is not None:
+    from pipelines import deploy_infra
+
+    if not args.skip_deploy_wiring:
         _check_deploy_settings(deploy_infra, args)  # before anything changes, not halfway through
     sagemaker_client = boto_session.client("sagemaker")
 
@@ -495,9 +483,6 @@ def cmd_upsert(args: argparse.Namespace) -> int:
 
     if args.skip_deploy_wiring:
         print("deploy trigger: skipped (--no-deploy-trigger)")
-        return 0
-    if deploy_infra is None:
-        print(f"deploy trigger: not wired ({DEPLOY_INFRA_MODULE} is not installed)", file=sys.stderr)
         return 0
     result = deploy_infra.upsert_from_args(args, boto_session, args.model_package_group)
     print("deploy trigger: " + json.dumps(_summarise_deploy(result), default=str))
