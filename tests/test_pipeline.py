@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +48,10 @@ def _build(**options: Any) -> dict[str, Any]:
     return json.loads(pipeline.definition())
 
 
-@pytest.fixture(scope="module")
-def built() -> dict[str, Any]:
-    """Definitions built once per module under moto: default, twice (determinism), no Debugger, all options."""
+@contextlib.contextmanager
+def offline_aws() -> Iterator[Any]:
+    """moto with the artifact bucket made and the SDK's telemetry off, for module-scoped builds (the autouse
+    telemetry fixture is function-scoped). Yields the S3 client."""
     import sagemaker.telemetry.telemetry_logging as telemetry
     from moto import mock_aws
 
@@ -60,16 +63,22 @@ def built() -> dict[str, Any]:
 
             s3 = boto3.client("s3", region_name=REGION)
             s3.create_bucket(Bucket=BUCKET)
-            result = {
-                "default": _build(),
-                "again": _build(),
-                "no_debugger": _build(debugger=False),
-                "all_options": _build(**ALL_OPTIONS),
-                "bucket_objects": s3.list_objects_v2(Bucket=BUCKET).get("KeyCount", 0),
-            }
+            yield s3
     finally:
         telemetry._send_telemetry_request = original
-    return result
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, Any]:
+    """Definitions built once per module under moto: default, twice (determinism), no Debugger, all options."""
+    with offline_aws() as s3:
+        return {
+            "default": _build(),
+            "again": _build(),
+            "no_debugger": _build(debugger=False),
+            "all_options": _build(**ALL_OPTIONS),
+            "bucket_objects": s3.list_objects_v2(Bucket=BUCKET).get("KeyCount", 0),
+        }
 
 
 def _steps(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -20,20 +20,10 @@ OTHER_ACCOUNT_ID = "210987654321"
 @pytest.fixture(scope="module")
 def built() -> dict[str, Any]:
     """The default definition and the one with every option, built once (the way tests/test_pipeline.py does)."""
-    import sagemaker.telemetry.telemetry_logging as telemetry
-    from moto import mock_aws
-    from test_pipeline import ALL_OPTIONS, BUCKET, REGION, ROLE, _build
+    from test_pipeline import ALL_OPTIONS, BUCKET, REGION, ROLE, _build, offline_aws
 
-    original = telemetry._send_telemetry_request
-    telemetry._send_telemetry_request = lambda *args, **kwargs: None
-    try:
-        with mock_aws():
-            import boto3
-
-            boto3.client("s3", region_name=REGION).create_bucket(Bucket=BUCKET)
-            definitions = {"default": _build(), "all_options": _build(**ALL_OPTIONS)}
-    finally:
-        telemetry._send_telemetry_request = original
+    with offline_aws():
+        definitions = {"default": _build(), "all_options": _build(**ALL_OPTIONS)}
     return {
         "definitions": definitions,
         "options": ALL_OPTIONS,
