@@ -13,13 +13,12 @@ import contextlib
 import io
 import json
 import tarfile
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _http import post_invocation
 from PIL import Image
 
 from entrypoints import contract
@@ -173,15 +172,6 @@ def test_first_run_succeeds_with_every_artifact_of_the_contract(first_run: Run) 
     assert package["ModelMetrics"]["ModelStatistics"]["S3Uri"].endswith(contract.EVALUATION_FILE)
 
 
-def _invoke(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_local_endpoint_serves_the_registered_model(first_run: Run, capsys: pytest.CaptureFixture[str]) -> None:
     workdir = first_run.folder.parent.resolve()
     state = endpoint.status(workdir, config.LOCAL_ENDPOINT_NAME)
@@ -191,7 +181,7 @@ def test_local_endpoint_serves_the_registered_model(first_run: Run, capsys: pyte
     assert url in first_run.stdout  # the summary names the endpoint
 
     image = _images(first_run.folder / "preprocess/opt/ml/processing/output/test")[0]
-    status, answer = _invoke(url, image.read_bytes(), "image/jpeg")
+    status, answer = post_invocation(url, image.read_bytes(), "image/jpeg")
     assert status == 200
     (prediction,) = answer["predictions"]
     top = prediction["top_k"]
@@ -201,12 +191,12 @@ def test_local_endpoint_serves_the_registered_model(first_run: Run, capsys: pyte
     assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0 + 1e-6
 
     batch = json.dumps({"instances": [{"b64": base64.b64encode(image.read_bytes()).decode()}] * 2, "top_k": 2})
-    status, answer = _invoke(url, batch.encode(), "application/json")
+    status, answer = post_invocation(url, batch.encode(), "application/json")
     assert status == 200 and [len(p["top_k"]) for p in answer["predictions"]] == [2, 2]
 
-    status, answer = _invoke(url, b"this is not an image", "image/jpeg")
+    status, answer = post_invocation(url, b"this is not an image", "image/jpeg")
     assert status == 400 and "image" in answer["error"]
-    status, answer = _invoke(url, b"{}", "text/plain")
+    status, answer = post_invocation(url, b"{}", "text/plain")
     assert status == 415 and "error" in answer
     assert endpoint.ping(url)  # the server survived the bad requests
 

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from _http import post_invocation
 
 from entrypoints import contract
 from pipelines import config
@@ -270,25 +271,16 @@ def handler_server(tmp_path: Path):
     http_server.server_close()
 
 
-def _post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_server_maps_handler_errors_to_json_and_stays_up(handler_server: str) -> None:
     with urllib.request.urlopen(f"{handler_server}/ping", timeout=10) as response:
         assert response.status == 200
-    assert _post(handler_server, b"\x89PNG....", "image/png") == (200, {"bytes": 8})
-    status, body = _post(handler_server, b"GIF89a", "image/gif")
+    assert post_invocation(handler_server, b"\x89PNG....", "image/png") == (200, {"bytes": 8})
+    status, body = post_invocation(handler_server, b"GIF89a", "image/gif")
     assert status == 415 and "unsupported content type image/gif" in body["error"]
-    status, body = _post(handler_server, b'{"crash": true}', "application/json")
+    status, body = post_invocation(handler_server, b'{"crash": true}', "application/json")
     assert status == 500 and body == {"error": "handler bug"}  # no stack trace to the client
-    assert _post(handler_server, b'{"a": 1}', "application/json") == (200, {"a": 1})  # still serving
-    status, body = _post(handler_server, b"x" * (server.MAX_PAYLOAD_BYTES + 1), "image/png")
+    assert post_invocation(handler_server, b'{"a": 1}', "application/json") == (200, {"a": 1})  # still serving
+    status, body = post_invocation(handler_server, b"x" * (server.MAX_PAYLOAD_BYTES + 1), "image/png")
     assert status == 413
 
 
