@@ -38,6 +38,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import stat
 import struct
 import sys
@@ -624,6 +625,7 @@ class ImageResult:
 
 _WORKER_OPTIONS: ImageOptions | None = None
 _WORKER_ZIP: zipfile.ZipFile | None = None
+_WORKER_ZIP_PATH: str | None = None
 
 
 @contextmanager
@@ -636,12 +638,22 @@ def _open_zip(zip_path: str | None) -> Iterator[zipfile.ZipFile | None]:
 
 
 def _init_worker(options: ImageOptions, zip_path: str | None) -> None:
-    global _WORKER_OPTIONS, _WORKER_ZIP
+    """Set a worker up. It touches no input: workers start before the input is checked, and an error here would
+    print a traceback per worker ahead of the step's own one-line message. The archive opens on first use."""
+    global _WORKER_OPTIONS, _WORKER_ZIP_PATH
     # The step checks the pixel count itself (and writes the reason to the manifest); PIL's own check would
     # only warn or raise a different error.
     Image.MAX_IMAGE_PIXELS = None
     _WORKER_OPTIONS = options
-    _WORKER_ZIP = zipfile.ZipFile(zip_path) if zip_path else None
+    _WORKER_ZIP_PATH = zip_path
+
+
+def _worker_zip() -> zipfile.ZipFile | None:
+    """This worker's handle on the input zip, opened on first use (the main process has checked it by then)."""
+    global _WORKER_ZIP
+    if _WORKER_ZIP is None and _WORKER_ZIP_PATH is not None:
+        _WORKER_ZIP = zipfile.ZipFile(_WORKER_ZIP_PATH)
+    return _WORKER_ZIP
 
 
 def target_size(width: int, height: int, image_size: int) -> tuple[int, int] | None:
@@ -767,7 +779,7 @@ def process_task(task: tuple[int, Source, str]) -> ImageResult:
         result = _convert_array(source[1], source[2], source[3], destination, options)
         return ImageResult(index, None, result.sha256, result.size, result.notes)
     try:
-        data = _read_source(source, _WORKER_ZIP)
+        data = _read_source(source, _worker_zip())
         if not data:
             raise _SkipFile("zero-byte file")
         digest = hashlib.sha256(data).hexdigest()
@@ -800,8 +812,14 @@ def _start_pool(workers: int, options: ImageOptions, zip_path: str | None) -> Pr
     pool = ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(options, zip_path)
     )
-    for _ in range(workers):
-        pool.submit(int)  # a no-op per worker: processes start on demand, this starts them all at once
+    # Ctrl-C reaches the whole process group. The workers inherit an ignored SIGINT through exec (Python keeps
+    # it ignored), so the main process alone stops the run and cleans up, and no worker prints a traceback.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for _ in range(workers):
+            pool.submit(int)  # a no-op per worker: processes start on demand, this starts them all at once
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return pool
 
 
@@ -809,7 +827,7 @@ def _run_tasks(
     tasks: list[tuple[int, Source, str]], options: ImageOptions, zip_path: str | None, pool: ProcessPoolExecutor | None
 ) -> list[ImageResult]:
     """Process every task, in the pool or (without one) in this process; results in task order."""
-    global _WORKER_ZIP, _WORKER_OPTIONS
+    global _WORKER_ZIP, _WORKER_OPTIONS, _WORKER_ZIP_PATH
     results: list[ImageResult] = []
     progress = _Progress(len(tasks))
     if pool is None:
@@ -823,7 +841,7 @@ def _run_tasks(
             Image.MAX_IMAGE_PIXELS = previous_limit
             if _WORKER_ZIP is not None:
                 _WORKER_ZIP.close()
-            _WORKER_ZIP, _WORKER_OPTIONS = None, None
+            _WORKER_ZIP, _WORKER_OPTIONS, _WORKER_ZIP_PATH = None, None, None
     else:
         workers = pool._max_workers
         chunksize = max(1, min(64, len(tasks) // (workers * 8)))
@@ -1253,8 +1271,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stopped(Exception):
+    """SIGTERM (StopProcessingJob, or the local runner stopping a run): unwind so that nothing half-written stays."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         preprocess(
             input_path=args.input,
@@ -1271,6 +1298,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split())  # one line, whatever the file names hold
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, _Stopped) as stop:
+        name = "SIGINT" if isinstance(stop, KeyboardInterrupt) else stop
+        print(f"stopped by {name} before the splits were published: run it again", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -9,9 +9,11 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -452,6 +454,73 @@ def test_inputs_that_are_not_archives_are_refused(tmp_path, capsys):
     (tmp_path / "cut.tar.gz").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     assert_refused(capsys, run_step(tmp_path / "cut.tar.gz", tmp_path / "out"), "truncated")
     assert_nothing_published(tmp_path / "out")
+
+
+def _run_script(input_path: Path, output_dir: Path, **popen: object) -> subprocess.Popen:
+    """The step as the container runs it: its own process, with worker processes (the pool starts before the
+    input is read)."""
+    command = [sys.executable, str(REPO / "steps" / "preprocess.py"), "--input", str(input_path)]
+    command += ["--output-dir", str(output_dir), "--workers", "2"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("fake.zip", b"hi\n", "not a readable zip archive"),  # `echo hi > f.zip`
+        ("empty.zip", b"", "not a readable zip archive"),
+        ("fake.tar.gz", b"hi\n", "not a readable tar archive"),
+        ("holder/only.zip", b"PK\x03\x04 cut short", "not a readable zip archive"),  # a folder with one archive
+    ],
+)
+def test_a_refused_archive_prints_one_line_and_no_worker_traceback(tmp_path, name, content, words):
+    source = tmp_path / name
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(content)
+    process = _run_script(source.parent if name.startswith("holder/") else source, tmp_path / "out")
+    _, stderr = process.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert process.returncode == 2
+    assert "Traceback" not in stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], stderr
+    assert_nothing_published(tmp_path / "out")
+
+
+@pytest.mark.parametrize("stop", ["SIGINT to the process group", "SIGTERM to the step"])
+def test_a_stopped_run_publishes_nothing_prints_no_traceback_and_leaves_no_worker(tmp_path, stop):
+    archive = write_zip(tmp_path / "many.zip", imagefolder_entries({"a": 300, "b": 300}, size=(64, 64)))
+    process = _run_script(archive, tmp_path / "out", start_new_session=True)
+    assert process.stdout is not None
+    first = process.stdout.readline()  # "input many.zip (zip): layout ..." : the workers are decoding now
+    assert first.startswith("input "), first
+    if stop.startswith("SIGINT"):
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    else:
+        process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("stopped by SIG")
+    assert_nothing_published(tmp_path / "out")
+    # Every process of the step's group ends within seconds (multiprocessing's resource tracker exits once the
+    # step's end closes its pipe).
+    deadline = time.monotonic() + 10
+    while (left := _live_processes_in_group(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
+
+
+def _live_processes_in_group(group: int) -> list[int]:
+    """Processes of the group that are not zombies (an exited worker may wait a moment to be reaped)."""
+    live = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) == group and fields[0] != "Z":
+            live.append(int(stat_file.parent.name))
+    return live
 
 
 def test_bad_parameters_are_refused(tmp_path, capsys):
