@@ -1,0 +1,74 @@
+"""Tiny channels and flags for training-script tests: noisy solid red vs blue images a resnet18 learns in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from entrypoints import contract
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "entrypoints" / "train.py"
+CLASSES = ("red", "blue")
+COLOURS = {"red": (200, 40, 40), "blue": (40, 40, 200)}
+
+
+def write_split(root: Path, per_class: int, seed: int, size: tuple[int, int] = (40, 32), blend: float = 0.0) -> Path:
+    """``per_class`` JPEGs per class plus labels.json and manifest.json, as the processing step lays them out.
+
+    ``blend`` > 0 moves each image's colour a random part of the way (up to ``blend``) to the other class's, so
+    some images look like the other class: a validation set whose accuracy is neither 0 nor 1.
+    """
+    rng = np.random.default_rng(seed)
+    for name in CLASSES:
+        other = COLOURS[CLASSES[1 - CLASSES.index(name)]]
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            share = rng.uniform(0, blend)
+            colour = (1 - share) * np.array(COLOURS[name]) + share * np.array(other)
+            pixels = colour + rng.normal(0, 30, (size[1], size[0], 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.jpg", quality=90)
+    (root / contract.LABELS_FILE).write_text(json.dumps(list(CLASSES)))
+    (root / contract.MANIFEST_FILE).write_text(json.dumps({"counts": {n: per_class for n in CLASSES}}))
+    return root
+
+
+def train_argv(channels: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+    """Flags for a seconds-long CPU run writing under ``out``; ``extra`` flags replace the defaults they name."""
+    defaults = {
+        "--train-dir": str(channels[0]),
+        "--valid-dir": str(channels[1]),
+        "--model-dir": str(out / "model"),
+        "--output-data-dir": str(out / "output"),
+        "--checkpoint-dir": str(out / "checkpoints"),
+        "--tensorboard-dir": "none",
+        "--architecture": "resnet18",
+        "--weights": "none",
+        "--input-size": "32",
+        "--batch-size": "4",
+        "--workers": "0",
+        "--epochs": "2",
+        "--trainable-blocks": "all",
+        "--hidden-units": "0",
+        "--dropout": "0",
+    }
+    given = set(extra[::2])
+    argv = [item for flag, value in defaults.items() if flag not in given for item in (flag, value)]
+    return argv + list(extra)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment without SageMaker's or torchrun's variables; one thread; unbuffered output."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SM_", "SAGEMAKER_", "SMDEBUG_", "TORCHELASTIC_")) and k not in launcher
+    }
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("PYTHONPATH", None)  # the script must find its siblings by itself
+    return env
