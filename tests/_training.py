@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -69,6 +71,33 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("SM_", "SAGEMAKER_", "SMDEBUG_", "TORCHELASTIC_")) and k not in launcher
     }
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     env.pop("PYTHONPATH", None)  # the script must find its siblings by itself
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def toolkit_layout(base: Path, channels: tuple[Path, Path], hyperparameters: dict[str, Any]) -> Path:
+    """A SageMaker training container's ``/opt/ml`` under ``base``, as the ``sagemaker-training`` toolkit reads it.
+
+    The channels are copied to ``input/data/{train,valid}``; hyperparameters are JSON-encoded as the SDK writes
+    them, with the toolkit's own (program, submit directory, job name) added.
+    """
+    config = base / "input" / "config"
+    config.mkdir(parents=True)
+    for name, source in zip(("train", "valid"), channels, strict=True):
+        shutil.copytree(source, base / "input" / "data" / name)
+    hyperparameters = {
+        **hyperparameters,
+        "sagemaker_program": "train.py",
+        "sagemaker_submit_directory": str(REPO / "entrypoints"),
+        "sagemaker_container_log_level": 20,
+        "sagemaker_job_name": "imgclf-train-test",
+        "sagemaker_region": "us-east-1",
+    }
+    (config / "hyperparameters.json").write_text(json.dumps({k: json.dumps(v) for k, v in hyperparameters.items()}))
+    (config / "resourceconfig.json").write_text(
+        json.dumps({"current_host": "algo-1", "hosts": ["algo-1"], "current_instance_type": "ml.m5.large"})
+    )
+    channel_config = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+    (config / "inputdataconfig.json").write_text(json.dumps({"train": channel_config, "valid": channel_config}))
+    return base

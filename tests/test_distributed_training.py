@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _training import TRAIN_SCRIPT, subprocess_env, train_argv, write_split
+from _training import TRAIN_SCRIPT, subprocess_env, toolkit_layout, train_argv, write_split
 
 from entrypoints import checkpoints, contract, data, distributed, modeling, train
 
@@ -137,19 +137,61 @@ def test_two_processes_write_one_artifact_and_log_the_whole_validation_sets_accu
     assert [e.step for e in events.Scalars("accuracy/valid")] == [1, 2, 3]  # one writer, not one per rank
 
 
+# What the PyTorch training container's toolkit runs for distribution={"torch_distributed": {"enabled": True}}:
+# the sagemaker-training toolkit's TorchDistributedRunner (torchrun --nnodes 1 --nproc_per_node <N> train.py ...,
+# N = SM_NUM_GPUS, or sagemaker_mpi_num_of_processes_per_host as here on CPUs).
+TORCH_DISTRIBUTED_FRAMEWORK = """
+from sagemaker_training import entry_point, environment, logging_config, runner
+
+
+def main():
+    env = environment.Environment()
+    logging_config.configure_logger(env.log_level)
+    entry_point.run(
+        env.module_dir, env.user_entry_point, env.to_cmd_args(), env.to_env_vars(),
+        runner_type=runner.TorchDistributedRunnerType, extra_opts={"sagemaker_mpi_num_of_processes_per_host": 2},
+    )
+"""
+
+
 @pytest.mark.slow
-def test_two_processes_resumed_from_a_mid_run_checkpoint_end_where_the_uninterrupted_run_ended(
+def test_two_processes_resumed_by_sagemakers_launcher_end_where_the_uninterrupted_run_ended(
     two_process_run, channels, tmp_path
 ) -> None:
+    """A spot interruption during epoch 3: SageMaker restores the checkpoint folder and relaunches the job, here
+    through the training toolkit's own torch_distributed runner on an /opt/ml layout in tmp."""
+    pytest.importorskip("sagemaker_training", reason="sagemaker-training is a dev requirement (setup.py)")
     straight, log = two_process_run
+    argv = train_argv(channels, straight, *FLAGS)
+    paths = ("--train-dir", "--valid-dir", "--model-dir", "--output-data-dir", "--checkpoint-dir")  # SM_* instead
+    hyperparameters = {k.removeprefix("--"): v for k, v in zip(argv[::2], argv[1::2], strict=True) if k not in paths}
+    base = toolkit_layout(tmp_path / "opt_ml", channels, hyperparameters)
     (epoch_2,) = (straight / "checkpoints").glob("checkpoint-*-epoch-0002.pt")
-    (tmp_path / "checkpoints").mkdir()
-    shutil.copy(epoch_2, tmp_path / "checkpoints")  # a spot interruption during epoch 3
-    resumed = _run(train_argv(channels, tmp_path, *FLAGS), tmp_path)
-    assert re.search(r"resumed from \S+-epoch-0002\.pt: 2 of 3 epochs done", resumed)
+    (base / "checkpoints").mkdir()
+    shutil.copy(epoch_2, base / "checkpoints")  # the toolkit environment's default checkpoint folder
+    (tmp_path / "framework").mkdir()
+    (tmp_path / "framework" / "torch_distributed_framework.py").write_text(TORCH_DISTRIBUTED_FRAMEWORK)
+    env = subprocess_env(
+        SAGEMAKER_BASE_DIR=str(base),
+        SM_STUDIO_LOCAL_MODE="true",  # skips the wait for the cluster's DNS names (algo-1 does not resolve here)
+        SAGEMAKER_TRAINING_MODULE="torch_distributed_framework:main",
+        PYTHONPATH=str(tmp_path / "framework"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", "from sagemaker_training.cli.train import main; main()"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    resumed = done.stdout + done.stderr
+    assert done.returncode == 0, resumed[-4000:]
+    assert "torchrun --nnodes 1 --nproc_per_node 2 train.py" in resumed  # the toolkit's own command line
+    assert re.search(rf"resumed from {re.escape(str(base))}/checkpoints/\S+-epoch-0002\.pt: 2 of 3 epochs", resumed)
     assert contract.parse_metrics(resumed) == contract.parse_metrics(log)[2:]
     a = torch.load(straight / "model" / contract.WEIGHTS_FILE, weights_only=True)
-    b = torch.load(tmp_path / "model" / contract.WEIGHTS_FILE, weights_only=True)
+    b = torch.load(base / "model" / contract.WEIGHTS_FILE, weights_only=True)
     for key in a:  # every rank resumed, with its own dropout stream: the same network
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 

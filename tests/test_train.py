@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from _training import CLASSES, REPO, TRAIN_SCRIPT, subprocess_env, train_argv, write_split
+from _training import CLASSES, TRAIN_SCRIPT, subprocess_env, toolkit_layout, train_argv, write_split
 from PIL import Image
 
 from entrypoints import contract, data, modeling, train, transforms
@@ -328,16 +328,6 @@ def test_sagemaker_training_toolkit_runs_the_entry_point_unchanged(channels, tmp
     (SM_HPS, SM_CHANNELS, SM_CHANNEL_TRAIN, ...) and runs ``python train.py --key value ...``.
     """
     pytest.importorskip("sagemaker_training", reason="sagemaker-training is a dev requirement (setup.py)")
-    base = tmp_path / "opt_ml"
-    config = base / "input" / "config"
-    config.mkdir(parents=True)
-    for name, source in zip(("train", "valid"), channels, strict=True):
-        target = base / "input" / "data" / name
-        target.mkdir(parents=True)
-        for path in source.rglob("*"):
-            if path.is_file():
-                (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
-                (target / path.relative_to(source)).write_bytes(path.read_bytes())
     hyperparameters = {
         "architecture": "resnet18",
         "weights": "none",
@@ -348,21 +338,11 @@ def test_sagemaker_training_toolkit_runs_the_entry_point_unchanged(channels, tmp
         "hidden-units": "0",
         "input-size": 32,
         "workers": 0,
-        "checkpoint-dir": str(base / "checkpoints"),
+        "checkpoint-dir": str(tmp_path / "opt_ml" / "checkpoints"),
         "tensorboard-dir": "none",
-        "sagemaker_program": "train.py",
-        "sagemaker_submit_directory": str(REPO / "entrypoints"),
-        "sagemaker_container_log_level": 20,
-        "sagemaker_job_name": "imgclf-train-test",
-        "sagemaker_region": "us-east-1",
         "_tuning_objective_metric": "valid_accuracy",
     }
-    (config / "hyperparameters.json").write_text(json.dumps({k: json.dumps(v) for k, v in hyperparameters.items()}))
-    (config / "resourceconfig.json").write_text(
-        json.dumps({"current_host": "algo-1", "hosts": ["algo-1"], "current_instance_type": "ml.m5.large"})
-    )
-    channel_config = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
-    (config / "inputdataconfig.json").write_text(json.dumps({"train": channel_config, "valid": channel_config}))
+    base = toolkit_layout(tmp_path / "opt_ml", channels, hyperparameters)
     # SM_STUDIO_LOCAL_MODE skips the wait for the cluster's DNS names (algo-1 does not resolve here).
     env = subprocess_env(SAGEMAKER_BASE_DIR=str(base), SM_STUDIO_LOCAL_MODE="true")
     done = subprocess.run(
