@@ -118,6 +118,7 @@ class Session:
     timeout_s: float
     peers: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) by rank
     phase: str = "start-up"  # what the ranks were doing together, for error messages
+    previous_sigterm: Any = None  # the handler to put back after a failure has been reported
 
     @property
     def active(self) -> bool:
@@ -140,15 +141,22 @@ def joined(state: Session, device: torch.device) -> Iterator[Session]:
         yield state
         return
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
-    options: dict[str, Any] = {"timeout": datetime.timedelta(seconds=state.timeout_s)}
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        options["device_id"] = device
-    dist.init_process_group(state.backend, rank=state.world.rank, world_size=state.world.world_size, **options)
-    state.peers = gather((state.world.host, os.getpid()))
-    yield state
-    signal.signal(signal.SIGTERM, previous)
+    state.previous_sigterm = previous
+    try:
+        options: dict[str, Any] = {"timeout": datetime.timedelta(seconds=state.timeout_s)}
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            options["device_id"] = device
+        dist.init_process_group(state.backend, rank=state.world.rank, world_size=state.world.world_size, **options)
+        state.peers = gather((state.world.host, os.getpid()))
+        yield state
+    except BaseException:
+        # The failure is reported next; torchrun's SIGTERM (it stops every rank once one ends) must not cut that
+        # short. The reporter puts ``previous_sigterm`` back when it is done.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
     dist.destroy_process_group()
+    signal.signal(signal.SIGTERM, previous)
 
 
 def initialized() -> bool:

@@ -917,7 +917,8 @@ def agree_on_data(settings: Settings, train_index: data.ChannelIndex, valid_inde
 def choose_checkpoint(settings: Settings, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], Path] | None:
     """Rank 0 picks the checkpoint (or a fresh start, saying why); every rank then loads that same file."""
     if settings.checkpoint_dir is None:
-        log("checkpoints: off (no --checkpoint-dir)")
+        why = "--checkpoint-dir none" if settings.args.checkpoint_dir else "a plain command has no default folder"
+        log(f"checkpoints: off ({why}; pass --checkpoint-dir DIR to resume later runs from it)")
         return None
     choice = None
     if settings.world.is_main:
@@ -964,15 +965,20 @@ def restore(trainee: Trainee, state: dict[str, Any], settings: Settings, steps_p
     return epoch
 
 
-def checkpoint_state(
-    trainee: Trainee, settings: Settings, epoch: int, fingerprint: dict[str, Any], history: dict[str, list[float]]
-) -> dict[str, Any]:
-    """Everything a resumed run needs, rank 0's network and every rank's RNG (gathered: call on every rank)."""
+def rng_states(settings: Settings) -> list[dict[str, torch.Tensor]]:
+    """Every rank's CPU and CUDA random state, by rank (a collective: call it on every rank)."""
     device = settings.device
-    own_rng = {
+    own = {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
     }
+    return distributed.gather(own)
+
+
+def checkpoint_state(
+    trainee: Trainee, epoch: int, fingerprint: dict[str, Any], history: dict[str, list[float]], rng: list[Any]
+) -> dict[str, Any]:
+    """Everything a resumed run needs: rank 0's network, optimiser and schedule, and every rank's RNG."""
     return {
         "format": checkpoints.FORMAT,
         "epoch": epoch,
@@ -981,9 +987,8 @@ def checkpoint_state(
         "optimizer": trainee.optimizer.state_dict(),
         "scheduler": trainee.scheduler.state_dict(),
         "scaler": trainee.scaler.state_dict(),
-        "rng": distributed.gather(own_rng),
+        "rng": rng,
         "history": history,
-        "world_size": settings.world.world_size,
     }
 
 
@@ -1094,8 +1099,9 @@ def run_epochs(
             _record(writer, history, epoch, metrics)
             if settings.checkpoint_dir is not None:
                 session.phase = f"epoch {epoch} checkpoint"
-                state = checkpoint_state(trainee, settings, epoch, fingerprint, history)
+                rng = rng_states(settings)
                 if world.is_main:
+                    state = checkpoint_state(trainee, epoch, fingerprint, history, rng)
                     checkpoints.save(settings.checkpoint_dir, key, epoch, state)
     finally:
         if writer is not None:
@@ -1233,7 +1239,14 @@ def _failure_message(settings: Settings, session: distributed.Session | None, er
 
 def report_failure(settings: Settings, session: distributed.Session | None, error: BaseException) -> int:
     """Print the error, write it as the job's failure reason (first rank wins), and return the exit status."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's SIGTERM must not cut this report short
+    try:
+        return _report(settings, session, error)
+    finally:
+        if session is not None and session.previous_sigterm is not None:  # ignored while the report was written
+            signal.signal(signal.SIGTERM, session.previous_sigterm)
+
+
+def _report(settings: Settings, session: distributed.Session | None, error: BaseException) -> int:
     message = _failure_message(settings, session, error)
     stopped = isinstance(error, distributed.Stopped)
     if message is not None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from entrypoints import contract
@@ -17,6 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "entrypoints" / "train.py"
 CLASSES = ("red", "blue")
 COLOURS = {"red": (200, 40, 40), "blue": (40, 40, 200)}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Two cores shared by several jobs: one intra-op thread keeps tiny runs fast and repeatable (import it into
+    a test module to apply it there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def write_split(root: Path, per_class: int, seed: int, size: tuple[int, int] = (40, 32), blend: float = 0.0) -> Path:
@@ -101,3 +115,18 @@ def toolkit_layout(base: Path, channels: tuple[Path, Path], hyperparameters: dic
     channel_config = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
     (config / "inputdataconfig.json").write_text(json.dumps({"train": channel_config, "valid": channel_config}))
     return base
+
+
+def run_toolkit(base: Path, cwd: Path, **env: str) -> tuple[int, str]:
+    """The training toolkit's own ``train`` command (the container's entry point) on the layout at ``base``;
+    returns its exit status and its whole log."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from sagemaker_training.cli.train import main; main()"],
+        cwd=cwd,
+        # SM_STUDIO_LOCAL_MODE skips the wait for the cluster's DNS names (algo-1 does not resolve here).
+        env=subprocess_env(SAGEMAKER_BASE_DIR=str(base), SM_STUDIO_LOCAL_MODE="true", **env),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    return done.returncode, done.stdout + done.stderr

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _training import TRAIN_SCRIPT, subprocess_env, toolkit_layout, train_argv, write_split
+from _training import TRAIN_SCRIPT, run_toolkit, subprocess_env, toolkit_layout, train_argv, write_split
 
 from entrypoints import checkpoints, contract, data, distributed, modeling, train
 
@@ -60,6 +60,17 @@ def _finish(process: subprocess.Popen, timeout: float) -> str:
         output, _ = process.communicate()
         pytest.fail(f"torchrun still running after {timeout} s:\n{output[-4000:]}")
     return output
+
+
+def _read_until(process: subprocess.Popen, pattern: re.Pattern) -> tuple[str, re.Match | None]:
+    """The output up to and including the first line that matches (all of it if none does)."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        match = pattern.search(line)
+        if match:
+            return "".join(lines), match
+    return "".join(lines), None
 
 
 def _run(argv: list[str], out: Path, timeout: float = 240) -> str:
@@ -171,22 +182,13 @@ def test_two_processes_resumed_by_sagemakers_launcher_end_where_the_uninterrupte
     shutil.copy(epoch_2, base / "checkpoints")  # the toolkit environment's default checkpoint folder
     (tmp_path / "framework").mkdir()
     (tmp_path / "framework" / "torch_distributed_framework.py").write_text(TORCH_DISTRIBUTED_FRAMEWORK)
-    env = subprocess_env(
-        SAGEMAKER_BASE_DIR=str(base),
-        SM_STUDIO_LOCAL_MODE="true",  # skips the wait for the cluster's DNS names (algo-1 does not resolve here)
+    code, resumed = run_toolkit(
+        base,
+        tmp_path,
         SAGEMAKER_TRAINING_MODULE="torch_distributed_framework:main",
         PYTHONPATH=str(tmp_path / "framework"),
     )
-    done = subprocess.run(
-        [sys.executable, "-c", "from sagemaker_training.cli.train import main; main()"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    resumed = done.stdout + done.stderr
-    assert done.returncode == 0, resumed[-4000:]
+    assert code == 0, resumed[-4000:]
     assert "torchrun --nnodes 1 --nproc_per_node 2 train.py" in resumed  # the toolkit's own command line
     assert re.search(rf"resumed from {re.escape(str(base))}/checkpoints/\S+-epoch-0002\.pt: 2 of 3 epochs", resumed)
     assert contract.parse_metrics(resumed) == contract.parse_metrics(log)[2:]
@@ -201,17 +203,13 @@ def test_killing_one_rank_fails_the_run_within_the_timeout_with_that_ranks_error
     timeout = 30
     argv = train_argv(channels, tmp_path, "--epochs", "1000", "--checkpoint-dir", "none", "--dist-timeout", "30")
     process = _launch(argv, tmp_path)
-    pids, lines = None, []
-    for line in process.stdout:
-        lines.append(line)
-        pids = pids or RANKS_LINE.search(line)
-        if line.startswith("epoch=1 "):
-            break
-    assert pids, "".join(lines)[-3000:]
+    output, pids = _read_until(process, RANKS_LINE)
+    output += _read_until(process, re.compile(r"^epoch=1 "))[0]
+    assert pids, output[-3000:]
     rank_0, rank_1 = int(pids.group(1)), int(pids.group(2))
     killed = time.monotonic()
     os.kill(rank_1, signal.SIGKILL)  # as the kernel's out-of-memory killer would
-    output = "".join(lines) + _finish(process, timeout)
+    output += _finish(process, timeout)
     assert process.returncode != 0 and time.monotonic() - killed < timeout, output[-3000:]
     failure = (tmp_path / "sm-output" / train.FAILURE_FILE).read_text()
     assert failure.startswith("rank 0 of 2") and f"rank 1 (pid {rank_1}) on host" in failure, failure
@@ -227,12 +225,12 @@ def test_a_stuck_rank_fails_the_run_after_the_collective_timeout(channels, tmp_p
     os.mkfifo(stuck / "red" / "003.jpg")  # reading it blocks forever, as a hung network file system would
     argv = train_argv((stuck, channels[1]), tmp_path, "--epochs", "2", "--dist-timeout", "4")
     process = _launch(argv, tmp_path)
-    started = time.monotonic()
-    output = _finish(process, 60)
+    output, pids = _read_until(process, RANKS_LINE)
+    started = time.monotonic()  # the ranks have met; the first collective of training follows
+    output += _finish(process, 60)
     elapsed = time.monotonic() - started
-    pids = RANKS_LINE.search(output)
     assert process.returncode != 0 and pids, output[-3000:]
-    assert 4 < elapsed < 4 + 40, elapsed
+    assert 4 < elapsed < 4 + 30, elapsed
     failure = (tmp_path / "sm-output" / train.FAILURE_FILE).read_text()
     assert "no answer from the other ranks within the collective timeout of 4 s (--dist-timeout)" in failure
     assert re.search(r"still running on this host: rank [01] \(pid \d+\)", failure), failure

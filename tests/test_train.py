@@ -17,19 +17,19 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from _training import CLASSES, TRAIN_SCRIPT, subprocess_env, toolkit_layout, train_argv, write_split
+from _training import (  # noqa: F401 - one_torch_thread applies to every test here
+    CLASSES,
+    TRAIN_SCRIPT,
+    one_torch_thread,
+    run_toolkit,
+    subprocess_env,
+    toolkit_layout,
+    train_argv,
+    write_split,
+)
 from PIL import Image
 
 from entrypoints import contract, data, modeling, train, transforms
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores shared by several jobs: one intra-op thread keeps tiny runs fast and repeatable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -343,18 +343,8 @@ def test_sagemaker_training_toolkit_runs_the_entry_point_unchanged(channels, tmp
         "_tuning_objective_metric": "valid_accuracy",
     }
     base = toolkit_layout(tmp_path / "opt_ml", channels, hyperparameters)
-    # SM_STUDIO_LOCAL_MODE skips the wait for the cluster's DNS names (algo-1 does not resolve here).
-    env = subprocess_env(SAGEMAKER_BASE_DIR=str(base), SM_STUDIO_LOCAL_MODE="true")
-    done = subprocess.run(
-        [sys.executable, "-c", "from sagemaker_training.cli.train import main; main()"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
+    code, log = run_toolkit(base, tmp_path)
+    assert code == 0, log[-4000:]
     assert "train.py --architecture resnet18" in log  # the toolkit's own command line
     assert "SM_CHANNEL_TRAIN=" in log and "SM_HPS=" in log
     assert [row["epoch"] for row in _metric_rows(log)] == [1, 2]
