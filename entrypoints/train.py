@@ -302,7 +302,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     speed = parser.add_argument_group("speed")
     speed.add_argument(
-        "--workers", type=_workers, default="auto", help="data-loading processes; 'auto' = one per available CPU"
+        "--workers",
+        type=_workers,
+        default="auto",
+        help="data-loading processes; 'auto' = one per available CPU, shared by the processes of this host",
     )
     _add_switch(speed, "amp", "automatic mixed precision (default: on with a GPU; bfloat16 on CPU when asked)")
     _add_switch(speed, "channels-last", "NHWC memory layout (default: on with a GPU)")
