@@ -15,8 +15,17 @@ The last line reads ``train input images/s: <a> vs baseline <b> ratio=<a/b>``.
 AMP + channels_last, on the GPU when there is one (on a CPU it runs the same code path, slowly; use
 ``--model-arch resnet18 --model-batches 2`` for a smoke check).
 
+``--processes 1,2`` instead times the training loop of ``entrypoints/train.py`` itself under torchrun, once per
+process count (``all`` = every GPU): the same images, ``--batch-size`` images per process (weak scaling: the
+global batch grows with the processes), the machine's CPUs shared out between the processes (intra-op
+threads and loader workers). Images/s are the script's own (all ranks' images over rank 0's epoch time),
+averaged over the epochs after the first. The last line reads
+``train images/s <N> procs: <x> vs 1 proc <y> ratio=<x/y>``; ratio / N is the scaling efficiency.
+
     python bench/train_bench.py                  # about a minute on 2 CPU cores
     python bench/train_bench.py --with-model     # on a GPU machine
+    python bench/train_bench.py --processes 1,2  # CPU, gloo: resnet18 at 112, a few minutes on 2 cores
+    python bench/train_bench.py --processes 1,all --model-arch resnet50 --size 224 --batch-size 64  # GPUs, nccl
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +48,8 @@ from PIL import Image, ImageDraw, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from entrypoints import contract, data, modeling
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
@@ -190,26 +202,101 @@ def bench_model(
     return run(batches)
 
 
+def process_counts(text: str) -> list[int]:
+    """``1,2`` or ``1,all`` (every GPU, else every CPU) -> sorted distinct counts, starting with 1."""
+    every = torch.cuda.device_count() or data.available_cpus()
+    counts = {every if item.strip() == "all" else int(item) for item in text.split(",") if item.strip()}
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--processes: expected counts such as 1,2 or 1,all, got {text!r}")
+    return sorted(counts | {1})
+
+
+def bench_processes(train_dir: Path, valid_dir: Path, processes: int, args: argparse.Namespace, scratch: Path):
+    """Train-loop images/s of ``entrypoints/train.py`` under torchrun with ``processes`` processes."""
+    out = scratch / f"run-{processes}"
+    threads = max(1, data.available_cpus() // processes)
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)),
+        str(REPO / "entrypoints" / "train.py"),
+        *("--train-dir", str(train_dir), "--valid-dir", str(valid_dir)),
+        *("--model-dir", str(out / "model"), "--output-data-dir", str(out / "output")),
+        *("--checkpoint-dir", "none", "--tensorboard-dir", "none", "--weights", "none"),
+        *("--architecture", args.model_arch, "--trainable-blocks", "all", "--input-size", str(args.size)),
+        *("--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--lr-scaling", "linear"),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "SAGEMAKER_"))}
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH="")  # torchrun would set 1 thread per process
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        log = (done.stdout + done.stderr)[-3000:]
+        raise SystemExit(f"{processes} processes failed (exit {done.returncode}):\n{log}")
+    history = json.loads((out / "output" / "training_history.json").read_text())
+    rates = history["images_per_second"][1:] or history["images_per_second"]
+    print(
+        f"{processes} process(es), {threads} thread(s) each: {sum(rates) / len(rates):.1f} train images/s "
+        f"(epochs {[round(r, 1) for r in history['images_per_second']]}, {time.perf_counter() - start:.0f} s in all)",
+        flush=True,
+    )
+    return sum(rates) / len(rates)
+
+
+def run_process_bench(args: argparse.Namespace, scratch: Path) -> int:
+    counts = process_counts(args.processes)
+    root = Path(args.data_dir) if args.data_dir else scratch / "data"
+    train_dir, valid_dir = root / "train", root / "valid"
+    if not (train_dir / contract.LABELS_FILE).is_file():
+        write_dataset(train_dir, 10, max(1, math.ceil(args.images / 10)), args.short_side)
+        write_dataset(valid_dir, 10, 2, args.short_side, seed=1)
+    device = f"cuda x{torch.cuda.device_count()}" if torch.cuda.is_available() else f"{data.available_cpus()} CPUs"
+    print(
+        f"machine: {device}, torch {torch.__version__}; {args.model_arch} at {args.size}, {args.images} images, "
+        f"batch {args.batch_size} per process, {args.epochs} epochs (the first is warm-up)",
+        flush=True,
+    )
+    rates = {count: bench_processes(train_dir, valid_dir, count, args, scratch) for count in counts}
+    largest = counts[-1]
+    ratio = rates[largest] / rates[1]
+    print(f"scaling efficiency with {largest} processes: {ratio / largest:.2f} (1.00 = linear)")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
+    print(f"train images/s {largest} procs: {rates[largest]:.1f} vs 1 proc {rates[1]:.1f} ratio={ratio:.2f}")
+    return 0
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--images", type=int, default=640, help="images to generate (10 classes)")
     parser.add_argument("--short-side", type=int, default=256, help="short side of the generated JPEGs")
-    parser.add_argument("--size", type=int, default=224, help="training crop")
+    parser.add_argument(
+        "--size", type=int, default=None, help="training crop (default 224; 112 for --processes without a GPU)"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
     parser.add_argument("--workers", default="auto", help="workers of pipeline (a); 'auto' = one per CPU")
     parser.add_argument("--passes", type=int, default=3, help="timed passes per arm after one warm-up pass")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the main process (both)")
     parser.add_argument("--data-dir", default=None, help="reuse/keep the generated images here (default: temporary)")
     parser.add_argument("--with-model", action="store_true", help="also time model training steps (GPU)")
-    parser.add_argument("--model-arch", default="resnet50", help="network for --with-model")
+    parser.add_argument(
+        "--model-arch", default=None, help="network: resnet50 for --with-model, resnet18 for --processes (default)"
+    )
     parser.add_argument("--model-batches", type=int, default=40, help="timed training steps per --with-model arm")
+    parser.add_argument(
+        "--processes", default=None, help="time train.py under torchrun with these process counts, e.g. 1,2 or 1,all"
+    )
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per --processes run (the first is warm-up)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    small = args.processes and not torch.cuda.is_available()  # a CPU trains a big network at 224 for many minutes
+    args.size = args.size or (112 if small else 224)
+    args.model_arch = args.model_arch or ("resnet18" if args.processes else "resnet50")
+    if args.processes:
+        with tempfile.TemporaryDirectory() as scratch:
+            return run_process_bench(args, Path(scratch))
     torch.set_num_threads(args.threads)
     workers = data.auto_workers() if args.workers == "auto" else int(args.workers)
     with tempfile.TemporaryDirectory() as scratch:

@@ -20,6 +20,7 @@ Shipped in the training ``source_dir``: imports only torch, torchvision, PIL, nu
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms.v2 import functional as F  # imported here, not per call: forked workers inherit it
 
 try:  # libjpeg-turbo/libpng straight to tensors; torchvision 0.29 deprecates it (torchcodec takes over)
@@ -153,6 +154,27 @@ def scan_channel(channel_dir: str | Path, class_names: Sequence[str]) -> Channel
             else:
                 samples.append((str(path), index[name]))
     return ChannelIndex(samples=samples, class_names=list(class_names), skipped=skipped)
+
+
+def channel_fingerprint(channel_dir: str | Path, index: ChannelIndex) -> str:
+    """SHA-256 over what a checkpoint was trained on: the channel's ``labels.json`` and ``manifest.json`` bytes
+    (the processing step's manifest names its input archive's digest and its parameters) and the path, label
+    and size of every image.
+
+    Sizes, not contents: one ``stat`` per image keeps this to seconds for a million images, and modification
+    times are left out because SageMaker downloads the channels afresh when it restarts a spot job.
+    """
+    channel_dir = Path(channel_dir)
+    digest = hashlib.sha256()
+    for name in (contract.LABELS_FILE, contract.MANIFEST_FILE):
+        path = channel_dir / name
+        digest.update(f"{name}\0".encode())
+        digest.update(path.read_bytes() if path.is_file() else b"(none)")
+        digest.update(b"\0")
+    for path, label in index.samples:
+        relative = Path(path).relative_to(channel_dir).as_posix()
+        digest.update(f"{relative}\0{label}\0{os.stat(path).st_size}\n".encode())
+    return digest.hexdigest()
 
 
 # --- crops --------------------------------------------------------------------------------------------------------
@@ -346,33 +368,35 @@ class ImageDataset(Dataset):
         return image, label
 
 
-class EpochSampler(Sampler):
-    """Yields ``(index, epoch)``: the order (shuffled or not) is a function of (seed, epoch) only.
+class EpochSampler(DistributedSampler):
+    """torch's ``DistributedSampler`` that yields ``(index, epoch)``: the order is a function of (seed, epoch) only.
 
-    Call :meth:`set_epoch` before each epoch; it lives in the main process, so it also reaches
-    persistent workers (which keep their own copy of the dataset, but not of the sampler).
+    Call :meth:`set_epoch` before each epoch; it lives in the main process, so it also reaches persistent
+    workers (which keep their own copy of the dataset, but not of the sampler). With ``num_replicas`` > 1 each
+    rank takes every ``num_replicas``-th index of the shared order. ``pad=True`` (training) repeats the start of
+    the order so every rank gets as many samples, and so runs as many steps: DDP needs that. ``pad=False``
+    (evaluation) shards without repeats, so the ranks together see every image exactly once.
     """
 
-    def __init__(self, length: int, shuffle: bool, seed: int = 0) -> None:
+    def __init__(self, length: int, shuffle: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0, pad=True):
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.length = length
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
+        self.pad = pad
+        if not pad:
+            self.num_samples = len(range(rank, length, num_replicas))
+            self.total_size = length
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.length, generator=generator).tolist()
+        epoch = self.epoch
+        if self.pad:
+            indices = list(super().__iter__())
         else:
             order = list(range(self.length))
-        epoch = self.epoch
-        return iter([(i, epoch) for i in order])
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed + epoch)  # DistributedSampler's own seeding
+                order = torch.randperm(self.length, generator=generator).tolist()
+            indices = order[self.rank :: self.num_replicas]
+        return iter([(i, epoch) for i in indices])
 
 
 def available_cpus() -> int:
@@ -383,9 +407,9 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def auto_workers() -> int:
-    """One loader worker per available CPU (the main process mostly waits on the accelerator)."""
-    return max(1, min(available_cpus(), 16))
+def auto_workers(processes: int = 1) -> int:
+    """One loader worker per available CPU, shared by the ``processes`` training processes of this machine."""
+    return max(1, min(available_cpus() // max(1, processes), 16))
 
 
 def make_loader(
@@ -396,9 +420,14 @@ def make_loader(
     pin_memory: bool,
     seed: int = 0,
     drop_last: bool = False,
+    num_replicas: int = 1,
+    rank: int = 0,
+    pad_shards: bool = False,
 ) -> DataLoader:
     """A DataLoader over :class:`ImageDataset` with an :class:`EpochSampler` (reach it as ``loader.sampler``).
 
+    With ``num_replicas`` > 1 the loader reads this ``rank``'s shard: ``pad_shards=True`` (training) makes the
+    shards equal, otherwise (evaluation) the ranks together read every image exactly once.
     Workers are persistent and prefetch four batches each. The loader has its own ``generator`` so that
     creating its iterators never draws from the global torch RNG (a resumed run stays on the same RNG stream).
     """
@@ -408,7 +437,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
+        sampler=EpochSampler(len(dataset), shuffle, seed, num_replicas, rank, pad=pad_shards),
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=drop_last,

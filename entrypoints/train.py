@@ -1,16 +1,24 @@
 """Fine-tune a torchvision CNN on an ImageFolder channel: every tuning trial and the final training run this.
 
 Runs under SageMaker's training contract (hyperparameters as ``--key value`` flags, channels and output folders
-from ``SM_*`` environment variables, checkpoints in /opt/ml/checkpoints) and as a plain local command::
+from ``SM_*`` environment variables, checkpoints where the job's CheckpointConfig says) and as a plain local
+command::
 
     python entrypoints/train.py --train-dir data/train --valid-dir data/valid --model-dir runs/model \\
         --architecture resnet18 --weights none --epochs 3 --input-size 64
 
+It runs unchanged under ``torchrun`` (SageMaker's ``torch_distributed`` launcher), one process per GPU on any
+number of instances: DistributedDataParallel, a sharded sampler, metrics summed over the ranks, and rank 0
+alone printing, writing TensorBoard, checkpoints and the artifact (``distributed.py``)::
+
+    python -m torch.distributed.run --nproc-per-node 2 entrypoints/train.py ... --lr-scaling linear
+
 Per epoch it prints one metrics line (``contract.format_metrics_line``: the tuner's regexes read it), writes
 TensorBoard scalars when TensorBoard is importable and a folder is set, and saves a checkpoint it resumes from
-when started again (managed spot training). At the end it writes the model artifact of the contract
-(``modeling.save_artifact``: the last epoch's weights, model_config.json, hyperparameters.json, code/) and
-``training_curves.png`` + ``training_history.json`` in the output-data folder.
+when started again with the same settings and data (``checkpoints.py``; managed spot training). At the end it
+writes the model artifact of the contract (``modeling.save_artifact``: the last epoch's weights,
+model_config.json, hyperparameters.json, code/) and ``training_curves.png`` + ``training_history.json`` in the
+output-data folder.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ import json
 import math
 import os
 import pickle
-import re
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,26 +42,28 @@ import torch
 from torch import nn
 
 try:  # works both as ``entrypoints.train`` and as ``python train.py`` inside the training container
-    from . import contract, data, modeling
+    from . import checkpoints, contract, data, distributed, modeling
 except ImportError:  # pragma: no cover - exercised by the script-mode tests in a subprocess
+    import checkpoints  # type: ignore[no-redef]
     import contract  # type: ignore[no-redef]
     import data  # type: ignore[no-redef]
+    import distributed  # type: ignore[no-redef]
     import modeling  # type: ignore[no-redef]
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-epoch-(\d+)\.pt$")
-CHECKPOINT_FORMAT = 1
-CHECKPOINTS_KEPT = 2
-SAGEMAKER_CHECKPOINT_DIR = "/opt/ml/checkpoints"
-SAGEMAKER_TENSORBOARD_DIR = "/opt/ml/output/tensorboard"
-SAGEMAKER_TENSORBOARD_CONFIG = "/opt/ml/input/config/tensorboardoutputconfig.json"
+LR_SCALING = ("none", "linear")
+SAGEMAKER_BASE_DIR = "/opt/ml"  # the training toolkit's base folder inside a SageMaker container
+CHECKPOINT_CONFIG_FILE = "checkpointconfig.json"  # SageMaker writes it when the job has a CheckpointConfig
+TENSORBOARD_CONFIG_FILE = "tensorboardoutputconfig.json"  # ... and this one with a TensorBoardOutputConfig
 DEBUGGER_CONFIG_ENV = "SMDEBUG_CONFIG_FILE_PATH"  # smdebug's own override of the path below
 DEBUGGER_CONFIG_FILE = "/opt/ml/input/config/debughookconfig.json"
 CURVES_IMAGE = "training_curves.png"
 HISTORY_FILE = "training_history.json"
 SKIPPED_FILES_REPORT = "skipped_files.json"
+FAILURE_FILE = "failure"  # in SM_OUTPUT_DIR: SageMaker shows its first 1024 characters as the FailureReason
 DISABLED = ("", "none", "off", "false")
+_PROCESS_STARTED = time.time()  # a failure file older than this is an earlier run's
 
 
 class TrainingError(Exception):
@@ -158,22 +169,52 @@ def _env(name: str, fallback: str | None = None) -> str | None:
     return os.environ.get(name) or fallback
 
 
-def _in_sagemaker_container() -> bool:
-    """The training toolkit exports SM_TRAINING_ENV; SageMaker itself writes resourceconfig.json."""
-    return "SM_TRAINING_ENV" in os.environ or Path("/opt/ml/input/config/resourceconfig.json").is_file()
+def _toolkit_folder(variable: str, below_base: str) -> Path | None:
+    """A folder of the training toolkit's environment: from its ``SM_*`` variable, else inside a real SageMaker
+    container (``/opt/ml/input/config/resourceconfig.json`` exists) the container's own; None elsewhere."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable])
+    if Path(SAGEMAKER_BASE_DIR, "input", "config", "resourceconfig.json").is_file():
+        return Path(SAGEMAKER_BASE_DIR, below_base)
+    return None
+
+
+def _config_local_path(name: str) -> str | None:
+    """``LocalPath`` of one of SageMaker's output configs (checkpoints, TensorBoard) in the input config folder."""
+    config_dir = _toolkit_folder("SM_INPUT_CONFIG_DIR", "input/config")
+    path = config_dir / name if config_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        local_path = json.loads(path.read_text()).get("LocalPath")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return str(local_path) if local_path else None
+
+
+def _default_checkpoint_dir() -> str | None:
+    """The job's CheckpointConfig folder, else ``<toolkit base>/checkpoints``; no default for a plain command.
+
+    The base is the training toolkit's (``SM_INPUT_DIR`` = ``<base>/input``): ``/opt/ml`` in a container, the
+    ``SAGEMAKER_BASE_DIR`` of a toolkit environment on a developer's machine, so a later run in that same
+    environment resumes there. A plain command has none: a folder shared by unrelated runs is how one run's
+    checkpoint used to become another's model.
+    """
+    configured = _config_local_path(CHECKPOINT_CONFIG_FILE)
+    if configured:
+        return configured
+    input_dir = _toolkit_folder("SM_INPUT_DIR", "input")
+    return str(input_dir.parent / "checkpoints") if input_dir is not None else None
 
 
 def _default_tensorboard_dir() -> str | None:
-    """SageMaker's TensorBoard output folder: from its config file, else /opt/ml/output/tensorboard if present."""
-    config = Path(SAGEMAKER_TENSORBOARD_CONFIG)
-    if config.is_file():
-        try:
-            local_path = json.loads(config.read_text()).get("LocalPath")
-        except (json.JSONDecodeError, AttributeError):
-            local_path = None
-        if local_path:
-            return str(local_path)
-    return SAGEMAKER_TENSORBOARD_DIR if Path(SAGEMAKER_TENSORBOARD_DIR).is_dir() else None
+    """The job's TensorBoardOutputConfig folder, else ``<toolkit output>/tensorboard`` when that exists."""
+    configured = _config_local_path(TENSORBOARD_CONFIG_FILE)
+    if configured:
+        return configured
+    output_dir = _toolkit_folder("SM_OUTPUT_DIR", "output")
+    folder = output_dir / "tensorboard" if output_dir is not None else None
+    return str(folder) if folder is not None and folder.is_dir() else None
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -242,7 +283,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="cosine",
         help="per-step learning rate: cosine to 0, step (x0.1 at 50%% and 75%% of the epochs), none",
     )
-    optim.add_argument("--seed", type=_int, default=42, help="seed for initialisation, shuffling and augmentation")
+    optim.add_argument(
+        "--lr-scaling",
+        type=_choice(LR_SCALING),
+        default="none",
+        help="learning rate for several processes: 'none' uses --lr as given, 'linear' multiplies it by the number "
+        "of processes (the global batch grows with them; --batch-size is per process)",
+    )
+    optim.add_argument(
+        "--seed", type=_int, default=42, help="seed for initialisation, shuffling and augmentation (+ rank for dropout)"
+    )
     _add_switch(
         optim,
         "horizontal-flip",
@@ -252,7 +302,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     speed = parser.add_argument_group("speed")
     speed.add_argument(
-        "--workers", type=_workers, default="auto", help="data-loading processes; 'auto' = one per available CPU"
+        "--workers",
+        type=_workers,
+        default="auto",
+        help="data-loading processes; 'auto' = one per available CPU, shared by the processes of this host",
     )
     _add_switch(speed, "amp", "automatic mixed precision (default: on with a GPU; bfloat16 on CPU when asked)")
     _add_switch(speed, "channels-last", "NHWC memory layout (default: on with a GPU)")
@@ -260,7 +313,27 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--num-gpus",
         type=_non_negative_int,
         default=_env("SM_NUM_GPUS"),
-        help="GPUs to use (SM_NUM_GPUS; default: all visible); 0 = CPU, >1 = DataParallel",
+        help="GPUs to use (SM_NUM_GPUS; default: all visible); 0 = CPU, >1 = DataParallel in one process; "
+        "under torchrun each process uses one GPU (LOCAL_RANK)",
+    )
+
+    ranks = parser.add_argument_group("several processes (under torchrun, as SageMaker's torch_distributed runs it)")
+    ranks.add_argument(
+        "--dist-backend",
+        type=_choice(distributed.BACKENDS),
+        default="auto",
+        help="collective backend: auto = nccl on GPUs, gloo on CPUs",
+    )
+    ranks.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=600,
+        help="seconds a rank waits for the others in a collective before the run fails (a stuck or lost rank)",
+    )
+    _add_switch(
+        ranks,
+        "sync-batchnorm",
+        "batch-norm statistics over the global batch instead of each process's (GPUs only; default: off)",
     )
 
     paths = parser.add_argument_group("data and outputs (SageMaker sets these through SM_* variables)")
@@ -279,9 +352,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     paths.add_argument(
         "--checkpoint-dir",
-        default=SAGEMAKER_CHECKPOINT_DIR if _in_sagemaker_container() else "runs/checkpoints",
-        help=f"per-epoch checkpoints, resumed from when present ({SAGEMAKER_CHECKPOINT_DIR} in a SageMaker "
-        "training container, which syncs it with checkpoint_s3_uri); 'none' turns checkpointing off",
+        default=_default_checkpoint_dir(),
+        help="per-epoch checkpoints, resumed by a later run with the same settings and data (default: the "
+        "job's CheckpointConfig folder, which SageMaker syncs with checkpoint_s3_uri, or <toolkit base>/checkpoints "
+        "in a training-toolkit environment; none for a plain command); 'none' turns checkpointing off",
     )
     paths.add_argument(
         "--tensorboard-dir",
@@ -307,6 +381,13 @@ class Settings:
     checkpoint_dir: Path | None
     tensorboard_dir: Path | None
     weights: str
+    world: distributed.World = field(default_factory=distributed.World)
+    backend: str = "gloo"
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the optimiser gets: ``--lr``, times the number of processes with linear scaling."""
+        return self.args.lr * (self.world.world_size if self.args.lr_scaling == "linear" else 1)
 
     def hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters this run used, keyed like ``pipelines.config.DEFAULT_HYPERPARAMETERS``."""
@@ -317,6 +398,7 @@ class Settings:
             "epochs": a.epochs,
             "batch-size": a.batch_size,
             "lr": a.lr,
+            "lr-scaling": a.lr_scaling,
             "optimizer": a.optimizer,
             "weight-decay": a.weight_decay,
             "eps": a.eps,
@@ -329,14 +411,36 @@ class Settings:
             "input-size": a.input_size,
             "resize-size": self.resize_size,
             "horizontal-flip": a.horizontal_flip is not False,
+            "sync-batchnorm": bool(a.sync_batchnorm) and self.world.world_size > 1,
         }
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed (everything but the epoch count and speed settings)."""
-        values = self.hyperparameters()
-        values.pop("epochs")
-        values.pop("weights")  # a resumed run needs no pretrained weights: they are in the checkpoint
-        return values
+
+def _resolve_device(args: argparse.Namespace, world: distributed.World, parser: argparse.ArgumentParser):
+    """(device, GPUs this process uses, collective backend); one GPU per process under torchrun."""
+    cuda_count = torch.cuda.device_count()
+    num_gpus = cuda_count if args.num_gpus is None else args.num_gpus
+    if num_gpus > cuda_count:
+        parser.error(f"argument --num-gpus: {num_gpus} asked for but {cuda_count} CUDA device(s) are visible")
+    if num_gpus > 0 and world.launched:
+        if world.local_world_size > cuda_count and args.dist_backend != "gloo":
+            parser.error(
+                f"argument --num-gpus: torchrun started {world.local_world_size} processes on this host but "
+                f"{cuda_count} GPU(s) are visible: start one process per GPU (--nproc-per-node {cuda_count}), "
+                "or pass --dist-backend gloo to share GPUs"
+            )
+        device, num_gpus = torch.device("cuda", world.local_rank % cuda_count), 1
+    else:
+        device = torch.device("cuda" if num_gpus > 0 else "cpu")
+    backend = distributed.backend_for(args.dist_backend, device)
+    if backend == "nccl" and device.type != "cuda":
+        parser.error("argument --dist-backend: nccl needs GPUs and this run uses the CPU; use gloo (or auto)")
+    if args.sync_batchnorm and world.world_size > 1 and device.type != "cuda":
+        parser.error("argument --sync-batchnorm: PyTorch's SyncBatchNorm runs on GPUs only, and this run uses the CPU")
+    return device, num_gpus, backend
+
+
+def _disabled(value: str | None) -> bool:
+    return value is None or str(value).strip().lower() in DISABLED
 
 
 def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
@@ -366,29 +470,23 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if weights == "imagenet" and args.weights_dir:
         weights = str(args.weights_dir)  # the job has a weights channel: no download
 
-    cuda_count = torch.cuda.device_count()
-    num_gpus = cuda_count if args.num_gpus is None else args.num_gpus
-    if num_gpus > cuda_count:
-        parser.error(f"argument --num-gpus: {num_gpus} asked for but {cuda_count} CUDA device(s) are visible")
-    device = torch.device("cuda" if num_gpus > 0 else "cpu")
+    try:
+        world = distributed.from_environment()
+    except distributed.LaunchError as error:
+        parser.error(f"torchrun's environment: {error}")
+    device, num_gpus, backend = _resolve_device(args, world, parser)
     amp = device.type == "cuda" if args.amp is None else args.amp
     if device.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         amp_dtype = torch.bfloat16  # CPU autocast supports bfloat16 only
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    workers = data.auto_workers() if args.workers == "auto" else int(args.workers)
+    workers = data.auto_workers(world.local_world_size) if args.workers == "auto" else int(args.workers)
     resize_size = args.resize_size or round(
         args.input_size * contract.DEFAULT_RESIZE_SIZE / contract.DEFAULT_INPUT_SIZE
     )
     if resize_size < args.input_size:
         parser.error(f"argument --resize-size: {resize_size} is smaller than --input-size {args.input_size}")
-    checkpoint_dir = None if str(args.checkpoint_dir).strip().lower() in DISABLED else Path(args.checkpoint_dir)
-    tensorboard_dir = (
-        None
-        if args.tensorboard_dir is None or str(args.tensorboard_dir).strip().lower() in DISABLED
-        else Path(args.tensorboard_dir)
-    )
     return Settings(
         args=args,
         trainable_blocks=trainable_blocks,
@@ -399,16 +497,18 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         amp=amp,
         amp_dtype=amp_dtype,
         channels_last=channels_last,
-        checkpoint_dir=checkpoint_dir,
-        tensorboard_dir=tensorboard_dir,
+        checkpoint_dir=None if _disabled(args.checkpoint_dir) else Path(args.checkpoint_dir),
+        tensorboard_dir=None if _disabled(args.tensorboard_dir) else Path(args.tensorboard_dir),
         weights=weights,
+        world=world,
+        backend=backend,
     )
 
 
 # --- optimiser and schedule ----------------------------------------------------------------------------------------
 
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
     """Trainable parameters only; no weight decay on biases and normalisation weights (1-D tensors)."""
     decay, no_decay = [], []
     for param in model.parameters():
@@ -419,8 +519,8 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=args.lr, eps=args.eps)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr, eps=args.eps)
 
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, scheduler: str) -> float:
@@ -434,48 +534,14 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, scheduler: str) -> f
     return 1.0
 
 
-# --- checkpoints ---------------------------------------------------------------------------------------------------
+# --- what the log shows --------------------------------------------------------------------------------------------
+
+_LOGGING = {"main": True}  # rank 0 (or a plain command) prints the log; other ranks print only their own errors
 
 
-def checkpoint_files(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every checkpoint in the folder, newest first; temporary and foreign files are ignored."""
-    if not checkpoint_dir.is_dir():
-        return []
-    found = []
-    for path in checkpoint_dir.iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and path.is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found, reverse=True)
-
-
-def save_checkpoint(checkpoint_dir: Path, epoch: int, state: dict[str, Any]) -> Path:
-    """Write atomically (temporary file, fsync, rename) and keep the newest ``CHECKPOINTS_KEPT``."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir / f"checkpoint-epoch-{epoch:04d}.pt"
-    temporary = checkpoint_dir / f".{final.name}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
-    for _, old in checkpoint_files(checkpoint_dir)[CHECKPOINTS_KEPT:]:
-        old.unlink(missing_ok=True)
-    return final
-
-
-def load_newest_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, Any], Path] | None:
-    """The newest checkpoint that loads (``weights_only=True``: plain tensors and numbers, no pickled code)."""
-    for _, path in checkpoint_files(checkpoint_dir):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError, ValueError) as error:  # truncated upload, foreign file
-            print(f"checkpoint {path} does not load ({error}); trying an older one", flush=True)
-            continue
-        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-            return state, path
-        print(f"checkpoint {path} is not in this script's format; trying an older one", flush=True)
-    return None
+def log(message: str) -> None:
+    if _LOGGING["main"]:
+        print(message, flush=True)
 
 
 # --- Debugger, TensorBoard, progress -------------------------------------------------------------------------------
@@ -487,30 +553,41 @@ class DebuggerHook:
     Registers the model (weights of frozen layers included, gradients of trainable ones) and the loss module,
     and switches TRAIN/EVAL modes, which is what the built-in rules (loss not decreasing, overfit, vanishing
     gradient, poor weight initialisation) read.
+
+    With several processes the hook stays off. SageMaker documents Debugger as unavailable for jobs that
+    combine a distributed option with checkpoints ("Considerations for Amazon SageMaker Debugger",
+    docs.aws.amazon.com/sagemaker/latest/dg/debugger-considerations.html), and the SDK then sends no hook
+    config (``Framework._validate_and_set_debugger_configs``); torchrun is not among the launchers whose
+    tensors it supports. The job's rules are configured by the pipeline, not here.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, processes: int = 1) -> None:
         self.hook = None
         self.modes = None
         config_path = os.environ.get(DEBUGGER_CONFIG_ENV, DEBUGGER_CONFIG_FILE)
+        if processes > 1:
+            log(
+                f"Debugger: hook off with {processes} processes (SageMaker supports no Debugger hook in distributed "
+                "jobs with checkpoints)"
+            )
+            return
         if not Path(config_path).is_file():
-            print(f"Debugger: off (no hook config at {config_path})", flush=True)
+            log(f"Debugger: off (no hook config at {config_path})")
             return
         try:
             import smdebug.pytorch as smd
         except ImportError:
-            print(
+            log(
                 f"Debugger: the job has a hook config ({config_path}) but smdebug is not installed; "
-                "training runs without the Debugger hook",
-                flush=True,
+                "training runs without the Debugger hook"
             )
             return
         self.hook = smd.get_hook(create_if_not_exists=True)
         self.modes = smd.modes
         if self.hook is None:  # smdebug found no config after all
-            print(f"Debugger: smdebug created no hook from {config_path}; off", flush=True)
+            log(f"Debugger: smdebug created no hook from {config_path}; off")
         else:
-            print(f"Debugger: hook created from {config_path}", flush=True)
+            log(f"Debugger: hook created from {config_path}")
 
     def register(self, model: nn.Module, loss: nn.Module) -> None:
         if self.hook is not None:
@@ -532,22 +609,23 @@ class DebuggerHook:
 
 def open_tensorboard(log_dir: Path | None, purge_step: int | None):
     if log_dir is None:
-        print("TensorBoard: off (no --tensorboard-dir)", flush=True)
+        log("TensorBoard: off (no --tensorboard-dir)")
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
-        print(f"TensorBoard: off (cannot import it: {error})", flush=True)
+        log(f"TensorBoard: off (cannot import it: {error})")
         return None
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"TensorBoard: scalars in {log_dir}", flush=True)
+    log(f"TensorBoard: scalars in {log_dir}")
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 class Progress:
-    """A tqdm bar on a terminal, otherwise about ten plain lines per epoch (CloudWatch-friendly).
+    """A tqdm bar on a terminal, otherwise about ten plain lines per epoch (CloudWatch-friendly); rank 0's only.
 
     Never writes ``name=value`` pairs: the tuner's metric regexes must only match the per-epoch metrics line.
+    With several processes the figures are rank 0's (its loss, its images/s times the number of processes).
     """
 
     def __init__(self, epoch: int, epochs: int, steps: int) -> None:
@@ -555,7 +633,7 @@ class Progress:
         self.steps = steps
         self.every = max(1, steps // 10)
         self.bar = None
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and _LOGGING["main"]:
             try:
                 from tqdm import tqdm
             except ImportError:
@@ -568,7 +646,7 @@ class Progress:
             self.bar.update(1)
             self.bar.set_postfix_str(f"loss {loss:.4f} | {images_per_second:.0f} img/s")
         elif step % self.every == 0 or step == self.steps:
-            print(f"{self.prefix} step {step}/{self.steps} loss {loss:.4f} {images_per_second:.0f} img/s", flush=True)
+            log(f"{self.prefix} step {step}/{self.steps} loss {loss:.4f} {images_per_second:.0f} img/s")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -583,7 +661,7 @@ def write_curves(history: dict[str, list[float]], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        print("training curves: matplotlib is not installed; no picture", flush=True)
+        log("training curves: matplotlib is not installed; no picture")
         return None
     epochs = history["epoch"]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
@@ -627,11 +705,11 @@ def _load_channels(settings: Settings) -> tuple[data.ChannelIndex, data.ChannelI
     for name, index in (("train", train_index), ("valid", valid_index)):
         counts = index.counts()
         empty = [c for c, n in counts.items() if n == 0]
-        print(f"{name}: {len(index.samples)} images in {len(counts)} classes", flush=True)
+        log(f"{name}: {len(index.samples)} images in {len(counts)} classes")
         if empty:
-            print(f"{name}: {len(empty)} classes have no images: {empty[:10]}", flush=True)
+            log(f"{name}: {len(empty)} classes have no images: {empty[:10]}")
         for item in index.skipped:
-            print(f"{name}: skipped {item['path']}: {item['reason']}", flush=True)
+            log(f"{name}: skipped {item['path']}: {item['reason']}")
     if len(train_index.samples) < 2:
         raise TrainingError(f"the train channel {args.train_dir} has {len(train_index.samples)} images; need >= 2")
     if not valid_index.samples:
@@ -666,30 +744,107 @@ def _build_network(config: modeling.ModelConfig, weights: str) -> nn.Module:
         ) from error
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader,
-    normalize: data.BatchNormalizer,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    settings: Settings,
-    epoch: int,
-    epochs: int,
-) -> tuple[float, float]:
-    """One pass over the train loader; returns (mean loss per image, images per second)."""
+@dataclass
+class Batches:
+    """This rank's loaders: an equal share of the shuffled train set, a disjoint share of the valid set."""
+
+    train: Any
+    valid: Any
+    normalize: data.BatchNormalizer
+    per_process: int
+
+    def global_batch(self, settings: Settings) -> int:
+        return self.per_process * settings.world.world_size
+
+
+def make_batches(
+    settings: Settings, train_index: data.ChannelIndex, valid_index: data.ChannelIndex, config: modeling.ModelConfig
+) -> Batches:
+    args, world, device = settings.args, settings.world, settings.device
+    shard = math.ceil(len(train_index.samples) / world.world_size)
+    if shard < 2:
+        raise TrainingError(
+            f"the train channel {args.train_dir} has {len(train_index.samples)} images: fewer than 2 for each of "
+            f"{world.world_size} processes"
+        )
+    batch_size = min(args.batch_size, shard)
+    pin = device.type == "cuda"
+    train_set = data.ImageDataset(
+        train_index.samples,
+        args.input_size,
+        settings.resize_size,
+        train=True,
+        seed=args.seed,
+        horizontal_flip=args.horizontal_flip is not False,
+    )
+    valid_set = data.ImageDataset(valid_index.samples, args.input_size, settings.resize_size, train=False)
+    shards = {"num_replicas": world.world_size, "rank": world.rank}
+    # drop_last: a final batch of one image would break batch norm in train mode.
+    train_loader = data.make_loader(
+        train_set, batch_size, True, settings.workers, pin, args.seed, drop_last=True, pad_shards=True, **shards
+    )
+    valid_loader = data.make_loader(valid_set, batch_size, False, settings.workers, pin, **shards)
+    normalize = data.BatchNormalizer(
+        config.mean, config.std, device, settings.channels_last, reuse_output=device.type == "cpu"
+    )
+    return Batches(train_loader, valid_loader, normalize, batch_size)
+
+
+@dataclass
+class Trainee:
+    """The network and what trains it; ``training_model`` wraps ``model`` (DDP, DataParallel) or is it."""
+
+    model: nn.Module
+    training_model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+
+def build_trainee(settings: Settings, config: modeling.ModelConfig, weights: str, steps_per_epoch: int) -> Trainee:
+    args, device, world = settings.args, settings.device, settings.world
+    model = _build_network(config, weights)
+    frozen = modeling.freeze_backbone(model, args.architecture, settings.trainable_blocks)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"model {args.architecture}: {trainable:,} of {total:,} parameters train, {len(frozen)} backbone blocks frozen")
+    if settings.hyperparameters()["sync-batchnorm"]:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state_dict keys
+    elif args.sync_batchnorm:
+        log("--sync-batchnorm: one process, nothing to synchronise")
+    model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    optimizer = make_optimizer(model, args, settings.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, args.epochs, args.scheduler)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp and settings.amp_dtype == torch.float16)
+    training_model: nn.Module = model
+    if world.launched:  # DDP sends rank 0's parameters and buffers to every rank here
+        device_ids = [device.index] if device.type == "cuda" else None
+        training_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    elif settings.num_gpus > 1:
+        training_model = nn.DataParallel(model, device_ids=list(range(settings.num_gpus)))
+    return Trainee(model, training_model, criterion, optimizer, scheduler, scaler)
+
+
+def train_one_epoch(trainee: Trainee, batches: Batches, settings: Settings, epoch: int) -> tuple[float, int, float]:
+    """One pass over this rank's train shard; returns (summed loss, images, seconds)."""
+    model, optimizer, scheduler, scaler = trainee.training_model, trainee.optimizer, trainee.scheduler, trainee.scaler
     modeling.set_train_mode(model)
     device = settings.device
     autocast = torch.autocast(device.type, dtype=settings.amp_dtype) if settings.amp else nullcontext()
-    progress = Progress(epoch, epochs, len(loader))
+    progress = Progress(epoch, settings.args.epochs, len(batches.train))
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     try:
-        for step, (images, labels) in enumerate(loader, start=1):
-            inputs = normalize(images)
+        for step, (images, labels) in enumerate(batches.train, start=1):
+            inputs = batches.normalize(images)
             targets = labels.to(device, non_blocking=True)
             with autocast:
-                loss = criterion(model(inputs), targets)
+                loss = trainee.criterion(model(inputs), targets)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
@@ -703,16 +858,17 @@ def train_one_epoch(
             scheduler.step()
             total_loss += loss_value * targets.shape[0]
             seen += targets.shape[0]
-            progress.update(step, loss_value, seen / max(time.perf_counter() - start, 1e-9))
+            rate = seen * settings.world.world_size / max(time.perf_counter() - start, 1e-9)
+            progress.update(step, loss_value, rate)
     finally:
         progress.close()
-    return total_loss / max(seen, 1), seen / max(time.perf_counter() - start, 1e-9)
+    return total_loss, seen, time.perf_counter() - start
 
 
 def evaluate(
     model: nn.Module, loader, normalize: data.BatchNormalizer, criterion: nn.Module, settings: Settings
-) -> tuple[float, float]:
-    """(mean loss per image, accuracy) on the valid loader."""
+) -> tuple[float, int, int]:
+    """(summed loss, correct predictions, images) over this rank's valid shard."""
     model.eval()
     autocast = torch.autocast(settings.device.type, dtype=settings.amp_dtype) if settings.amp else nullcontext()
     total_loss = torch.zeros((), dtype=torch.float64, device=settings.device)
@@ -728,34 +884,283 @@ def evaluate(
             total_loss += loss.double() * targets.shape[0]
             correct += (logits.argmax(dim=1) == targets).sum()
             seen += targets.shape[0]
-    return total_loss.item() / max(seen, 1), correct.item() / max(seen, 1)
+    return total_loss.item(), int(correct.item()), seen
 
 
-def run_training(settings: Settings) -> TrainingResult:
-    """Train as the flags say and write the artifact; returns the trained network and the history."""
-    args = settings.args
-    torch.manual_seed(args.seed)
+# --- resuming --------------------------------------------------------------------------------------------------
+
+
+def resume_fingerprint(settings: Settings, global_batch: int, data_digests: dict[str, str]) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: the settings that shape the weights (all but --epochs and
+    the pretrained weights, which the checkpoint replaces), the global batch, and the data of both channels."""
+    values = settings.hyperparameters()
+    values.pop("epochs")
+    values.pop("weights")
+    values["global-batch-size"] = global_batch
+    values.update({f"{name}-data": digest for name, digest in data_digests.items()})
+    return values
+
+
+def agree_on_data(settings: Settings, train_index: data.ChannelIndex, valid_index: data.ChannelIndex):
+    """Both channels' fingerprints, the same on every rank (each instance downloads its own copy)."""
+    digests = {
+        "train": data.channel_fingerprint(settings.args.train_dir, train_index),
+        "valid": data.channel_fingerprint(settings.args.valid_dir, valid_index),
+    }
+    seen = distributed.gather(digests)
+    differing = [rank for rank, other in enumerate(seen) if other != seen[0]]
+    if differing:
+        raise TrainingError(
+            f"the channels differ between ranks (rank {differing[0]} sees other data than rank 0): every instance "
+            "needs the whole train and valid channels (S3DistributionType FullyReplicated)"
+        )
+    return digests
+
+
+def choose_checkpoint(settings: Settings, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], Path] | None:
+    """Rank 0 picks the checkpoint (or a fresh start, saying why); every rank then loads that same file."""
+    if settings.checkpoint_dir is None:
+        why = "--checkpoint-dir none" if settings.args.checkpoint_dir else "a plain command has no default folder"
+        log(f"checkpoints: off ({why}; pass --checkpoint-dir DIR to resume later runs from it)")
+        return None
+    choice = None
+    if settings.world.is_main:
+        choice = checkpoints.choose(settings.checkpoint_dir, fingerprint, settings.args.epochs)
+        for line in (*choice.notes, choice.reason):
+            if line:
+                log(line)
+    name = distributed.from_main(choice.path.name if choice and choice.path else None)
+    if name is None:
+        return None
+    path = settings.checkpoint_dir / name
+    state, problem = (choice.state, None) if choice is not None else (None, None)
+    if state is None:
+        try:
+            state = checkpoints.load(path)
+        except ValueError as error:
+            problem = f"{error}: every instance needs the checkpoint folder's files (checkpoint_s3_uri does that)"
+    problem = distributed.first_problem(problem)
+    if problem:
+        raise TrainingError(problem)
+    return state, path
+
+
+def restore(trainee: Trainee, state: dict[str, Any], settings: Settings, steps_per_epoch: int) -> int:
+    """Load a checkpoint into the trainee and this rank's RNG; returns the epochs it had done."""
+    args, world = settings.args, settings.world
+    trainee.model.load_state_dict(state["model"])
+    trainee.optimizer.load_state_dict(state["optimizer"])
+    trainee.scheduler.load_state_dict(state["scheduler"])
+    # The schedule is a function of this run's --epochs, which may differ from the stopped run's.
+    factor = lr_factor(trainee.scheduler.last_epoch, steps_per_epoch, args.epochs, args.scheduler)
+    for group, base_lr in zip(trainee.optimizer.param_groups, trainee.scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * factor
+    trainee.scaler.load_state_dict(state["scaler"])
+    epoch = int(state["epoch"])
+    rng = state["rng"]
+    if len(rng) == world.world_size:
+        torch.set_rng_state(rng[world.rank]["cpu"])
+        if settings.device.type == "cuda" and rng[world.rank]["cuda"].numel():
+            torch.cuda.set_rng_state(rng[world.rank]["cuda"], settings.device)
+    else:
+        torch.manual_seed(args.seed + world.rank + 7919 * epoch)
+        log(f"the checkpoint holds the random state of {len(rng)} processes, this run has {world.world_size}: reseeded")
+    return epoch
+
+
+def rng_states(settings: Settings) -> list[dict[str, torch.Tensor]]:
+    """Every rank's CPU and CUDA random state, by rank (a collective: call it on every rank)."""
     device = settings.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    print(
-        f"device {device} (GPUs {settings.num_gpus}), amp {settings.amp}"
-        f"{' ' + str(settings.amp_dtype).replace('torch.', '') if settings.amp else ''}, "
-        f"channels_last {settings.channels_last}, loader workers {settings.workers}",
-        flush=True,
-    )
+    own = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
+    }
+    return distributed.gather(own)
 
+
+def checkpoint_state(
+    trainee: Trainee, epoch: int, fingerprint: dict[str, Any], history: dict[str, list[float]], rng: list[Any]
+) -> dict[str, Any]:
+    """Everything a resumed run needs: rank 0's network, optimiser and schedule, and every rank's RNG."""
+    return {
+        "format": checkpoints.FORMAT,
+        "epoch": epoch,
+        "fingerprint": fingerprint,
+        "model": {k: v.detach().cpu() for k, v in trainee.model.state_dict().items()},
+        "optimizer": trainee.optimizer.state_dict(),
+        "scheduler": trainee.scheduler.state_dict(),
+        "scaler": trainee.scaler.state_dict(),
+        "rng": rng,
+        "history": history,
+    }
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+
+def _make_output_folders(settings: Settings) -> None:
+    """Rank 0 creates every output folder at start, so a bad path fails now, not after the first epoch."""
+    args = settings.args
+    if not settings.world.is_main:
+        return
     for flag, folder in (
         ("--model-dir", Path(args.model_dir)),
         ("--output-data-dir", Path(args.output_data_dir)),
         ("--checkpoint-dir", settings.checkpoint_dir),
         ("--tensorboard-dir", settings.tensorboard_dir),
     ):
-        if folder is not None:  # fail now, not after the first epoch
+        if folder is not None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise TrainingError(f"argument {flag}: cannot create {folder} ({error.strerror})") from error
+
+
+def _announce(settings: Settings, session: distributed.Session, batches: Batches) -> None:
+    """Device, processes, global batch and learning rate: what this run is, before it starts."""
+    args = settings.args
+    log(
+        f"device {settings.device} (GPUs {settings.num_gpus}), amp {settings.amp}"
+        f"{' ' + str(settings.amp_dtype).replace('torch.', '') if settings.amp else ''}, "
+        f"channels_last {settings.channels_last}, loader workers {settings.workers}"
+    )
+    if session.active:
+        ranks = "; ".join(f"rank {rank} pid {pid} on {host}" for rank, (host, pid) in enumerate(session.peers))
+        log(f"processes {settings.world.world_size} ({settings.backend}, timeout {session.timeout_s:g} s): {ranks}")
+    log(
+        f"global batch {batches.global_batch(settings)} ({batches.per_process} per process x "
+        f"{settings.world.world_size}); learning rate {settings.lr:g} (--lr {args.lr:g}, "
+        f"--lr-scaling {args.lr_scaling})"
+    )
+
+
+def _epoch_metrics(sums: list[float]) -> dict[str, float]:
+    train_loss, train_seen, valid_loss, correct, valid_seen = sums
+    return {
+        "train_loss": train_loss / max(train_seen, 1),
+        "valid_loss": valid_loss / max(valid_seen, 1),
+        "valid_accuracy": correct / max(valid_seen, 1),
+    }
+
+
+def _metrics_line(epoch: int, metrics: dict[str, float]) -> str:
+    return contract.format_metrics_line(epoch, metrics["train_loss"], metrics["valid_loss"], metrics["valid_accuracy"])
+
+
+def _record(writer, history: dict[str, list[float]], epoch: int, metrics: dict[str, float]) -> None:
+    for key in ("epoch", "train_loss", "valid_loss", "valid_accuracy", "lr", "images_per_second"):
+        history.setdefault(key, []).append(epoch if key == "epoch" else metrics[key])
+    if writer is not None:
+        writer.add_scalar("loss/train", metrics["train_loss"], epoch)
+        writer.add_scalar("loss/valid", metrics["valid_loss"], epoch)
+        writer.add_scalar("accuracy/valid", metrics["valid_accuracy"], epoch)
+        writer.add_scalar("lr", metrics["lr"], epoch)
+        writer.add_scalar("throughput/train_images_per_second", metrics["images_per_second"], epoch)
+        writer.flush()
+
+
+def run_epochs(
+    settings: Settings,
+    session: distributed.Session,
+    trainee: Trainee,
+    batches: Batches,
+    history: dict[str, list[float]],
+    start_epoch: int,
+    fingerprint: dict[str, Any],
+) -> None:
+    """Train from ``start_epoch + 1`` to ``--epochs``: metrics summed over the ranks, rank 0 logs and saves."""
+    args, world = settings.args, settings.world
+    debugger = DebuggerHook(world.world_size)
+    debugger.register(trainee.model, trainee.criterion)
+    writer = None
+    if world.is_main:
+        writer = open_tensorboard(settings.tensorboard_dir, purge_step=start_epoch + 1 if start_epoch else None)
+    # DataParallel spreads evaluation over the GPUs; under DDP each rank evaluates its shard with rank 0's buffers.
+    evaluated = trainee.model if session.active else trainee.training_model
+    key = checkpoints.key_of(fingerprint)
+    try:
+        for epoch in range(start_epoch + 1, args.epochs + 1):
+            session.phase = f"epoch {epoch} training"
+            batches.train.sampler.set_epoch(epoch)
+            debugger.train()
+            train_sum, train_seen, seconds = train_one_epoch(trainee, batches, settings, epoch)
+            session.phase = f"epoch {epoch} evaluation"
+            debugger.eval()
+            distributed.broadcast_buffers(trainee.model)
+            valid_sum, correct, valid_seen = evaluate(
+                evaluated, batches.valid, batches.normalize, trainee.criterion, settings
+            )
+            sums = distributed.sum_across([train_sum, train_seen, valid_sum, correct, valid_seen], settings.device)
+            metrics = _epoch_metrics(sums)
+            metrics["lr"] = trainee.optimizer.param_groups[0]["lr"]
+            metrics["images_per_second"] = sums[1] / max(seconds, 1e-9)
+            log(_metrics_line(epoch, metrics))
+            log(
+                f"epoch {epoch}/{args.epochs} took {seconds:.1f}s, {metrics['images_per_second']:.0f} train img/s, "
+                f"lr now {metrics['lr']:.3g}"
+            )
+            _record(writer, history, epoch, metrics)
+            if settings.checkpoint_dir is not None:
+                session.phase = f"epoch {epoch} checkpoint"
+                rng = rng_states(settings)
+                if world.is_main:
+                    state = checkpoint_state(trainee, epoch, fingerprint, history, rng)
+                    checkpoints.save(settings.checkpoint_dir, key, epoch, state)
+    finally:
+        if writer is not None:
+            writer.close()
+        debugger.close()
+
+
+def write_outputs(
+    settings: Settings,
+    model: nn.Module,
+    config: modeling.ModelConfig,
+    history: dict[str, list[float]],
+    skipped: list[dict[str, str]],
+    global_batch: int,
+) -> Path:
+    """Rank 0: the artifact (with the arguments the run used), the history, the curves, the skipped files."""
+    args = settings.args
+    model.eval()
+    hyperparameters = settings.hyperparameters()
+    hyperparameters.update(
+        {
+            "weights": settings.weights,
+            "processes": settings.world.world_size,
+            "global-batch-size": global_batch,
+            "effective-lr": settings.lr,
+        }
+    )
+    model_dir = modeling.save_artifact(model, args.model_dir, config, hyperparameters)
+    log(f"model artifact (last epoch's weights) written to {model_dir}")
+    output_dir = Path(args.output_data_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+    if skipped:
+        (output_dir / SKIPPED_FILES_REPORT).write_text(json.dumps(skipped, indent=2))
+    if history.get("epoch"):
+        best = max(range(len(history["epoch"])), key=lambda i: history["valid_accuracy"][i])
+        log(
+            f"best validation accuracy {history['valid_accuracy'][best]:.4f} at epoch {history['epoch'][best]}; "
+            f"the artifact holds epoch {history['epoch'][-1]}"
+        )
+        curves = write_curves(history, output_dir / CURVES_IMAGE)
+        if curves is not None:
+            log(f"training curves: {curves}")
+    return model_dir
+
+
+def run_training(settings: Settings, session: distributed.Session | None = None) -> TrainingResult:
+    """Train as the flags say and write the artifact (rank 0); returns the trained network and the history."""
+    args, world = settings.args, settings.world
+    session = session or distributed.Session(world, settings.backend, args.dist_timeout)
+    _LOGGING["main"] = world.is_main
+    torch.manual_seed(args.seed + world.rank)  # per-rank dropout; DDP gives every rank rank 0's initial weights
+    if settings.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    _make_output_folders(settings)
+    session.phase = "start-up"
     train_index, valid_index = _load_channels(settings)
     class_names = train_index.class_names
     config = modeling.ModelConfig(
@@ -767,190 +1172,94 @@ def run_training(settings: Settings) -> TrainingResult:
         input_size=args.input_size,
         resize_size=settings.resize_size,
     )
-
-    pin = device.type == "cuda"
-    batch_size = min(args.batch_size, len(train_index.samples))
-    train_set = data.ImageDataset(
-        train_index.samples,
-        args.input_size,
-        settings.resize_size,
-        train=True,
-        seed=args.seed,
-        horizontal_flip=args.horizontal_flip is not False,
-    )
-    valid_set = data.ImageDataset(valid_index.samples, args.input_size, settings.resize_size, train=False)
-    # drop_last: a final batch of one image would break batch norm in train mode.
-    train_loader = data.make_loader(
-        train_set, batch_size, shuffle=True, workers=settings.workers, pin_memory=pin, seed=args.seed, drop_last=True
-    )
-    valid_loader = data.make_loader(valid_set, batch_size, shuffle=False, workers=settings.workers, pin_memory=pin)
-    normalize = data.BatchNormalizer(
-        config.mean, config.std, device, settings.channels_last, reuse_output=device.type == "cpu"
-    )
-
-    checkpoint = None
-    if settings.checkpoint_dir is not None:
-        checkpoint = load_newest_checkpoint(settings.checkpoint_dir)
-    if checkpoint is not None:
-        state, checkpoint_path = checkpoint
-        differences = {
-            key: (state["fingerprint"].get(key), value)
-            for key, value in settings.fingerprint().items()
-            if state["fingerprint"].get(key) != value
-        }
-        if state.get("class_names") != class_names:
-            differences["class names"] = ("checkpoint's", "this channel's")
-        if differences:
-            detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differences.items())
-            raise TrainingError(
-                f"checkpoint {checkpoint_path} was written by a run with other settings ({detail}); "
-                "pass an empty --checkpoint-dir to start fresh, or --checkpoint-dir none"
-            )
-        weights = "none"  # the checkpoint holds the weights: no download needed
-    else:
-        weights = settings.weights
-        print(f"weights: {weights}", flush=True)
-
-    model = _build_network(config, weights)
-    frozen = modeling.freeze_backbone(model, args.architecture, settings.trainable_blocks)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(
-        f"model {args.architecture}: {trainable:,} of {total:,} parameters train, {len(frozen)} backbone blocks frozen",
-        flush=True,
-    )
-    model.to(device)
-    if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = make_optimizer(model, args)
-    steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, args.epochs, args.scheduler)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp and settings.amp_dtype == torch.float16)
-    history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "valid_loss": [], "valid_accuracy": [], "lr": []}
+    batches = make_batches(settings, train_index, valid_index, config)
+    _announce(settings, session, batches)
+    global_batch = batches.global_batch(settings)
+    fingerprint = resume_fingerprint(settings, global_batch, agree_on_data(settings, train_index, valid_index))
+    session.phase = "resuming"
+    resumed = choose_checkpoint(settings, fingerprint)
+    if resumed is None:
+        log(f"weights: {settings.weights}")
+    steps_per_epoch = len(batches.train)
+    trainee = build_trainee(settings, config, "none" if resumed else settings.weights, steps_per_epoch)
+    history: dict[str, list[float]] = {}
     start_epoch = 0
-    resumed_from = None
-    if checkpoint is not None:
-        state, resumed_from = checkpoint
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        # The schedule is a function of this run's --epochs, which may differ from the stopped run's.
-        factor = lr_factor(scheduler.last_epoch, steps_per_epoch, args.epochs, args.scheduler)
-        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] = base_lr * factor
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and len(state["rng_cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if resumed is not None:
+        state, path = resumed
+        start_epoch = restore(trainee, state, settings, steps_per_epoch)
         history = {key: list(values) for key, values in state["history"].items()}
-        start_epoch = int(state["epoch"])
-        print(f"resumed from {resumed_from}: {start_epoch} of {args.epochs} epochs done", flush=True)
+        log(f"resumed from {path}: {start_epoch} of {args.epochs} epochs done")
         if start_epoch >= args.epochs:
-            print("all epochs were already done; writing the artifact from the checkpoint", flush=True)
+            # A retried job must still give the tuner its objective: the last epoch's line, from the checkpoint.
+            log("all epochs were already done; the last epoch's metrics, from the checkpoint:")
+            log(_metrics_line(start_epoch, {key: values[-1] for key, values in history.items()}))
+    run_epochs(settings, session, trainee, batches, history, start_epoch, fingerprint)
+    session.phase = "writing the artifact"
+    model_dir, skipped = Path(args.model_dir), train_index.skipped + valid_index.skipped
+    if world.is_main:
+        model_dir = write_outputs(settings, trainee.model, config, history, skipped, global_batch)
+    return TrainingResult(trainee.model, config, history, model_dir, resumed[1] if resumed else None, skipped)
 
-    training_model: nn.Module = model
-    if settings.num_gpus > 1:
-        training_model = nn.DataParallel(model, device_ids=list(range(settings.num_gpus)))
 
-    debugger = DebuggerHook()
-    debugger.register(model, criterion)
-    writer = open_tensorboard(settings.tensorboard_dir, purge_step=start_epoch + 1 if start_epoch else None)
-    try:
-        for epoch in range(start_epoch + 1, args.epochs + 1):
-            train_loader.sampler.set_epoch(epoch)
-            debugger.train()
-            epoch_start = time.perf_counter()
-            train_loss, images_per_second = train_one_epoch(
-                training_model,
-                train_loader,
-                normalize,
-                criterion,
-                optimizer,
-                scheduler,
-                scaler,
-                settings,
-                epoch,
-                args.epochs,
-            )
-            debugger.eval()
-            valid_loss, valid_accuracy = evaluate(training_model, valid_loader, normalize, criterion, settings)
-            lr = optimizer.param_groups[0]["lr"]
-            print(contract.format_metrics_line(epoch, train_loss, valid_loss, valid_accuracy), flush=True)
-            print(
-                f"epoch {epoch}/{args.epochs} took {time.perf_counter() - epoch_start:.1f}s, "
-                f"{images_per_second:.0f} train img/s, lr now {lr:.3g}",
-                flush=True,
-            )
-            for key, value in (
-                ("epoch", epoch),
-                ("train_loss", train_loss),
-                ("valid_loss", valid_loss),
-                ("valid_accuracy", valid_accuracy),
-                ("lr", lr),
-            ):
-                history[key].append(value)
-            if writer is not None:
-                writer.add_scalar("loss/train", train_loss, epoch)
-                writer.add_scalar("loss/valid", valid_loss, epoch)
-                writer.add_scalar("accuracy/valid", valid_accuracy, epoch)
-                writer.add_scalar("lr", lr, epoch)
-                writer.add_scalar("throughput/train_images_per_second", images_per_second, epoch)
-                writer.flush()
-            if settings.checkpoint_dir is not None:
-                save_checkpoint(
-                    settings.checkpoint_dir,
-                    epoch,
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "epoch": epoch,
-                        "fingerprint": settings.fingerprint(),
-                        "class_names": class_names,
-                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng_cpu": torch.get_rng_state(),
-                        "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                        "history": history,
-                    },
-                )
-    finally:
-        if writer is not None:
-            writer.close()
-        debugger.close()
-
-    model.eval()
-    hyperparameters = settings.hyperparameters()
-    hyperparameters["weights"] = settings.weights
-    model_dir = modeling.save_artifact(model, args.model_dir, config, hyperparameters)
-    print(f"model artifact (last epoch's weights) written to {model_dir}", flush=True)
-    output_dir = Path(args.output_data_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2))
-    skipped = train_index.skipped + valid_index.skipped
-    if skipped:
-        (output_dir / SKIPPED_FILES_REPORT).write_text(json.dumps(skipped, indent=2))
-    if history["epoch"]:
-        best = max(range(len(history["epoch"])), key=lambda i: history["valid_accuracy"][i])
-        print(
-            f"best validation accuracy {history['valid_accuracy'][best]:.4f} at epoch {history['epoch'][best]}; "
-            f"the artifact holds epoch {history['epoch'][-1]}",
-            flush=True,
-        )
-        curves = write_curves(history, output_dir / CURVES_IMAGE)
-        if curves is not None:
-            print(f"training curves: {curves}", flush=True)
-    return TrainingResult(model, config, history, model_dir, resumed_from, skipped)
+# --- failures ----------------------------------------------------------------------------------------------------
 
 
 def _write_failure_reason(message: str) -> None:
-    """SageMaker shows /opt/ml/output/failure as the job's FailureReason."""
+    """SageMaker shows /opt/ml/output/failure as the job's FailureReason.
+
+    The first rank to fail writes it; a later rank (which failed because of the first) leaves it alone. A file
+    older than this process is an earlier run's and is replaced.
+    """
     output_dir = os.environ.get("SM_OUTPUT_DIR")
-    if output_dir and Path(output_dir).is_dir():
-        (Path(output_dir) / "failure").write_text(message[:1024])
+    if not output_dir or not Path(output_dir).is_dir():
+        return
+    path = Path(output_dir) / FAILURE_FILE
+    try:
+        if path.stat().st_mtime < _PROCESS_STARTED:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(message[:1024])
+
+
+def _failure_message(settings: Settings, session: distributed.Session | None, error: BaseException) -> str | None:
+    """This rank's account of ``error``, or None when it knows nothing beyond "stopped"."""
+    if isinstance(error, (TrainingError, data.DataError, distributed.LaunchError)):
+        return str(error)
+    stopped = isinstance(error, distributed.Stopped)
+    if session is not None and session.active and (stopped or distributed.is_collective_failure(error)):
+        return distributed.explain_collective_failure(session, None if stopped else error)
+    if stopped:
+        return None
+    traceback.print_exception(error)
+    return f"{type(error).__name__} during {session.phase if session else 'start-up'}: {_first_line(error)}"
+
+
+def report_failure(settings: Settings, session: distributed.Session | None, error: BaseException) -> int:
+    """Print the error, write it as the job's failure reason (first rank wins), and return the exit status."""
+    try:
+        return _report(settings, session, error)
+    finally:
+        if session is not None and session.previous_sigterm is not None:  # ignored while the report was written
+            signal.signal(signal.SIGTERM, session.previous_sigterm)
+
+
+def _report(settings: Settings, session: distributed.Session | None, error: BaseException) -> int:
+    message = _failure_message(settings, session, error)
+    stopped = isinstance(error, distributed.Stopped)
+    if message is not None:
+        if settings.world.launched:
+            message = f"{settings.world.label}: {message}"
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        _write_failure_reason(message)
+    elif stopped:
+        print(f"{settings.world.label}: {error}", file=sys.stderr, flush=True)
+    return 128 + signal.SIGTERM if stopped else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -960,12 +1269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = resolve_settings(args, parser)
     except SystemExit as stop:  # argparse printed the usage and the flag's problem
         return int(stop.code or 0)
+    session = None
     try:
-        run_training(settings)
-    except (TrainingError, data.DataError) as error:  # DataError: an image that no longer decodes, mid-epoch
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        _write_failure_reason(str(error))
-        return 1
+        session = distributed.Session(settings.world, settings.backend, args.dist_timeout)
+        with distributed.joined(session, settings.device):
+            run_training(settings, session)
+    except (Exception, distributed.Stopped) as error:  # every failure is reported, then the exit status
+        return report_failure(settings, session, error)
     return 0
 
 
