@@ -268,7 +268,7 @@ def test_inference_errors_are_value_errors_with_a_status_and_a_code(artifact: Pa
     error = raised.value
     assert isinstance(error, ValueError) and isinstance(error, GenericInferenceToolkitError)
     assert (error.status_code, error.code) == (400, "empty_body")
-    assert json.loads(error.to_json()) == {"error": {"code": "empty_body", "message": str(error)}}
+    assert json.loads(error.to_json()) == {"error": str(error), "code": "empty_body"}  # what endpoints send
     with pytest.raises(inference.InferenceError) as raised:
         inference.decode_request(_JPEG, "image/gif", preprocess)
     assert (raised.value.status_code, raised.value.code) == (415, "unsupported_content_type")
@@ -365,10 +365,8 @@ def test_threads_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         inference.inference_threads()
 
 
-def test_the_artifact_ships_the_handlers_and_the_runtime_requirements(artifact: Path) -> None:
+def test_the_artifact_ships_the_handlers_and_a_requirements_file_that_needs_no_index(artifact: Path) -> None:
     code = artifact / contract.CODE_DIR
     assert {p.name for p in code.iterdir()} >= {*contract.SERVING_CODE_FILES, "requirements.txt"}
-    requirements = [
-        line.split(">")[0].split("=")[0].strip() for line in (code / "requirements.txt").read_text().splitlines()
-    ]
-    assert {"onnx", "onnxruntime"} <= set(requirements)
+    lines = [line.strip() for line in (code / "requirements.txt").read_text().splitlines()]
+    assert [line for line in lines if line and not line.startswith("#")] == []  # both images have what it needs
