@@ -31,6 +31,7 @@ from typing import Any
 
 from entrypoints import contract
 from pipelines import config
+from pipelines.local.predict import content_type_of
 from pipelines.run import CommandError
 
 TIE_TOLERANCE = 1e-3
@@ -127,14 +128,6 @@ def s3_test_images(uri: str, count: int, session: Any) -> list[tuple[str, bytes]
         (f"s3://{bucket}/{key}", s3.get_object(Bucket=bucket, Key=key)["Body"].read())
         for key in pick_images(keys, count)
     ]
-
-
-def content_type_of(data: bytes) -> str:
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    return "application/x-image"
 
 
 # --- answers ---------------------------------------------------------------------------------------------------------

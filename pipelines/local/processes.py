@@ -62,21 +62,15 @@ def descendants(pid: int) -> list[int]:
 def terminate(pids: Iterable[int], grace_seconds: float) -> list[int]:
     """SIGTERM each PID, SIGKILL those still alive after ``grace_seconds``; returns the PIDs signalled."""
     pids = [pid for pid in pids if is_alive(pid)]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline and any(is_alive(pid) for pid in pids):
-        _reap(pids)
-        time.sleep(0.05)
-    for pid in pids:
-        if is_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline and any(is_alive(pid) for pid in pids):
-        _reap(pids)
-        time.sleep(0.05)
+    for signal_number in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            if is_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal_number)
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline and any(is_alive(pid) for pid in pids):
+            _reap(pids)
+            time.sleep(0.05)
     return pids
 
 
