@@ -131,7 +131,7 @@ def _smoke_test_or_roll_back(args: argparse.Namespace, session: Any, settings: A
         return
     reason = f"endpoint-test failed on {name} after deploying {args.model_package_arn}"
     try:
-        rolled = deploy.roll_back(args.model_package_arn, reason, settings, clients)
+        rolled = roll_back(args.model_package_arn, reason, settings, clients)
     except deploy.DeployError as error:
         raise CommandError(f"{reason}; {error}") from error
     _wait_in_service(clients.sagemaker, name, rolled["endpoint_config_name"], args)
@@ -162,3 +162,45 @@ def _wait_in_service(sagemaker_client: Any, endpoint_name: str, config_name: str
                 "the deployment goes on: check it with `aws sagemaker describe-endpoint`"
             )
         time.sleep(IN_SERVICE_POLL_SECONDS)
+
+
+# --- rolling back ---------------------------------------------------------------------------------------------
+#
+# Here, not in steps/deploy.py: the deploy Lambda never rolls back, and its least-privilege role must not be able
+# to change a package's approval status (UpdateModelPackage). The person running `deploy` may.
+
+
+def previous_approved_package(sagemaker_client: Any, group: str, before_version: int) -> dict[str, Any] | None:
+    """The newest Approved package of ``group`` older than ``before_version``, or None."""
+    best: dict[str, Any] | None = None
+    paginator = sagemaker_client.get_paginator("list_model_packages")
+    for page in paginator.paginate(ModelPackageGroupName=group, ModelApprovalStatus="Approved"):
+        for summary in page.get("ModelPackageSummaryList", []):
+            version = summary.get("ModelPackageVersion")
+            newer = best is None or (isinstance(version, int) and version > best["ModelPackageVersion"])
+            if isinstance(version, int) and version < before_version and newer:
+                best = summary
+    return best
+
+
+def roll_back(failed_package_arn: str, reason: str, settings: Any, clients: Any) -> dict[str, Any]:
+    """Serve the previous Approved version again and mark ``failed_package_arn`` Rejected with ``reason``.
+
+    Raises DeployError when there is no earlier approved version (the endpoint then keeps the failed one).
+    """
+    from steps import deploy
+
+    package = clients.sagemaker.describe_model_package(ModelPackageName=failed_package_arn)
+    group, version = package["ModelPackageGroupName"], package["ModelPackageVersion"]
+    previous = previous_approved_package(clients.sagemaker, group, version)
+    if previous is None:
+        raise deploy.DeployError(
+            f"cannot roll back: {group} has no Approved version before {version}; the endpoint keeps serving it. "
+            "Fix it, or reject it and deploy another version by hand."
+        )
+    clients.sagemaker.update_model_package(
+        ModelPackageArn=failed_package_arn, ModelApprovalStatus="Rejected", ApprovalDescription=reason[:1024]
+    )
+    print(f"rolling back to {previous['ModelPackageArn']}: {reason}", file=sys.stderr, flush=True)
+    result = deploy.deploy_model_package(previous["ModelPackageArn"], settings, clients)
+    return {**result, "rolled_back_from": failed_package_arn, "reason": reason}

@@ -789,48 +789,6 @@ def apply_serving_image(config_request: dict[str, Any], image: str, settings: De
         )
 
 
-# --- rolling back -------------------------------------------------------------------------------------------
-
-
-def previous_approved_package(clients: DeployClients, group: str, before_version: int) -> dict[str, Any] | None:
-    """The newest Approved package of ``group`` older than ``before_version``, or None."""
-    best: dict[str, Any] | None = None
-    token = None
-    while True:
-        page = clients.sagemaker.list_model_packages(
-            ModelPackageGroupName=group, ModelApprovalStatus=APPROVED, **({"NextToken": token} if token else {})
-        )
-        for summary in page.get("ModelPackageSummaryList", []):
-            version = summary.get("ModelPackageVersion")
-            newer = best is None or (isinstance(version, int) and version > best["ModelPackageVersion"])
-            if isinstance(version, int) and version < before_version and newer:
-                best = summary
-        token = page.get("NextToken")
-        if not token:
-            return best
-
-
-def roll_back(failed_package_arn: str, reason: str, settings: DeploySettings, clients: DeployClients) -> dict[str, Any]:
-    """Serve the previous Approved version again and mark ``failed_package_arn`` Rejected with ``reason``.
-
-    Raises DeployError when there is no earlier approved version (the endpoint then keeps the failed one).
-    """
-    package = clients.sagemaker.describe_model_package(ModelPackageName=failed_package_arn)
-    previous = previous_approved_package(clients, package["ModelPackageGroupName"], package["ModelPackageVersion"])
-    if previous is None:
-        raise DeployError(
-            f"cannot roll back: {package['ModelPackageGroupName']} has no Approved version before "
-            f"{package['ModelPackageVersion']}; the endpoint keeps serving it. Fix it, or reject it and deploy "
-            "another version by hand."
-        )
-    clients.sagemaker.update_model_package(
-        ModelPackageArn=failed_package_arn, ModelApprovalStatus="Rejected", ApprovalDescription=reason[:1024]
-    )
-    _log(logging.WARNING, "rolling back", failed=failed_package_arn, to=previous["ModelPackageArn"], reason=reason)
-    result = deploy_model_package(previous["ModelPackageArn"], settings, clients)
-    return {**result, "rolled_back_from": failed_package_arn, "reason": reason}
-
-
 # --- the event ------------------------------------------------------------------------------------------------
 
 

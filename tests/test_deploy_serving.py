@@ -11,7 +11,7 @@ import pytest
 import test_deploy
 from test_deploy import EXECUTION_ROLE, GROUP, REGION, approve
 
-from pipelines import config, images
+from pipelines import config, deploy_cli, images
 from steps import deploy
 
 # The moto fixtures of the deploy Lambda's own tests.
@@ -91,7 +91,7 @@ def test_roll_back_serves_the_previous_approved_version_and_rejects_the_failed_o
     settings = deploy.DeploySettings.from_env()
     clients = deploy.create_clients()
 
-    result = deploy.roll_back(third_arn, "endpoint-test failed", settings, clients)
+    result = deploy_cli.roll_back(third_arn, "endpoint-test failed", settings, clients)
 
     assert result["model_package_version"] == 2 and result["rolled_back_from"] == third_arn
     assert recorder.update_calls[-1]["EndpointConfigName"] == result["endpoint_config_name"]
@@ -107,7 +107,7 @@ def test_roll_back_without_an_earlier_approved_version_says_so_and_changes_nothi
     deploy.handler(approve(sagemaker, arn), None)
     writes = recorder.writes()
     with pytest.raises(deploy.DeployError, match="no Approved version before 1"):
-        deploy.roll_back(arn, "bad", deploy.DeploySettings.from_env(), deploy.create_clients())
+        deploy_cli.roll_back(arn, "bad", deploy.DeploySettings.from_env(), deploy.create_clients())
     assert sagemaker.describe_model_package(ModelPackageName=arn)["ModelApprovalStatus"] == "Approved"
     assert recorder.writes() == writes
 

@@ -1,7 +1,8 @@
 """The artifact under real Ray Serve: ``ray start`` / ``serve start`` / ``serve run config.yaml`` on the extracted
 artifact (what AWS's Ray Serve container runs), next to the light local host serving the same artifact.
 
-One Ray cluster for the module (its cold start is ~20-30 s). Both endpoints start with no package index
+One Ray cluster for the module (its cold start is ~20-30 s). ray[serve] is a dev requirement: without it the
+Ray endpoint fails to start and these tests fail, they do not skip. Both endpoints start with no package index
 reachable (``PIP_NO_INDEX``, no pip configuration), as an endpoint under network isolation would.
 """
 
@@ -19,7 +20,6 @@ from _serving import HOSTILE_REQUESTS, JPEG, VALID_REQUESTS, make_artifact, pack
 
 from pipelines.local import endpoint, processes
 
-pytest.importorskip("ray.serve", reason="ray[serve] is a dev requirement (pip install -e '.[dev]')")
 pytestmark = pytest.mark.slow
 
 
