@@ -125,9 +125,13 @@ def test_an_artifact_without_a_ray_serve_app_is_refused_with_what_to_do(tmp_path
 
 _PROTOCOL_ERRORS = {
     # name -> (raw request, status, code)
-    "unknown path": (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404, "not_found"),
+    "unknown path": (b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "not_found"),
     "post to an unknown path": (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 404, "not_found"),
-    "get of /invocations": (b"GET /invocations HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
+    "get of /invocations": (
+        b"GET /invocations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        405,
+        "method_not_allowed",
+    ),
     "put": (b"PUT /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, "method_not_allowed"),
     "a method nobody knows": (b"BREW /invocations HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
     "no content length": (b"POST /invocations HTTP/1.1\r\nHost: x\r\n\r\n", 411, "length_required"),
