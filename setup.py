@@ -19,17 +19,22 @@ RUNTIME_REQUIREMENTS = [
     "tensorboard>=2.15",  # TensorBoard scalars from the training script
     "tqdm>=4.66",
     "onnx>=1.16",  # the serving handlers export the network to ONNX in memory at load time...
-    "onnxruntime>=1.18",  # ...and run it with ONNX Runtime (the local endpoint as the SageMaker one)
+    "onnxruntime>=1.18",  # ...and run it with ONNX Runtime where installed (local endpoints, evaluation)
+    "pyyaml>=6",  # the local endpoint reads the artifact's Ray Serve config.yaml
+    "packaging<25",  # sagemaker 2.x's bound, kept when Ray is installed beside it
 ]
+
+# The local endpoint's --ray host: the Ray of AWS's Ray Serve inference image (v1.4). protobuf 7 breaks Ray.
+RAY_REQUIREMENTS = ["ray[serve]==2.57.0", "protobuf<7"]
 
 DEV_REQUIREMENTS = [
     "pytest>=8",
     "pytest-timeout>=2.3",
     "moto[s3,sagemaker,lambda,events,sqs,iam,sts]>=5.0,<6",
     "ruff>=0.6",
-    "pyyaml>=6",  # tests read buildspec.yml
     "sagemaker-pytorch-inference>=2.0.25",  # the serving toolkit the handler tests run under
     "sagemaker-training>=5.1,<6",  # the training toolkit: tests launch train.py the way the container does
+    *RAY_REQUIREMENTS,  # tests run the artifact's app on a real Ray Serve cluster
 ]
 
 setup(
@@ -44,9 +49,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["pipelines", "pipelines.*", "steps", "entrypoints"]),
-    package_data={"entrypoints": ["*.txt"], "steps": ["*.json", "*.txt"], "pipelines.iam": ["*.json"]},
+    package_data={"entrypoints": ["*.txt", "*.yaml"], "steps": ["*.json", "*.txt"], "pipelines.iam": ["*.json"]},
     install_requires=RUNTIME_REQUIREMENTS,
-    extras_require={"dev": DEV_REQUIREMENTS},
+    extras_require={"dev": DEV_REQUIREMENTS, "ray": RAY_REQUIREMENTS},
     entry_points={"console_scripts": ["image-pipeline=pipelines.run:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.11",

@@ -22,6 +22,13 @@ CODE_DIR = "code"
 # Files copied from entrypoints/ into <model>/code/ so the serving container needs no repack step.
 SERVING_CODE_FILES = ("inference.py", "modeling.py", "transforms.py", "contract.py")
 SERVING_REQUIREMENTS_FILE = "requirements-serving.txt"  # copied as code/requirements.txt
+# The Ray Serve app at the artifact's root (AWS's Ray Serve inference container runs `serve run config.yaml`
+# with <model> and <model>/code on PYTHONPATH): the config (one application, route prefix /) and the module it
+# names, a thin wrapper over code/inference.py. Both are copied from entrypoints/ under these names.
+RAY_SERVE_CONFIG_FILE = "config.yaml"
+RAY_SERVE_CONFIG_TEMPLATE = "ray_serve_config.yaml"  # entrypoints/ name of config.yaml
+RAY_SERVE_MODULE_FILE = "deployment.py"
+RAY_SERVE_APP_NAME = "image-classifier"
 
 # --- image preprocessing shared by training, evaluation and serving ----------------------------------------
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,8 +81,13 @@ RESPONSE_CONTENT_TYPES = (JSON_CONTENT_TYPE,)
 DEFAULT_TOP_K = 5
 MAX_BATCH_IMAGES = 32
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused as possible decompression bombs
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints refuse larger request bodies
 # Environment variables the serving handlers read (set them on the SageMaker Model / endpoint config).
 ENV_INFERENCE_RUNTIME = "INFERENCE_RUNTIME"  # auto (default) | onnxruntime | torchscript | eager
 ENV_INFERENCE_THREADS = "INFERENCE_NUM_THREADS"  # intra-op threads per model-server worker
 ENV_JPEG_DRAFT_FACTOR = "INFERENCE_JPEG_DRAFT_FACTOR"  # 0 = decode JPEGs at full size (see inference.py)
 ENV_MODEL_SERVER_WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"  # the toolkit's own: worker processes per model
+# ... and the Ray Serve deployment (deployment.py): replicas per instance and requests each replica takes at once.
+ENV_SERVE_REPLICAS = "INFERENCE_REPLICAS"  # default: one per GPU, else one per 4 vCPUs
+ENV_SERVE_MAX_ONGOING_REQUESTS = "INFERENCE_MAX_ONGOING_REQUESTS"  # default: 2 x threads per replica, at least 4
+ENV_SERVE_MODEL_DIR = "SM_MODEL_DIR"  # where deployment.py finds the model; default: the folder it lies in

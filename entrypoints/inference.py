@@ -27,12 +27,16 @@ message and the worker goes on serving. Codes: ``unsupported_content_type`` (415
 ``invalid_request``, ``invalid_base64`` (400), ``image_too_large`` and ``batch_too_large`` (413).
 
 Speed (``bench/inference_bench.py`` measures it): the network is loaded once and run by the fastest runtime
-that gives the eager model's answers -- ONNX Runtime (exported in memory at load time when ``onnx`` and
-``onnxruntime`` are installed, as ``code/requirements.txt`` asks), else a traced, frozen TorchScript module,
-else eager PyTorch; each candidate is checked against eager on a probe batch before it is used. Large JPEGs
-are decoded at 1/2, 1/4 or 1/8 size in the DCT domain (PIL ``draft``) when the reduced image still has
-``INFERENCE_JPEG_DRAFT_FACTOR`` times the pixels the resize needs. Environment variables (names in
-``contract``): ``INFERENCE_RUNTIME``, ``INFERENCE_NUM_THREADS``, ``INFERENCE_JPEG_DRAFT_FACTOR``.
+that gives the eager model's answers -- ONNX Runtime (exported in memory at load time when the image has
+``onnx`` and ``onnxruntime``), else a traced, frozen TorchScript module (what both serving images use as
+shipped: ``code/requirements.txt`` asks for nothing, so that an endpoint without a package index starts), else
+eager PyTorch; each candidate is checked against eager on a probe batch before it is used, and the log names
+the one chosen. Large JPEGs are decoded at 1/2, 1/4 or 1/8 size in the DCT domain (PIL ``draft``) when the
+reduced image still has ``INFERENCE_JPEG_DRAFT_FACTOR`` times the pixels the resize needs. Environment
+variables (names in ``contract``): ``INFERENCE_RUNTIME``, ``INFERENCE_NUM_THREADS``,
+``INFERENCE_JPEG_DRAFT_FACTOR``.
+
+The same four functions serve on AWS's Ray Serve inference image: the artifact's ``deployment.py`` wraps them.
 
 Shipped in ``<model>/code/``: imports only the standard library, numpy, PIL, torch, its siblings, and
 (optionally) onnx/onnxruntime and the toolkit's error class.
@@ -100,8 +104,8 @@ class InferenceError(_ToolkitError, ValueError):
         return self.message
 
     def to_json(self) -> str:
-        """The body a plain HTTP server can send with ``status_code``."""
-        return json.dumps({"error": {"code": self.code, "message": self.message}})
+        """The body an HTTP server sends with ``status_code``: ``{"error": message, "code": code}``."""
+        return json.dumps({"error": self.message, "code": self.code})
 
 
 @dataclass
@@ -485,8 +489,12 @@ def _json_batch(body: bytes | bytearray | str, preprocess: Preprocessor, default
             raise InferenceError(f"the JSON body is not UTF-8 text: {error}", code="invalid_json") from None
     try:
         payload = json.loads(body)
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSONDecodeError, and numbers too long to convert
         raise InferenceError(f"the body is not valid JSON ({error}): send {_JSON_SHAPE}", code="invalid_json") from None
+    except RecursionError:
+        raise InferenceError(
+            f"the JSON is nested too deeply to parse: send {_JSON_SHAPE}", code="invalid_json"
+        ) from None
     if not isinstance(payload, dict) or "instances" not in payload:
         raise InferenceError(f"the JSON has no 'instances' list: send {_JSON_SHAPE}", code="invalid_request")
     unknown = sorted(set(payload) - {"instances", "top_k"})

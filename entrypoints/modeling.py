@@ -227,8 +227,10 @@ def save_artifact(
 ) -> Path:
     """Write the model artifact of the contract into ``model_dir`` (SageMaker tars it as model.tar.gz).
 
-    ``model.pt`` (a state_dict of CPU tensors), ``model_config.json``, ``hyperparameters.json`` and ``code/``
-    with the serving handlers and their requirements, so the PyTorch serving container needs no repack step.
+    ``model.pt`` (a state_dict of CPU tensors), ``model_config.json``, ``hyperparameters.json``, ``code/`` with
+    the serving handlers and their requirements (what the legacy PyTorch serving container loads), and at the
+    root the Ray Serve app (``config.yaml`` and ``deployment.py``, what the Ray Serve container runs): one
+    artifact serves on both images with no repack step.
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +242,7 @@ def save_artifact(
             json.dumps(hyperparameters, indent=2, sort_keys=True, default=str)
         )
     copy_serving_code(model_dir / contract.CODE_DIR)
+    copy_serving_app(model_dir)
     return model_dir
 
 
@@ -252,6 +255,15 @@ def copy_serving_code(code_dir: str | Path) -> Path:
         shutil.copy2(source / name, code_dir / name)
     shutil.copy2(source / contract.SERVING_REQUIREMENTS_FILE, code_dir / "requirements.txt")
     return code_dir
+
+
+def copy_serving_app(model_dir: str | Path) -> Path:
+    """Copy the Ray Serve app (``config.yaml`` and the deployment module it names) to the artifact's root."""
+    source = Path(__file__).resolve().parent
+    model_dir = Path(model_dir)
+    shutil.copy2(source / contract.RAY_SERVE_CONFIG_TEMPLATE, model_dir / contract.RAY_SERVE_CONFIG_FILE)
+    shutil.copy2(source / contract.RAY_SERVE_MODULE_FILE, model_dir / contract.RAY_SERVE_MODULE_FILE)
+    return model_dir
 
 
 def read_model_config(model_dir: str | Path) -> ModelConfig:

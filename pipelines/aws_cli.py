@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines import config
+from pipelines import config, images
 from pipelines.run import CommandError
 
 TERMINAL_EXECUTION_STATUSES = ("Succeeded", "Failed", "Stopped")
@@ -145,6 +145,7 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="skip checking the definition against SageMaker's API shapes (default: check, and stop on problems)",
     )
+    images.add_serving_arguments(parser)
 
 
 def add_commands(subparsers: Any) -> None:
@@ -318,6 +319,7 @@ def pipeline_options(args: argparse.Namespace) -> Any:
         training_instance_type=args.training_instance_type,
         processing_instance_type=args.processing_instance_type,
         cache_expire_after=config.CACHE_EXPIRE_AFTER if args.cache else None,
+        **images.serving_options(args),
     )
 
 

@@ -66,6 +66,16 @@ PROCESSING_INSTANCE_TYPE = "ml.m5.xlarge"
 TRAINING_INSTANCE_TYPE = "ml.g4dn.xlarge"
 INFERENCE_INSTANCE_TYPES = ("ml.m5.large", "ml.m5.xlarge", "ml.g4dn.xlarge")
 TRANSFORM_INSTANCE_TYPES = ("ml.m5.xlarge",)
+# Serving images (pipelines/images.py builds their URIs). The default is AWS's Ray Serve inference image; the
+# SageMaker PyTorch inference image of INFERENCE_FRAMEWORK_VERSION (TorchServe) is past end of patches.
+SERVING_IMAGE = "ray-serve"  # or "pytorch-2.6"
+SERVING_INSTANCE_TYPE = INFERENCE_INSTANCE_TYPES[0]  # picks the CPU or GPU build of the serving image
+RAY_SERVE_IMAGE_REPOSITORY = "ray"
+RAY_SERVE_IMAGE_TAG = "serve-ml-sagemaker-{device}-v1.4"  # device: cpu or cuda (AWS's v1.4 release tags)
+RAY_SERVE_VERSION = "2.57.0"  # the image's Ray; setup.py pins the same for local --ray endpoints
+RAY_SERVE_TORCH_VERSION = "2.10"  # the image's torch (the model package's FrameworkVersion)
+RAY_SERVE_GPU_AMI_VERSION = "al2-ami-sagemaker-inference-gpu-3-1"  # the GPU image needs this host AMI's drivers
+LEGACY_INFERENCE_END_OF_PATCHES = "2026-06-30"
 
 # --- data -------------------------------------------------------------------------------------------------------
 SPLITS = contract.SPLITS

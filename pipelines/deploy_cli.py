@@ -3,7 +3,9 @@
 Same code (``steps/deploy.py``), same settings (the flags become the same environment the function gets from
 ``upsert``), same result: the endpoint is created, or updated blue/green to the package's model. Useful to
 deploy without waiting for EventBridge, to redeploy after fixing a failed endpoint, or to roll back by
-deploying an older approved version.
+deploying an older approved version. With ``--smoke-test-dir`` it waits for the update, runs ``endpoint-test``
+against the endpoint, and when that fails serves the previous approved version again (the tested one becomes
+Rejected) and exits non-zero.
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ def add_commands(subparsers: Any) -> None:
         default=3600,
         help="give up waiting for InService after this long (default: %(default)s)",
     )
+    parser.add_argument(
+        "--smoke-test-dir",
+        default=None,
+        help="after the update, run endpoint-test with this test split (folder or s3:// prefix; implies --wait) "
+        "and roll back to the previous approved version if it fails",
+    )
+    parser.add_argument("--smoke-test-images", type=int, default=20, help="images endpoint-test sends (default: 20)")
     deploy_infra.add_endpoint_arguments(parser)
     parser.set_defaults(func=run_deploy)
 
@@ -91,12 +100,44 @@ def run_deploy(args: argparse.Namespace) -> int:
             f"not deployed: {result['reason']}. Deploy an Approved package of {args.model_package_group} "
             "(approve it in Studio or with `python -m pipelines.run approve`), or pass --model-package-group."
         )
-    if args.wait:
+    if args.wait or args.smoke_test_dir:
         result["endpoint_status"] = _wait_in_service(
             clients.sagemaker, result["endpoint_name"], result["endpoint_config_name"], args
         )
     print(json.dumps(result, indent=2, default=str))
+    if args.smoke_test_dir:
+        _smoke_test_or_roll_back(args, session, settings, clients, result["endpoint_name"])
     return 0
+
+
+def _smoke_test_or_roll_back(args: argparse.Namespace, session: Any, settings: Any, clients: Any, name: str) -> None:
+    """endpoint-test on the updated endpoint; on failure, the previous approved version is served again."""
+    from pipelines import endpoint_test
+    from steps import deploy
+
+    test_args = argparse.Namespace(
+        test_dir=args.smoke_test_dir,
+        images=args.smoke_test_images,
+        endpoint=None,
+        endpoint_name=name,
+        model=None,
+        region=session.region_name,
+        workdir=None,
+        name=None,
+        rollback=False,
+        json=False,
+    )
+    if endpoint_test.run_endpoint_test(test_args) == 0:
+        return
+    reason = f"endpoint-test failed on {name} after deploying {args.model_package_arn}"
+    try:
+        rolled = roll_back(args.model_package_arn, reason, settings, clients)
+    except deploy.DeployError as error:
+        raise CommandError(f"{reason}; {error}") from error
+    _wait_in_service(clients.sagemaker, name, rolled["endpoint_config_name"], args)
+    raise CommandError(
+        f"{reason}: rolled back to {rolled['model_package_arn']} (now InService); the tested version is Rejected"
+    )
 
 
 def _wait_in_service(sagemaker_client: Any, endpoint_name: str, config_name: str, args: argparse.Namespace) -> str:
@@ -121,3 +162,45 @@ def _wait_in_service(sagemaker_client: Any, endpoint_name: str, config_name: str
                 "the deployment goes on: check it with `aws sagemaker describe-endpoint`"
             )
         time.sleep(IN_SERVICE_POLL_SECONDS)
+
+
+# --- rolling back ---------------------------------------------------------------------------------------------
+#
+# Here, not in steps/deploy.py: the deploy Lambda never rolls back, and its least-privilege role must not be able
+# to change a package's approval status (UpdateModelPackage). The person running `deploy` may.
+
+
+def previous_approved_package(sagemaker_client: Any, group: str, before_version: int) -> dict[str, Any] | None:
+    """The newest Approved package of ``group`` older than ``before_version``, or None."""
+    best: dict[str, Any] | None = None
+    paginator = sagemaker_client.get_paginator("list_model_packages")
+    for page in paginator.paginate(ModelPackageGroupName=group, ModelApprovalStatus="Approved"):
+        for summary in page.get("ModelPackageSummaryList", []):
+            version = summary.get("ModelPackageVersion")
+            newer = best is None or (isinstance(version, int) and version > best["ModelPackageVersion"])
+            if isinstance(version, int) and version < before_version and newer:
+                best = summary
+    return best
+
+
+def roll_back(failed_package_arn: str, reason: str, settings: Any, clients: Any) -> dict[str, Any]:
+    """Serve the previous Approved version again and mark ``failed_package_arn`` Rejected with ``reason``.
+
+    Raises DeployError when there is no earlier approved version (the endpoint then keeps the failed one).
+    """
+    from steps import deploy
+
+    package = clients.sagemaker.describe_model_package(ModelPackageName=failed_package_arn)
+    group, version = package["ModelPackageGroupName"], package["ModelPackageVersion"]
+    previous = previous_approved_package(clients.sagemaker, group, version)
+    if previous is None:
+        raise deploy.DeployError(
+            f"cannot roll back: {group} has no Approved version before {version}; the endpoint keeps serving it. "
+            "Fix it, or reject it and deploy another version by hand."
+        )
+    clients.sagemaker.update_model_package(
+        ModelPackageArn=failed_package_arn, ModelApprovalStatus="Rejected", ApprovalDescription=reason[:1024]
+    )
+    print(f"rolling back to {previous['ModelPackageArn']}: {reason}", file=sys.stderr, flush=True)
+    result = deploy.deploy_model_package(previous["ModelPackageArn"], settings, clients)
+    return {**result, "rolled_back_from": failed_package_arn, "reason": reason}

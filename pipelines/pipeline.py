@@ -43,11 +43,12 @@ from sagemaker.debugger import (
     rule_configs,
 )
 from sagemaker.inputs import TrainingInput
+from sagemaker.model import Model
 from sagemaker.model_metrics import MetricsSource, ModelMetrics
 from sagemaker.network import NetworkConfig
 from sagemaker.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter, ParameterRange
 from sagemaker.processing import ProcessingInput, ProcessingOutput, ScriptProcessor
-from sagemaker.pytorch import PyTorch, PyTorchModel
+from sagemaker.pytorch import PyTorch
 from sagemaker.tuner import HyperparameterTuner, WarmStartConfig, WarmStartTypes
 from sagemaker.workflow.condition_step import ConditionStep
 from sagemaker.workflow.conditions import ConditionGreaterThanOrEqualTo
@@ -68,7 +69,7 @@ from sagemaker.workflow.retry import (
 )
 from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep, TuningStep
 
-from pipelines import config
+from pipelines import config, images
 from pipelines.config import (  # step names and container paths, shared with the local runner
     CHECKPOINT_LOCAL_PATH,
     EVALUATE_MODEL_DIR,
@@ -136,6 +137,9 @@ class PipelineOptions:
             image (CPU or GPU build) is chosen from these.
         cache_expire_after: ISO 8601 duration for step caching of the expensive steps; None turns caching off.
         max_runtime_seconds / max_wait_seconds: time limits of each training job (max_wait only with spot).
+        serving_image / serving_image_uri / serving_instance_type: the registered model's container (see
+            pipelines/images.py): Ray Serve (default) or the legacy PyTorch image, a URI that overrides it, and
+            the instance type whose device (CPU or GPU) picks the image's build.
     """
 
     pipeline_name: str = config.PIPELINE_NAME
@@ -156,6 +160,9 @@ class PipelineOptions:
     cache_expire_after: str | None = config.CACHE_EXPIRE_AFTER
     max_runtime_seconds: int = config.TRAINING_MAX_RUNTIME_SECONDS
     max_wait_seconds: int = config.TRAINING_MAX_WAIT_SECONDS
+    serving_image: str = config.SERVING_IMAGE
+    serving_image_uri: str | None = None
+    serving_instance_type: str = config.SERVING_INSTANCE_TYPE
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option and what to do instead."""
@@ -736,17 +743,22 @@ def get_pipeline(
     )
 
     # --- Register ----------------------------------------------------------------------------------------------
-    inference_image = framework_image_uri(region, "inference", config.INFERENCE_INSTANCE_TYPES[0])
-    # The artifact already holds code/inference.py and code/requirements.txt (written by train.py), so no
-    # entry_point is given: the SDK then adds no _RepackModel step, and the serving container finds the
-    # handler through SAGEMAKER_PROGRAM in /opt/ml/model/code.
-    model = PyTorchModel(
+    # The artifact (written by train.py) serves on both images with no repack step: the Ray Serve image runs its
+    # config.yaml and deployment.py, the legacy PyTorch image its code/inference.py, found through
+    # SAGEMAKER_PROGRAM. No entry_point is given, so the SDK adds no _RepackModel step.
+    serving_image = images.serving_image_uri(
+        region, options.serving_instance_type, options.serving_image, options.serving_image_uri
+    )
+    serving_device = images.device_for(options.serving_instance_type)
+    serving_instances = [options.serving_instance_type] + [
+        instance_type
+        for instance_type in config.INFERENCE_INSTANCE_TYPES
+        if instance_type != options.serving_instance_type and images.device_for(instance_type) == serving_device
+    ]
+    model = Model(
+        image_uri=serving_image,
         model_data=model_data,
         role=role,
-        entry_point=None,
-        framework_version=config.INFERENCE_FRAMEWORK_VERSION,
-        py_version=config.PYTHON_VERSION,
-        image_uri=inference_image,
         env={
             "SAGEMAKER_PROGRAM": "inference.py",
             "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
@@ -761,7 +773,6 @@ def get_pipeline(
             else None
         ),
         model_kms_key=options.kms_key,
-        code_location=_s3(bucket, name, "code"),  # never used (no code to upload), but spares a bucket lookup
     )
     model_metrics = ModelMetrics(
         model_statistics=MetricsSource(
@@ -772,7 +783,7 @@ def get_pipeline(
     register_args = model.register(
         content_types=list(config.REQUEST_CONTENT_TYPES),
         response_types=list(config.RESPONSE_CONTENT_TYPES),
-        inference_instances=list(config.INFERENCE_INSTANCE_TYPES),
+        inference_instances=serving_instances,
         transform_instances=list(config.TRANSFORM_INSTANCE_TYPES),
         model_package_group_name=params.model_package_group_name,
         approval_status=params.model_approval_status,
@@ -781,7 +792,7 @@ def get_pipeline(
         domain="COMPUTER_VISION",
         task="IMAGE_CLASSIFICATION",
         framework="PYTORCH",
-        framework_version=config.INFERENCE_FRAMEWORK_VERSION,
+        framework_version=images.framework_version(options.serving_image),
     )
     step_register = ModelStep(
         name=STEP_REGISTER,

@@ -657,6 +657,7 @@ def _deploy(
 
     model_name = model_name_for(settings, version)
     config_request = endpoint_config_request(settings, model_name)
+    apply_serving_image(config_request, serving_image_of(package), settings)
     config_name = endpoint_config_name_for(settings, version, config_request)
     endpoint_name = settings.resolved_endpoint_name
     names = {
@@ -729,6 +730,63 @@ def _update_endpoint(
         deployment_config=deployment,
     )
     return {"action": "updated", "previous_endpoint_config_name": current, "deployment_config": deployment}
+
+
+# --- the serving image ----------------------------------------------------------------------------------------
+#
+# Packages registered by the pipeline run on AWS's Ray Serve inference image (ray:serve-ml-sagemaker-cpu|cuda) by
+# default, or on the legacy SageMaker PyTorch 2.6 image. The Ray Serve image is untested by AWS on serverless
+# endpoints and is not made for multi-model endpoints: a serverless deployment of such a package is refused with
+# the reason (falling back to the unpatched legacy image silently, in an unattended function, would trade a clear
+# failure for an endpoint without security fixes). Its CUDA build needs a GPU instance and a host AMI whose NVIDIA
+# drivers match it; the legacy image is deployed with a warning that it is past end of patches.
+
+RAY_SERVE_IMAGE_MARKER = "/ray:serve-ml-sagemaker-"
+LEGACY_IMAGE_MARKER = "/pytorch-inference:"
+RAY_SERVE_GPU_AMI_VERSION = "al2-ami-sagemaker-inference-gpu-3-1"
+LEGACY_END_OF_PATCHES = "2026-06-30"
+
+
+class UnsupportedServingImageError(DeployError):
+    """The package's serving image cannot serve with these settings; the message says why and what to do."""
+
+
+def serving_image_of(package: Mapping[str, Any]) -> str:
+    containers = (package.get("InferenceSpecification") or {}).get("Containers") or [{}]
+    return str(containers[0].get("Image", ""))
+
+
+def _is_gpu_instance(instance_type: str) -> bool:
+    family = instance_type.split(".")[1] if instance_type.count(".") >= 2 else ""
+    return family[:1] in ("g", "p")  # ml.g4dn, ml.g5, ml.gr6, ml.p4d...: NVIDIA GPUs
+
+
+def apply_serving_image(config_request: dict[str, Any], image: str, settings: DeploySettings) -> None:
+    """Refuse what the package's image cannot serve; give the Ray Serve CUDA image its host AMI."""
+    if RAY_SERVE_IMAGE_MARKER in image:
+        if settings.serverless:
+            raise UnsupportedServingImageError(
+                f"the package runs on the Ray Serve image ({image}), which AWS does not support on serverless "
+                "endpoints: unset SERVERLESS_MEMORY_MB to serve from instances, or register the model with "
+                "--serving-image pytorch-2.6 (past end of patches) to serve it serverless"
+            )
+        cuda = "-cuda-" in image
+        if cuda != _is_gpu_instance(settings.instance_type):
+            raise UnsupportedServingImageError(
+                f"the package's image is the Ray Serve {'CUDA' if cuda else 'CPU'} build but INSTANCE_TYPE="
+                f"{settings.instance_type} is a {'CPU' if cuda else 'GPU'} instance: choose a matching instance "
+                "type, or register the model with --serving-instance-type of the same kind"
+            )
+        if cuda:
+            for variant in config_request["ProductionVariants"]:
+                variant["InferenceAmiVersion"] = RAY_SERVE_GPU_AMI_VERSION
+    elif LEGACY_IMAGE_MARKER in image:
+        _log(
+            logging.WARNING,
+            "legacy serving image: past end of patches",
+            image=image,
+            end_of_patches=LEGACY_END_OF_PATCHES,
+        )
 
 
 # --- the event ------------------------------------------------------------------------------------------------

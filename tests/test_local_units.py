@@ -1,5 +1,5 @@
 """Unit tests of the local runner's parts: the tuner's sampling, the training-container contract, hashing,
-deterministic tarballs, the step cache key, the registry and the endpoint server's error handling."""
+deterministic tarballs, the step cache key and the registry (the endpoint server: tests/test_local_endpoint.py)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,15 @@ import io
 import json
 import math
 import tarfile
-import textwrap
-import threading
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
-from _http import post_invocation
 
 from entrypoints import contract
 from pipelines import config
 from pipelines.config import HyperparameterRange
-from pipelines.local import cache, containers, fsutil, registry, server, tuning
+from pipelines.local import cache, containers, fsutil, registry, tuning
 
 # --- tuning -------------------------------------------------------------------------------------------------------
 
@@ -225,63 +220,6 @@ def test_registry_versions_fields_and_approval(tmp_path: Path) -> None:
     ]
     with pytest.raises(registry.RegistryError, match="no version 9"):
         local.update_approval("Group", 9, "Approved")
-
-
-# --- the endpoint server's contract, with a handler module written here -----------------------------------------
-
-HANDLERS = textwrap.dedent(
-    """
-    import json
-
-    class BadRequest(Exception):
-        status_code = 415
-
-    def model_fn(model_dir):
-        return {"loaded_from": model_dir}
-
-    def input_fn(body, content_type):
-        if content_type == "application/json":
-            assert isinstance(body, str)  # the toolkit decodes JSON bodies to str
-            return json.loads(body)
-        if content_type != "image/png":
-            raise BadRequest(f"unsupported content type {content_type}")
-        return {"bytes": len(body)}
-
-    def predict_fn(data, model):
-        if data.get("crash"):
-            raise RuntimeError("handler bug")
-        return data
-
-    def output_fn(prediction, accept):
-        return json.dumps(prediction), accept
-    """
-)
-
-
-@pytest.fixture()
-def handler_server(tmp_path: Path):
-    (tmp_path / "model" / "code").mkdir(parents=True)
-    (tmp_path / "model" / "code" / "inference.py").write_text(HANDLERS)
-    handlers = server.ModelHandlers(tmp_path / "model")
-    http_server = server.bind_server("127.0.0.1", 0, server.make_handler(handlers), fallback=False)
-    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{http_server.server_address[1]}"
-    http_server.shutdown()
-    http_server.server_close()
-
-
-def test_server_maps_handler_errors_to_json_and_stays_up(handler_server: str) -> None:
-    with urllib.request.urlopen(f"{handler_server}/ping", timeout=10) as response:
-        assert response.status == 200
-    assert post_invocation(handler_server, b"\x89PNG....", "image/png") == (200, {"bytes": 8})
-    status, body = post_invocation(handler_server, b"GIF89a", "image/gif")
-    assert status == 415 and "unsupported content type image/gif" in body["error"]
-    status, body = post_invocation(handler_server, b'{"crash": true}', "application/json")
-    assert status == 500 and body == {"error": "handler bug"}  # no stack trace to the client
-    assert post_invocation(handler_server, b'{"a": 1}', "application/json") == (200, {"a": 1})  # still serving
-    status, body = post_invocation(handler_server, b"x" * (server.MAX_PAYLOAD_BYTES + 1), "image/png")
-    assert status == 413
 
 
 # --- the local DAG matches the SageMaker pipeline -----------------------------------------------------------------

@@ -141,12 +141,11 @@ def test_no_repack_step_and_registered_container(built: dict[str, Any]) -> None:
     assert container["ModelDataUrl"] == {"Get": "Steps.Train.ModelArtifacts.S3ModelArtifacts"}
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
     assert container["Environment"]["SAGEMAKER_SUBMIT_DIRECTORY"] == "/opt/ml/model/code"
-    assert f"pytorch-inference:{config.INFERENCE_FRAMEWORK_VERSION}-" in container["Image"]
-    assert container["Image"].endswith(config.PYTHON_VERSION)
+    assert container["Image"].endswith(f"/ray:{config.RAY_SERVE_IMAGE_TAG.format(device='cpu')}")  # Ray Serve
     spec = register["InferenceSpecification"]
     assert spec["SupportedContentTypes"] == list(config.REQUEST_CONTENT_TYPES)
     assert spec["SupportedResponseMIMETypes"] == list(config.RESPONSE_CONTENT_TYPES)
-    assert spec["SupportedRealtimeInferenceInstanceTypes"] == list(config.INFERENCE_INSTANCE_TYPES)
+    assert spec["SupportedRealtimeInferenceInstanceTypes"] == ["ml.m5.large", "ml.m5.xlarge"]  # the CPU image's
     assert spec["SupportedTransformInstanceTypes"] == list(config.TRANSFORM_INSTANCE_TYPES)
     assert register["ModelApprovalStatus"] == {"Get": "Parameters.ModelApprovalStatus"}
     assert register["ModelPackageGroupName"] == {"Get": "Parameters.ModelPackageGroupName"}

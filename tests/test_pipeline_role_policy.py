@@ -269,7 +269,7 @@ def test_every_container_image_of_the_definition_can_be_pulled(built: dict[str, 
     policy = render(built)  # the repositories come from the SDK's image lookup for the region
     images = _images(built["definitions"]["default"]) | _images(built["definitions"]["all_options"])
     assert any("/sagemaker-debugger-rules" in image for image in images)
-    assert any("/pytorch-inference" in image for image in images)
+    assert any("/ray:serve-ml-sagemaker-" in image for image in images)  # the serving image
     for image in images:
         repository = iam.ecr_repository_arn(image, "aws")
         for action in ("ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"):

@@ -71,17 +71,21 @@ def partition_for_region(region: str) -> str:
     return "aws"
 
 
-def pipeline_image_uris(region: str) -> list[str]:
-    """The container images the pipeline's jobs run in this region, found the way pipelines/pipeline.py finds
-    them: the PyTorch training image (processing and training), the inference image (the registered model) and
-    the Debugger rule image (the Train step's rule and profiler jobs)."""
+def pipeline_image_uris(
+    region: str, serving_image: str = config.SERVING_IMAGE, serving_image_uri: str | None = None
+) -> list[str]:
+    """The container images the pipeline's jobs and its registered model run in this region, found the way
+    pipelines/pipeline.py finds them: the PyTorch training image (processing and training), the serving image
+    (the registered model: the Ray Serve image, or the legacy PyTorch one) and the Debugger rule image (the Train
+    step's rule and profiler jobs). The role is also the model's execution role, which pulls the serving image."""
     from sagemaker.debugger import get_rule_container_image_uri
 
+    from pipelines import images
     from pipelines.pipeline import framework_image_uri
 
     training = framework_image_uri(region, "training", config.PROCESSING_INSTANCE_TYPE)
-    inference = framework_image_uri(region, "inference", config.INFERENCE_INSTANCE_TYPES[0])
-    return [training, inference, get_rule_container_image_uri("ProfilerReport", region)]
+    serving = images.serving_image_uri(region, config.SERVING_INSTANCE_TYPE, serving_image, serving_image_uri)
+    return [training, serving, get_rule_container_image_uri("ProfilerReport", region)]
 
 
 def ecr_repository_arn(image_uri: str, partition: str) -> str:
@@ -122,6 +126,8 @@ def render_pipeline_role_policy(
     extra_input_s3_uris: Sequence[str] = (),
     image_uris: Sequence[str] | None = None,
     partition: str | None = None,
+    serving_image: str = config.SERVING_IMAGE,
+    serving_image_uri: str | None = None,
 ) -> dict[str, Any]:
     """The pipeline execution role's least-privilege policy: pipeline_role_policy.json filled in.
 
@@ -136,6 +142,7 @@ def render_pipeline_role_policy(
             ``--weights-uri`` elsewhere); read-only, one statement set each.
         image_uris: the container images to allow pulling (default: :func:`pipeline_image_uris` of the region).
         partition: the ARN partition (default: the region's).
+        serving_image / serving_image_uri: as given to ``upsert --serving-image / --serving-image-uri``.
 
     Raises:
         ValueError: naming the bad argument.
@@ -164,7 +171,9 @@ def render_pipeline_role_policy(
     for group in security_group_ids:
         if not re.fullmatch(r"sg-[0-9a-f]+", group):
             raise ValueError(f"{group!r} is not a security group ID (sg-...)")
-    images = list(image_uris) if image_uris is not None else pipeline_image_uris(region)
+    images = (
+        list(image_uris) if image_uris is not None else pipeline_image_uris(region, serving_image, serving_image_uri)
+    )
     ec2_arn = f"arn:{partition}:ec2:{region}:{account_id}"
     scalars = {
         "${AWS::Partition}": partition,

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from pipelines import config
+from pipelines import config, images
 from pipelines.iam import (
     DEFAULT_ROLE_NAME,
     pipeline_role_trust_policy,
@@ -79,6 +79,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="an s3:// prefix outside s3://<bucket>/<pipeline>/ that jobs read, e.g. an InputDataUri or "
         "--weights-uri elsewhere; repeat for more (default: none)",
     )
+    policy.add_argument(
+        "--serving-image",
+        choices=images.SERVING_IMAGES,
+        default=config.SERVING_IMAGE,
+        help="the serving image given to upsert (default: %(default)s)",
+    )
+    policy.add_argument("--serving-image-uri", default=None, help="the --serving-image-uri given to upsert")
     policy.add_argument("--output", default=None, help="write the policy to this file (default: standard output)")
     commands.add_parser("trust-policy", help="the role's trust policy (only sagemaker.amazonaws.com may assume it)")
     return parser
@@ -111,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             subnets=args.subnets,
             security_group_ids=args.security_group_ids,
             extra_input_s3_uris=args.extra_input_s3_uri,
+            serving_image=args.serving_image,
+            serving_image_uri=args.serving_image_uri,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -87,6 +87,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     local.add_argument("--endpoint-name", default=config.LOCAL_ENDPOINT_NAME, help="name of the local endpoint")
     local.add_argument("--port", type=int, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint")
+    local.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
+    )
     local.add_argument("--group", default=config.MODEL_PACKAGE_GROUP, help="model package group in the local registry")
     local.add_argument("--quiet", action="store_true", help="print only the summary")
     local.set_defaults(func=run_local)
@@ -122,6 +127,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--version", type=_positive_int, default=None, help="version to serve (start; default: the newest approved)"
     )
     endpoint.add_argument("--port", type=int, default=config.LOCAL_ENDPOINT_PORT, help="port (start)")
+    endpoint.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
+    )
     endpoint.set_defaults(func=run_endpoint)
 
     models = subparsers.add_parser(
@@ -138,6 +148,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument("--no-deploy", action="store_true", help="approve without deploying")
     models.add_argument("--endpoint-name", default=config.LOCAL_ENDPOINT_NAME, help="endpoint to deploy to")
     models.add_argument("--port", type=int, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint")
+    models.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
+    )
     models.set_defaults(func=run_models)
 
 
@@ -168,6 +183,7 @@ def run_local(args: argparse.Namespace) -> int:
         approve=args.approve,
         endpoint_name=args.endpoint_name,
         port=args.port,
+        ray=args.ray,
         model_package_group=args.group,
     )
     console = Console(quiet=args.quiet)
@@ -290,14 +306,14 @@ def run_endpoint(args: argparse.Namespace) -> int:
             f"version {package['ModelPackageVersion']} is {package['ModelApprovalStatus']}: approve it first "
             f"('python -m pipelines.run local-models --approve {package['ModelPackageVersion']}')"
         )
-    return _deploy(workdir, args.name, package, args.port)
+    return _deploy(workdir, args.name, package, args.port, args.ray)
 
 
-def _deploy(workdir: Path, name: str, package: dict[str, Any], port: int) -> int:
+def _deploy(workdir: Path, name: str, package: dict[str, Any], port: int, ray: bool = False) -> int:
     from pipelines.local import endpoint as local_endpoint
 
     try:
-        record = local_endpoint.deploy(workdir, name, package, port=port)
+        record = local_endpoint.deploy(workdir, name, package, port=port, ray=ray)
     except local_endpoint.EndpointError as error:
         raise CommandError(str(error)) from error
     state = "already serving" if record.get("unchanged") else "serving"
@@ -318,7 +334,7 @@ def run_models(args: argparse.Namespace) -> int:
             package = registry.update_approval(args.group, args.approve, "Approved", "approved with local-models")
             print(f"{package['ModelPackageArn']}: Approved")
             if not args.no_deploy:
-                return _deploy(workdir, args.endpoint_name, package, args.port)
+                return _deploy(workdir, args.endpoint_name, package, args.port, args.ray)
             return 0
         if args.reject is not None:
             package = registry.update_approval(args.group, args.reject, "Rejected", "rejected with local-models")

@@ -3,8 +3,10 @@
 Deploying (what the deploy Lambda does on SageMaker when a version is approved) extracts the version's
 ``model.tar.gz`` into ``<workdir>/endpoints/<name>/<version>/model`` (refusing entries that would land outside
 it), stops the endpoint's previous server if any, and starts ``python -m pipelines.local.server`` in its own
-session, so it outlives the command that started it. ``<workdir>/endpoints/<name>.json`` records its pid, URL,
-model package and log file; ``python -m pipelines.run endpoint stop`` ends it.
+session, so it outlives the command that started it. The server runs the artifact's Ray Serve app: in its own
+process (the light host, the default), or with ``ray=True`` on a local Ray cluster started the way AWS's Ray
+Serve container starts one. ``<workdir>/endpoints/<name>.json`` records its pid, URL, host, model package and
+log file; ``python -m pipelines.run endpoint stop`` ends it and every process it started, by process ID.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipelines.local import fsutil
+from pipelines.local import fsutil, processes
 from pipelines.local.registry import model_data_path
 
 ENDPOINTS_DIR = "endpoints"
 SERVER_MODULE = "pipelines.local.server"
 START_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 15.0
+RAY_START_TIMEOUT_S = 420.0  # pip, ray start, serve start, serve run and the model: minutes on a busy machine
+STOP_TIMEOUT_S = 30.0  # a Ray host shuts its app and cluster down in this time
 
 # Servers started by this process: reaped on stop so they do not linger as zombies while we run.
 _children: dict[int, subprocess.Popen] = {}
@@ -84,7 +87,12 @@ def status(workdir: Path, name: str) -> dict[str, Any] | None:
 
 
 def stop(workdir: Path, name: str) -> dict[str, Any] | None:
-    """Stop the endpoint's server (SIGTERM, then SIGKILL after a grace period) and remove its record."""
+    """Stop the endpoint's server and every process it started; remove its record.
+
+    The server gets SIGTERM (it shuts its app down, a Ray host its cluster too), then SIGKILL after a grace
+    period. Whatever is left of its session (the server runs as a session leader, so the session ID is its
+    PID) is then stopped by PID: nothing is found or signalled by name.
+    """
     record = read_record(workdir, name)
     if record is None:
         return None
@@ -99,6 +107,8 @@ def stop(workdir: Path, name: str) -> dict[str, Any] | None:
     child = _children.pop(pid, None)
     if child is not None:
         child.wait(timeout=STOP_TIMEOUT_S)
+    if record.get("session") == pid:  # recorded only for servers started as session leaders
+        record["stopped_pids"] = processes.terminate(processes.session_members(pid), STOP_TIMEOUT_S / 3)
     record_path(workdir, name).unlink(missing_ok=True)
     return record
 
@@ -111,17 +121,20 @@ def deploy(
     host: str = "127.0.0.1",
     port: int = 8080,
     threads: int | None = None,
+    ray: bool = False,
 ) -> dict[str, Any]:
     """Serve an approved model package at ``name``; returns the endpoint record (with ``url``).
 
-    A busy ``port`` gives way to a free one (the record says which). Re-deploying the package an endpoint
-    already serves leaves it running.
+    ``ray`` runs the artifact's app on a local Ray cluster (the container's ``ray start`` / ``serve start`` /
+    ``serve run``), else in the server's own process. A busy ``port`` gives way to a free one (the record says
+    which). Re-deploying the package an endpoint already serves, on the same host, leaves it running.
     """
     current = status(workdir, name)
     if (
         current
         and current["EndpointStatus"] == "InService"
         and current["ModelPackageArn"] == package["ModelPackageArn"]
+        and current.get("host", "light") == ("ray" if ray else "light")
     ):
         current["unchanged"] = True
         return current
@@ -154,6 +167,7 @@ def deploy(
         "--port-fallback",
         "--ready-file",
         str(ready_file),
+        *(["--ray"] if ray else []),
     ]
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -166,17 +180,24 @@ def deploy(
             start_new_session=True,  # outlives this command and its terminal's Ctrl-C
         )
     _children[process.pid] = process
-    deadline = time.monotonic() + START_TIMEOUT_S
+    timeout = RAY_START_TIMEOUT_S if ray else START_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     while not ready_file.is_file():
         if process.poll() is not None:
             _children.pop(process.pid, None)
+            processes.terminate(processes.session_members(process.pid), STOP_TIMEOUT_S / 3)
             tail = "\n".join(fsutil.tail_lines(log_path, 15))
             raise EndpointError(f"endpoint {name} exited while starting (status {process.returncode}):\n{tail}")
         if time.monotonic() > deadline:
-            process.kill()
-            process.wait()
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             _children.pop(process.pid, None)
-            raise EndpointError(f"endpoint {name} did not become ready in {START_TIMEOUT_S:.0f} s; see {log_path}")
+            processes.terminate(processes.session_members(process.pid), STOP_TIMEOUT_S / 3)
+            raise EndpointError(f"endpoint {name} did not become ready in {timeout:.0f} s; see {log_path}")
         time.sleep(0.05)
     ready = json.loads(ready_file.read_text())
     record = {
@@ -184,6 +205,8 @@ def deploy(
         "url": ready["url"],
         "port": ready["port"],
         "pid": process.pid,
+        "session": process.pid,  # the server is its session's leader: stop() ends the session's processes
+        "host": "ray" if ray else "light",
         "ModelPackageArn": package["ModelPackageArn"],
         "ModelPackageGroupName": package["ModelPackageGroupName"],
         "ModelPackageVersion": version,

@@ -19,15 +19,19 @@ class PredictError(Exception):
     """The endpoint refused the request or could not be reached; the message says which and why."""
 
 
-def content_type_for(path: Path) -> str:
-    """The request content type of an image file, from its first bytes (its name may lie)."""
-    with path.open("rb") as handle:
-        head = handle.read(16)
-    if head.startswith(b"\xff\xd8\xff"):
+def content_type_of(data: bytes) -> str:
+    """The request content type of image bytes, from their first bytes (a file's name may lie)."""
+    if data.startswith(b"\xff\xd8\xff"):
         return "image/jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image/png"
     return "application/x-image"
+
+
+def content_type_for(path: Path) -> str:
+    """The request content type of an image file, from its first bytes."""
+    with path.open("rb") as handle:
+        return content_type_of(handle.read(16))
 
 
 def build_request(images: list[Path], top_k: int | None) -> tuple[bytes, str]:

@@ -96,6 +96,7 @@ class LocalRunOptions:
     approve: bool = False
     endpoint_name: str = config.LOCAL_ENDPOINT_NAME
     port: int = config.LOCAL_ENDPOINT_PORT
+    ray: bool = False  # serve the approved model on a local Ray Serve cluster (the container's sequence)
     model_package_group: str = config.MODEL_PACKAGE_GROUP
     cpus: int | None = None
     demo_per_class_limit: int | None = None  # tests shrink the demo archive with this
@@ -699,7 +700,9 @@ class LocalPipeline:
             )
         self.summary["model_package"]["ModelApprovalStatus"] = package["ModelApprovalStatus"]
         try:
-            endpoint_record = endpoint.deploy(self.workdir, self.options.endpoint_name, package, port=self.options.port)
+            endpoint_record = endpoint.deploy(
+                self.workdir, self.options.endpoint_name, package, port=self.options.port, ray=self.options.ray
+            )
         except endpoint.EndpointError as error:
             raise self._fail(record, str(error)) from error
         note = "already serving it" if endpoint_record.get("unchanged") else "started"

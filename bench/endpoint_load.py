@@ -1,0 +1,222 @@
+"""Latency of the local endpoint under load: idle bursts, then bursts beside slow clients and a large batch.
+
+Serves a ResNet-18 artifact (133 classes, 224 px input, random weights) on the local endpoint exactly as
+``local --approve`` does (a detached ``pipelines.local.server`` process; ``--ray`` for the Ray Serve host), then
+sends, from 16 client threads, each request on a new connection:
+
+1. idle: 200 single-JPEG requests (640x480). Targets: p99 under 3x p50, and no request over 1 s.
+2. under burst: the same 200 while 8 slow clients hold connections open (a request trickled one byte a second)
+   and a legal batch of 32 large PNGs (3000x3000, about 8 s of decoding) is always in flight. Target: p99 under
+   5x the idle p50. The baseline is the idle p50 of the same run.
+
+    python bench/endpoint_load.py              # about a minute on 2 idle cores
+    python bench/endpoint_load.py --ray        # the same against the Ray Serve host (adds Ray's cold start)
+
+The last line reads ``endpoint p99 ms under burst: <X> vs idle p50 <Y> ratio=<Y/X>`` (above 0.2 meets the target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import http.client
+import io
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from entrypoints import contract, modeling  # noqa: E402
+from pipelines.local import endpoint, fsutil  # noqa: E402
+
+NUM_CLASSES = 133
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200, help="requests per phase")
+    parser.add_argument("--clients", type=int, default=16, help="client threads")
+    parser.add_argument("--slow-clients", type=int, default=8, help="slow connections held open under burst")
+    parser.add_argument("--batch-images", type=int, default=contract.MAX_BATCH_IMAGES, help="images in the batch")
+    parser.add_argument("--batch-image-size", type=int, default=3000, help="side of each batch PNG, pixels")
+    parser.add_argument("--architecture", default="resnet18", help="network of the served artifact")
+    parser.add_argument("--ray", action="store_true", help="serve on the Ray Serve host instead of the light one")
+    return parser
+
+
+# --- requests ---------------------------------------------------------------------------------------------------
+
+
+def small_jpeg(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:480, 0:640]
+    pixels = np.stack([(np.sin(xx / (30 + 7 * c)) * np.cos(yy / 45) * 0.5 + 0.5) * 255 for c in range(3)], -1)
+    pixels = np.clip(pixels + rng.normal(0, 6, pixels.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def large_batch(images: int, size: int) -> bytes:
+    """A legal JSON batch (under 6 MB) of large, highly compressible PNGs: cheap to send, slow to decode."""
+    rng = np.random.default_rng(1)
+    instances = []
+    for _ in range(images):
+        blocks = rng.integers(0, 256, (size // 100 + 1, size // 100 + 1, 3), dtype=np.uint8)
+        pixels = np.kron(blocks, np.ones((100, 100, 1), dtype=np.uint8))[:size, :size]
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG", compress_level=9)
+        instances.append({"b64": base64.b64encode(buffer.getvalue()).decode()})
+    body = json.dumps({"instances": instances}).encode()
+    if len(body) > contract.MAX_PAYLOAD_BYTES:
+        raise SystemExit(f"the batch is {len(body)} bytes, over the payload limit: use smaller --batch-image-size")
+    return body
+
+
+def post(port: int, body: bytes, content_type: str, timeout: float = 120) -> tuple[int, float]:
+    """One request on a new connection: (status, milliseconds)."""
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", "/invocations", body, {"Content-Type": content_type})
+        response = connection.getresponse()
+        response.read()
+        return response.status, (time.perf_counter() - started) * 1000
+    finally:
+        connection.close()
+
+
+def burst(port: int, body: bytes, requests: int, clients: int) -> list[float]:
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda _: post(port, body, "image/jpeg"), range(requests)))
+    failed = [status for status, _ in results if status != 200]
+    if failed:
+        raise SystemExit(f"{len(failed)} requests failed: statuses {sorted(set(failed))}")
+    return [milliseconds for _, milliseconds in results]
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def describe(name: str, latencies: list[float]) -> str:
+    p50, p99 = statistics.median(latencies), quantile(latencies, 0.99)
+    return f"{name}: {len(latencies)} requests: p50 {p50:.1f} ms p99 {p99:.1f} ms max {max(latencies):.1f} ms"
+
+
+# --- the hostile neighbours ------------------------------------------------------------------------------------
+
+
+class SlowClients:
+    """Connections that send a request's headers, then trickle its body one byte a second."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.stop = threading.Event()
+        self.sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+        for connection in self.sockets:
+            connection.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        self.thread = threading.Thread(target=self._trickle, daemon=True)
+        self.thread.start()
+
+    def _trickle(self) -> None:
+        while not self.stop.wait(1.0):
+            for connection in self.sockets:
+                with contextlib.suppress(OSError):  # the server cut it: it stays closed
+                    connection.sendall(b"x")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for connection in self.sockets:
+            connection.close()
+
+
+class BatchInFlight:
+    """Keeps one large batch in flight: sends it again as soon as the last one is answered."""
+
+    def __init__(self, port: int, body: bytes) -> None:
+        self.stop, self.latencies = threading.Event(), []
+        self.port, self.body = port, body
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            status, milliseconds = post(self.port, self.body, "application/json", timeout=300)
+            if status != 200:
+                raise SystemExit(f"the large batch failed with status {status}")
+            self.latencies.append(milliseconds)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+# --- the endpoint -----------------------------------------------------------------------------------------------
+
+
+def serve(folder: Path, architecture: str, ray: bool) -> dict:
+    torch.manual_seed(0)
+    names = [f"{i + 1:03d}.Class_{i + 1:03d}" for i in range(NUM_CLASSES)]
+    config = modeling.ModelConfig(architecture, NUM_CLASSES, names)
+    model_dir = modeling.save_artifact(modeling.build_model(config), folder / "model", config)
+    tarball = fsutil.make_tarball(model_dir, folder / "model.tar.gz")
+    package = {
+        "ModelPackageArn": "arn:aws:sagemaker:us-east-1:000000000000:model-package/bench/1",
+        "ModelPackageGroupName": "bench",
+        "ModelPackageVersion": 1,
+        "InferenceSpecification": {"Containers": [{"ModelDataUrl": tarball.as_uri(), "Environment": {}}]},
+    }
+    return endpoint.deploy(folder / "workdir", "bench", package, port=0, ray=ray)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="endpoint-load-") as scratch:
+        print(f"serving {args.architecture} ({'Ray Serve host' if args.ray else 'light host'})...", flush=True)
+        record = serve(Path(scratch), args.architecture, args.ray)
+        port = int(record["port"])
+        try:
+            jpeg = small_jpeg()
+            batch = large_batch(args.batch_images, args.batch_image_size)
+            burst(port, jpeg, 20, 4)  # warm up
+            idle = burst(port, jpeg, args.requests, args.clients)
+            print(describe("idle", idle), flush=True)
+            slow = SlowClients(port, args.slow_clients)
+            in_flight = BatchInFlight(port, batch)
+            time.sleep(1.0)  # the batch is being decoded
+            try:
+                loaded = burst(port, jpeg, args.requests, args.clients)
+            finally:
+                slow.close()
+                in_flight.close()
+            print(describe(f"under burst ({args.slow_clients} slow clients, a batch always in flight)", loaded))
+            batches = ", ".join(f"{milliseconds / 1000:.1f} s" for milliseconds in in_flight.latencies)
+            print(f"large batch: {args.batch_images} PNGs of {args.batch_image_size} px, {len(batch)} bytes: {batches}")
+        finally:
+            endpoint.stop(Path(scratch) / "workdir", "bench")
+    idle_p50, idle_p99 = statistics.median(idle), quantile(idle, 0.99)
+    loaded_p99 = quantile(loaded, 0.99)
+    print(f"targets: idle p99/p50 {idle_p99 / idle_p50:.2f} (< 3), idle max {max(idle):.0f} ms (< 1000), ")
+    print(f"         burst p99/idle p50 {loaded_p99 / idle_p50:.2f} (< 5)")
+    print(f"endpoint p99 ms under burst: {loaded_p99:.1f} vs idle p50 {idle_p50:.1f} ratio={idle_p50 / loaded_p99:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The model artifact's Ray Serve app: a thin wrapper over ``code/inference.py`` for AWS's Ray Serve image.
+
+AWS's Ray Serve inference container (``ray:serve-ml-sagemaker-cpu`` / ``-cuda``) extracts ``model.tar.gz`` to
+``/opt/ml/model``, puts ``/opt/ml/model`` and ``/opt/ml/model/code`` on ``PYTHONPATH`` and runs
+``serve run /opt/ml/model/config.yaml``; ``config.yaml`` names :func:`build_app` of this module (copied to the
+artifact's root as ``deployment.py``). Its adapter forwards ``POST /invocations`` to route ``/`` with the raw
+body, ``Content-Type`` and ``Accept``, and sends the app's status and body back unchanged.
+
+Each replica (:class:`ImageClassifier`) loads the model once with ``model_fn``, answers one warm-up request,
+then serves ``input_fn -> predict_fn -> output_fn``: decoding in a bounded pool of threads, the network in one
+thread (one forward at a time, large batches in chunks so small requests are not held behind them). A refused
+request gets its 4xx status and ``{"error": "...", "code": "..."}``; anything else gets 500 with the same shape,
+the traceback going to the log only. ``GET`` at the route answers 200 with the model's health once it is loaded.
+
+Sizing (:func:`serving_plan`) comes from the model's environment, else from the instance's CPUs and GPUs:
+``INFERENCE_REPLICAS`` (one per GPU, else one per 4 vCPUs), ``INFERENCE_NUM_THREADS`` per replica (the vCPUs
+shared among replicas) and ``INFERENCE_MAX_ONGOING_REQUESTS`` per replica (twice the threads, at least 4).
+
+The same class runs without Ray in the project's light local endpoint (:func:`build_replica`). Runs on the Ray
+image's Python 3.13; imports only the standard library, PIL, the handlers and (in :func:`build_app`) Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+try:  # ``entrypoints.deployment`` in this repository; top-level ``deployment`` beside code/ in an artifact
+    from . import contract, inference, modeling
+except ImportError:  # pragma: no cover - exercised inside the artifact (Ray replicas, the local hosts)
+    import contract  # type: ignore[no-redef]
+    import inference  # type: ignore[no-redef]
+    import modeling  # type: ignore[no-redef]
+
+logger = logging.getLogger("ray.serve")
+
+CPUS_PER_REPLICA = 4  # default replica size on CPU instances: ml.m5.xlarge runs one replica, ml.c5.9xlarge nine
+PREDICT_CHUNK_IMAGES = 8  # a large batch runs in forwards of this many images, so others can run in between
+JSON_CONTENT_TYPE = contract.JSON_CONTENT_TYPE
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One HTTP answer: status, body and content type (both hosts send exactly these bytes)."""
+
+    status: int
+    body: bytes
+    content_type: str = JSON_CONTENT_TYPE
+
+
+def error_reply(status: int, message: str, code: str) -> Reply:
+    return Reply(status, json.dumps({"error": message, "code": code}).encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """How many replicas run, and what each may use."""
+
+    replicas: int
+    threads: int  # intra-op threads of the network, and threads that decode images
+    max_ongoing_requests: int
+    gpus_per_replica: float = 0.0
+
+
+def _env_count(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer (or unset for the default)")
+    return int(value)
+
+
+def serving_plan(cpus: int, gpus: int = 0, environ: Mapping[str, str] | None = None) -> ServingPlan:
+    """Replicas, threads and requests per replica: the environment's values, else sized for the instance."""
+    environ = os.environ if environ is None else environ
+    cpus = max(1, cpus)
+    replicas = _env_count(environ, contract.ENV_SERVE_REPLICAS) or (gpus or max(1, cpus // CPUS_PER_REPLICA))
+    threads = _env_count(environ, contract.ENV_INFERENCE_THREADS) or max(1, cpus // replicas)
+    ongoing = _env_count(environ, contract.ENV_SERVE_MAX_ONGOING_REQUESTS) or max(4, 2 * threads)
+    gpus_per_replica = min(1.0, gpus / replicas) if gpus else 0.0
+    return ServingPlan(replicas, threads, ongoing, gpus_per_replica)
+
+
+def resolve_model_dir(model_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The model folder: the argument, else ``SM_MODEL_DIR``, else the folder of this file (never the cwd)."""
+    chosen = model_dir or os.environ.get(contract.ENV_SERVE_MODEL_DIR) or Path(__file__).resolve().parent
+    path = Path(chosen).resolve()
+    if not (path / contract.MODEL_CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path} holds no {contract.MODEL_CONFIG_FILE}: set {contract.ENV_SERVE_MODEL_DIR} to the extracted "
+            f"model artifact, or keep {contract.RAY_SERVE_MODULE_FILE} at the artifact's root"
+        )
+    return path
+
+
+class ImageClassifier:
+    """One replica of the endpoint: the model loaded once, requests through the artifact's handlers."""
+
+    def __init__(self, model_dir: str | None = None, threads: int | None = None) -> None:
+        self.model_dir = resolve_model_dir(model_dir)
+        if threads:  # model_fn sizes the runtime from it
+            os.environ[contract.ENV_INFERENCE_THREADS] = str(threads)
+        self.model = inference.model_fn(str(self.model_dir))
+        workers = threads or inference.inference_threads()
+        self._decode_pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode")
+        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")  # one forward at a time
+        self._warm_up()
+        logger.info("replica ready: %s, %s runtime, %d decode threads", self.model_dir, self.model.runtime, workers)
+
+    def _warm_up(self) -> None:
+        """One request through every handler, so the first client does not pay for lazy initialisation."""
+        buffer = io.BytesIO()
+        size = self.model.config.input_size
+        Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, "PNG")
+        data = inference.input_fn(buffer.getvalue(), "image/png")
+        inference.output_fn(inference.predict_fn(data, self.model), JSON_CONTENT_TYPE)
+
+    def health(self) -> Reply:
+        config = self.model.config
+        body = {"status": "Healthy", "architecture": config.architecture, "classes": config.num_classes}
+        return Reply(200, json.dumps({**body, "runtime": self.model.runtime}).encode("utf-8"))
+
+    async def handle(self, method: str, body: bytes, content_type: str | None, accept: str | None) -> Reply:
+        """Answer one request (the adapter has applied its defaults to the headers)."""
+        if method in ("GET", "HEAD"):
+            return self.health()
+        if method != "POST":
+            return error_reply(
+                405, f"method {method} is not allowed: send POST with the request body", "method_not_allowed"
+            )
+        if len(body) > contract.MAX_PAYLOAD_BYTES:
+            return too_large_reply(len(body))
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(self._decode_pool, inference.input_fn, body, content_type)
+            prediction = await self._predict(loop, data)
+            response, response_type = inference.output_fn(prediction, accept)
+        except inference.InferenceError as error:
+            logger.info("refused (%d %s): %s", error.status_code, error.code, error.message)
+            return Reply(error.status_code, error.to_json().encode("utf-8"))
+        except Exception as error:  # a bug or a broken model: the client gets a 500, the replica goes on
+            logger.exception("request failed")
+            return error_reply(500, f"the model server failed on this request: {error}", "internal_error")
+        return Reply(200, response.encode("utf-8") if isinstance(response, str) else bytes(response), response_type)
+
+    async def _predict(self, loop: asyncio.AbstractEventLoop, data: inference.Batch) -> inference.Prediction:
+        chunks = []
+        for start in range(0, len(data.images), PREDICT_CHUNK_IMAGES):
+            chunk = inference.Batch(data.images[start : start + PREDICT_CHUNK_IMAGES], data.top_k)
+            chunks.append(await loop.run_in_executor(self._model_pool, inference.predict_fn, chunk, self.model))
+        if len(chunks) == 1:
+            return chunks[0]
+        indices = np.concatenate([chunk.indices for chunk in chunks])
+        probabilities = np.concatenate([chunk.probabilities for chunk in chunks])
+        return inference.Prediction(indices, probabilities, chunks[0].class_names)
+
+    async def __call__(self, request: Any) -> Any:
+        """Ray Serve's entry: a Starlette request in, a Starlette response out."""
+        from starlette.responses import Response
+
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > contract.MAX_PAYLOAD_BYTES:
+            reply = too_large_reply(int(declared))  # refused before reading, let alone decoding
+        else:
+            body = bytearray()
+            async for piece in request.stream():
+                body += piece
+                if len(body) > contract.MAX_PAYLOAD_BYTES:
+                    break
+            content_type, accept = request.headers.get("content-type"), request.headers.get("accept")
+            reply = await self.handle(request.method, bytes(body), content_type, accept)
+        return Response(content=reply.body, status_code=reply.status, media_type=reply.content_type)
+
+
+def too_large_reply(length: int) -> Reply:
+    return error_reply(
+        413,
+        f"request body of {length} bytes exceeds the {contract.MAX_PAYLOAD_BYTES}-byte limit of SageMaker real-time "
+        "endpoints: send fewer or smaller images",
+        "payload_too_large",
+    )
+
+
+def _check_artifact(args: Mapping[str, Any] | None) -> Path:
+    """Fail at build time, with the reason, on an artifact that cannot serve (not later in every replica)."""
+    model_dir = resolve_model_dir((args or {}).get("model_dir"))
+    modeling.read_model_config(model_dir)
+    if not (model_dir / contract.WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir / contract.WEIGHTS_FILE} is missing: the artifact holds no weights")
+    return model_dir
+
+
+def build_app(args: Mapping[str, Any] | None = None) -> Any:
+    """The Ray Serve application (``config.yaml``'s ``import_path``), sized by :func:`serving_plan`."""
+    import ray
+    from ray import serve
+
+    model_dir = _check_artifact(args)
+    resources = ray.cluster_resources() if ray.is_initialized() else {}
+    plan = serving_plan(int(resources.get("CPU") or os.cpu_count() or 1), int(resources.get("GPU", 0)))
+    logger.info("serving plan: %s", plan)
+    deployment = serve.deployment(ImageClassifier).options(
+        num_replicas=plan.replicas,
+        max_ongoing_requests=plan.max_ongoing_requests,
+        ray_actor_options={"num_cpus": plan.threads, "num_gpus": plan.gpus_per_replica},
+    )
+    return deployment.bind(model_dir=str(model_dir), threads=plan.threads)
+
+
+def build_replica(args: Mapping[str, Any] | None = None) -> ImageClassifier:
+    """The same replica without Ray (the light local endpoint): one replica with every CPU."""
+    model_dir = _check_artifact(args)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    plan = serving_plan(cpus, 0, {**os.environ, contract.ENV_SERVE_REPLICAS: "1"})
+    return ImageClassifier(str(model_dir), threads=plan.threads)
