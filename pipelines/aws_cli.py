@@ -79,6 +79,14 @@ def add_shape_arguments(parser: argparse.ArgumentParser, preset_help: str) -> No
     deploy_infra.add_deploy_step_arguments(parser)
 
 
+def add_param_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--param Name=Value`` (repeatable): a run's parameter values, for `start` and `local` alike; checked
+    against the definition by :func:`parameter_overrides`."""
+    parser.add_argument(
+        "--param", dest="params", type=_key_value, action="append", default=[], metavar="NAME=VALUE", help=help_text
+    )
+
+
 def options_from_args(args: argparse.Namespace, preset: str, **changes: Any) -> Any:
     """The PipelineOptions of the shape flags (see add_shape_arguments) and ``changes``; bad values become a
     CommandError."""
@@ -247,15 +255,7 @@ def add_commands(subparsers: Any) -> None:
     )
     _add_aws_arguments(parser)
     _add_pipeline_name(parser)
-    parser.add_argument(
-        "--param",
-        dest="params",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a pipeline parameter, repeatable, e.g. --param MaxTuningJobs=4",
-    )
+    add_param_argument(parser, "override a pipeline parameter, repeatable, e.g. --param MaxTuningJobs=4")
     parser.add_argument("--display-name", default=None, help="execution display name (default: none)")
     parser.add_argument("--wait", action="store_true", default=False, help="wait for the execution to finish")
     parser.add_argument(

@@ -223,27 +223,40 @@ def _tiny_archive(folder: Path) -> Path:
     return path
 
 
-def test_the_unmodified_demo_definition_passes_every_check(demo_build: tuple[dict[str, Any], Any, Any]) -> None:
+def _execution(definition: dict[str, Any], workdir: Path) -> Any:
     from pipelines.local.cache import StepCache
     from pipelines.local.console import Console
     from pipelines.local.executor import LocalExecution
-    from pipelines.local.runner import LocalRunOptions, step_executors
+    from pipelines.local.runner import LocalRunOptions, step_executors, typed_parameters
 
-    definition, _, _ = demo_build
-    workdir = Path("/nonexistent-workdir")
-    execution = LocalExecution(
+    return LocalExecution(
         definition,
         executors=step_executors(LocalRunOptions(), workdir, registry.LocalModelRegistry(workdir)),
-        parameters={},
+        parameters=typed_parameters(definition, []),
         run_dir=workdir / "run-0001",
         store=objectstore.ObjectStore(workdir),
         cache=StepCache(workdir),
         console=Console(io.StringIO()),
-        execution_variables={},
+        execution_variables={"PipelineExecutionId": "run-0001"},
         region=config.LOCAL_REGION,
         account_id=config.LOCAL_ACCOUNT_ID,
         cpus=1,
     )
+
+
+def test_the_demo_definition_passes_every_check_once_its_objects_are_in_the_store(
+    demo_build: tuple[dict[str, Any], Any, Any], tmp_path: Path
+) -> None:
+    definition, artifacts, _ = demo_build
+    execution = _execution(definition, tmp_path)
+    problems = execution.problems()  # nothing uploaded yet: the code objects and the input data are missing
+    assert any("Preprocess: input 'code'" in p and "holds no object" in p for p in problems), problems
+    assert any("Preprocess: input 'data'" in p for p in problems), problems
+    assert any("Tune: the training code (sagemaker_submit_directory)" in p for p in problems), problems
+
+    for artifact in artifacts.all():  # what upsert uploads, and the runner puts in the local store
+        execution.store.put_bytes(artifact.s3_uri, artifact.body)
+    execution.store.put_bytes(execution.scope.parameters["InputDataUri"] + "digits.zip", b"zip")
     assert execution.problems() == []
     order = execution.order()
     for name, upstream in execution.graph.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import config
-from pipelines.aws_cli import _key_value, add_shape_arguments
+from pipelines.aws_cli import add_param_argument, add_shape_arguments
 from pipelines.run import CommandError
 
 EXIT_PIPELINE_FAILED = 1
@@ -64,14 +64,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "builder options: 'demo' (a small CNN from random weights on small images, config.DEMO_*) or 'default' "
         "(the production pipeline's) (default: demo without --data, default with it)",
     )
-    local.add_argument(
-        "--param",
-        dest="params",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="set a pipeline parameter for this run, checked as `start --param` checks it, repeatable, e.g. "
+    add_param_argument(
+        local,
+        "set a pipeline parameter for this run, checked as `start --param` checks it, repeatable, e.g. "
         "--param Architecture=resnet34 --param ImageSize=48",
     )
     conveniences = local.add_argument_group("shorthands, each for one --param")

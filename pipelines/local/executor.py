@@ -288,7 +288,10 @@ class LocalExecution:
         context = StepContext(name, step, self, self.run_dir / name.lower())
         started = time.perf_counter()
         try:
-            result = self._cached_or_run(executor, context, record)
+            try:
+                result = self._cached_or_run(executor, context, record)
+            except (ExpressionError, ObjectStoreError) as error:
+                raise StepFailure(str(error)) from error
         except StepFailure as failure:
             self._finish(record, "Failed", time.perf_counter() - started, str(failure), failure=str(failure))
             if failure.tail:
@@ -337,6 +340,25 @@ class LocalExecution:
         return StepResult(**entry.result, outputs=outputs)
 
     # --- what executors read -------------------------------------------------------------------------------------
+    def known_before_the_run(self, value: Any) -> Any:
+        """``value`` resolved if it reads no step property (literals, parameters, execution variables), else None."""
+        if any(reference.startswith("Steps.") for reference in iter_references(value)):
+            return None
+        try:
+            return self.scope.resolve(value)
+        except ExpressionError:
+            return None
+
+    def missing_object(self, uri: Any) -> str | None:
+        """Why ``uri`` (known before the run) names nothing in the object store, or None if it does."""
+        resolved = self.known_before_the_run(uri)
+        if resolved is None:
+            return None
+        try:
+            return None if self.store.exists(resolved) else f"{resolved} holds no object in the local object store"
+        except ObjectStoreError as error:
+            return str(error)
+
     def read_property_file(self, step_name: str, file_name: str) -> Any:
         """A property file of a step that ran: the JSON file its declared output holds."""
         step = self.steps.get(step_name)

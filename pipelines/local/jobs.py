@@ -118,6 +118,10 @@ class ProcessingExecutor(StepExecutor):
         for item in arguments.get("ProcessingInputs", []):
             if "S3Input" not in item:
                 problems.append(f"{name}: input {item.get('InputName')!r} is not an S3Input (runs only on SageMaker)")
+                continue
+            missing = execution.missing_object(item["S3Input"].get("S3Uri"))
+            if missing:
+                problems.append(f"{name}: input {item.get('InputName')!r}: {missing}")
         for item in arguments.get("ProcessingOutputConfig", {}).get("Outputs", []):
             if "S3Output" not in item:
                 problems.append(f"{name}: output {item.get('OutputName')!r} is not an S3Output")
@@ -214,15 +218,24 @@ def _training_inputs_keyed(request: dict[str, Any], hyperparameters_key: str, co
     return keyed
 
 
-def _check_training(name: str, request: dict[str, Any], hyperparameters_key: str) -> list[str]:
+def _check_training(
+    name: str, request: dict[str, Any], hyperparameters_key: str, execution: LocalExecution
+) -> list[str]:
     problems = []
     hyperparameters = request.get(hyperparameters_key, {})
     for key in ("sagemaker_program", "sagemaker_submit_directory"):
         if key not in hyperparameters:
             problems.append(f"{name}: no {key} hyperparameter (only script-mode framework training runs locally)")
+    code = execution.known_before_the_run(hyperparameters.get("sagemaker_submit_directory"))
+    missing = execution.missing_object(_decoded(code)) if code is not None else None
+    if missing:
+        problems.append(f"{name}: the training code (sagemaker_submit_directory): {missing}")
     for channel in request.get("InputDataConfig", []):
-        if "S3DataSource" not in channel.get("DataSource", {}):
+        source = channel.get("DataSource", {}).get("S3DataSource")
+        if source is None:
             problems.append(f"{name}: channel {channel.get('ChannelName')!r} is not an S3 data source")
+        elif missing := execution.missing_object(source.get("S3Uri")):
+            problems.append(f"{name}: channel {channel.get('ChannelName')!r}: {missing}")
     resources = request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig") or {}
     count = resources.get("InstanceCount", 1)
     if not is_expression(count) and count != 1:
@@ -339,7 +352,7 @@ class TrainingExecutor(StepExecutor):
     )
 
     def check(self, step: dict[str, Any], execution: LocalExecution) -> list[str]:
-        return _check_training(step["Name"], step.get("Arguments", {}), "HyperParameters")
+        return _check_training(step["Name"], step.get("Arguments", {}), "HyperParameters", execution)
 
     def cache_key(self, context: StepContext) -> dict[str, Any]:
         keyed = _training_inputs_keyed(context.arguments, "HyperParameters", context)
@@ -395,7 +408,7 @@ class TuningExecutor(StepExecutor):
             return [
                 f"{step['Name']}: one TrainingJobDefinition is needed (TrainingJobDefinitions run only on SageMaker)"
             ]
-        return _check_training(step["Name"], arguments["TrainingJobDefinition"], "StaticHyperParameters")
+        return _check_training(step["Name"], arguments["TrainingJobDefinition"], "StaticHyperParameters", execution)
 
     def cache_key(self, context: StepContext) -> dict[str, Any]:
         arguments = dict(context.arguments)

@@ -231,10 +231,11 @@ class LocalPipeline:
             },
         )
         try:
-            record = self.execution.run()
+            self.execution.run()
         finally:
-            self._summarise()
-        return self.execution.write_record(record["PipelineExecutionStatus"])
+            self._summarise()  # a failed run's record gets what it reached too
+            self.execution.write_record(self.execution.record["PipelineExecutionStatus"])
+        return self.execution.record
 
     def _pipeline_arn(self, name: str) -> str:
         return f"arn:aws:sagemaker:{config.LOCAL_REGION}:{config.LOCAL_ACCOUNT_ID}:pipeline/{name.lower()}"
