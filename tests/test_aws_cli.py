@@ -184,12 +184,22 @@ def test_definition_takes_the_demo_preset_and_fixed_hyperparameters(
 
 
 def test_upsert_uses_the_names_given(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run(capsys, "upsert", "--pipeline-name", "VisionPipeline", "--model-package-group", "VisionModels")
+    code, _, err = _run(
+        capsys,
+        "upsert",
+        "--pipeline-name",
+        "VisionPipeline",
+        "--model-package-group",
+        "VisionModels",
+        "--preset",
+        "demo",
+    )
     assert code == 0, err
     sagemaker = aws.client("sagemaker")
     definition = json.loads(sagemaker.describe_pipeline(PipelineName="VisionPipeline")["PipelineDefinition"])
-    group = {p["Name"]: p for p in definition["Parameters"]}["ModelPackageGroupName"]
-    assert group["DefaultValue"] == "VisionModels"
+    parameters = {p["Name"]: p for p in definition["Parameters"]}
+    assert parameters["ModelPackageGroupName"]["DefaultValue"] == "VisionModels"
+    assert parameters["ImageSize"]["DefaultValue"] == config.DEMO_IMAGE_SIZE  # the demo, upserted as a smoke test
     sagemaker.describe_model_package_group(ModelPackageGroupName="VisionModels")
     assert _approval_rule_groups(aws) == {config.DEPLOY_RULE_NAME: ["VisionModels"]}
 

@@ -501,12 +501,18 @@ class TuningExecutor(StepExecutor):
         detail = f"{len(outcomes)} trials, {at_once} at a time; best {best.name} {metric}={best.objective:.4f}"
         if failed:
             detail += f"; {len(failed)} failed ({failed[0].name}: {failed[0].failure_reason})"
+        job_config = context.arguments["HyperParameterTuningJobConfig"]
+        strategy, stopping = job_config.get("Strategy", "Bayesian"), job_config.get("TrainingJobEarlyStoppingType")
+        notes = [
+            f"Strategy {strategy} sampled locally as a seeded Latin hypercube; early stopping {stopping} not applied"
+        ]
         return StepResult(
+            notes=notes,
             properties={
                 "HyperParameterTuningJobName": tuning_name,
                 "HyperParameterTuningJobArn": arn,
                 "HyperParameterTuningJobStatus": "Completed",
-                "HyperParameterTuningJobConfig": context.arguments["HyperParameterTuningJobConfig"],
+                "HyperParameterTuningJobConfig": job_config,
                 "TrainingJobStatusCounters": {"Completed": len(outcomes) - len(failed), "Failed": len(failed)},
                 "BestTrainingJob": {
                     "TrainingJobName": best.name,

@@ -13,6 +13,7 @@ shaped like DescribePipelineExecution and ListPipelineExecutionSteps), and a fol
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -162,20 +163,30 @@ class LocalPipeline:
         self.execution: LocalExecution | None = None
 
     def _data_input(self, store: ObjectStore, pipeline_name: str, image_size: int) -> str:
-        """Put the input data in the object store under this run's prefix; returns the prefix (InputDataUri)."""
-        prefix = f"s3://{config.LOCAL_BUCKET}/{pipeline_name}/{self.run_id}/input/"
+        """Put the input data in the object store; returns its prefix (the run's InputDataUri).
+
+        ``--data`` goes under this run's prefix. The demo archive is the same bytes for the same generator code,
+        image size and limit, so it is written once under a prefix named by those and reused by later runs.
+        """
         if self.options.data is not None:
+            prefix = f"s3://{config.LOCAL_BUCKET}/{pipeline_name}/{self.run_id}/input/"
             data = self.options.data.expanduser().resolve()
             if not data.exists():
                 raise FileNotFoundError(f"--data {self.options.data} does not exist")
             store.put(prefix + data.name, data)
             return prefix
+        generator = Path(str(importlib.util.find_spec("pipelines.demo_data").origin))  # not imported: no sklearn
+        limit = self.options.demo_per_class_limit
+        variant = f"{fsutil.file_sha256(generator)[:12]}-{image_size}px" + (f"-{limit}-per-class" if limit else "")
+        prefix = f"s3://{config.LOCAL_BUCKET}/{pipeline_name}/demo-input/{variant}/"
+        archive = store.path(prefix + "digits.zip")
+        if archive.is_file():
+            self.console.write(f"  demo archive {archive} (written by an earlier run)")
+            return prefix
         from pipelines import demo_data
 
         started = time.perf_counter()
-        archive = demo_data.write_digits_archive(
-            store.path(prefix + "digits.zip"), image_size=image_size, per_class_limit=self.options.demo_per_class_limit
-        )
+        demo_data.write_digits_archive(archive, image_size=image_size, per_class_limit=limit)
         self.console.write(f"  demo archive {archive} written in {time.perf_counter() - started:.1f} s")
         return prefix
 
