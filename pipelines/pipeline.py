@@ -297,7 +297,7 @@ def parameter_defaults(options: PipelineOptions, bucket: str) -> dict[str, Any]:
         "Architecture": str(options.hyperparameters["architecture"]),
         "MaxTuningJobs": config.MAX_TUNING_JOBS,
         "MaxParallelTuningJobs": config.MAX_PARALLEL_TUNING_JOBS,
-        "TuningEpochs": int(options.hyperparameters["epochs"]),
+        "TuningEpochs": options.hyperparameters["epochs"],
         "TrainingEpochs": config.FINAL_TRAINING_EPOCHS,
         "AccuracyThreshold": config.ACCURACY_THRESHOLD,
         "ModelApprovalStatus": config.APPROVAL_STATUS,
@@ -310,14 +310,23 @@ def make_parameters(options: PipelineOptions, bucket: str) -> PipelineParameters
     """The parameters with their defaults (see :func:`parameter_defaults`)."""
     default = parameter_defaults(options, bucket)
 
+    def typed(name: str, kind: type) -> Any:
+        try:
+            return kind(default[name])
+        except (TypeError, ValueError) as error:
+            wanted = {int: "an integer", float: "a number"}[kind]
+            raise ValueError(
+                f"the default of pipeline parameter {name} must be {wanted}, got {default[name]!r}"
+            ) from error
+
     def string(name: str, **kwargs: Any) -> ParameterString:
         return ParameterString(name, default_value=str(default[name]), **kwargs)
 
     def integer(name: str) -> ParameterInteger:
-        return ParameterInteger(name, default_value=int(default[name]))
+        return ParameterInteger(name, default_value=typed(name, int))
 
     def number(name: str) -> ParameterFloat:
-        return ParameterFloat(name, default_value=float(default[name]))
+        return ParameterFloat(name, default_value=typed(name, float))
 
     return PipelineParameters(
         input_data_uri=string("InputDataUri"),

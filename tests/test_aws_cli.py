@@ -139,7 +139,7 @@ def test_upsert_creates_then_updates(aws: Any, capsys: pytest.CaptureFixture[str
         key = artifact.s3_uri.removeprefix(f"s3://{BUCKET}/")
         assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == artifact.body
 
-    # The deploy trigger (issue 6's wiring) sends approvals of this group, and only this one, to the Lambda.
+    # The deploy wiring sends approvals of this group, and only this one, to the Lambda.
     assert _approval_rule_groups(aws) == {config.DEPLOY_RULE_NAME: [config.MODEL_PACKAGE_GROUP]}
     function = aws.client("lambda").get_function(FunctionName=config.DEPLOY_FUNCTION_NAME)["Configuration"]
     assert "deploy trigger:" in out and '"action": "created"' in out

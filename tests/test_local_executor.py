@@ -217,6 +217,23 @@ def test_a_definition_that_cannot_run_fails_before_any_step(
     assert sorted(p.name for p in run_dir.iterdir()) == ["definition.json", "run.json"]  # no step folder
 
 
+def test_refused_options_and_parameters_leave_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.run import main
+
+    workdir = tmp_path / "runs"
+    data = str(_tiny_archive(tmp_path))
+    for argv, message in (
+        (["--hp", "epochs=x"], "pipeline parameter TuningEpochs must be an integer, got 'x'"),
+        (["--param", "ImageSize=big"], "ImageSize takes an integer"),
+        (["--param", "ModelApprovalStatus=Yes"], "takes one of PendingManualApproval, Approved, Rejected"),
+        (["--param", "Nope=1"], "no such pipeline parameter"),
+        (["--epochs", "2", "--param", "TrainingEpochs=3"], "TrainingEpochs is given twice"),
+    ):
+        assert main(["local", "--workdir", str(workdir), "--data", data, *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not workdir.exists() or not list(workdir.glob("run-*"))
+
+
 def _tiny_archive(folder: Path) -> Path:
     path = folder / "data.zip"
     path.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip: never read, nothing runs

@@ -169,7 +169,7 @@ def run_local(args: argparse.Namespace) -> int:
     _quiet_sdk()  # the definition is built with the SDK: keep its import-time chatter off the terminal
     from pipelines.local.console import Console
     from pipelines.local.executor import DefinitionInvalid, PipelineFailed
-    from pipelines.local.runner import LocalPipeline, LocalRunOptions
+    from pipelines.local.runner import InvalidOptions, LocalPipeline, LocalRunOptions
 
     if args.data is not None and not args.data.exists():
         raise CommandError(f"--data {args.data} does not exist: pass an archive (.zip, .tar.gz) or a folder of images")
@@ -194,7 +194,7 @@ def run_local(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         record = pipeline.run()
-    except ValueError as error:  # a bad builder option: nothing was started
+    except InvalidOptions as error:
         raise CommandError(str(error)) from error
     except DefinitionInvalid as invalid:
         for problem in invalid.problems:

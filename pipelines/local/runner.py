@@ -32,6 +32,12 @@ from pipelines.local.objectstore import ObjectStore
 from pipelines.local.registry import LocalModelRegistry
 
 RUN_PATTERN = re.compile(r"^run-(\d{4,})$")
+
+
+class InvalidOptions(Exception):
+    """Builder options the pipeline refuses (the message says which and why); nothing was started."""
+
+
 DEMO_SOURCE = "built-in demo (scikit-learn digits)"
 
 
@@ -194,7 +200,10 @@ class LocalPipeline:
         from pipelines.aws_cli import parameter_overrides
 
         started = time.perf_counter()
-        definition, artifacts, pipeline_options = build_definition(self.options)  # bad options: no run folder
+        try:
+            definition, artifacts, pipeline_options = build_definition(self.options)
+        except ValueError as error:  # before the run folder: a refused option leaves nothing behind
+            raise InvalidOptions(str(error)) from error
         overrides = parameter_overrides(definition, self.options.parameters)
         self.run_id, self.run_dir = new_run_folder(self.workdir)
         self.console.write(f"Local pipeline {self.run_id} in {self.run_dir}")
