@@ -110,11 +110,8 @@ PROPERTY_FILE_EVALUATION = "EvaluationReport"
 
 WEIGHTS_CHANNEL = "weights"
 
-# Hyperparameters the tuner searches and the final training takes from its best job (default preset).
-TUNED_HYPERPARAMETERS = tuple(config.HYPERPARAMETER_RANGES)
 # Hyperparameters that pipeline parameters fill (so they are neither static values nor tuned).
 PARAMETER_HYPERPARAMETERS = ("architecture", "epochs")
-PRESETS = config.PRESETS
 
 
 def framework_image_uri(region: str, scope: str, instance_type: str) -> str:
@@ -257,7 +254,7 @@ def preset_options(preset: str = "default", **changes: Any) -> PipelineOptions:
             "training_instance_type": config.DEMO_TRAINING_INSTANCE_TYPE,
         }
         return PipelineOptions(**{**demo, **changes})
-    raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(config.PRESETS)}")
 
 
 @dataclass(frozen=True)
