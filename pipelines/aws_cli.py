@@ -41,6 +41,71 @@ def _key_value(text: str) -> tuple[str, str]:
     return name.strip(), value
 
 
+def _hyperparameter(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with the value read as JSON where it parses (0.01, 64, false), else as text (resnet34)."""
+    key, separator, value = text.partition("=")
+    if not separator or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (for example lr=0.01), got {text!r}")
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        decoded = value.strip()
+    return key.strip().lstrip("-"), decoded
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, preset_help: str) -> None:
+    """Flags that shape the definition and that ``definition``, ``upsert`` and ``local`` share, so that the three
+    build the same definition from the same flags."""
+    from pipelines import deploy_infra
+
+    parser.add_argument("--preset", choices=config.PRESETS, default=None, help=preset_help)
+    parser.add_argument(
+        "--hp",
+        dest="hyperparameters",
+        type=_hyperparameter,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fix a hyperparameter of entrypoints/train.py for every job, repeatable (a tuned one leaves the "
+        "search), e.g. --hp lr=0.01; Architecture and the epochs are pipeline parameters (--param)",
+    )
+    parser.add_argument(
+        "--no-debugger",
+        dest="debugger",
+        action="store_false",
+        default=True,
+        help="leave out SageMaker Debugger rules, hook and profiler (default: on)",
+    )
+    deploy_infra.add_deploy_step_arguments(parser)
+
+
+def add_param_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--param Name=Value`` (repeatable): a run's parameter values, for `start` and `local` alike; checked
+    against the definition by :func:`parameter_overrides`."""
+    parser.add_argument(
+        "--param", dest="params", type=_key_value, action="append", default=[], metavar="NAME=VALUE", help=help_text
+    )
+
+
+def options_from_args(args: argparse.Namespace, preset: str, **changes: Any) -> Any:
+    """The PipelineOptions of the shape flags (see add_shape_arguments) and ``changes``; bad values become a
+    CommandError."""
+    from pipelines.pipeline import preset_options
+
+    try:
+        options = preset_options(
+            preset,
+            debugger=args.debugger,
+            deploy_step=not args.skip_deploy_wiring,
+            deploy_function_name=args.deploy_function_name,
+            **changes,
+        ).with_hyperparameters(dict(args.hyperparameters))
+        options.validate()
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    return options
+
+
 def _add_aws_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--region", default=None, help=f"AWS region (default: ${config.ENV_REGION}, then $AWS_DEFAULT_REGION)"
@@ -79,20 +144,19 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--training-instance-type",
-        default=config.TRAINING_INSTANCE_TYPE,
-        help="default of TrainingInstanceType; also picks the CPU or GPU training image (default: %(default)s)",
+        default=None,
+        help="default of TrainingInstanceType; also picks the CPU or GPU training image (default: the preset's, "
+        f"{config.TRAINING_INSTANCE_TYPE} or with --preset demo {config.DEMO_TRAINING_INSTANCE_TYPE})",
     )
     parser.add_argument(
         "--processing-instance-type",
-        default=config.PROCESSING_INSTANCE_TYPE,
-        help="default of ProcessingInstanceType (default: %(default)s)",
+        default=None,
+        help=f"default of ProcessingInstanceType (default: {config.PROCESSING_INSTANCE_TYPE})",
     )
-    parser.add_argument(
-        "--no-debugger",
-        dest="debugger",
-        action="store_false",
-        default=True,
-        help="leave out SageMaker Debugger rules, hook and profiler (default: on)",
+    add_shape_arguments(
+        parser,
+        "builder options: 'default' (the production pipeline) or 'demo' (a small CNN from random weights on small "
+        "images, config.DEMO_*: the local demo, or a cheap smoke test of the cloud setup) (default: default)",
     )
     parser.add_argument(
         "--tuning-strategy",
@@ -192,15 +256,7 @@ def add_commands(subparsers: Any) -> None:
     )
     _add_aws_arguments(parser)
     _add_pipeline_name(parser)
-    parser.add_argument(
-        "--param",
-        dest="params",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="override a pipeline parameter, repeatable, e.g. --param MaxTuningJobs=4",
-    )
+    add_param_argument(parser, "override a pipeline parameter, repeatable, e.g. --param MaxTuningJobs=4")
     parser.add_argument("--display-name", default=None, help="execution display name (default: none)")
     parser.add_argument("--wait", action="store_true", default=False, help="wait for the execution to finish")
     parser.add_argument(
@@ -249,10 +305,10 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _add_deploy_trigger_arguments(parser: argparse.ArgumentParser) -> None:
-    """The deploy wiring's flags (issue 6) plus --no-deploy-trigger, an alias of its --skip-deploy-wiring."""
+    """The deploy wiring's flags plus --no-deploy-trigger, an alias of --skip-deploy-wiring."""
     from pipelines import deploy_infra
 
-    deploy_infra.add_deploy_arguments(parser)
+    deploy_infra.add_deploy_arguments(parser, with_step_arguments=False)
     parser.add_argument(
         "--no-deploy-trigger",
         dest="skip_deploy_wiring",
@@ -300,13 +356,20 @@ def make_boto_session(args: argparse.Namespace) -> Any:
 
 
 def pipeline_options(args: argparse.Namespace) -> Any:
-    from pipelines.pipeline import PipelineOptions
-
-    return PipelineOptions(
+    instance_types = {
+        name: value
+        for name, value in (
+            ("training_instance_type", args.training_instance_type),
+            ("processing_instance_type", args.processing_instance_type),
+        )
+        if value is not None
+    }
+    return options_from_args(
+        args,
+        args.preset or "default",
         pipeline_name=args.pipeline_name,
         model_package_group=args.model_package_group,
         base_job_prefix=args.base_job_prefix,
-        debugger=args.debugger,
         tuning_strategy=args.tuning_strategy,
         warm_start_parent=args.warm_start_parent,
         use_spot_instances=args.spot,
@@ -316,10 +379,9 @@ def pipeline_options(args: argparse.Namespace) -> Any:
         network_isolation=args.network_isolation,
         weights_uri=args.weights_uri,
         input_data_uri=args.input_data_uri,
-        training_instance_type=args.training_instance_type,
-        processing_instance_type=args.processing_instance_type,
         cache_expire_after=config.CACHE_EXPIRE_AFTER if args.cache else None,
         **images.serving_options(args),
+        **instance_types,
     )
 
 
@@ -364,9 +426,10 @@ def build_from_args(args: argparse.Namespace, boto_session: Any, offline: bool) 
 
     role, bucket = resolve_role(args), resolve_bucket(args)
     session = PipelineSession(boto_session=boto_session, default_bucket=bucket)
+    options = pipeline_options(args)
     with _sdk_telemetry_off() if offline else contextlib.nullcontext():
         try:
-            pipeline = get_pipeline(session, role=role, bucket=bucket, options=pipeline_options(args))
+            pipeline = get_pipeline(session, role=role, bucket=bucket, options=options)
         except (ValueError, FileNotFoundError) as error:
             raise CommandError(str(error)) from error
         definition = pipeline.definition()
@@ -467,6 +530,7 @@ def cmd_upsert(args: argparse.Namespace) -> int:
 
     if not args.skip_deploy_wiring:
         _check_deploy_settings(deploy_infra, args)  # before anything changes, not halfway through
+        _check_role_account(boto_session, role)
     sagemaker_client = boto_session.client("sagemaker")
 
     group_state = ensure_model_package_group(sagemaker_client, args.model_package_group, tags)
@@ -476,9 +540,10 @@ def cmd_upsert(args: argparse.Namespace) -> int:
         print(f"code: {uri}")
 
     existed = _pipeline_exists(sagemaker_client, args.pipeline_name)
+    deploy = "" if args.skip_deploy_wiring else " -> Deploy"
     description = args.description or (
-        "Preprocess -> Tune -> Train -> Evaluate -> CheckAccuracy -> Register into "
-        f"{args.model_package_group} (image classification, torchvision)"
+        f"Preprocess -> Tune -> Train -> Evaluate -> CheckAccuracy -> Register into {args.model_package_group}"
+        f"{deploy} (image classification, torchvision)"
     )
     response = pipeline.upsert(role_arn=role, description=description, tags=tags)
     print(f"pipeline {args.pipeline_name}: {'updated' if existed else 'created'} {response['PipelineArn']}")
@@ -499,6 +564,20 @@ def _check_deploy_settings(deploy_infra: Any, args: argparse.Namespace) -> None:
             "(README: Deployment on approval), or pass --no-deploy-trigger; nothing was changed"
         )
     deploy_infra.settings_from_args(args, args.model_package_group, deploy_infra.execution_role_from_args(args))
+
+
+def _check_role_account(boto_session: Any, role: str) -> None:
+    """The Deploy step invokes the function in the role's account (the definition says so); the credentials'
+    account (STS) is where upsert creates it: they must be the same."""
+    from pipelines.pipeline import account_of_role
+
+    caller = boto_session.client("sts").get_caller_identity()["Account"]
+    if account_of_role(role) != caller:
+        raise CommandError(
+            f"the role {role} belongs to account {account_of_role(role)}, but these credentials are of account "
+            f"{caller}: SageMaker runs a pipeline with a role of its own account, and the Deploy step invokes the "
+            "deploy function there; pass a role of this account; nothing was changed"
+        )
 
 
 def _summarise_deploy(result: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,9 @@ STEP_EVALUATE = "Evaluate"
 STEP_CHECK = "CheckAccuracy"
 STEP_REGISTER = "Register"
 STEP_FAIL = "AccuracyBelowThreshold"
+STEP_DEPLOY = "Deploy"
+# What the Deploy step (a LambdaStep running steps/deploy.py) returns: its LambdaOutputs, shown in Studio.
+DEPLOY_STEP_OUTPUTS = ("action", "endpoint_name", "model_package_arn")
 # Paths inside the containers (the defaults of steps/preprocess.py, steps/evaluate.py and entrypoints/train.py).
 PROCESSING_ROOT = "/opt/ml/processing"
 PREPROCESS_INPUT_DIR = f"{PROCESSING_ROOT}/input/data"
@@ -148,29 +151,47 @@ APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
 REQUEST_CONTENT_TYPES = contract.REQUEST_CONTENT_TYPES
 RESPONSE_CONTENT_TYPES = contract.RESPONSE_CONTENT_TYPES
 
-# --- the local runner's demo: seconds on a 2-core CPU, on scikit-learn's digits -------------------------------
-LOCAL_DEMO_HYPERPARAMETERS: dict[str, str | int | float] = {
+# --- presets: named sets of builder options (pipelines/pipeline.py: preset_options) ----------------------------------
+PRESETS = ("default", "demo")
+
+# --- the demo preset: seconds on a 2-core CPU, on scikit-learn's digits ------------------------------------------
+# A preset is a set of builder options (pipelines/pipeline.py: preset_options): `definition`, `upsert` and `local`
+# all take --preset demo, so the local demo runs the very definition a cheap cloud smoke test would upsert.
+DEMO_HYPERPARAMETERS: dict[str, str | int | float] = {
     **DEFAULT_HYPERPARAMETERS,
     "architecture": "resnet18",
     "weights": "none",
-    "epochs": 4,
+    "epochs": 4,  # each tuning trial (the TuningEpochs default)
     "trainable-blocks": "all",
     "horizontal-flip": False,  # a mirrored digit is another symbol (or none); flips cost the demo ~4 points
 }
-LOCAL_DEMO_IMAGE_SIZE = 32  # the digits are 8x8; the demo archive upscales them
-LOCAL_TUNING_TRIALS = 2
-LOCAL_ACCURACY_THRESHOLD = 0.9
-LOCAL_DEMO_TRAINING_EPOCHS = 8  # the final training of the demo (the trials run LOCAL_DEMO_HYPERPARAMETERS' epochs)
 # The demo trains from random weights (no download), so it tunes the tuner's ranges minus trainable-blocks
 # (freezing random layers teaches nothing; it stays "all") and with learning rates that converge in a few epochs.
-LOCAL_DEMO_HYPERPARAMETER_RANGES: dict[str, HyperparameterRange] = {
+DEMO_HYPERPARAMETER_RANGES: dict[str, HyperparameterRange] = {
     **{name: spec for name, spec in HYPERPARAMETER_RANGES.items() if name != "trainable-blocks"},
     "lr": HyperparameterRange("continuous", 1e-3, 1e-2, scaling="Logarithmic"),
 }
-LOCAL_TUNING_SEED = 42  # seeds the local tuner's sampling of the ranges
+DEMO_IMAGE_SIZE = 32  # the digits are 8x8; the demo archive upscales them, and the trainer sees them at this size
+DEMO_PARAMETER_DEFAULTS: dict[str, str | int | float] = {
+    "ImageSize": DEMO_IMAGE_SIZE,
+    "TrainingEpochs": 8,  # the final training (the trials run DEMO_HYPERPARAMETERS' epochs)
+    "MaxTuningJobs": 2,
+    "MaxParallelTuningJobs": 2,
+    "AccuracyThreshold": 0.9,
+}
+DEMO_TRAINING_INSTANCE_TYPE = "ml.m5.xlarge"  # a CPU instance (and the CPU image) is enough for the demo
+
+# --- the local executor (python -m pipelines.run local) -----------------------------------------------------------
 LOCAL_WORKDIR = "runs"  # python -m pipelines.run local --workdir: one run-NNNN folder per run, cache, registry
 LOCAL_ENDPOINT_NAME = f"{ENDPOINT_NAME_PREFIX}-local"
 LOCAL_ENDPOINT_PORT = 8080  # SageMaker's serving containers listen on 8080; a busy port gives way to a free one
-# Flags the local runner adds to each training job after the hyperparameters (the jobs share this machine's
+# What the local build of the definition uses where `upsert` uses the account's values. S3 URIs map to the local
+# object store <workdir>/s3/<bucket>/<key>. The region only picks the container image URIs the definition names
+# (never pulled locally), so it is a real one; the account is a placeholder of zeros.
+LOCAL_REGION = "us-east-1"
+LOCAL_ACCOUNT_ID = "000000000000"  # not an account: local ARNs only need the shape
+LOCAL_BUCKET = "local-artifacts"
+LOCAL_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT_ID}:role/local-pipeline"
+# Flags the local executor adds to each training job after the hyperparameters (the jobs share this machine's
 # cores, where on SageMaker each has an instance of its own).
 LOCAL_TRAINING_EXTRA_ARGUMENTS: tuple[str, ...] = ("--workers", "0")

@@ -52,7 +52,7 @@ def _digit_jpeg(pixels: np.ndarray, image_size: int) -> bytes:
 
 def write_digits_archive(
     path: Path,
-    image_size: int = config.LOCAL_DEMO_IMAGE_SIZE,
+    image_size: int = config.DEMO_IMAGE_SIZE,
     *,
     per_class_limit: int | None = None,
     valid_fraction: float = config.VALID_FRACTION,
@@ -107,7 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("output", type=Path, help="the zip file to write")
     parser.add_argument(
-        "--image-size", type=int, default=config.LOCAL_DEMO_IMAGE_SIZE, help="side of the upscaled square images"
+        "--image-size", type=int, default=config.DEMO_IMAGE_SIZE, help="side of the upscaled square images"
     )
     parser.add_argument("--per-class-limit", type=int, default=None, help="keep at most this many images per class")
     parser.add_argument("--valid-fraction", type=float, default=config.VALID_FRACTION, help="share of each class")

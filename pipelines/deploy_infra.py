@@ -171,8 +171,26 @@ def add_endpoint_arguments(parser: argparse.ArgumentParser | argparse._ArgumentG
     )
 
 
-def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of the deploy wiring for ``upsert``: the function's role and names, and the endpoint settings."""
+def add_deploy_step_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The flags that also shape the definition (the Deploy step invokes the function by name): ``definition``,
+    ``upsert`` and ``local`` take them."""
+    parser.add_argument(
+        "--deploy-function-name",
+        default=config.DEPLOY_FUNCTION_NAME,
+        help="name of the deploy Lambda that the Deploy step invokes and EventBridge targets (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--skip-deploy-wiring",
+        action="store_true",
+        default=False,
+        help="build the pipeline without the Deploy step, and do not create or update the deploy Lambda and its "
+        "rule (default: the DAG ends in the Deploy step, and upsert creates or updates the function and rule)",
+    )
+
+
+def add_deploy_arguments(parser: argparse.ArgumentParser, *, with_step_arguments: bool = True) -> None:
+    """Flags of the deploy wiring for ``upsert``: the function's role and names, and the endpoint settings
+    (``with_step_arguments=False`` when the parser has :func:`add_deploy_step_arguments` already)."""
     group = parser.add_argument_group("deployment on approval (the deploy Lambda and its EventBridge rule)")
     group.add_argument(
         "--deploy-role-arn",
@@ -181,21 +199,12 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
         "create it with `python -m pipelines.deploy_infra policy` as the README shows",
     )
     group.add_argument(
-        "--deploy-function-name",
-        default=config.DEPLOY_FUNCTION_NAME,
-        help="name of the deploy Lambda (default: %(default)s)",
-    )
-    group.add_argument(
         "--deploy-rule-name",
         default=config.DEPLOY_RULE_NAME,
         help="name of the EventBridge rule (default: %(default)s)",
     )
-    group.add_argument(
-        "--skip-deploy-wiring",
-        action="store_true",
-        default=False,
-        help="do not create or update the deploy Lambda and its rule (default: create or update them)",
-    )
+    if with_step_arguments:
+        add_deploy_step_arguments(group)
     add_endpoint_arguments(group)
 
 

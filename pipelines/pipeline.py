@@ -10,24 +10,34 @@ The DAG (steps joined through step properties only, so SageMaker infers every ed
       -> Evaluate       ProcessingStep   steps/evaluate.py            evaluation.json (PropertyFile)
       -> CheckAccuracy  ConditionStep    accuracy >= AccuracyThreshold
             if true  -> Register       ModelStep (RegisterModel)  model package with the evaluation as ModelMetrics
+                     -> Deploy         LambdaStep                 the deploy function (steps/deploy.py): starts
+                                                                  the endpoint's create/update if the package is
+                                                                  Approved, else returns awaiting-approval
             if false -> AccuracyBelowThreshold   FailStep          message names the accuracy and the threshold
 
 Everything a run may change is a pipeline parameter (see ``PARAMETER_NAMES``); everything that changes the
-shape of the definition (Debugger on/off, tuning strategy, spot, KMS, VPC, network isolation, warm start) is
-an argument of ``get_pipeline``. Building twice gives byte-identical definitions: job names are stable
+shape of the definition (Debugger on/off, tuning strategy, spot, KMS, VPC, network isolation, warm start, the
+Deploy step, the hyperparameters and ranges of a preset) is a field of ``PipelineOptions``; ``preset_options``
+gives the named presets ("default", "demo"). Building twice gives byte-identical definitions: job names are stable
 prefixes (``PipelineDefinitionConfig(use_custom_job_prefix=True)``), code goes to content-hashed S3 paths and
 no timestamp is written anywhere, so step caching works.
+
+The same definition runs on SageMaker (``upsert``) and on one machine (``pipelines/local/executor.py``).
 
 The SageMaker SDK is imported here at module level: import this module lazily from the CLI.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
 import io
+import json
+import re
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +53,7 @@ from sagemaker.debugger import (
     rule_configs,
 )
 from sagemaker.inputs import TrainingInput
+from sagemaker.lambda_helper import Lambda
 from sagemaker.model import Model
 from sagemaker.model_metrics import MetricsSource, ModelMetrics
 from sagemaker.network import NetworkConfig
@@ -55,6 +66,7 @@ from sagemaker.workflow.conditions import ConditionGreaterThanOrEqualTo
 from sagemaker.workflow.execution_variables import ExecutionVariables
 from sagemaker.workflow.fail_step import FailStep
 from sagemaker.workflow.functions import Join, JsonGet
+from sagemaker.workflow.lambda_step import LambdaOutput, LambdaOutputTypeEnum, LambdaStep
 from sagemaker.workflow.model_step import ModelStep
 from sagemaker.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
 from sagemaker.workflow.pipeline import Pipeline
@@ -70,7 +82,7 @@ from sagemaker.workflow.retry import (
 from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep, TuningStep
 
 from pipelines import config, images
-from pipelines.config import (  # step names and container paths, shared with the local runner
+from pipelines.config import (  # step names and container paths
     CHECKPOINT_LOCAL_PATH,
     EVALUATE_MODEL_DIR,
     EVALUATE_OUTPUT_DIR,
@@ -79,6 +91,7 @@ from pipelines.config import (  # step names and container paths, shared with th
     PREPROCESS_INPUT_DIR,
     PREPROCESS_OUTPUT_DIR,
     STEP_CHECK,
+    STEP_DEPLOY,
     STEP_EVALUATE,
     STEP_FAIL,
     STEP_PREPROCESS,
@@ -86,7 +99,9 @@ from pipelines.config import (  # step names and container paths, shared with th
     STEP_TRAIN,
     STEP_TUNE,
     TENSORBOARD_LOCAL_PATH,
+    HyperparameterRange,
 )
+from pipelines.iam import LAMBDA_FUNCTION_NAME, partition_for_region
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,8 +111,8 @@ PROPERTY_FILE_EVALUATION = "EvaluationReport"
 
 WEIGHTS_CHANNEL = "weights"
 
-# Hyperparameters the tuner searches and the final training takes from its best job.
-TUNED_HYPERPARAMETERS = tuple(config.HYPERPARAMETER_RANGES)
+# Hyperparameters that pipeline parameters fill (so they are neither static values nor tuned).
+PARAMETER_HYPERPARAMETERS = ("architecture", "epochs")
 
 
 def framework_image_uri(region: str, scope: str, instance_type: str) -> str:
@@ -140,6 +155,15 @@ class PipelineOptions:
         serving_image / serving_image_uri / serving_instance_type: the registered model's container (see
             pipelines/images.py): Ray Serve (default) or the legacy PyTorch image, a URI that overrides it, and
             the instance type whose device (CPU or GPU) picks the image's build.
+        hyperparameters: every flag of entrypoints/train.py the jobs get, keyed without "--". Those in
+            ``hyperparameter_ranges`` are tuned (the final training takes the best trial's values); "architecture"
+            and "epochs" give the defaults of the Architecture and TuningEpochs parameters; the rest are static.
+        hyperparameter_ranges: what the tuner searches.
+        parameter_defaults: defaults of pipeline parameters by name, over the config's (see PARAMETER_NAMES).
+        train_at_image_size: the trainer's input-size is the ImageSize parameter (for images that are already
+            at training size, as in the demo), instead of train.py's crop of the preprocessed images.
+        deploy_step: end the accuracy branch with the Deploy LambdaStep (off: the DAG ends at Register).
+        deploy_function_name: the deploy Lambda the Deploy step invokes (``upsert`` creates it under this name).
     """
 
     pipeline_name: str = config.PIPELINE_NAME
@@ -163,9 +187,26 @@ class PipelineOptions:
     serving_image: str = config.SERVING_IMAGE
     serving_image_uri: str | None = None
     serving_instance_type: str = config.SERVING_INSTANCE_TYPE
+    hyperparameters: Mapping[str, Any] = field(default_factory=lambda: dict(config.DEFAULT_HYPERPARAMETERS))
+    hyperparameter_ranges: Mapping[str, HyperparameterRange] = field(
+        default_factory=lambda: dict(config.HYPERPARAMETER_RANGES)
+    )
+    parameter_defaults: Mapping[str, Any] = field(default_factory=dict)
+    train_at_image_size: bool = False
+    deploy_step: bool = True
+    deploy_function_name: str = config.DEPLOY_FUNCTION_NAME
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option and what to do instead."""
+        unknown = sorted(set(self.parameter_defaults) - set(PARAMETER_NAMES))
+        if unknown:
+            raise ValueError(f"no pipeline parameter named {', '.join(unknown)}; the parameters are {PARAMETER_NAMES}")
+        for name in PARAMETER_HYPERPARAMETERS:
+            if name not in self.hyperparameters:
+                raise ValueError(f"the hyperparameters need {name!r} (the default of its pipeline parameter)")
+        fixed_and_tuned = sorted(set(PARAMETER_HYPERPARAMETERS) & set(self.hyperparameter_ranges))
+        if fixed_and_tuned:
+            raise ValueError(f"{', '.join(fixed_and_tuned)} is set by a pipeline parameter and cannot be tuned")
         if self.tuning_strategy not in config.TUNING_STRATEGIES:
             raise ValueError(
                 f"tuning strategy {self.tuning_strategy!r} is not one of {', '.join(config.TUNING_STRATEGIES)}"
@@ -177,7 +218,7 @@ class PipelineOptions:
         if (
             self.network_isolation
             and not self.weights_uri
-            and str(config.DEFAULT_HYPERPARAMETERS["weights"]).lower() not in ("none", "")
+            and str(self.hyperparameters.get("weights", "")).lower() not in ("none", "")
         ):
             raise ValueError(
                 "with network isolation the training job cannot download pretrained weights: "
@@ -187,6 +228,40 @@ class PipelineOptions:
             raise ValueError(f"weights URI must be an s3:// URI, got {self.weights_uri!r}")
         if self.input_data_uri is not None and not self.input_data_uri.startswith("s3://"):
             raise ValueError(f"input data URI must be an s3:// URI, got {self.input_data_uri!r}")
+        if not LAMBDA_FUNCTION_NAME.fullmatch(self.deploy_function_name):
+            raise ValueError(
+                f"deploy function name {self.deploy_function_name!r} is not a Lambda function name "
+                "(1-64 letters, digits, hyphens or underscores)"
+            )
+
+    def with_hyperparameters(self, overrides: Mapping[str, Any]) -> PipelineOptions:
+        """These options with some hyperparameters fixed: a fixed one leaves the tuner's ranges."""
+        return dataclasses.replace(
+            self,
+            hyperparameters={**self.hyperparameters, **overrides},
+            hyperparameter_ranges={k: v for k, v in self.hyperparameter_ranges.items() if k not in overrides},
+        )
+
+
+def preset_options(preset: str = "default", **changes: Any) -> PipelineOptions:
+    """The options of a named preset, with ``changes`` on top.
+
+    ``default`` is the production pipeline (config.DEFAULT_HYPERPARAMETERS, HYPERPARAMETER_RANGES and the
+    parameters' config defaults). ``demo`` trains a small CNN from random weights on small images in seconds
+    per epoch on a CPU (config.DEMO_*): the local demo, or a cheap smoke test of the cloud setup.
+    """
+    if preset == "default":
+        return PipelineOptions(**changes)
+    if preset == "demo":
+        demo: dict[str, Any] = {
+            "hyperparameters": dict(config.DEMO_HYPERPARAMETERS),
+            "hyperparameter_ranges": dict(config.DEMO_HYPERPARAMETER_RANGES),
+            "parameter_defaults": dict(config.DEMO_PARAMETER_DEFAULTS),
+            "train_at_image_size": True,
+            "training_instance_type": config.DEMO_TRAINING_INSTANCE_TYPE,
+        }
+        return PipelineOptions(**{**demo, **changes})
+    raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(config.PRESETS)}")
 
 
 @dataclass(frozen=True)
@@ -213,33 +288,66 @@ class PipelineParameters:
         return [getattr(self, name) for name in self.__dataclass_fields__]
 
 
+def parameter_defaults(options: PipelineOptions, bucket: str) -> dict[str, Any]:
+    """Every parameter's default: the config's, the hyperparameters' (Architecture, TuningEpochs), the options'."""
+    return {
+        "InputDataUri": options.input_data_uri or f"s3://{bucket}/{options.pipeline_name}/input/",
+        "ProcessingInstanceType": options.processing_instance_type,
+        "ProcessingInstanceCount": 1,
+        "TrainingInstanceType": options.training_instance_type,
+        "ImageSize": config.IMAGE_SIZE,
+        "ValidFraction": config.VALID_FRACTION,
+        "TestFraction": config.TEST_FRACTION,
+        "Architecture": str(options.hyperparameters["architecture"]),
+        "MaxTuningJobs": config.MAX_TUNING_JOBS,
+        "MaxParallelTuningJobs": config.MAX_PARALLEL_TUNING_JOBS,
+        "TuningEpochs": options.hyperparameters["epochs"],
+        "TrainingEpochs": config.FINAL_TRAINING_EPOCHS,
+        "AccuracyThreshold": config.ACCURACY_THRESHOLD,
+        "ModelApprovalStatus": config.APPROVAL_STATUS,
+        "ModelPackageGroupName": options.model_package_group,
+        **options.parameter_defaults,
+    }
+
+
 def make_parameters(options: PipelineOptions, bucket: str) -> PipelineParameters:
-    """The parameters with their defaults (from config and the options)."""
-    input_uri = options.input_data_uri or f"s3://{bucket}/{options.pipeline_name}/input/"
+    """The parameters with their defaults (see :func:`parameter_defaults`)."""
+    default = parameter_defaults(options, bucket)
+
+    def typed(name: str, kind: type) -> Any:
+        try:
+            return kind(default[name])
+        except (TypeError, ValueError) as error:
+            wanted = {int: "an integer", float: "a number"}[kind]
+            raise ValueError(
+                f"the default of pipeline parameter {name} must be {wanted}, got {default[name]!r}"
+            ) from error
+
+    def string(name: str, **kwargs: Any) -> ParameterString:
+        return ParameterString(name, default_value=str(default[name]), **kwargs)
+
+    def integer(name: str) -> ParameterInteger:
+        return ParameterInteger(name, default_value=typed(name, int))
+
+    def number(name: str) -> ParameterFloat:
+        return ParameterFloat(name, default_value=typed(name, float))
+
     return PipelineParameters(
-        input_data_uri=ParameterString("InputDataUri", default_value=input_uri),
-        processing_instance_type=ParameterString(
-            "ProcessingInstanceType", default_value=options.processing_instance_type
-        ),
-        processing_instance_count=ParameterInteger("ProcessingInstanceCount", default_value=1),
-        training_instance_type=ParameterString("TrainingInstanceType", default_value=options.training_instance_type),
-        image_size=ParameterInteger("ImageSize", default_value=config.IMAGE_SIZE),
-        valid_fraction=ParameterFloat("ValidFraction", default_value=config.VALID_FRACTION),
-        test_fraction=ParameterFloat("TestFraction", default_value=config.TEST_FRACTION),
-        architecture=ParameterString("Architecture", default_value=str(config.DEFAULT_HYPERPARAMETERS["architecture"])),
-        max_tuning_jobs=ParameterInteger("MaxTuningJobs", default_value=config.MAX_TUNING_JOBS),
-        max_parallel_tuning_jobs=ParameterInteger(
-            "MaxParallelTuningJobs", default_value=config.MAX_PARALLEL_TUNING_JOBS
-        ),
-        tuning_epochs=ParameterInteger("TuningEpochs", default_value=int(config.DEFAULT_HYPERPARAMETERS["epochs"])),
-        training_epochs=ParameterInteger("TrainingEpochs", default_value=config.FINAL_TRAINING_EPOCHS),
-        accuracy_threshold=ParameterFloat("AccuracyThreshold", default_value=config.ACCURACY_THRESHOLD),
-        model_approval_status=ParameterString(
-            "ModelApprovalStatus",
-            default_value=config.APPROVAL_STATUS,
-            enum_values=list(config.APPROVAL_STATUSES),
-        ),
-        model_package_group_name=ParameterString("ModelPackageGroupName", default_value=options.model_package_group),
+        input_data_uri=string("InputDataUri"),
+        processing_instance_type=string("ProcessingInstanceType"),
+        processing_instance_count=integer("ProcessingInstanceCount"),
+        training_instance_type=string("TrainingInstanceType"),
+        image_size=integer("ImageSize"),
+        valid_fraction=number("ValidFraction"),
+        test_fraction=number("TestFraction"),
+        architecture=string("Architecture"),
+        max_tuning_jobs=integer("MaxTuningJobs"),
+        max_parallel_tuning_jobs=integer("MaxParallelTuningJobs"),
+        tuning_epochs=integer("TuningEpochs"),
+        training_epochs=integer("TrainingEpochs"),
+        accuracy_threshold=number("AccuracyThreshold"),
+        model_approval_status=string("ModelApprovalStatus", enum_values=list(config.APPROVAL_STATUSES)),
+        model_package_group_name=string("ModelPackageGroupName"),
     )
 
 
@@ -262,10 +370,12 @@ PARAMETER_NAMES = (
 )
 
 
-def sdk_parameter_ranges() -> dict[str, ParameterRange]:
-    """config.HYPERPARAMETER_RANGES as the SDK's Continuous/Integer/CategoricalParameter objects."""
+def sdk_parameter_ranges(
+    specs: Mapping[str, HyperparameterRange] = config.HYPERPARAMETER_RANGES,
+) -> dict[str, ParameterRange]:
+    """Tuning ranges as the SDK's Continuous/Integer/CategoricalParameter objects."""
     ranges: dict[str, ParameterRange] = {}
-    for name, spec in config.HYPERPARAMETER_RANGES.items():
+    for name, spec in specs.items():
         if spec.kind == "continuous":
             ranges[name] = ContinuousParameter(spec.min_value, spec.max_value, scaling_type=spec.scaling)
         elif spec.kind == "integer":
@@ -424,6 +534,28 @@ class _StableTuningStep(TuningStep):
         return request
 
 
+class _InvokeOnlyLambdaStep(LambdaStep):
+    """A LambdaStep that only invokes its function: ``upsert``'s deploy wiring creates and updates the function
+    (with its own role, environment and reproducible zip), so the SDK must never try to (and never warns that it
+    will not)."""
+
+    def _get_function_arn(self) -> str:
+        return self.lambda_func.function_arn
+
+
+def deploy_function_arn(region: str, account_id: str, function_name: str) -> str:
+    """The deploy Lambda's ARN in the pipeline's own region and account."""
+    return f"arn:{partition_for_region(region)}:lambda:{region}:{account_id}:function:{function_name}"
+
+
+def account_of_role(role: str) -> str:
+    """The account of an IAM role ARN (the pipeline's account: SageMaker passes only roles of its own account)."""
+    parts = role.split(":")
+    if len(parts) < 6 or parts[2] != "iam" or not (parts[4].isdigit() and len(parts[4]) == 12):
+        raise ValueError(f"role {role!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
+    return parts[4]
+
+
 def _retry_policies(job: bool) -> list:
     """Retries for throttling/service faults, and for jobs also capacity and quota errors."""
     policies: list = [
@@ -489,6 +621,7 @@ def get_pipeline(
     bucket: str | None = None,
     options: PipelineOptions | None = None,
     project_root: Path | None = None,
+    account_id: str | None = None,
 ) -> Pipeline:
     """Build the pipeline. Pure: with ``bucket`` given it makes no AWS call and uploads nothing.
 
@@ -501,6 +634,7 @@ def get_pipeline(
         bucket: the artifact bucket (default: the session's default bucket).
         options: the switches that shape the definition (see PipelineOptions).
         project_root: the folder holding entrypoints/ and steps/ (default: this project).
+        account_id: the account of the deploy Lambda the Deploy step invokes (default: the role's account).
 
     Returns:
         The Pipeline; ``pipeline.definition()`` is its JSON.
@@ -510,6 +644,7 @@ def get_pipeline(
     bucket = bucket or sagemaker_session.default_bucket()
     code = code_artifacts(bucket, options.pipeline_name, project_root)
     region = sagemaker_session.boto_region_name
+    account_id = account_id or account_of_role(role)
     params = make_parameters(options, bucket)
     name = options.pipeline_name
     prefix = options.base_job_prefix
@@ -617,10 +752,15 @@ def get_pipeline(
         "output_kms_key": options.kms_key,
         "environment": {"PYTHONUNBUFFERED": "1"},
     }
+    tuned_names = tuple(options.hyperparameter_ranges)
     static_hyperparameters: dict[str, Any] = {
-        key: value for key, value in config.DEFAULT_HYPERPARAMETERS.items() if key not in TUNED_HYPERPARAMETERS
+        key: value
+        for key, value in options.hyperparameters.items()
+        if key not in tuned_names and key not in PARAMETER_HYPERPARAMETERS
     }
     static_hyperparameters["architecture"] = params.architecture
+    if options.train_at_image_size:
+        static_hyperparameters["input-size"] = params.image_size
 
     # --- Tune --------------------------------------------------------------------------------------------------
     tuning_estimator = PyTorch(
@@ -642,7 +782,7 @@ def get_pipeline(
         estimator=tuning_estimator,
         objective_metric_name=config.OBJECTIVE_METRIC,
         objective_type="Maximize",
-        hyperparameter_ranges=sdk_parameter_ranges(),
+        hyperparameter_ranges=sdk_parameter_ranges(options.hyperparameter_ranges),
         metric_definitions=config.METRIC_DEFINITIONS,
         strategy=strategy,
         max_jobs=params.max_tuning_jobs,
@@ -651,12 +791,12 @@ def get_pipeline(
         early_stopping_type="Off" if strategy == "Hyperband" else "Auto",
         base_tuning_job_name=f"{prefix}-tune",
         warm_start_config=warm_start,
-        random_seed=int(config.DEFAULT_HYPERPARAMETERS["seed"]),
+        random_seed=int(options.hyperparameters.get("seed", config.DEFAULT_HYPERPARAMETERS["seed"])),
     )
     step_tune = _StableTuningStep(
         name=STEP_TUNE,
         display_name="Tune hyperparameters",
-        description=f"{strategy} search over {', '.join(TUNED_HYPERPARAMETERS)}; objective {config.OBJECTIVE_METRIC}.",
+        description=f"{strategy} search over {', '.join(tuned_names)}; objective {config.OBJECTIVE_METRIC}.",
         step_args=tuner.fit(inputs=channels),
         cache_config=cache,
         retry_policies=_retry_policies(job=True),
@@ -664,7 +804,7 @@ def get_pipeline(
 
     # --- Train -------------------------------------------------------------------------------------------------
     best_job = step_tune.properties.BestTrainingJob
-    tuned = {key: best_job.TunedHyperParameters[key] for key in TUNED_HYPERPARAMETERS}
+    tuned = {key: best_job.TunedHyperParameters[key] for key in tuned_names}
     training_estimator = _SingleNodePyTorch(
         **estimator_common,
         output_path=_s3(bucket, name, "training"),
@@ -802,6 +942,31 @@ def get_pipeline(
         retry_policies=_retry_policies(job=False),
     )
 
+    # --- Deploy -------------------------------------------------------------------------------------------------
+    # The deploy function `upsert` creates (steps/deploy.py) gets the new package's ARN. It starts the endpoint's
+    # create or blue/green update if the package is Approved (the ModelApprovalStatus parameter: auto-deploy for
+    # a dev or staging account) and returns at once; otherwise it returns awaiting-approval and EventBridge
+    # brings the approval to the same function later.
+    deploy_steps: list[LambdaStep] = []
+    if options.deploy_step:
+        deploy_steps.append(
+            _InvokeOnlyLambdaStep(
+                name=STEP_DEPLOY,
+                display_name="Deploy if approved",
+                description="Start the endpoint's create or blue/green update if the new model package is Approved; "
+                "otherwise return awaiting-approval (approving it later deploys it through EventBridge).",
+                lambda_func=Lambda(
+                    function_arn=deploy_function_arn(region, account_id, options.deploy_function_name),
+                    session=sagemaker_session,
+                ),
+                inputs={"model_package_arn": step_register.properties.ModelPackageArn},
+                outputs=[
+                    LambdaOutput(output_name=name, output_type=LambdaOutputTypeEnum.String)
+                    for name in config.DEPLOY_STEP_OUTPUTS
+                ],
+            )
+        )
+
     # --- CheckAccuracy / Fail ----------------------------------------------------------------------------------
     step_fail = FailStep(
         name=STEP_FAIL,
@@ -817,7 +982,7 @@ def get_pipeline(
         display_name="Check accuracy",
         description=f"Register only if {config.ACCURACY_JSON_PATH} >= AccuracyThreshold.",
         conditions=[ConditionGreaterThanOrEqualTo(left=accuracy, right=params.accuracy_threshold)],
-        if_steps=[step_register],
+        if_steps=[step_register, *deploy_steps],
         else_steps=[step_fail],
     )
 
@@ -856,6 +1021,7 @@ EXECUTION_VARIABLE_NAMES = {
     "TrainingJobName",
 }
 _PARAMETER_VALUE_TYPES = {"String": "string", "Integer": "integer", "Float": "float", "Boolean": "boolean"}
+_LAMBDA_OUTPUT_TYPES = _PARAMETER_VALUE_TYPES  # a LambdaOutput's OutputType takes the same four names
 # Which expression value types each botocore scalar type accepts ("any" = unknown until run time).
 _ACCEPTED_TYPES = {
     "string": {"string", "any"},
@@ -906,16 +1072,15 @@ def iter_references(value: Any) -> list[str]:
     return found
 
 
-def _split_property_path(path: str) -> list[str | int]:
+def split_property_path(path: str) -> list[str | int]:
     """Split a property path: ``A.B['x'].C[0]`` gives ``["A", "B", "x", "C", 0]``."""
     tokens: list[str | int] = []
-    for part in path.split("."):
-        name, _, rest = part.partition("[")
-        if name:
-            tokens.append(name)
-        for index in rest.split("[") if rest else []:
-            index = index.rstrip("]")
-            tokens.append(int(index) if index.isdigit() else index.strip("'\""))
+    for match in re.finditer(r"([^.\[\]]+)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]", path):
+        name, index, quoted, double = match.groups()
+        if index is not None:
+            tokens.append(int(index))
+        else:
+            tokens.append(next(text for text in (name, quoted, double) if text is not None))
     return tokens
 
 
@@ -940,17 +1105,30 @@ class DefinitionChecker:
                 shape = self.model.operation_model(operations[0]).input_shape
                 self._check_value(step.get("Arguments", {}), shape, f"{step['Name']}.Arguments", top_level=True)
             else:
-                for reference in iter_references(_own_arguments(step)):
+                for reference in iter_references(own_arguments(step)):
                     self._expression_type({"Get": reference}, f"{step['Name']}.Arguments")
             for dependency in step.get("DependsOn", []):
                 if dependency not in self.steps:
                     self.problems.append(f"{step['Name']} depends on unknown step {dependency!r}")
+            if step.get("Type") == "Lambda":
+                self._check_lambda_step(step)
         used = {ref.split(".", 1)[1] for ref in iter_references(self.definition) if ref.startswith("Parameters.")}
         for name in self.parameters:
             if name not in used:
                 self.problems.append(f"parameter {name} is declared but never used")
         self._check_acyclic()
         return self.problems
+
+    def _check_lambda_step(self, step: dict[str, Any]) -> None:
+        arn = step.get("FunctionArn")
+        if not (isinstance(arn, str) and re.fullmatch(r"arn:aws[a-z-]*:lambda:[a-z0-9-]+:\d{12}:function:[\w-]+", arn)):
+            self.problems.append(f"{step['Name']}: FunctionArn {arn!r} is not the ARN of a Lambda function")
+        names = [output.get("OutputName") for output in step.get("OutputParameters", [])]
+        for name in {n for n in names if names.count(n) > 1}:
+            self.problems.append(f"{step['Name']}: output {name!r} is declared more than once")
+        for output in step.get("OutputParameters", []):
+            if output.get("OutputType") not in _LAMBDA_OUTPUT_TYPES:
+                self.problems.append(f"{step['Name']}: output {output.get('OutputName')!r} has an unknown type")
 
     # -- shapes -------------------------------------------------------------------------------------------------
     def _check_value(self, value: Any, shape: Any, where: str, top_level: bool = False) -> None:
@@ -1019,8 +1197,6 @@ class DefinitionChecker:
             self.problems.append(f"{where}: {size} is above the maximum {high} of {shape.name}")
 
     def _check_pattern(self, value: str, shape: Any, where: str) -> None:
-        import re
-
         pattern = shape.metadata.get("pattern")
         if not pattern:
             return
@@ -1067,12 +1243,18 @@ class DefinitionChecker:
         return "any"
 
     def _step_property_type(self, step: dict[str, Any], path: str, reference: str, where: str) -> str:
-        tokens = _split_property_path(path)
+        tokens = split_property_path(path)
         if tokens[:1] == ["PropertyFiles"]:
             declared = {p["PropertyFileName"] for p in step.get("PropertyFiles", [])}
             if len(tokens) != 2 or tokens[1] not in declared:
                 self.problems.append(f"{where}: reference {reference} names no property file of {step['Name']}")
             return "any"
+        if step.get("Type") == "Lambda":
+            outputs = {o.get("OutputName"): o.get("OutputType") for o in step.get("OutputParameters", [])}
+            if len(tokens) != 2 or tokens[0] != "OutputParameters" or tokens[1] not in outputs:
+                self.problems.append(f"{where}: reference {reference} names no output of {step['Name']}")
+                return "any"
+            return _LAMBDA_OUTPUT_TYPES.get(outputs[tokens[1]], "any")
         operations = STEP_API_OPERATIONS.get(step.get("Type"))
         if operations is None:
             self.problems.append(f"{where}: reference {reference}: a {step.get('Type')} step has no properties")
@@ -1123,7 +1305,7 @@ class DefinitionChecker:
             visit(name, [])
 
 
-def _own_arguments(step: dict[str, Any]) -> Any:
+def own_arguments(step: dict[str, Any]) -> Any:
     """A step's arguments without the steps nested in it (a condition's branches are steps of their own)."""
     arguments = step.get("Arguments", {})
     if step.get("Type") == "Condition":
@@ -1136,7 +1318,7 @@ def step_dependencies(definition: dict[str, Any]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for step in iter_steps(definition):
         upstream = set(step.get("DependsOn", []))
-        for reference in iter_references(_own_arguments(step)):
+        for reference in iter_references(own_arguments(step)):
             if reference.startswith("Steps."):
                 upstream.add(reference.split(".")[1])
         upstream.discard(step["Name"])
@@ -1150,7 +1332,6 @@ def step_dependencies(definition: dict[str, Any]) -> dict[str, set[str]]:
 
 def check_definition(definition: dict[str, Any] | str) -> list[str]:
     """Problems found in a pipeline definition (dict or JSON text); an empty list means it passed."""
-    import json
 
     parsed = json.loads(definition) if isinstance(definition, str) else definition
     return DefinitionChecker(parsed).check()

@@ -17,6 +17,12 @@ permission). The handler
 An endpoint that is busy (Creating, Updating, ...) raises :class:`EndpointBusyError`, which Lambda retries for
 asynchronous (EventBridge) invocations. AWS errors are logged with the package ARN and re-raised.
 
+The pipeline's Deploy step (a LambdaStep) invokes the same function with ``{"model_package_arn": ...}``, the
+package its Register step just created: :func:`handle_pipeline_step` deploys it if it is Approved, returns
+``awaiting-approval`` if it is PendingManualApproval, and in every case returns ``action``, ``endpoint_name`` and
+``model_package_arn`` (the step's outputs). It starts the create or update and returns: a LambdaStep is bounded
+in time, so it never waits for InService (autoscaling is then registered only on an endpoint already InService).
+
 This file is zipped alone into the function: standard library and boto3 (in the Lambda runtime) only.
 ``python -m pipelines.run deploy --model-package-arn ...`` runs the same code by hand.
 
@@ -74,6 +80,11 @@ logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
 EVENT_SOURCE = "aws.sagemaker"
 EVENT_DETAIL_TYPE = "SageMaker Model Package State Change"
 APPROVED = "Approved"
+PENDING_APPROVAL = "PendingManualApproval"
+AWAITING_APPROVAL = "awaiting-approval"  # the Deploy step's action for a package that waits for a person
+PIPELINE_PAYLOAD_KEY = "model_package_arn"  # the Deploy LambdaStep's input
+# SageMaker gives a LambdaStep's function at most 10 minutes: a busy endpoint is waited for at most this long.
+PIPELINE_STEP_WAIT_SECONDS = 300
 VARIANT_NAME = "AllTraffic"  # blue/green needs the same variant name in the old and the new config
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 
@@ -553,6 +564,10 @@ def _wait_until_in_service(
         sleep(settings.endpoint_poll_seconds)
 
 
+def _in_service(clients: DeployClients, endpoint_name: str) -> bool:
+    return clients.sagemaker.describe_endpoint(EndpointName=endpoint_name).get("EndpointStatus") == "InService"
+
+
 def _failed_message(endpoint_name: str, endpoint: Mapping[str, Any]) -> str:
     return (
         f"endpoint {endpoint_name} is Failed ({endpoint.get('FailureReason', 'no reason given')}); SageMaker allows "
@@ -603,16 +618,18 @@ def deploy_model_package(
     *,
     deadline: float | None = None,
     sleep: Callable[[float], None] | None = None,
+    wait_for_in_service: bool = True,
 ) -> dict[str, Any]:
     """Deploy one model package if it is an Approved package of the configured group; return what was done.
 
     ``deadline`` (a ``time.monotonic()`` value) bounds every wait; the default is ``settings.endpoint_wait_seconds``
-    from now. Any AWS error is logged with the package ARN and re-raised.
+    from now. Without ``wait_for_in_service`` autoscaling is registered only if the endpoint is InService already.
+    Any AWS error is logged with the package ARN and re-raised.
     """
     if deadline is None:
         deadline = time.monotonic() + settings.endpoint_wait_seconds
     try:
-        return _deploy(model_package_arn, settings, clients, deadline, sleep or time.sleep)
+        return _deploy(model_package_arn, settings, clients, deadline, sleep or time.sleep, wait_for_in_service)
     except ClientError as error:
         _log(
             logging.ERROR,
@@ -639,6 +656,7 @@ def _deploy(
     clients: DeployClients,
     deadline: float,
     sleep: Callable[[float], None],
+    wait_for_in_service: bool = True,
 ) -> dict[str, Any]:
     package = clients.sagemaker.describe_model_package(ModelPackageName=package_arn)
     group = package.get("ModelPackageGroupName")
@@ -651,7 +669,9 @@ def _deploy(
         )
     if status != APPROVED:
         # The event said Approved, but someone changed it since: deploy only what is approved now.
-        return _ignored(f"package is {status}, not Approved", model_package_arn=package_arn)
+        return _ignored(
+            f"package is {status}, not Approved", model_package_arn=package_arn, model_approval_status=status
+        )
     if not isinstance(version, int):
         return _ignored("package has no version (not a versioned package of a group)", model_package_arn=package_arn)
 
@@ -691,9 +711,12 @@ def _deploy(
         result.update(_update_endpoint(clients, settings, endpoint, endpoint_name, config_name))
 
     result["autoscaling"] = None
-    if settings.autoscaling:
+    if settings.autoscaling and wait_for_in_service:
         _wait_until_in_service(clients, settings, endpoint_name, deadline, sleep)
+    if settings.autoscaling and (wait_for_in_service or _in_service(clients, endpoint_name)):
         result["autoscaling"] = _ensure_autoscaling(clients, settings, endpoint_name)
+    elif settings.autoscaling:
+        result["autoscaling"] = "pending: registered by the next deployment once the endpoint is InService"
     _log(logging.INFO, "done", action=result["action"], endpoint_name=endpoint_name, endpoint_config_name=config_name)
     return result
 
@@ -836,9 +859,55 @@ def _event_id(event: Any) -> Any:
     return event.get("id") if isinstance(event, Mapping) else None
 
 
-def _deadline_from_context(context: Any, settings: DeploySettings) -> float:
-    """Wait no longer than ENDPOINT_WAIT_SECONDS, and stop a minute before Lambda's own timeout."""
+def is_pipeline_payload(event: Any) -> bool:
+    """The Deploy LambdaStep's input (``{"model_package_arn": ...}``), not an EventBridge event."""
+    return isinstance(event, Mapping) and PIPELINE_PAYLOAD_KEY in event and "detail-type" not in event
+
+
+def handle_pipeline_step(
+    payload: Mapping[str, Any],
+    settings: DeploySettings,
+    clients: DeployClients,
+    *,
+    deadline: float | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """The Deploy step: deploy the new package if it is Approved, else say it awaits approval; never wait for
+    InService. The result always holds ``action``, ``endpoint_name`` and ``model_package_arn``."""
+    arn = payload.get(PIPELINE_PAYLOAD_KEY)
+    if not isinstance(arn, str) or ":model-package/" not in arn:
+        raise DeployError(
+            f"the pipeline passed {PIPELINE_PAYLOAD_KEY}={arn!r}, which is not a model package ARN: the Deploy "
+            "step's input must be the Register step's ModelPackageArn"
+        )
+    result = deploy_model_package(arn, settings, clients, deadline=deadline, sleep=sleep, wait_for_in_service=False)
+    if result["action"] == "ignored" and result.get("model_approval_status") == PENDING_APPROVAL:
+        result["action"] = AWAITING_APPROVAL  # approving it later deploys it through the EventBridge rule
+    result.setdefault("endpoint_name", settings.resolved_endpoint_name)
+    result["model_package_arn"] = arn
+    return result
+
+
+def invoke(
+    event: Any,
+    settings: DeploySettings,
+    clients: DeployClients,
+    *,
+    deadline: float | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """One invocation of the function: the Deploy step's payload or an EventBridge event."""
+    if is_pipeline_payload(event):
+        return handle_pipeline_step(event, settings, clients, deadline=deadline, sleep=sleep)
+    return handle_event(event, settings, clients, deadline=deadline, sleep=sleep)
+
+
+def _deadline_from_context(context: Any, settings: DeploySettings, limit_seconds: float | None = None) -> float:
+    """Wait no longer than ENDPOINT_WAIT_SECONDS (and ``limit_seconds``), and stop a minute before Lambda's own
+    timeout."""
     wait = float(settings.endpoint_wait_seconds)
+    if limit_seconds is not None:
+        wait = min(wait, limit_seconds)
     remaining_ms = getattr(context, "get_remaining_time_in_millis", None)
     if callable(remaining_ms):
         wait = min(wait, max(0.0, remaining_ms() / 1000.0 - 60.0))
@@ -849,4 +918,6 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Lambda entry point (``deploy.handler``)."""
     settings = DeploySettings.from_env()
     _log(logging.INFO, "event received", event_id=_event_id(event), settings=asdict(settings))
-    return handle_event(event, settings, create_clients(), deadline=_deadline_from_context(context, settings))
+    limit = PIPELINE_STEP_WAIT_SECONDS if is_pipeline_payload(event) else None
+    deadline = _deadline_from_context(context, settings, limit)
+    return invoke(event, settings, create_clients(), deadline=deadline)

@@ -139,10 +139,14 @@ def test_upsert_creates_then_updates(aws: Any, capsys: pytest.CaptureFixture[str
         key = artifact.s3_uri.removeprefix(f"s3://{BUCKET}/")
         assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == artifact.body
 
-    # The deploy trigger (issue 6's wiring) sends approvals of this group, and only this one, to the Lambda.
+    # The deploy wiring sends approvals of this group, and only this one, to the Lambda.
     assert _approval_rule_groups(aws) == {config.DEPLOY_RULE_NAME: [config.MODEL_PACKAGE_GROUP]}
-    aws.client("lambda").get_function(FunctionName=config.DEPLOY_FUNCTION_NAME)
+    function = aws.client("lambda").get_function(FunctionName=config.DEPLOY_FUNCTION_NAME)["Configuration"]
     assert "deploy trigger:" in out and '"action": "created"' in out
+    # ... and the pipeline's Deploy step invokes that very function
+    deploy_step = next(s for s in definition["Steps"][-1]["Arguments"]["IfSteps"] if s["Type"] == "Lambda")
+    assert deploy_step["FunctionArn"] == function["FunctionArn"]
+    assert "-> Deploy" in described["PipelineDescription"]
 
     code, out, err = _run(capsys, "upsert", "--no-debugger", "--no-deploy-trigger")
     assert code == 0, err
@@ -151,16 +155,51 @@ def test_upsert_creates_then_updates(aws: Any, capsys: pytest.CaptureFixture[str
     assert "deploy trigger: skipped" in out
     updated = json.loads(sagemaker.describe_pipeline(PipelineName=config.PIPELINE_NAME)["PipelineDefinition"])
     assert "DebugRuleConfigurations" not in {s["Name"]: s for s in updated["Steps"]}["Train"]["Arguments"]
+    assert [s["Type"] for s in updated["Steps"][-1]["Arguments"]["IfSteps"]] == ["RegisterModel"]  # no Deploy step
     assert len(sagemaker.list_pipelines()["PipelineSummaries"]) == 1
 
 
+def test_upsert_refuses_a_role_of_another_account(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "upsert", "--role", "arn:aws:iam::210987654321:role/PipelineRole")
+    assert code == 2 and "account 210987654321" in err and "123456789012" in err and "nothing was changed" in err
+    assert aws.client("sagemaker").list_pipelines()["PipelineSummaries"] == []
+
+
+def test_definition_takes_the_demo_preset_and_fixed_hyperparameters(
+    aws: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(capsys, "definition", "--preset", "demo", "--hp", "lr=0.005", "--skip-deploy-wiring")
+    assert code == 0, err
+    definition = json.loads(out)
+    defaults = {p["Name"]: p["DefaultValue"] for p in definition["Parameters"]}
+    assert defaults["ImageSize"] == config.DEMO_IMAGE_SIZE and defaults["Architecture"] == "resnet18"
+    tune = definition["Steps"][1]["Arguments"]
+    assert tune["TrainingJobDefinition"]["StaticHyperParameters"]["lr"] == "0.005"
+    tuned = {r["Name"] for kind in tune["HyperParameterTuningJobConfig"]["ParameterRanges"].values() for r in kind}
+    assert "lr" not in tuned and tuned
+    assert "Deploy" not in json.dumps(definition["Steps"][-1]["Arguments"]["IfSteps"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["definition", "--hp", "architecture"])
+    assert exit_info.value.code == 2 and "expected KEY=VALUE" in capsys.readouterr().err
+
+
 def test_upsert_uses_the_names_given(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run(capsys, "upsert", "--pipeline-name", "VisionPipeline", "--model-package-group", "VisionModels")
+    code, _, err = _run(
+        capsys,
+        "upsert",
+        "--pipeline-name",
+        "VisionPipeline",
+        "--model-package-group",
+        "VisionModels",
+        "--preset",
+        "demo",
+    )
     assert code == 0, err
     sagemaker = aws.client("sagemaker")
     definition = json.loads(sagemaker.describe_pipeline(PipelineName="VisionPipeline")["PipelineDefinition"])
-    group = {p["Name"]: p for p in definition["Parameters"]}["ModelPackageGroupName"]
-    assert group["DefaultValue"] == "VisionModels"
+    parameters = {p["Name"]: p for p in definition["Parameters"]}
+    assert parameters["ModelPackageGroupName"]["DefaultValue"] == "VisionModels"
+    assert parameters["ImageSize"]["DefaultValue"] == config.DEMO_IMAGE_SIZE  # the demo, upserted as a smoke test
     sagemaker.describe_model_package_group(ModelPackageGroupName="VisionModels")
     assert _approval_rule_groups(aws) == {config.DEPLOY_RULE_NAME: ["VisionModels"]}
 

@@ -1,4 +1,5 @@
-"""The deploy Lambda (steps/deploy.py) under moto: approvals become endpoints, everything else is ignored.
+"""The deploy Lambda (steps/deploy.py) under moto: approvals become endpoints, everything else is ignored; the
+pipeline's Deploy step (a LambdaStep payload) deploys an Approved package or answers awaiting-approval.
 
 moto implements models, endpoint configs, endpoints, model package groups/packages and application
 autoscaling, but not UpdateEndpoint: that one call is answered by a botocore ``before-call`` hook that records
@@ -40,6 +41,7 @@ class SageMakerRecorder:
         self.operations: list[str] = []
         self.update_calls: list[dict[str, Any]] = []
         self.complete_updates = complete_updates
+        self.status_after_update: str | None = None  # e.g. "Updating": SageMaker's status while the new fleet starts
 
     def record(self, model: Any, **_: Any) -> None:
         self.operations.append(model.name)
@@ -50,6 +52,8 @@ class SageMakerRecorder:
         endpoint = sagemaker_backends[DEFAULT_ACCOUNT_ID][REGION].endpoints[request["EndpointName"]]
         if self.complete_updates:
             endpoint.endpoint_config_name = request["EndpointConfigName"]
+        if self.status_after_update:
+            endpoint.endpoint_status = self.status_after_update
         return types.SimpleNamespace(status_code=200, headers={}), {"EndpointArn": endpoint.arn}
 
     def writes(self) -> list[str]:
@@ -314,6 +318,78 @@ def test_no_autoscaling_without_capacity(aws, sagemaker, recorder, function_env)
         aws.client("application-autoscaling").describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
         == []
     )
+
+
+# --- the pipeline's Deploy step (LambdaStep payload) ----------------------------------------------------------
+
+
+def test_deploy_step_payload_deploys_an_approved_package(sagemaker, recorder, function_env) -> None:
+    arn = register_package(sagemaker, status="Approved")  # the run's ModelApprovalStatus parameter was Approved
+    result = deploy.handler({"model_package_arn": arn}, None)
+
+    assert result["action"] == "created"
+    for output in config.DEPLOY_STEP_OUTPUTS:  # the step's LambdaOutputs, all strings
+        assert isinstance(result[output], str), output
+    assert result["model_package_arn"] == arn and result["endpoint_name"] == default_endpoint_name()
+    endpoint = sagemaker.describe_endpoint(EndpointName=result["endpoint_name"])
+    assert endpoint["EndpointConfigName"] == result["endpoint_config_name"]
+    assert recorder.writes() == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]
+    # the approval event for the same version, arriving too, changes nothing
+    assert deploy.handler(state_change_event(sagemaker, arn), None)["action"] == "unchanged"
+
+
+def test_deploy_step_payload_for_a_pending_package_awaits_approval_and_starts_nothing(
+    sagemaker, recorder, function_env
+) -> None:
+    arn = register_package(sagemaker)  # the default ModelApprovalStatus: PendingManualApproval
+    result = deploy.handler({"model_package_arn": arn}, None)
+
+    assert result["action"] == "awaiting-approval"
+    assert result["model_package_arn"] == arn and result["endpoint_name"] == default_endpoint_name()
+    assert recorder.writes() == []
+    assert sagemaker.list_endpoints()["Endpoints"] == [] and sagemaker.list_models()["Models"] == []
+    # approving it later deploys it through the EventBridge event, with the same function
+    assert deploy.handler(approve(sagemaker, arn), None)["action"] == "created"
+
+
+def test_deploy_step_never_waits_for_in_service(aws, sagemaker, recorder, function_env, monkeypatch) -> None:
+    monkeypatch.setenv("MIN_CAPACITY", "1")
+    monkeypatch.setenv("MAX_CAPACITY", "2")
+    monkeypatch.setattr(deploy, "_wait_until_in_service", lambda *args, **kwargs: pytest.fail("waited for InService"))
+    first = deploy.handler({"model_package_arn": register_package(sagemaker, status="Approved")}, None)
+    assert first["action"] == "created" and first["autoscaling"]["max_capacity"] == 2  # InService already: registered
+
+    recorder.status_after_update = "Updating"  # the update has started; the new fleet is not serving yet
+    second = deploy.handler({"model_package_arn": register_package(sagemaker, status="Approved")}, None)
+
+    assert second["action"] == "updated" and len(recorder.update_calls) == 1
+    assert second["autoscaling"].startswith("pending")
+
+
+def test_deploy_step_wait_for_a_busy_endpoint_stays_within_the_step_limit(monkeypatch) -> None:
+    monkeypatch.setenv("MODEL_PACKAGE_GROUP_NAME", GROUP)
+    monkeypatch.setenv("EXECUTION_ROLE_ARN", EXECUTION_ROLE)
+    monkeypatch.setenv("ENDPOINT_WAIT_SECONDS", "600")
+    seen: dict[str, float] = {}
+
+    def fake_invoke(event: Any, settings: Any, clients: Any, *, deadline: float) -> dict[str, Any]:
+        seen["wait"] = deadline - deploy.time.monotonic()
+        return {}
+
+    monkeypatch.setattr(deploy, "invoke", fake_invoke)
+    monkeypatch.setattr(deploy, "create_clients", lambda: None)
+    context = types.SimpleNamespace(get_remaining_time_in_millis=lambda: 900_000)
+    deploy.handler({"model_package_arn": "arn:aws:sagemaker:us-east-1:1:model-package/g/1"}, context)
+    assert seen["wait"] <= deploy.PIPELINE_STEP_WAIT_SECONDS
+    deploy.handler({"source": "aws.sagemaker"}, context)  # an EventBridge event may wait the full 600 s
+    assert deploy.PIPELINE_STEP_WAIT_SECONDS < seen["wait"] <= 600
+
+
+@pytest.mark.parametrize("payload", [{"model_package_arn": ""}, {"model_package_arn": "arn:aws:s3:::bucket/model"}])
+def test_deploy_step_payload_without_a_package_arn_fails_the_step(recorder, function_env, payload) -> None:
+    with pytest.raises(deploy.DeployError, match=r"not a model package ARN.*Register step"):
+        deploy.handler(payload, None)
+    assert recorder.writes() == []
 
 
 # --- ignored --------------------------------------------------------------------------------------------------

@@ -145,7 +145,15 @@ def test_a_local_rollback_serves_the_previous_approved_version_and_rejects_the_t
     for seed in (1, 2):  # two versions (different bytes), both approved
         tarball = tmp_path / f"{seed}.tar.gz"
         tarball.write_bytes(served["tarball"].read_bytes() + bytes(seed))
-        local.register("Group", tarball, evaluation, approval_status="Approved")
+        files = {f"s3://b/{seed}/model.tar.gz": tarball, "s3://b/evaluation.json": evaluation}
+        request = {
+            "ModelPackageGroupName": "Group",
+            "ModelApprovalStatus": "Approved",
+            "InferenceSpecification": {
+                "Containers": [{"Image": "image", "ModelDataUrl": f"s3://b/{seed}/model.tar.gz"}]
+            },
+        }
+        local.register(request, files)
     deployed: list[tuple] = []
     monkeypatch.setattr(
         endpoint, "deploy", lambda *args, **kwargs: deployed.append((args, kwargs)) or {"url": "http://x"}

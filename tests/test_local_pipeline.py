@@ -1,9 +1,11 @@
-"""End to end: ``python -m pipelines.run local`` on a shrunk demo (a few digits per class, 16 px, one trial of one
-epoch), through the real scripts, the local registry and the local endpoint; then the cache and the condition.
+"""End to end: ``python -m pipelines.run local`` executes the demo definition on a shrunk demo (a few digits per
+class, 16 px, one trial of one epoch), through the real scripts, the local registry, the Deploy step's function and
+the local endpoint; then the cache, the awaiting-approval path, approval through the deploy function, and the
+Fail branch.
 
-The runs share one workdir (module-scoped fixtures, in order): the first run (approved and deployed), the same
-run again (every job step cached), a run with a changed hyperparameter (Train and Evaluate re-run, Preprocess
-and Tune cached) and a run whose accuracy threshold cannot be met.
+The runs share one workdir (module-scoped fixtures, in order): the first run (ModelApprovalStatus=Approved:
+deployed), the same run again (every job step cached), a run with a changed parameter (Train and Evaluate re-run,
+Preprocess and Tune cached; the new version awaits approval) and a run whose accuracy threshold cannot be met.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _http import post_invocation
@@ -23,26 +26,16 @@ from PIL import Image
 
 from entrypoints import contract
 from pipelines import config, demo_data
-from pipelines.local import endpoint, registry
+from pipelines.local import containers, endpoint, registry
 from pipelines.run import main
 
 pytestmark = pytest.mark.slow
 
-SMALL = [
-    "--preset",
-    "demo",
-    "--trials",
-    "1",
-    "--tuning-epochs",
-    "1",
-    "--epochs",
-    "1",
-    "--image-size",
-    "16",
-    "--port",
-    "0",
-]
+SMALL = ["--preset", "demo", "--trials", "1", "--tuning-epochs", "1", "--epochs", "1", "--port", "0"]
+# Set as pipeline parameters by the first run (and checked where the definition says they go).
+PARAMETERS = {"ImageSize": "16", "Architecture": "mobilenet_v3_small"}
 JOB_STEPS = ("Preprocess", "Tune", "Train", "Evaluate")
+REGISTER = "Register-RegisterModel"
 
 
 @dataclass
@@ -56,8 +49,21 @@ class Run:
     def record(self) -> dict:
         return json.loads((self.folder / "run.json").read_text())
 
+    @property
+    def definition(self) -> dict:
+        return json.loads((self.folder / "definition.json").read_text())
+
     def step(self, name: str) -> dict:
-        return next(step for step in self.record["Steps"] if step["name"] == name)
+        return next(step for step in self.record["PipelineExecutionSteps"] if step["StepName"] == name)
+
+    def statuses(self) -> dict[str, str]:
+        return {step["StepName"]: step["StepStatus"] for step in self.record["PipelineExecutionSteps"]}
+
+    def cached_from(self, name: str) -> str | None:
+        return self.step(name)["Local"]["CachedFromRun"]
+
+    def output(self, name: str, key: str) -> str:
+        return dict((o["Name"], o["Value"]) for o in self.step(name)["Metadata"]["Lambda"]["OutputParameters"])[key]
 
 
 def _local(workdir: Path, data: Path, *extra: str) -> Run:
@@ -84,39 +90,61 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(workdir: Path, data: Path):
-    run = _local(workdir, data, "--threshold", "0", "--approve")
+    parameters = [argument for name, value in PARAMETERS.items() for argument in ("--param", f"{name}={value}")]
+    run = _local(workdir, data, "--threshold", "0", *parameters, "--param", "ModelApprovalStatus=Approved")
     yield run
     endpoint.stop(workdir.resolve(), config.LOCAL_ENDPOINT_NAME)  # if a test failed before stopping it
 
 
+def _same_as_first(*extra: str) -> list[str]:
+    return ["--image-size", PARAMETERS["ImageSize"], "--param", f"Architecture={PARAMETERS['Architecture']}", *extra]
+
+
 @pytest.fixture(scope="module")
 def cached_run(first_run: Run, workdir: Path, data: Path) -> Run:
-    return _local(workdir, data, "--threshold", "0")
+    return _local(workdir, data, "--threshold", "0", *_same_as_first())
 
 
 @pytest.fixture(scope="module")
 def changed_run(cached_run: Run, workdir: Path, data: Path) -> Run:
-    return _local(workdir, data, "--threshold", "0", "--epochs", "2")
+    return _local(workdir, data, "--threshold", "0", *_same_as_first("--epochs", "2"))
 
 
 @pytest.fixture(scope="module")
 def failed_run(changed_run: Run, workdir: Path, data: Path) -> Run:
-    return _local(workdir, data, "--threshold", "1.01", "--epochs", "2")
+    return _local(workdir, data, "--threshold", "1.01", *_same_as_first("--epochs", "2"))
 
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix == ".jpg")
 
 
-def test_first_run_succeeds_with_every_artifact_of_the_contract(first_run: Run) -> None:
+def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) -> None:
+    from pipelines.local.runner import LocalRunOptions, build_definition
+    from pipelines.pipeline import iter_steps
+
     assert first_run.code == 0, first_run.stderr
     assert first_run.folder.name == "run-0001"
     record = first_run.record
-    assert record["Status"] == "Succeeded"
-    statuses = {step["name"]: step["status"] for step in record["Steps"]}
-    assert statuses == {name: "Succeeded" for name in (*JOB_STEPS, "CheckAccuracy", "Register", "Deploy")}
+    assert record["PipelineExecutionStatus"] == "Succeeded"
+    # the very definition `definition --preset demo` builds (with the local account, role and bucket)
+    definition = first_run.definition
+    assert definition == build_definition(LocalRunOptions(preset="demo"))[0]
+    # every step ran, the Deploy LambdaStep included; none was skipped (only the Fail branch was not taken)
+    else_branch = {s["Name"] for s in definition["Steps"][-1]["Arguments"]["ElseSteps"]}
+    expected = [step["Name"] for step in iter_steps(definition) if step["Name"] not in else_branch]
+    assert sorted(first_run.statuses()) == sorted(expected)
+    assert set(first_run.statuses().values()) == {"Succeeded"}
+    assert first_run.output("Deploy", "action") == "created"
     for name in JOB_STEPS:
         assert f"  {name}" in first_run.stdout  # a line per step
+    # step records shaped like ListPipelineExecutionSteps
+    train = first_run.step("Train")
+    assert {"StepName", "StepDisplayName", "StartTime", "EndTime", "StepStatus", "Metadata"} <= set(train)
+    assert train["Metadata"]["TrainingJob"]["Arn"].endswith(":training-job/imgclf-train-run-0001")
+    assert "not evaluated locally" in train["Local"]["Notes"][0]  # the Debugger rules of the definition
+    assert first_run.step("CheckAccuracy")["Metadata"] == {"Condition": {"Outcome": "True"}}
+    assert first_run.step(REGISTER)["Metadata"]["RegisterModel"]["Arn"].endswith("/imageclassificationmodels/1")
 
     # Preprocess: three ImageFolder splits, labels.json and manifest.json in each, counts that match the files
     output = first_run.folder / "preprocess/opt/ml/processing/output"
@@ -124,7 +152,6 @@ def test_first_run_succeeds_with_every_artifact_of_the_contract(first_run: Run) 
     for split in contract.SPLITS:
         assert json.loads((output / split / contract.LABELS_FILE).read_text()) == list(demo_data.CLASS_NAMES)
         assert len(_images(output / split)) == manifest["totals"][split] > 0
-    assert manifest["parameters"]["image_size"] == 16
 
     # Tune: the trial ran under the training container contract; its objective is the log's last metric line
     trial = first_run.folder / "tune/trial-01"
@@ -147,7 +174,14 @@ def test_first_run_succeeds_with_every_artifact_of_the_contract(first_run: Run) 
     model = first_run.folder / "train/output/model.tar.gz"
     with tarfile.open(model) as archive:
         names = set(archive.getnames())
+        model_config = json.loads(archive.extractfile(contract.MODEL_CONFIG_FILE).read())
     assert {contract.WEIGHTS_FILE, contract.MODEL_CONFIG_FILE, "code/inference.py", "code/requirements.txt"} <= names
+    assert model_config["architecture"] == PARAMETERS["Architecture"]
+    # ... also in the object store, where the Train step's ModelArtifacts property points
+    artifact_uri = first_run.step("Train")["Local"]["Properties"]["ModelArtifacts"]["S3ModelArtifacts"]
+    assert artifact_uri.startswith(f"s3://{config.LOCAL_BUCKET}/") and artifact_uri.endswith("/output/model.tar.gz")
+    stored = first_run.folder.parent / "s3" / artifact_uri.removeprefix("s3://")
+    assert stored.read_bytes() == model.read_bytes()
 
     # Evaluate: evaluation.json with the accuracy where the condition reads it, and the confusion matrix picture
     evaluation = first_run.folder / "evaluate/opt/ml/processing/evaluation"
@@ -159,7 +193,7 @@ def test_first_run_succeeds_with_every_artifact_of_the_contract(first_run: Run) 
     summary_line = next(line for line in first_run.stdout.splitlines() if line.strip().startswith("test accuracy"))
     assert f"{accuracy:.4f}" in summary_line
 
-    # Register: a version with SageMaker's field names, approved by --approve
+    # Register: a version with SageMaker's field names, Approved by the ModelApprovalStatus parameter
     workdir = first_run.folder.parent
     packages = registry.LocalModelRegistry(workdir).list_model_packages(config.MODEL_PACKAGE_GROUP)
     assert len(packages) == 1
@@ -168,8 +202,60 @@ def test_first_run_succeeds_with_every_artifact_of_the_contract(first_run: Run) 
     assert package["ModelApprovalStatus"] == "Approved"
     assert package["ModelPackageArn"].endswith(":model-package/imageclassificationmodels/1")
     assert registry.model_data_path(package).read_bytes() == model.read_bytes()
-    assert float(package["CustomerMetadataProperties"]["accuracy"]) == pytest.approx(accuracy)
-    assert package["ModelMetrics"]["ModelStatistics"]["S3Uri"].endswith(contract.EVALUATION_FILE)
+    assert registry.accuracy_of(package) == f"{accuracy:.4f}"
+
+
+def _references(value: Any, name: str, path: tuple = ()) -> list[tuple]:
+    """Where a step's arguments read a parameter: the key paths of every {"Get": "Parameters.<name>"}."""
+    if isinstance(value, dict):
+        if value == {"Get": f"Parameters.{name}"}:
+            return [path]
+        return [found for key, item in value.items() for found in _references(item, name, (*path, key))]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in _references(item, name, (*path, index))]
+    return []
+
+
+def _places(definition: dict, parameter: str) -> set[tuple]:
+    """(step name, first key of its arguments, the key after it) of each place a parameter reaches."""
+    from pipelines.pipeline import iter_steps, own_arguments
+
+    return {
+        (step["Name"], *path[:3])
+        for step in iter_steps(definition)
+        for path in _references(own_arguments(step), parameter)
+    }
+
+
+def test_parameters_reach_the_same_places_locally_as_in_the_sagemaker_definition(first_run: Run) -> None:
+    from test_pipeline import _build, offline_aws
+
+    with offline_aws():
+        sagemaker_definition = _build("demo")
+    local = first_run.definition
+    received_by = {
+        "Preprocess": json.loads((first_run.folder / "preprocess/opt/ml/config/processingjobconfig.json").read_text()),
+        "Tune": json.loads((first_run.folder / "tune/trial-01/opt/ml/input/config/hyperparameters.json").read_text()),
+        "Train": json.loads((first_run.folder / "train/opt/ml/input/config/hyperparameters.json").read_text()),
+    }
+    for parameter, value in PARAMETERS.items():
+        places = _places(local, parameter)
+        assert places == _places(sagemaker_definition, parameter), parameter
+        steps = {"ImageSize": {"Preprocess", "Tune", "Train"}, "Architecture": {"Tune", "Train"}}[parameter]
+        assert {place[0] for place in places} == steps, places
+        for step, *path in places:
+            job_arguments = first_run.step(step)["Local"]
+            if step == "Preprocess":  # ("AppSpecification", "ContainerArguments", index) in the job's own config
+                received = received_by[step]["AppSpecification"]["ContainerArguments"][path[2]]
+            else:  # ("HyperParameters", key) or ("TrainingJobDefinition", "StaticHyperParameters", key)
+                key = path[1] if path[0] == "HyperParameters" else path[2]
+                received = str(containers.decode_hyperparameter(received_by[step][key]))
+            assert received == value, (parameter, step, path, job_arguments)
+    # ... and the scripts got them as flags
+    assert f"--image-size {PARAMETERS['ImageSize']}" in (first_run.folder / "preprocess/log.txt").read_text()
+    train_log = (first_run.folder / "train/log.txt").read_text()
+    assert f"--input-size {PARAMETERS['ImageSize']}" in train_log
+    assert f"--architecture {PARAMETERS['Architecture']}" in train_log
 
 
 def test_local_endpoint_serves_the_registered_model(first_run: Run, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,7 +295,10 @@ def test_local_endpoint_serves_the_registered_model(first_run: Run, capsys: pyte
 def test_second_run_reuses_every_job_step(cached_run: Run) -> None:
     assert cached_run.code == 0, cached_run.stderr
     for name in JOB_STEPS:
-        assert cached_run.step(name)["cached_from"] == "run-0001"
+        assert cached_run.cached_from(name) == "run-0001"
+        assert cached_run.step(name)["CacheHitResult"]["SourcePipelineExecutionArn"].endswith("/execution/run-0001")
+    for name in ("CheckAccuracy", REGISTER, "Deploy"):  # steps with no CacheConfig run every time
+        assert cached_run.cached_from(name) is None and cached_run.step(name)["StepStatus"] == "Succeeded"
     # the cached outputs are in the new run folder too
     assert (cached_run.folder / "train/output/model.tar.gz").is_file()
     assert (cached_run.folder / "evaluate/opt/ml/processing/evaluation/evaluation.json").is_file()
@@ -217,33 +306,59 @@ def test_second_run_reuses_every_job_step(cached_run: Run) -> None:
     packages = registry.LocalModelRegistry(cached_run.folder.parent).list_model_packages(config.MODEL_PACKAGE_GROUP)
     assert len(packages) == 1  # the same model is not registered twice
     assert "cached from run-0001" in cached_run.stdout
+    assert cached_run.output("Deploy", "action") == "unchanged"  # the endpoint serves this version already
 
 
-def test_changed_hyperparameter_reruns_training_but_not_preprocessing(changed_run: Run) -> None:
+def test_changed_parameter_reruns_training_and_the_new_version_awaits_approval(changed_run: Run) -> None:
     assert changed_run.code == 0, changed_run.stderr
-    assert changed_run.step("Preprocess")["cached_from"] == "run-0001"
-    assert changed_run.step("Tune")["cached_from"] == "run-0001"
-    assert changed_run.step("Train")["cached_from"] is None
-    assert changed_run.step("Evaluate")["cached_from"] is None  # its input, the model, changed
+    assert changed_run.cached_from("Preprocess") == "run-0001"
+    assert changed_run.cached_from("Tune") == "run-0001"
+    assert changed_run.cached_from("Train") is None
+    assert changed_run.cached_from("Evaluate") is None  # its input, the model, changed
     final = json.loads((changed_run.folder / "train/opt/ml/input/config/hyperparameters.json").read_text())
     assert final["epochs"] == "2"
-    packages = registry.LocalModelRegistry(changed_run.folder.parent).list_model_packages(config.MODEL_PACKAGE_GROUP)
+    workdir = changed_run.folder.parent
+    packages = registry.LocalModelRegistry(workdir).list_model_packages(config.MODEL_PACKAGE_GROUP)
     assert [p["ModelPackageVersion"] for p in packages] == [1, 2]
     assert packages[1]["ModelApprovalStatus"] == "PendingManualApproval"
+    # the Deploy step ran and started nothing: the endpoint still serves version 1
+    assert changed_run.step("Deploy")["StepStatus"] == "Succeeded"
+    assert changed_run.output("Deploy", "action") == "awaiting-approval"
+    assert changed_run.output("Deploy", "model_package_arn") == packages[1]["ModelPackageArn"]
+    assert endpoint.status(workdir.resolve(), config.LOCAL_ENDPOINT_NAME)["ModelPackageVersion"] == 1
+    assert "local-models --approve 2" in changed_run.stdout
 
 
-def test_unmet_threshold_fails_the_run_naming_step_accuracy_and_threshold(failed_run: Run) -> None:
+def test_approving_the_new_version_deploys_it_through_the_deploy_function(
+    changed_run: Run, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workdir = changed_run.folder.parent
+    assert main(["local-models", "--workdir", str(workdir), "--approve", "2", "--port", "0"]) == 0
+    assert "imgclf-local: updated, version 2" in capsys.readouterr().out  # UpdateEndpoint, from the approval event
+    assert endpoint.status(workdir.resolve(), config.LOCAL_ENDPOINT_NAME)["ModelPackageVersion"] == 2
+
+
+def test_unmet_threshold_runs_the_fail_step_with_its_message(failed_run: Run, first_run: Run) -> None:
+    from pipelines.pipeline import iter_steps
+
     assert failed_run.code == 1
-    accuracy = failed_run.step("CheckAccuracy")["result"]["accuracy"]
+    accuracy = json.loads((failed_run.folder / "evaluate/opt/ml/processing/evaluation/evaluation.json").read_text())
+    accuracy = accuracy["multiclass_classification_metrics"]["accuracy"]["value"]
     message = failed_run.stderr
-    assert "AccuracyBelowThreshold" in message and "CheckAccuracy" in message
-    assert f"{accuracy:.4f}" in message and "1.01" in message
+    # the Fail step's ErrorMessage, evaluated: the accuracy (JsonGet) and the AccuracyThreshold parameter
+    assert (
+        f"step AccuracyBelowThreshold failed: Test accuracy {accuracy} is below the AccuracyThreshold 1.01" in message
+    )
     assert str(failed_run.folder) in message  # the run folder is kept and named
-    assert failed_run.record["Status"] == "Failed"
-    assert failed_run.step("AccuracyBelowThreshold")["status"] == "Failed"
-    assert "Register" not in {step["name"] for step in failed_run.record["Steps"]}
+    assert failed_run.record["PipelineExecutionStatus"] == "Failed"
+    assert failed_run.step("CheckAccuracy")["Metadata"] == {"Condition": {"Outcome": "False"}}
+    assert failed_run.step("AccuracyBelowThreshold")["StepStatus"] == "Failed"
+    assert not {REGISTER, "Deploy"} & set(failed_run.statuses())
     packages = registry.LocalModelRegistry(failed_run.folder.parent).list_model_packages(config.MODEL_PACKAGE_GROUP)
     assert len(packages) == 2  # nothing registered
+    # between them, the first run and this one executed every step of the definition
+    everything = {step["Name"] for step in iter_steps(failed_run.definition)}
+    assert set(first_run.statuses()) | set(failed_run.statuses()) == everything
 
 
 def test_failing_script_names_the_step_and_shows_its_log(workdir: Path, tmp_path: Path) -> None:
@@ -260,7 +375,7 @@ def test_failing_script_names_the_step_and_shows_its_log(workdir: Path, tmp_path
     assert last_line.startswith("error:") and "class" in last_line  # the script's own one-line refusal ...
     assert last_line in run.stdout  # ... shown from the log's last lines
     assert f"log: {run.folder / 'preprocess/log.txt'}" in run.stdout
-    assert run.record["Status"] == "Failed" and run.step("Preprocess")["status"] == "Failed"
+    assert run.record["PipelineExecutionStatus"] == "Failed" and run.step("Preprocess")["StepStatus"] == "Failed"
 
 
 def test_endpoint_stop(first_run: Run, capsys: pytest.CaptureFixture[str]) -> None:

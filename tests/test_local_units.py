@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -20,16 +21,32 @@ from pipelines.local import cache, containers, fsutil, registry, tuning
 # --- tuning -------------------------------------------------------------------------------------------------------
 
 
-def test_sampled_trials_stay_in_ranges_and_are_encoded_like_the_tuner() -> None:
-    trials = tuning.sample_trials(config.HYPERPARAMETER_RANGES, 16, seed=3)
+# ParameterRanges as the SDK writes them into a tuning step (categorical values JSON-encoded for framework estimators)
+PARAMETER_RANGES = {
+    "ContinuousParameterRanges": [
+        {"Name": "lr", "MinValue": "1e-05", "MaxValue": "0.01", "ScalingType": "Logarithmic"},
+        {"Name": "dropout", "MinValue": "0.0", "MaxValue": "0.5", "ScalingType": "Linear"},
+    ],
+    "CategoricalParameterRanges": [
+        {"Name": "batch-size", "Values": ['"32"', '"64"', '"128"']},
+        {"Name": "trainable-blocks", "Values": ['"0"', '"1"', '"2"', '"all"']},
+    ],
+    "IntegerParameterRanges": [{"Name": "units", "MinValue": "1", "MaxValue": "4", "ScalingType": "Auto"}],
+}
+
+
+def test_sampled_trials_stay_in_the_steps_ranges_and_are_written_like_the_tuner() -> None:
+    ranges = tuning.ranges_from_definition(PARAMETER_RANGES)
+    assert ranges["lr"] == HyperparameterRange("continuous", 1e-5, 1e-2, scaling="Logarithmic")
+    assert ranges["units"] == HyperparameterRange("integer", 1, 4, scaling="Auto")
+    trials = tuning.sample_trials(ranges, 16, seed=3)
     assert len(trials) == 16
     for trial in trials:
-        assert set(trial) == set(config.HYPERPARAMETER_RANGES)
-        lr = float(trial["lr"])
-        assert 1e-5 <= lr <= 1e-2
+        assert set(trial) == {"lr", "dropout", "batch-size", "trainable-blocks", "units"}
+        assert 1e-5 <= float(trial["lr"]) <= 1e-2
         assert 0.0 <= float(trial["dropout"]) <= 0.5
-        # categorical values are JSON-encoded, as the SDK encodes them for framework estimators
-        assert json.loads(trial["batch-size"]) in ("32", "64", "128")
+        # a categorical value is one of the range's strings, as it stands (the toolkit decodes it)
+        assert trial["batch-size"] in ('"32"', '"64"', '"128"')
         assert json.loads(trial["trainable-blocks"]) in ("0", "1", "2", "all")
 
 
@@ -82,7 +99,7 @@ def test_training_job_environment_follows_the_toolkit(tmp_path: Path) -> None:
     job = containers.TrainingJob(
         job_name="job-1",
         root=tmp_path / "job",
-        source_dir=tmp_path,
+        source_tarball=tmp_path / "sourcedir.tar.gz",
         entry_point="train.py",
         hyperparameters={
             "lr": "0.001",
@@ -125,7 +142,10 @@ def test_a_failing_script_reports_its_log_tail(tmp_path: Path) -> None:
     script = tmp_path / "code" / "fail.py"
     script.parent.mkdir()
     script.write_text("import sys\nprint('working')\nprint('bad input: no images', file=sys.stderr)\nsys.exit(3)\n")
-    job = containers.ProcessingJob("job", tmp_path / "job", script, [], [], [])
+    code = containers.ProcessingInput(script.parent, "/opt/ml/processing/input/code", "code")
+    entrypoint = ["python3", "/opt/ml/processing/input/code/fail.py"]
+    job = containers.ProcessingJob("job", tmp_path / "job", entrypoint, [code], [], [])
+    assert job.command()[:2] == [sys.executable, str(tmp_path / "job/opt/ml/processing/input/code/fail.py")]
     with pytest.raises(containers.JobError) as caught:
         job.run()
     assert "exit status 3" in str(caught.value)
@@ -190,59 +210,62 @@ def test_cache_key_depends_on_every_part() -> None:
 # --- registry -----------------------------------------------------------------------------------------------------
 
 
+def _register_request(model_uri: str, report_uri: str, status: str = "PendingManualApproval") -> dict:
+    """A RegisterModel step's arguments, resolved."""
+    return {
+        "ModelPackageGroupName": "Group",
+        "ModelApprovalStatus": status,
+        "InferenceSpecification": {
+            "Containers": [{"Image": "image", "ModelDataUrl": model_uri, "Environment": {"A": "1"}}],
+            "SupportedContentTypes": list(config.REQUEST_CONTENT_TYPES),
+        },
+        "ModelMetrics": {"ModelQuality": {"Statistics": {"ContentType": "application/json", "S3Uri": report_uri}}},
+    }
+
+
 def test_registry_versions_fields_and_approval(tmp_path: Path) -> None:
     model = tmp_path / "model.tar.gz"
     model.write_bytes(b"model-1")
     report = tmp_path / "evaluation.json"
     report.write_text('{"multiclass_classification_metrics": {"accuracy": {"value": 0.97}}}')
+    files = {"s3://b/model.tar.gz": model, "s3://b/evaluation.json": report}
+    request = _register_request(*files)
     local = registry.LocalModelRegistry(tmp_path / "work")
-    package, created = local.register("Group", model, report, metadata={"accuracy": "0.97"})
+    package, created = local.register(request, files, metadata={"run": "run-0001"})
     assert created and package["ModelPackageVersion"] == 1
     assert package["ModelApprovalStatus"] == "PendingManualApproval"
     assert package["ModelPackageArn"] == "arn:aws:sagemaker:local:000000000000:model-package/group/1"
+    assert local.by_arn(package["ModelPackageArn"]) == package
     stored = registry.model_data_path(package)
     assert stored.read_bytes() == b"model-1" and stored.is_relative_to(tmp_path / "work")
-    assert package["ModelMetrics"]["ModelStatistics"]["S3Uri"].endswith("evaluation.json")
-    assert package["InferenceSpecification"]["SupportedContentTypes"] == list(config.REQUEST_CONTENT_TYPES)
+    # every URI of the request now names the registry's own copy
+    metrics_uri = package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
+    assert metrics_uri.startswith("file://") and metrics_uri.endswith("evaluation.json")
+    assert registry.accuracy_of(package) == "0.9700"
+    assert package["InferenceSpecification"]["Containers"][0]["Environment"] == {"A": "1"}
+    assert package["CustomerMetadataProperties"]["run"] == "run-0001"
 
-    again, created_again = local.register("Group", model, report)
+    again, created_again = local.register(request, files)
     assert not created_again and again["ModelPackageVersion"] == 1  # same model bytes: no duplicate version
+    approved_again, _ = local.register(_register_request(*files, status="Approved"), files)
+    assert approved_again["ModelApprovalStatus"] == "Approved"  # a later run asked for Approved: it gets it
     model.write_bytes(b"model-2")
-    second, _ = local.register("Group", model, report)
+    second, _ = local.register(request, files)
     assert second["ModelPackageVersion"] == 2
     approved = local.update_approval("Group", 2, "Approved", "ok")
     assert approved["ModelApprovalStatus"] == "Approved"
     assert local.latest_approved("Group")["ModelPackageVersion"] == 2
     on_disk = json.loads((tmp_path / "work" / registry.REGISTRY_FILE).read_text())
     assert [p["ModelApprovalStatus"] for p in on_disk["ModelPackageGroups"]["Group"]["ModelPackages"]] == [
-        "PendingManualApproval",
+        "Approved",
         "Approved",
     ]
     with pytest.raises(registry.RegistryError, match="no version 9"):
         local.update_approval("Group", 9, "Approved")
-
-
-# --- the local DAG matches the SageMaker pipeline -----------------------------------------------------------------
-
-
-def test_the_pipeline_preset_takes_the_sagemaker_pipelines_hyperparameters() -> None:
-    from pipelines import pipeline
-    from pipelines.local import runner
-
-    settings = runner.resolve_preset(runner.LocalRunOptions(data=Path("x.zip")))
-    assert settings.preset == "pipeline"
-    assert settings.ranges == config.HYPERPARAMETER_RANGES
-    assert set(settings.static_hyperparameters) == set(config.DEFAULT_HYPERPARAMETERS) - set(
-        pipeline.TUNED_HYPERPARAMETERS
-    ) - {"epochs"}
-    assert settings.training_epochs == config.FINAL_TRAINING_EPOCHS
-    assert settings.threshold == config.ACCURACY_THRESHOLD
-
-    demo = runner.resolve_preset(runner.LocalRunOptions(hyperparameters={"lr": "0.01"}, trials=3, cpus=2))
-    assert demo.preset == "demo" and demo.threshold == config.LOCAL_ACCURACY_THRESHOLD
-    assert "lr" not in demo.ranges and demo.static_hyperparameters["lr"] == "0.01"  # fixed values leave the search
-    assert set(demo.ranges) == set(config.LOCAL_DEMO_HYPERPARAMETER_RANGES) - {"lr"}
-    assert demo.parallel == 2  # trials at a time: up to the CPUs
+    with pytest.raises(registry.RegistryError, match="not a valid name"):
+        local.register({**request, "ModelPackageGroupName": "../escape"}, files)
+    with pytest.raises(registry.RegistryError, match="no model package"):
+        local.by_arn("arn:aws:sagemaker:local:000000000000:model-package/group/7")
 
 
 # --- predict against a SageMaker endpoint name ---------------------------------------------------------------------

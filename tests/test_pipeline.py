@@ -37,14 +37,14 @@ ALL_OPTIONS = {
 }
 
 
-def _build(**options: Any) -> dict[str, Any]:
+def _build(preset: str = "default", **options: Any) -> dict[str, Any]:
     import boto3
     from sagemaker.workflow.pipeline_context import PipelineSession
 
-    from pipelines.pipeline import PipelineOptions, get_pipeline
+    from pipelines.pipeline import get_pipeline, preset_options
 
     session = PipelineSession(boto_session=boto3.Session(region_name=REGION), default_bucket=BUCKET)
-    pipeline = get_pipeline(session, role=ROLE, bucket=BUCKET, options=PipelineOptions(**options))
+    pipeline = get_pipeline(session, role=ROLE, bucket=BUCKET, options=preset_options(preset, **options))
     return json.loads(pipeline.definition())
 
 
@@ -70,13 +70,16 @@ def offline_aws() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def built() -> dict[str, Any]:
-    """Definitions built once per module under moto: default, twice (determinism), no Debugger, all options."""
+    """Definitions built once per module under moto: default, twice (determinism), no Debugger, all options, no
+    Deploy step, the demo preset."""
     with offline_aws() as s3:
         return {
             "default": _build(),
             "again": _build(),
             "no_debugger": _build(debugger=False),
             "all_options": _build(**ALL_OPTIONS),
+            "no_deploy": _build(deploy_step=False),
+            "demo": _build("demo"),
             "bucket_objects": s3.list_objects_v2(Bucket=BUCKET).get("KeyCount", 0),
         }
 
@@ -116,8 +119,9 @@ def test_step_graph_and_edges(built: dict[str, Any]) -> None:
         ("CheckAccuracy", "Condition"),
     ]
     check = _steps(definition)["CheckAccuracy"]["Arguments"]
-    assert [(s["Name"], s["Type"]) for s in check["IfSteps"]] == [(_register_name(definition), "RegisterModel")]
-    assert _register_name(definition).startswith(pipeline.STEP_REGISTER)
+    register = _register_name(definition)
+    assert [(s["Name"], s["Type"]) for s in check["IfSteps"]] == [(register, "RegisterModel"), ("Deploy", "Lambda")]
+    assert register.startswith(pipeline.STEP_REGISTER)
     assert [(s["Name"], s["Type"]) for s in check["ElseSteps"]] == [(pipeline.STEP_FAIL, "Fail")]
 
     graph = step_dependencies(definition)
@@ -128,6 +132,7 @@ def test_step_graph_and_edges(built: dict[str, Any]) -> None:
     assert graph["CheckAccuracy"] == {"Evaluate"}
     assert graph[_register_name(definition)] >= {"CheckAccuracy", "Train", "Evaluate"}
     assert graph[pipeline.STEP_FAIL] >= {"CheckAccuracy", "Evaluate"}
+    assert graph["Deploy"] == {"CheckAccuracy", register}  # after Register, and only in the accuracy branch
     # Edges come from property references only (no explicit DependsOn).
     assert not any("DependsOn" in step for step in _steps(definition).values())
 
@@ -162,7 +167,43 @@ def test_no_repack_step_and_registered_container(built: dict[str, Any]) -> None:
     }
 
 
-_KNOWN_TYPES = {"Processing", "Tuning", "Training", "Condition", "RegisterModel", "Fail"}
+_KNOWN_TYPES = {"Processing", "Tuning", "Training", "Condition", "RegisterModel", "Fail", "Lambda"}
+
+
+def test_deploy_step_invokes_the_deploy_function_with_the_new_package(built: dict[str, Any]) -> None:
+    deploy = _steps(built["default"])["Deploy"]
+    assert deploy["Type"] == "Lambda"
+    assert deploy["DisplayName"] and "awaiting-approval" in deploy["Description"]
+    # the function upsert creates, in the pipeline's region and the role's account: no account ID in the code
+    account = ROLE.split(":")[4]
+    assert deploy["FunctionArn"] == f"arn:aws:lambda:{REGION}:{account}:function:{config.DEPLOY_FUNCTION_NAME}"
+    assert deploy["Arguments"] == {
+        "model_package_arn": {"Get": f"Steps.{_register_name(built['default'])}.ModelPackageArn"}
+    }
+    assert deploy["OutputParameters"] == [
+        {"OutputName": name, "OutputType": "String"} for name in ("action", "endpoint_name", "model_package_arn")
+    ]
+    # the approval status the handler checks is the Register step's, set by the ModelApprovalStatus parameter
+    register = _steps(built["default"])[_register_name(built["default"])]["Arguments"]
+    assert register["ModelApprovalStatus"] == {"Get": "Parameters.ModelApprovalStatus"}
+    assert "CacheConfig" not in deploy  # every run invokes it
+
+    no_deploy = _steps(built["no_deploy"])
+    assert "Deploy" not in no_deploy
+    assert [s["Name"] for s in no_deploy["CheckAccuracy"]["Arguments"]["IfSteps"]] == [_register_name(built["default"])]
+
+
+def test_deploy_function_name_and_account_come_from_the_builder_arguments() -> None:
+    from pipelines.pipeline import account_of_role, deploy_function_arn, preset_options
+
+    assert account_of_role("arn:aws:iam::210987654321:role/x") == "210987654321"
+    assert (
+        deploy_function_arn("cn-north-1", "210987654321", "f") == "arn:aws-cn:lambda:cn-north-1:210987654321:function:f"
+    )
+    with pytest.raises(ValueError, match="not an IAM role ARN"):
+        account_of_role("arn:aws:iam::role/x")
+    with pytest.raises(ValueError, match="not a Lambda function name"):
+        preset_options(deploy_function_name="bad name").validate()
 
 
 # --- parameters ------------------------------------------------------------------------------------------------
@@ -196,6 +237,47 @@ def test_every_parameter_declared_typed_and_referenced(built: dict[str, Any]) ->
     assert default("ProcessingInstanceType") == config.PROCESSING_INSTANCE_TYPE
     assert default("InputDataUri") == f"s3://{BUCKET}/{config.PIPELINE_NAME}/input/"
     assert default("ImageSize") == config.IMAGE_SIZE
+
+
+def test_demo_preset_is_builder_options_of_the_same_pipeline(built: dict[str, Any]) -> None:
+    """--preset demo changes defaults, hyperparameters and ranges, never the DAG: the demo a user runs locally is
+    the definition they would upsert as a cheap smoke test."""
+    demo, default = built["demo"], built["default"]
+    assert [(s["Name"], s["Type"]) for s in _steps(demo).values()] == [
+        (s["Name"], s["Type"]) for s in _steps(default).values()
+    ]
+    defaults = {p["Name"]: p["DefaultValue"] for p in demo["Parameters"]}
+    for name, value in config.DEMO_PARAMETER_DEFAULTS.items():
+        assert defaults[name] == value, name
+    assert defaults["Architecture"] == config.DEMO_HYPERPARAMETERS["architecture"]
+    assert defaults["TuningEpochs"] == config.DEMO_HYPERPARAMETERS["epochs"]
+    assert defaults["TrainingInstanceType"] == config.DEMO_TRAINING_INSTANCE_TYPE
+    tune = _steps(demo)["Tune"]["Arguments"]
+    ranges = tune["HyperParameterTuningJobConfig"]["ParameterRanges"]
+    tuned = {item["Name"] for kind in ranges.values() for item in kind}
+    assert tuned == set(config.DEMO_HYPERPARAMETER_RANGES)
+    static = tune["TrainingJobDefinition"]["StaticHyperParameters"]
+    assert _decode(static["weights"]) == "none" and _decode(static["horizontal-flip"]) is False
+    assert _decode(static["trainable-blocks"]) == "all"  # not tuned in the demo: a fixed value
+    # the demo trains at the size the images are preprocessed to: the ImageSize parameter reaches the trainer too
+    image_size = {"Std:Join": {"On": "", "Values": [{"Get": "Parameters.ImageSize"}]}}
+    assert static["input-size"] == image_size
+    assert _steps(demo)["Train"]["Arguments"]["HyperParameters"]["input-size"] == image_size
+    assert "input-size" not in _steps(default)["Train"]["Arguments"]["HyperParameters"]
+    image = tune["TrainingJobDefinition"]["AlgorithmSpecification"]["TrainingImage"]
+    assert f"pytorch-training:{config.TRAINING_FRAMEWORK_VERSION}-cpu-" in image  # CPU instance, CPU image
+
+
+def test_fixed_hyperparameters_leave_the_search() -> None:
+    from pipelines.pipeline import preset_options
+
+    options = preset_options("demo").with_hyperparameters({"lr": 0.01, "architecture": "resnet34"})
+    assert "lr" not in options.hyperparameter_ranges and options.hyperparameters["lr"] == 0.01
+    assert options.hyperparameters["architecture"] == "resnet34"  # the Architecture parameter's default
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_options("huge")
+    with pytest.raises(ValueError, match="no pipeline parameter named Nope"):
+        preset_options(parameter_defaults={"Nope": 1}).validate()
 
 
 def test_preprocess_runs_the_script_with_its_flags(built: dict[str, Any]) -> None:
@@ -470,7 +552,7 @@ def test_definition_command_is_offline_and_stable_across_processes(built: dict[s
 def test_job_arguments_match_sagemaker_api_shapes(built: dict[str, Any]) -> None:
     from pipelines.pipeline import STEP_API_OPERATIONS, check_definition
 
-    for variant in ("default", "no_debugger", "all_options"):
+    for variant in ("default", "no_debugger", "all_options", "no_deploy", "demo"):
         assert check_definition(built[variant]) == [], variant
     checked_types = {step["Type"] for step in _steps(built["default"]).values()} & set(STEP_API_OPERATIONS)
     assert checked_types == {"Processing", "Training", "Tuning", "RegisterModel"}
@@ -553,6 +635,23 @@ def _mutations() -> list[tuple[str, Any, str]]:
             "cycle",
             lambda d: _steps(d)["Preprocess"].update(DependsOn=["Evaluate"]),
             "steps form a cycle",
+        ),
+        (
+            "unknown Lambda output",
+            lambda d: args(d, "AccuracyBelowThreshold")["ErrorMessage"]["Std:Join"]["Values"].append(
+                {"Get": "Steps.Deploy.OutputParameters['status']"}
+            ),
+            "names no output of Deploy",
+        ),
+        (
+            "Lambda step input from a missing Register property",
+            lambda d: args(d, "Deploy").update(model_package_arn={"Get": "Steps.Register-RegisterModel.PackageArn"}),
+            "has no member 'PackageArn'",
+        ),
+        (
+            "not a function ARN",
+            lambda d: _steps(d)["Deploy"].update(FunctionArn="imgclf-deploy-on-approval"),
+            "is not the ARN of a Lambda function",
         ),
     ]
 

@@ -111,6 +111,33 @@ def test_policy_is_least_privilege(built: dict[str, Any], all_options: bool) -> 
     }
 
 
+def test_deploy_step_may_invoke_exactly_the_deploy_function(built: dict[str, Any]) -> None:
+    (deploy,) = [step for step in _iter_steps(built["definitions"]["default"]) if step["Type"] == "Lambda"]
+    function_arn = f"arn:aws:lambda:{built['region']}:{ACCOUNT_ID}:function:{config.DEPLOY_FUNCTION_NAME}"
+    assert deploy["FunctionArn"] == function_arn
+    policy = render(built)
+    invoke = _statement(policy, "lambda:InvokeFunction")
+    assert _list(invoke["Action"]) == ["lambda:InvokeFunction"] and _list(invoke["Resource"]) == [function_arn]
+    lambda_actions = {a for st in policy["Statement"] for a in _list(st["Action"]) if a.startswith("lambda:")}
+    assert lambda_actions == {"lambda:InvokeFunction"}
+    for other in (f"{function_arn}-2", function_arn.replace(ACCOUNT_ID, OTHER_ACCOUNT_ID), f"{function_arn}:live"):
+        assert not allowed(policy, "lambda:InvokeFunction", other), other
+    renamed = render(built, deploy_function_name="team-deploy")
+    assert _list(_statement(renamed, "lambda:InvokeFunction")["Resource"]) == [function_arn.replace(
+        config.DEPLOY_FUNCTION_NAME, "team-deploy"
+    )]  # fmt: skip
+    without_step = render(built, deploy_function_name=None)  # upsert --skip-deploy-wiring: no Deploy step
+    assert not any(a.startswith("lambda:") for st in without_step["Statement"] for a in _list(st["Action"]))
+    with pytest.raises(ValueError, match="deploy function name"):
+        render(built, deploy_function_name="deploy*")
+
+
+def _iter_steps(definition: dict[str, Any]) -> list[dict[str, Any]]:
+    from pipelines.pipeline import iter_steps
+
+    return iter_steps(definition)
+
+
 def test_pass_role_is_this_role_to_sagemaker_only(built: dict[str, Any]) -> None:
     policy = render(built, all_options=True)
     pass_role = _statement(policy, "iam:PassRole")
@@ -155,7 +182,7 @@ def test_every_sagemaker_call_of_the_built_pipeline_is_allowed(built: dict[str, 
     policy = render(built, all_options=variant == "all_options")
     steps = iter_steps(definition)
     # a new kind of step must come with its permissions (and this test learns its ARN)
-    assert {step["Type"] for step in steps} <= {*STEP_API_OPERATIONS, "Condition", "Fail"}
+    assert {step["Type"] for step in steps} <= {*STEP_API_OPERATIONS, "Condition", "Fail", "Lambda"}
     job_actions = {
         "processing-job": ("CreateProcessingJob", "DescribeProcessingJob", "StopProcessingJob", "AddTags"),
         "training-job": ("CreateTrainingJob", "DescribeTrainingJob", "StopTrainingJob", "AddTags"),
@@ -171,6 +198,9 @@ def test_every_sagemaker_call_of_the_built_pipeline_is_allowed(built: dict[str, 
     arn = _sagemaker_arn(built["region"])
     group = next(p for p in definition["Parameters"] if p["Name"] == "ModelPackageGroupName")["DefaultValue"]
     for step in steps:
+        if step["Type"] == "Lambda":  # the Deploy step invokes the deploy function, and nothing else
+            assert allowed(policy, "lambda:InvokeFunction", step["FunctionArn"]), step["FunctionArn"]
+            continue
         operations = STEP_API_OPERATIONS.get(step["Type"])
         if operations is None:
             continue
@@ -325,6 +355,7 @@ def test_template_holds_no_account_ids_and_renders_other_partitions(built: dict[
         "${ModelPackageGroupName}",
         "${JobPrefix}",
         "${PipelineRoleArn}",
+        "${DeployFunctionName}",
     ):
         assert placeholder in template_text, placeholder
     china = render(built, region="cn-north-1", role_arn=None)
@@ -374,6 +405,11 @@ def test_command_prints_the_rendered_policy(built: dict[str, Any], capsys: pytes
     ]  # fmt: skip
     assert iam_cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out) == render(built, all_options=True)
+    renamed = [*argv[:9], "--deploy-function-name", "team-deploy"]
+    assert iam_cli.main(renamed) == 0
+    assert json.loads(capsys.readouterr().out) == render(built, deploy_function_name="team-deploy")
+    assert iam_cli.main([*argv[:9], "--skip-deploy-wiring"]) == 0
+    assert json.loads(capsys.readouterr().out) == render(built, deploy_function_name=None)
     assert iam_cli.main(["trust-policy"]) == 0
     assert json.loads(capsys.readouterr().out) == iam.pipeline_role_trust_policy()
     bad = ["pipeline-policy", "--account-id", ACCOUNT_ID, "--region", built["region"], "--bucket", built["bucket"]]

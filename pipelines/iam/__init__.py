@@ -3,7 +3,8 @@
 The role passed as ``--role`` / ``$SAGEMAKER_PIPELINE_ROLE_ARN`` to ``python -m pipelines.run upsert`` is the one
 the pipeline service and every job it starts run as: processing, tuning (and its trial training jobs), the
 final training (checkpoints, TensorBoard, Debugger rules and profiler), and the model registration.
-``pipeline_role_policy.json`` (next to this file) is its permissions template; :func:`render_pipeline_role_policy`
+``pipeline_role_policy.json`` (next to this file) is its permissions template (with ``lambda:InvokeFunction`` on
+the one deploy function, for the pipeline's Deploy step); :func:`render_pipeline_role_policy`
 fills in account, region, bucket and names, keeps the KMS / VPC / extra-input statements only when they are
 asked for, and names the container image repositories of the region (the AWS Deep Learning Containers
 registry is a different account in each region, so the template holds no account ID).
@@ -30,6 +31,7 @@ DEFAULT_ROLE_NAME = f"{config.BASE_JOB_PREFIX}-sagemaker-pipeline"
 KMS_SID_PREFIX = "Kms"
 VPC_SID_PREFIX = "Vpc"
 EXTRA_INPUTS_SID_PREFIX = "ReadExtraInputs"
+DEPLOY_STEP_SID_PREFIX = "InvokeTheDeployFunction"
 # The statements that say "Resource": "*", each because AWS offers no resource-level permission for its actions:
 #   ecr:GetAuthorizationToken   - the registry login token is account-wide, it names no repository;
 #   cloudwatch:PutMetricData    - metrics have no ARN; the statement pins the cloudwatch:namespace instead;
@@ -54,6 +56,8 @@ _LIST_PLACEHOLDERS = ("${EcrRepositoryArns}", "${SubnetArns}", "${SecurityGroupA
 
 # SageMaker names (pipelines, job prefixes): letters, digits and single hyphens, so no IAM wildcard sneaks in.
 _SAGEMAKER_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
+# A Lambda function name (CreateFunction's FunctionName without the ARN forms).
+LAMBDA_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _ROLE_ARN = re.compile(r"arn:aws(-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]+")
 _KMS_KEY_ARN = re.compile(r"arn:aws(-cn|-us-gov)?:kms:[a-z0-9-]+:\d{12}:key/[a-zA-Z0-9-]+")
@@ -118,6 +122,7 @@ def render_pipeline_role_policy(
     pipeline_name: str = config.PIPELINE_NAME,
     model_package_group: str = config.MODEL_PACKAGE_GROUP,
     job_prefix: str = config.BASE_JOB_PREFIX,
+    deploy_function_name: str | None = config.DEPLOY_FUNCTION_NAME,
     role_arn: str | None = None,
     role_name: str = DEFAULT_ROLE_NAME,
     kms_key_arn: str | None = None,
@@ -135,6 +140,8 @@ def render_pipeline_role_policy(
         region / account_id: where the pipeline runs.
         bucket: the artifact bucket; the role reads and writes ``s3://<bucket>/<pipeline_name>/`` only.
         pipeline_name / model_package_group / job_prefix: as given to ``upsert`` (defaults from config).
+        deploy_function_name: the deploy Lambda the Deploy step invokes (``upsert --deploy-function-name``); None
+            for a pipeline built without the Deploy step (``--skip-deploy-wiring``).
         role_arn: the role's own ARN (for iam:PassRole on itself); default ``role/<role_name>`` in the account.
         kms_key_arn: the KMS key ARN given to ``upsert --kms-key`` (keeps the Kms* statements).
         subnets / security_group_ids: the VPC settings given to ``upsert`` (keep the Vpc* statements).
@@ -154,6 +161,8 @@ def render_pipeline_role_policy(
     _check_name(pipeline_name, "pipeline name")
     _check_name(model_package_group, "model package group")
     _check_name(job_prefix, "job prefix")
+    if deploy_function_name is not None and not LAMBDA_FUNCTION_NAME.fullmatch(deploy_function_name):
+        raise ValueError(f"deploy function name {deploy_function_name!r} may hold only letters, digits, - and _")
     partition = partition or partition_for_region(region)
     role_arn = role_arn or f"arn:{partition}:iam::{account_id}:role/{role_name}"
     if not _ROLE_ARN.fullmatch(role_arn):
@@ -185,6 +194,7 @@ def render_pipeline_role_policy(
         "${PipelineArnName}": pipeline_name.lower(),
         "${ModelPackageGroupName}": model_package_group.lower(),
         "${JobPrefix}": job_prefix.lower(),
+        "${DeployFunctionName}": deploy_function_name or "",
         "${PipelineRoleArn}": role_arn,
         "${KmsKeyArn}": kms_key_arn or "",
     }
@@ -215,6 +225,8 @@ def render_pipeline_role_policy(
         if sid.startswith(KMS_SID_PREFIX) and kms_key_arn is None:
             continue
         if sid.startswith(VPC_SID_PREFIX) and not subnets:
+            continue
+        if sid.startswith(DEPLOY_STEP_SID_PREFIX) and deploy_function_name is None:
             continue
         if sid.startswith(EXTRA_INPUTS_SID_PREFIX):
             for number, uri in enumerate(extra_input_s3_uris, start=1):

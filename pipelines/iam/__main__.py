@@ -52,6 +52,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--job-prefix", default=config.BASE_JOB_PREFIX, help="prefix of every job name (default: %(default)s)"
     )
     policy.add_argument(
+        "--deploy-function-name",
+        default=config.DEPLOY_FUNCTION_NAME,
+        help="the deploy Lambda the pipeline's Deploy step invokes, as given to upsert (default: %(default)s)",
+    )
+    policy.add_argument(
+        "--skip-deploy-wiring",
+        action="store_true",
+        help="the pipeline was upserted with --skip-deploy-wiring (no Deploy step): no lambda:InvokeFunction",
+    )
+    policy.add_argument(
         "--role-arn",
         default=os.environ.get(config.ENV_ROLE_ARN),
         help=f"the role's own ARN, for iam:PassRole on itself (default: ${config.ENV_ROLE_ARN}, "
@@ -112,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             pipeline_name=args.pipeline_name,
             model_package_group=args.model_package_group,
             job_prefix=args.job_prefix,
+            deploy_function_name=None if args.skip_deploy_wiring else args.deploy_function_name,
             role_arn=args.role_arn,
             role_name=args.role_name,
             kms_key_arn=args.kms_key_arn,

@@ -1,17 +1,20 @@
-"""Step caching like SageMaker Pipelines': a step whose code, inputs and arguments are unchanged is reused.
+"""Step caching like SageMaker Pipelines': a step whose arguments and inputs are unchanged is reused.
 
-SageMaker keys a cached step by its arguments (which name the code object and the input URIs) and reuses the
-earlier execution's outputs. Locally the key is the hash of
+SageMaker keys a cached step by its resolved arguments (which name the code object and the input URIs) and
+reuses the earlier execution's result: its properties, so the steps downstream read the earlier outputs. Only
+steps whose ``CacheConfig`` is enabled are cached, and an entry expires after its ``ExpireAfter``. Locally the
+key is the hash of
 
-- the code the step ships (the processing script, or the training ``source_dir``), file by file;
-- the content of every input (files and folders by content, zip archives by their entries), so a step
-  downstream of a re-run that produced the same output is still reused;
-- the arguments, hyperparameters and settings, and the Python/torch/torchvision versions (SageMaker's key
-  holds the container image).
+- the step's arguments as they stand in the definition, resolved (parameters and upstream properties filled
+  in), without what differs from run to run by design (the output locations);
+- the content of every input the arguments name, the code object included (files and folders by content, zip
+  archives by their entries), so a step downstream of a re-run that produced the same output is still reused;
+- the Python/torch/torchvision versions (SageMaker's key holds the container image).
 
 Entries live in ``<workdir>/cache/<key>.json`` and point at the outputs of the run that made them (paths
-relative to the workdir). A hit is used only while those outputs still exist; the new run's step folder
-then gets hard links to them, so every run folder is complete on its own.
+relative to the workdir: the run folder's and the object store's). A hit is used only while those outputs
+still exist; the new run's step folder then gets hard links to the run-folder ones, so every run folder is
+complete on its own.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,13 +68,15 @@ class StepCache:
     def key(step: str, parts: dict[str, Any]) -> str:
         return fsutil.json_hash({"step": step, "runtime": runtime_versions(), **parts})
 
-    def lookup(self, key: str) -> CacheEntry | None:
+    def lookup(self, key: str, expire_after: str | None = None) -> CacheEntry | None:
         if not self.enabled:
             return None
         data = fsutil.read_json(self.folder / f"{key}.json")
         if not data:
             return None
         entry = CacheEntry(**data)
+        if expire_after and _now() - dt.datetime.fromisoformat(entry.created) > parse_duration(expire_after):
+            return None
         if not all(path.exists() for path in entry.output_paths(self.workdir).values()):
             return None  # the run that made it was deleted: run the step again
         return entry
@@ -84,7 +90,27 @@ class StepCache:
                 name: path.resolve().relative_to(self.workdir.resolve()).as_posix() for name, path in outputs.items()
             },
             result=result,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            created=_now().isoformat(timespec="seconds"),
         )
         fsutil.write_json_atomic(self.folder / f"{key}.json", entry.__dict__)
         return entry
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+_DURATION = re.compile(
+    r"P(?:(?P<years>\d+)Y)?(?:(?P<months>\d+)M)?(?:(?P<weeks>\d+)W)?(?:(?P<days>\d+)D)?"
+    r"(?:T(?:(?P<hours>\d+)H)?(?:(?P<minutes>\d+)M)?(?:(?P<seconds>\d+)S)?)?"
+)
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """An ISO 8601 duration (``CacheConfig.ExpireAfter``: P30D, PT12H, P1Y2M...; a year 365 days, a month 30)."""
+    match = _DURATION.fullmatch(text)
+    if not match or text in ("P", "PT"):
+        raise ValueError(f"ExpireAfter {text!r} is not an ISO 8601 duration (for example P30D or PT12H)")
+    parts = {name: int(value) for name, value in match.groupdict().items() if value}
+    parts["days"] = parts.get("days", 0) + parts.pop("years", 0) * 365 + parts.pop("months", 0) * 30
+    return dt.timedelta(**parts)

@@ -1,6 +1,6 @@
 """Commands of the local pipeline: ``local``, ``predict``, ``endpoint``, ``local-models``.
 
-    python -m pipelines.run local [--data PATH] [--workdir runs] [--trials N] [--approve] ...
+    python -m pipelines.run local [--data PATH] [--preset demo] [--param Name=Value] [--approve] ...
     python -m pipelines.run predict IMAGE [IMAGE ...] [--endpoint URL | --endpoint-name NAME]
     python -m pipelines.run endpoint status|start|stop [--workdir runs]
     python -m pipelines.run local-models [--approve VERSION | --reject VERSION]
@@ -19,16 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import config
+from pipelines.aws_cli import add_param_argument, add_shape_arguments
 from pipelines.run import CommandError
 
 EXIT_PIPELINE_FAILED = 1
 
 
-def _hyperparameter(text: str) -> tuple[str, str]:
-    key, separator, value = text.partition("=")
-    if not separator or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (for example architecture=resnet34), got {text!r}")
-    return key.strip().lstrip("-"), value.strip()
+# Flags kept as conveniences: each sets one pipeline parameter (as --param Name=Value would).
+PARAMETER_FLAGS = {
+    "trials": "MaxTuningJobs",
+    "parallel": "MaxParallelTuningJobs",
+    "tuning_epochs": "TuningEpochs",
+    "epochs": "TrainingEpochs",
+    "image_size": "ImageSize",
+    "threshold": "AccuracyThreshold",
+}
 
 
 def _positive_int(text: str) -> int:
@@ -46,45 +51,38 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     local = subparsers.add_parser(
         "local",
-        help="run the whole pipeline on this machine (no AWS, no Docker)",
-        description="Run Preprocess -> Tune -> Train -> Evaluate -> CheckAccuracy -> Register on this machine, each "
-        "step under the SageMaker container contract, with step caching, a local model registry and (with "
-        "--approve) a local endpoint. Without --data it runs on the built-in demo (scikit-learn's digits).",
+        help="run the pipeline's definition on this machine (no AWS, no Docker)",
+        description="Build the pipeline's definition offline (the one `definition` writes and `upsert` sends) and "
+        "execute it here: Preprocess -> Tune -> Train -> Evaluate -> CheckAccuracy -> Register -> Deploy, each "
+        "step under the SageMaker container contract, with step caching, a local model registry and a local "
+        "endpoint. Without --data it runs the demo preset on the built-in demo data (scikit-learn's digits).",
     )
     local.add_argument("--data", type=Path, default=None, help="archive or folder of images (default: built-in demo)")
     local.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
-    local.add_argument(
-        "--preset",
-        choices=("demo", "pipeline"),
-        default=None,
-        help="settings: 'demo' (config.LOCAL_DEMO_*: small CNN from scratch, small images; default without --data) "
-        "or 'pipeline' (the SageMaker pipeline's defaults; default with --data)",
+    add_shape_arguments(
+        local,
+        "builder options: 'demo' (a small CNN from random weights on small images, config.DEMO_*) or 'default' "
+        "(the production pipeline's) (default: demo without --data, default with it)",
     )
-    local.add_argument(
-        "--trials", type=_positive_int, default=None, help="tuning trials (default: LOCAL_TUNING_TRIALS)"
+    add_param_argument(
+        local,
+        "set a pipeline parameter for this run, checked as `start --param` checks it, repeatable, e.g. "
+        "--param Architecture=resnet34 --param ImageSize=48",
     )
-    local.add_argument(
-        "--parallel", type=_positive_int, default=None, help="trials at a time (default: up to the CPUs)"
-    )
-    local.add_argument("--tuning-epochs", type=_positive_int, default=None, help="epochs of each trial")
-    local.add_argument("--epochs", type=_positive_int, default=None, help="epochs of the final training")
-    local.add_argument("--image-size", type=_positive_int, default=None, help="short side the processing step keeps")
-    local.add_argument(
-        "--hp",
-        type=_hyperparameter,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fix a hyperparameter (repeatable; a tuned one leaves the search), e.g. --hp architecture=resnet34",
-    )
-    local.add_argument("--threshold", type=float, default=None, help="accuracy the model must reach to be registered")
-    local.add_argument("--seed", type=int, default=config.LOCAL_TUNING_SEED, help="seed of the tuner's sampling")
-    local.add_argument("--no-cache", dest="cache", action="store_false", help="run every step, reuse nothing")
-    local.add_argument(
+    conveniences = local.add_argument_group("shorthands, each for one --param")
+    conveniences.add_argument(
         "--approve",
         action="store_true",
-        help="approve the registered version and serve it on a local endpoint (stop it with 'endpoint stop')",
+        help="--param ModelApprovalStatus=Approved: register the version Approved, and the Deploy step serves it on "
+        "a local endpoint (stop it with 'endpoint stop')",
     )
+    conveniences.add_argument("--trials", type=_positive_int, default=None, help="--param MaxTuningJobs=N")
+    conveniences.add_argument("--parallel", type=_positive_int, default=None, help="--param MaxParallelTuningJobs=N")
+    conveniences.add_argument("--tuning-epochs", type=_positive_int, default=None, help="--param TuningEpochs=N")
+    conveniences.add_argument("--epochs", type=_positive_int, default=None, help="--param TrainingEpochs=N")
+    conveniences.add_argument("--image-size", type=_positive_int, default=None, help="--param ImageSize=N")
+    conveniences.add_argument("--threshold", type=float, default=None, help="--param AccuracyThreshold=X")
+    local.add_argument("--no-cache", dest="cache", action="store_false", help="run every step, reuse nothing")
     local.add_argument("--endpoint-name", default=config.LOCAL_ENDPOINT_NAME, help="name of the local endpoint")
     local.add_argument("--port", type=int, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint")
     local.add_argument(
@@ -92,7 +90,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
     )
-    local.add_argument("--group", default=config.MODEL_PACKAGE_GROUP, help="model package group in the local registry")
+    local.add_argument(
+        "--model-package-group",
+        "--group",
+        dest="group",
+        default=config.MODEL_PACKAGE_GROUP,
+        help="model package group: the ModelPackageGroupName default and the deploy function's group",
+    )
     local.add_argument("--quiet", action="store_true", help="print only the summary")
     local.set_defaults(func=run_local)
 
@@ -159,9 +163,28 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 # --- local --------------------------------------------------------------------------------------------------------
 
 
+def local_parameters(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--param pairs and the shorthand flags, each parameter given once."""
+    pairs = list(args.params)
+    shorthands = [(name, getattr(args, flag)) for flag, name in PARAMETER_FLAGS.items()]
+    if args.approve:
+        shorthands.append(("ModelApprovalStatus", "Approved"))
+    for name, value in shorthands:
+        if value is None:
+            continue
+        if any(given == name for given, _ in pairs):
+            raise CommandError(f"{name} is given twice: by --param and by its shorthand flag; give it once")
+        pairs.append((name, str(value)))
+    return pairs
+
+
 def run_local(args: argparse.Namespace) -> int:
+    from pipelines.aws_cli import _quiet_sdk
+
+    _quiet_sdk()  # the definition is built with the SDK: keep its import-time chatter off the terminal
     from pipelines.local.console import Console
-    from pipelines.local.runner import LocalPipeline, LocalRunOptions, PipelineFailed
+    from pipelines.local.executor import DefinitionInvalid, PipelineFailed
+    from pipelines.local.runner import InvalidOptions, LocalPipeline, LocalRunOptions
 
     if args.data is not None and not args.data.exists():
         raise CommandError(f"--data {args.data} does not exist: pass an archive (.zip, .tar.gz) or a folder of images")
@@ -171,29 +194,33 @@ def run_local(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         data=args.data,
         preset=args.preset,
-        trials=args.trials,
-        parallel=args.parallel,
-        tuning_epochs=args.tuning_epochs,
-        training_epochs=args.epochs,
-        image_size=args.image_size,
-        threshold=args.threshold,
-        hyperparameters=dict(args.hp),
-        seed=args.seed,
+        parameters=local_parameters(args),
+        hyperparameters=dict(args.hyperparameters),
+        debugger=args.debugger,
+        deploy_step=not args.skip_deploy_wiring,
+        deploy_function_name=args.deploy_function_name,
+        model_package_group=args.group,
         cache=args.cache,
-        approve=args.approve,
         endpoint_name=args.endpoint_name,
         port=args.port,
         ray=args.ray,
-        model_package_group=args.group,
     )
     console = Console(quiet=args.quiet)
-    try:
-        pipeline = LocalPipeline(options, console)
-    except ValueError as error:
-        raise CommandError(str(error)) from error
+    pipeline = LocalPipeline(options, console)
     started = time.perf_counter()
     try:
         record = pipeline.run()
+    except InvalidOptions as error:
+        raise CommandError(str(error)) from error
+    except DefinitionInvalid as invalid:
+        for problem in invalid.problems:
+            print(f"definition problem: {problem}", file=sys.stderr)
+        print(
+            f"error: the definition cannot run ({len(invalid.problems)} problem(s), listed above); no step ran; "
+            f"see {pipeline.run_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_PIPELINE_FAILED
     except PipelineFailed as failure:
         print(
             f"error: {failure}; the run folder {pipeline.run_dir} is kept for inspection "
@@ -201,19 +228,20 @@ def run_local(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_PIPELINE_FAILED
-    print_summary(record, args.workdir, quiet_console=args.quiet)
+    print_summary(record, args.workdir)
     return 0
 
 
-def print_summary(record: dict[str, Any], workdir: Path, quiet_console: bool = False) -> None:
+def print_summary(record: dict[str, Any], workdir: Path) -> None:
     summary = record["Summary"]
     tuned = summary.get("tuned_hyperparameters", {})
     best = " ".join(f"{key}={_decoded(value)}" for key, value in sorted(tuned.items()))
     package = summary.get("model_package", {})
+    accuracy = summary.get("test_accuracy")
     rows = [
         ("run", f"{record['RunId']} ({record['ElapsedSeconds']:.1f} s): {record['RunFolder']}"),
         ("best hyperparameters", f"{best} ({summary.get('best_trial', '?')})"),
-        ("test accuracy", f"{summary.get('test_accuracy', float('nan')):.4f}"),
+        ("test accuracy", f"{accuracy:.4f}" if accuracy is not None else "(not evaluated)"),
         ("confusion matrix", summary.get("confusion_matrix") or "(not written)"),
         (
             "registry",
@@ -221,12 +249,22 @@ def print_summary(record: dict[str, Any], workdir: Path, quiet_console: bool = F
             f"{package.get('ModelApprovalStatus', '')}",
         ),
     ]
+    answers = list(summary.get("lambda", {}).values())
     if "endpoint" in summary:
         url = summary["endpoint"]["url"]
         rows.append(("endpoint", f"{url} (try: python -m pipelines.run predict IMAGE --endpoint {url})"))
         rows.append(("stop it with", f"python -m pipelines.run endpoint stop --workdir {workdir}"))
+    elif answers and answers[0].get("action") == "awaiting-approval":
+        version = package.get("ModelPackageVersion", "N")
+        rows.append(
+            (
+                "endpoint",
+                f"none: version {version} awaits approval (python -m pipelines.run local-models --approve {version} "
+                f"--workdir {workdir}, or run with --approve)",
+            )
+        )
     else:
-        rows.append(("endpoint", "none: pass --approve, or run 'python -m pipelines.run local-models --approve N'"))
+        rows.append(("endpoint", "none: run with --approve, or 'python -m pipelines.run local-models --approve N'"))
     lines = ["", "Summary"]
     width = max(len(key) for key, _ in rows)
     lines.extend(f"  {key:<{width}}  {value}" for key, value in rows)
@@ -324,6 +362,30 @@ def _deploy(workdir: Path, name: str, package: dict[str, Any], port: int, ray: b
 # --- local-models --------------------------------------------------------------------------------------------------
 
 
+def _deploy_on_approval(workdir: Path, registry: Any, args: argparse.Namespace, package: dict[str, Any]) -> int:
+    """What EventBridge does on SageMaker: send the approval event to the deploy function (run in-process)."""
+    from pipelines.local import deploy_function
+    from pipelines.local import endpoint as local_endpoint
+
+    function = deploy_function.deploy_function(
+        workdir,
+        registry,
+        model_package_group=args.group,
+        endpoint_name=args.endpoint_name,
+        port=args.port,
+        ray=args.ray,
+    )
+    log_path = workdir / local_endpoint.ENDPOINTS_DIR / f"{args.endpoint_name}-deploy-function.log"
+    try:
+        answer = function(deploy_function.approval_event(package), log_path)
+    except local_endpoint.EndpointError as error:
+        raise CommandError(str(error)) from error
+    state = local_endpoint.status(workdir, args.endpoint_name)
+    where = f" at {state['url']} (pid {state['pid']})" if state and state["EndpointStatus"] == "InService" else ""
+    print(f"{args.endpoint_name}: {answer['action']}, version {package['ModelPackageVersion']}{where}")
+    return 0
+
+
 def run_models(args: argparse.Namespace) -> int:
     from pipelines.local.registry import LocalModelRegistry, RegistryError, accuracy_of
 
@@ -334,7 +396,7 @@ def run_models(args: argparse.Namespace) -> int:
             package = registry.update_approval(args.group, args.approve, "Approved", "approved with local-models")
             print(f"{package['ModelPackageArn']}: Approved")
             if not args.no_deploy:
-                return _deploy(workdir, args.endpoint_name, package, args.port, args.ray)
+                return _deploy_on_approval(workdir, registry, args, package)
             return 0
         if args.reject is not None:
             package = registry.update_approval(args.group, args.reject, "Rejected", "rejected with local-models")

@@ -3,11 +3,12 @@
 A job gets its own folder ``<job root>``; what the container sees as ``/opt/ml/...`` is ``<job root>/opt/ml/...``.
 The script runs as a subprocess the way the container starts it:
 
-- processing (``ScriptProcessor`` / ``FrameworkProcessor``): ``python3 /opt/ml/processing/input/code/<script>
-  <arguments>``, inputs copied to their ``/opt/ml/processing/input/...`` destinations, outputs collected from
-  ``/opt/ml/processing/output/...``; ``/opt/ml/config/processingjobconfig.json`` and ``resourceconfig.json``.
-- training (the ``sagemaker-training`` toolkit of the PyTorch images): ``source_dir`` in ``/opt/ml/code``,
-  ``/opt/ml/input/config/{hyperparameters,resourceconfig,inputdataconfig}.json``, channels in
+- processing (``ScriptProcessor`` / ``FrameworkProcessor``): the ``ContainerEntrypoint`` (``python3
+  /opt/ml/processing/input/code/<script>``) with the ``ContainerArguments``, inputs (the code is one of them) at
+  their ``LocalPath``, outputs collected from theirs; ``/opt/ml/config/processingjobconfig.json`` and
+  ``resourceconfig.json``.
+- training (the ``sagemaker-training`` toolkit of the PyTorch images): ``sourcedir.tar.gz`` unpacked in
+  ``/opt/ml/code``, ``/opt/ml/input/config/{hyperparameters,resourceconfig,inputdataconfig}.json``, channels in
   ``/opt/ml/input/data/<channel>``, the ``SM_*`` environment the toolkit exports, and
   ``python train.py --key value ...`` with the decoded hyperparameters in sorted order, ``sagemaker_*`` and
   ``_tuning_objective_metric`` left out as the toolkit leaves them out. The model folder is packed into a
@@ -25,13 +26,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.local import fsutil
 
 CONTAINER_ROOT = "/opt/ml"
+CONTAINER_PYTHONS = ("python3", "python")  # the image's interpreter: this process's Python here
+PROCESSING_WORKDIR = "/opt/ml/processing"
 HOST = "algo-1"
 LOG_TAIL_LINES = 25
 # Hyperparameters the training toolkit keeps for itself: never passed to the script as flags.
@@ -69,11 +72,6 @@ class JobResult:
     log_path: Path
     duration_s: float
     outputs: dict[str, Path] = field(default_factory=dict)
-
-
-def source_dir_files(source_dir: Path) -> list[Path]:
-    """Every file of a training ``source_dir`` (what the SDK tars as sourcedir.tar.gz), caches left out."""
-    return list(fsutil.iter_files(source_dir))
 
 
 def _thread_environment(cpus: int) -> dict[str, str]:
@@ -137,7 +135,7 @@ def run_logged(
                 errors="replace",
                 bufsize=1,
             )
-        except OSError as error:
+        except OSError as error:  # the one place child processes start: a missing program is reported here
             raise JobError(job_name, f"could not start {command[0]}: {error}", log_path) from error
         try:
             assert process.stdout is not None
@@ -177,8 +175,8 @@ def _failure_reason(root: Path) -> str | None:
 
 @dataclass
 class ProcessingInput:
-    source: Path  # a local file or folder (what the S3 URI names)
-    destination: str  # the container path, under /opt/ml/processing/input
+    source: Path  # a local file or folder (what the S3 URI names, in the object store)
+    destination: str  # the container path (LocalPath)
     input_name: str
 
 
@@ -190,11 +188,11 @@ class ProcessingOutput:
 
 @dataclass
 class ProcessingJob:
-    """One ProcessingStep run: the script, its inputs and outputs, and the arguments the pipeline passes."""
+    """One processing job: CreateProcessingJob's entrypoint, arguments, inputs, outputs and environment."""
 
     job_name: str
     root: Path
-    script: Path
+    entrypoint: list[str]  # ContainerEntrypoint, e.g. ["python3", "/opt/ml/processing/input/code/preprocess.py"]
     inputs: list[ProcessingInput]
     outputs: list[ProcessingOutput]
     arguments: list[str]
@@ -204,14 +202,15 @@ class ProcessingJob:
     def container_path(self, path: str) -> Path:
         return container_path(self.root, path)
 
-    def code_files(self) -> list[Path]:
-        """The script alone, as the pipeline's ScriptProcessor ships it (``code=``): siblings are not there."""
-        return [self.script]
+    def command(self) -> list[str]:
+        """The entrypoint on this machine: the container's Python is this one, container paths lie under the root."""
+        program, *rest = self.entrypoint
+        if Path(program).name in CONTAINER_PYTHONS:
+            program = sys.executable
+        return [program, *(map_container_argument(self.root, item) for item in [*rest, *self.arguments])]
 
     def run(self, on_line: LineCallback | None = None) -> JobResult:
         fsutil.remove_path(self.root / "opt")
-        code_dir = self.container_path("/opt/ml/processing/input/code")
-        fsutil.copy_files(self.code_files(), self.script.parent, code_dir)
         for item in self.inputs:
             destination = self.container_path(item.destination)
             if item.source.is_dir():
@@ -239,16 +238,13 @@ class ProcessingJob:
             },
         )
         fsutil.write_json_atomic(config_dir / "resourceconfig.json", {"current_host": HOST, "hosts": [HOST]})
-        command = [
-            sys.executable,
-            str(code_dir / self.script.name),
-            *(map_container_argument(self.root, argument) for argument in self.arguments),
-        ]
         env = base_environment({**_thread_environment(self.cpus), **_temporary_folder(self.root), **self.env})
         log_path = self.root / "log.txt"
+        cwd = self.container_path(PROCESSING_WORKDIR)
+        cwd.mkdir(parents=True, exist_ok=True)
         try:
             duration = run_logged(
-                command, cwd=code_dir, env=env, log_path=log_path, job_name=self.job_name, on_line=on_line
+                self.command(), cwd=cwd, env=env, log_path=log_path, job_name=self.job_name, on_line=on_line
             )
         except JobError as error:
             reason = _failure_reason(self.root)
@@ -305,25 +301,25 @@ class TrainingJob:
     """One training job (a tuning trial or the TrainingStep) under the PyTorch training container contract.
 
     ``hyperparameters`` are the strings of CreateTrainingJob's ``HyperParameters`` (static values JSON-encoded
-    as the SDK's framework estimators encode them, tuned values as the tuner writes them).
+    as the SDK's framework estimators encode them, tuned values as the tuner writes them); ``source_tarball``
+    is the ``sourcedir.tar.gz`` that ``sagemaker_submit_directory`` names, ``entry_point`` its
+    ``sagemaker_program``.
     """
 
     job_name: str
     root: Path
-    source_dir: Path
+    source_tarball: Path
     entry_point: str
     hyperparameters: dict[str, str]
     channels: dict[str, Path]
     cpus: int = 1
     extra_arguments: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    restore: dict[str, Path] = field(default_factory=dict)  # container folder -> files put there before the start
 
     @property
     def model_tarball(self) -> Path:
         return self.root / "output" / "model.tar.gz"
-
-    def code_files(self) -> list[Path]:
-        return source_dir_files(self.source_dir)
 
     def environment(self) -> tuple[dict[str, str], list[str]]:
         """The ``SM_*`` variables and the script's arguments, as the training toolkit computes them."""
@@ -392,11 +388,13 @@ class TrainingJob:
         opt = self.root / "opt/ml"
         fsutil.remove_path(self.root / "opt")
         fsutil.remove_path(self.root / "output")
-        fsutil.copy_files(self.code_files(), self.source_dir, opt / "code")
+        fsutil.safe_extract_tarball(self.source_tarball, opt / "code")
         for name, source in self.channels.items():
             fsutil.link_tree(source, opt / "input/data" / name)
         for folder in ("model", "output/data", "output/tensorboard", "checkpoints", "output/intermediate"):
             (opt / folder).mkdir(parents=True, exist_ok=True)
+        for folder, source in self.restore.items():  # e.g. checkpoints SageMaker downloads to resume from
+            fsutil.link_tree(source, container_path(self.root, folder))
         env, arguments = self.environment()
         config_dir = opt / "input/config"
         fsutil.write_json_atomic(config_dir / "hyperparameters.json", self.hyperparameters)
@@ -430,7 +428,3 @@ class TrainingJob:
         if any(output_data.iterdir()):
             outputs["output"] = fsutil.make_tarball(output_data, self.root / "output" / "output.tar.gz")
         return JobResult(self.job_name, log_path, duration, outputs)
-
-
-def code_hash(files: Iterable[Path], root: Path) -> str:
-    return fsutil.files_hash(list(files), root)

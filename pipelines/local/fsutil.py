@@ -8,17 +8,27 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
 # Folders and files that are never part of shipped code or of a step's content.
 IGNORED_NAMES = frozenset({"__pycache__", ".DS_Store", ".ipynb_checkpoints", ".pytest_cache"})
+
+
+# A SageMaker resource name (model package group, step, job): safe as one folder name.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")
+
+
+def is_safe_name(name: str) -> bool:
+    """Letters, digits, hyphens and underscores, starting with a letter or digit: never a path of its own."""
+    return isinstance(name, str) and bool(_SAFE_NAME.fullmatch(name))
 
 
 def _ignored(path: Path) -> bool:
@@ -74,14 +84,6 @@ def content_hash(path: str | Path) -> str:
     return file_sha256(path)
 
 
-def files_hash(files: Iterable[Path], root: Path) -> str:
-    """A hash of the given files' paths (relative to ``root``) and bytes: what a step ships as its code."""
-    digest = hashlib.sha256(b"code-v1\0")
-    for file in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
-        digest.update(f"{file.relative_to(root).as_posix()}\0{file_sha256(file)}\n".encode())
-    return digest.hexdigest()
-
-
 def json_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
@@ -104,14 +106,6 @@ def link_tree(source: Path, destination: Path) -> Path:
     else:
         _link_or_copy(str(source), str(destination))
     return destination
-
-
-def copy_files(files: Iterable[Path], root: Path, destination: Path) -> None:
-    """Copy ``files`` (all under ``root``) into ``destination`` keeping their relative paths."""
-    for file in files:
-        target = destination / file.relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(file, target)
 
 
 def _ignore_caches(_directory: str, names: list[str]) -> set[str]:

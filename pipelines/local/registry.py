@@ -1,18 +1,20 @@
 """The local model registry: one JSON file in the workdir, shaped like SageMaker's model registry.
 
-``<workdir>/model-registry.json`` holds model package groups and their versioned model packages with the
-field names of ``DescribeModelPackageGroup`` / ``DescribeModelPackage`` (``ModelPackageArn``,
-``ModelPackageVersion``, ``ModelApprovalStatus``, ``InferenceSpecification.Containers[].ModelDataUrl``,
-``ModelMetrics.ModelStatistics``, ...). ARNs use the region ``local`` and a placeholder account of zeros.
+``<workdir>/model-registry.json`` holds model package groups and their versioned model packages: what the
+pipeline's RegisterModel step asked for (its CreateModelPackage arguments) plus the fields of
+``DescribeModelPackage`` (``ModelPackageArn``, ``ModelPackageVersion``, ``ModelApprovalStatus``, ...). ARNs use
+the region ``local`` and a placeholder account of zeros.
 
-Each version's artifacts (``model.tar.gz`` and ``evaluation.json``) are hard-linked into
-``<workdir>/registry/<group>/<version>/`` so a version outlives the run folder that produced it. Registering
-the same model bytes again (a fully cached re-run) returns the existing version instead of adding a copy.
+Every file the request names (the model's ``ModelDataUrl``, the ``ModelMetrics`` reports) is hard-linked into
+``<workdir>/registry/<group>/<version>/`` and named by a ``file://`` URI there, so a version outlives the run and
+the object store it came from. Registering the same model bytes again (a fully cached re-run) returns the
+existing version instead of adding a copy (approving it if the new request says Approved).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,79 +82,89 @@ class LocalModelRegistry:
         return approved[-1] if approved else None
 
     # --- writing ----------------------------------------------------------------------------------------------
+    def by_arn(self, arn: str) -> dict[str, Any]:
+        """``DescribeModelPackage(ModelPackageName=<arn>)``."""
+        for group in self._load()["ModelPackageGroups"].values():
+            for package in group["ModelPackages"]:
+                if package["ModelPackageArn"] == arn:
+                    return package
+        raise RegistryError(f"no model package {arn} in {self.path}")
+
+    # --- writing ----------------------------------------------------------------------------------------------
     def register(
         self,
-        group: str,
-        model_tarball: Path,
-        evaluation_file: Path,
+        request: Mapping[str, Any],
+        files: Mapping[str, Path],
         *,
-        approval_status: str = config.APPROVAL_STATUS,
-        description: str = "",
-        metadata: dict[str, str] | None = None,
-        environment: dict[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Add a version (or return the existing one holding the same model bytes). Returns (package, created)."""
-        if approval_status not in APPROVAL_STATUSES:
-            raise RegistryError(f"approval status {approval_status!r} is not one of {', '.join(APPROVAL_STATUSES)}")
-        model_sha256 = fsutil.file_sha256(model_tarball)
+        """``CreateModelPackage``: add a version (or return the one holding the same model bytes).
+
+        ``request`` holds the RegisterModel step's arguments; ``files`` maps each URI in it to the local file it
+        names (at least the first container's ``ModelDataUrl``). Returns (package, created).
+        """
+        group = request.get("ModelPackageGroupName")
+        if not isinstance(group, str) or not fsutil.is_safe_name(group):
+            raise RegistryError(f"model package group {group!r} is not a valid name (letters, digits, hyphens)")
+        status = request.get("ModelApprovalStatus", config.APPROVAL_STATUS)
+        if status not in APPROVAL_STATUSES:
+            raise RegistryError(f"approval status {status!r} is not one of {', '.join(APPROVAL_STATUSES)}")
+        model_uri = request["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
+        if model_uri not in files:
+            raise RegistryError(f"the model {model_uri} has no local file")
+        model_sha256 = fsutil.file_sha256(files[model_uri])
         with fsutil.locked(self.path):
             data = self._load()
-            groups = data["ModelPackageGroups"]
-            if group not in groups:
-                groups[group] = {
-                    "ModelPackageGroupName": group,
-                    "ModelPackageGroupArn": group_arn(group),
-                    "ModelPackageGroupDescription": "Image classifiers registered by the local pipeline",
-                    "CreationTime": _now(),
-                    "ModelPackageGroupStatus": "Completed",
-                    "ModelPackages": [],
-                }
-            packages = groups[group]["ModelPackages"]
+            packages = self._group(data, group)["ModelPackages"]
             for package in packages:
                 if package["CustomerMetadataProperties"].get("ModelSha256") == model_sha256:
+                    if status == "Approved" and package["ModelApprovalStatus"] != "Approved":
+                        self._set_status(package, status, "approved by the ModelApprovalStatus of a later run")
+                        fsutil.write_json_atomic(self.path, data)
                     return package, False
             version = max((p["ModelPackageVersion"] for p in packages), default=0) + 1
             folder = self.workdir / ARTIFACTS_DIR / group / str(version)
-            stored_model = fsutil.link_tree(model_tarball, folder / "model.tar.gz")
-            stored_evaluation = fsutil.link_tree(evaluation_file, folder / config.EVALUATION_FILE)
+            stored = {uri: fsutil.link_tree(path, folder / path.name).resolve().as_uri() for uri, path in files.items()}
             now = _now()
             package = {
+                **_replace_strings(dict(request), stored),
                 "ModelPackageGroupName": group,
                 "ModelPackageVersion": version,
                 "ModelPackageArn": package_arn(group, version),
-                "ModelPackageDescription": description,
                 "CreationTime": now,
                 "LastModifiedTime": now,
                 "ModelPackageStatus": "Completed",
-                "ModelApprovalStatus": approval_status,
-                "InferenceSpecification": {
-                    "Containers": [
-                        {
-                            "Image": "local:pytorch-inference",
-                            "ModelDataUrl": stored_model.resolve().as_uri(),
-                            "Environment": environment or {},
-                            "Framework": "PYTORCH",
-                            "FrameworkVersion": config.INFERENCE_FRAMEWORK_VERSION,
-                        }
-                    ],
-                    "SupportedContentTypes": list(config.REQUEST_CONTENT_TYPES),
-                    "SupportedResponseMIMETypes": list(config.RESPONSE_CONTENT_TYPES),
-                    "SupportedRealtimeInferenceInstanceTypes": list(config.INFERENCE_INSTANCE_TYPES),
-                    "SupportedTransformInstanceTypes": list(config.TRANSFORM_INSTANCE_TYPES),
+                "ModelApprovalStatus": status,
+                "CustomerMetadataProperties": {
+                    **request.get("CustomerMetadataProperties", {}),
+                    **(metadata or {}),
+                    "ModelSha256": model_sha256,
                 },
-                "ModelMetrics": {
-                    "ModelStatistics": {
-                        "ContentType": "application/json",
-                        "S3Uri": stored_evaluation.resolve().as_uri(),
-                    }
-                },
-                "Domain": "COMPUTER_VISION",
-                "Task": "IMAGE_CLASSIFICATION",
-                "CustomerMetadataProperties": {**(metadata or {}), "ModelSha256": model_sha256},
             }
             packages.append(package)
             fsutil.write_json_atomic(self.path, data)
         return package, True
+
+    @staticmethod
+    def _group(data: dict[str, Any], group: str) -> dict[str, Any]:
+        groups = data["ModelPackageGroups"]
+        if group not in groups:
+            groups[group] = {
+                "ModelPackageGroupName": group,
+                "ModelPackageGroupArn": group_arn(group),
+                "ModelPackageGroupDescription": "Image classifiers registered by the local pipeline",
+                "CreationTime": _now(),
+                "ModelPackageGroupStatus": "Completed",
+                "ModelPackages": [],
+            }
+        return groups[group]
+
+    @staticmethod
+    def _set_status(package: dict[str, Any], status: str, description: str) -> None:
+        package["ModelApprovalStatus"] = status
+        package["LastModifiedTime"] = _now()
+        if description:
+            package["ApprovalDescription"] = description
 
     def update_approval(self, group: str, version: int, status: str, description: str = "") -> dict[str, Any]:
         """``UpdateModelPackage(ModelApprovalStatus=...)``."""
@@ -165,10 +177,7 @@ class LocalModelRegistry:
                 raise RegistryError(f"model package group {group!r} does not exist in {self.path}")
             for package in group_data["ModelPackages"]:
                 if package["ModelPackageVersion"] == version:
-                    package["ModelApprovalStatus"] = status
-                    package["LastModifiedTime"] = _now()
-                    if description:
-                        package["ApprovalDescription"] = description
+                    self._set_status(package, status, description)
                     fsutil.write_json_atomic(self.path, data)
                     return package
         raise RegistryError(f"{group!r} has no version {version}")
@@ -185,5 +194,24 @@ def model_data_path(package: dict[str, Any]) -> Path:
     return Path(unquote(parsed.path))
 
 
+def _replace_strings(value: Any, replacements: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return replacements.get(value, value)
+    if isinstance(value, Mapping):
+        return {key: _replace_strings(item, replacements) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_replace_strings(item, replacements) for item in value]
+    return value
+
+
 def accuracy_of(package: dict[str, Any]) -> str:
-    return package.get("CustomerMetadataProperties", {}).get("accuracy", "?")
+    """The accuracy in the package's model-quality report (what ``models`` shows for SageMaker), or "?"."""
+    from urllib.parse import unquote, urlparse
+
+    from pipelines.aws_cli import accuracy_from_report
+
+    uri = package.get("ModelMetrics", {}).get("ModelQuality", {}).get("Statistics", {}).get("S3Uri", "")
+    parsed = urlparse(uri)
+    report = fsutil.read_json(Path(unquote(parsed.path))) if parsed.scheme == "file" else None
+    accuracy = accuracy_from_report(report) if isinstance(report, dict) else None
+    return f"{accuracy:.4f}" if accuracy is not None else "?"

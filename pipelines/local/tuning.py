@@ -1,14 +1,15 @@
-"""The local tuner: trials sampled from the SageMaker tuner's ranges, the objective read like SageMaker reads it.
+"""The local tuner: trials sampled from the tuning step's ranges, the objective read like SageMaker reads it.
 
-Sampling: a seeded Latin hypercube over the ranges of ``config.HYPERPARAMETER_RANGES`` (continuous ranges on
+Ranges: the definition's ``ParameterRanges`` (:func:`ranges_from_definition`). Sampling: a seeded Latin
+hypercube over them, seeded with the step's ``RandomSeed`` (continuous ranges on
 their Logarithmic or Linear scale, integer ranges rounded, categorical values picked by stratum), so that even
 two or three trials span each range instead of clustering; SageMaker's Random strategy samples independently
 and its Bayesian strategy starts the same way, then models the results (which a handful of local trials cannot
 feed). ``Auto`` scaling is treated as Linear.
 
 Values are written the way the tuner writes them into each training job's ``HyperParameters``: continuous
-values as the shortest decimal of the float, integers as decimals, categorical values JSON-encoded (the SDK
-encodes categorical values for framework estimators, the toolkit decodes them before building the flags).
+values as the shortest decimal of the float, integers as decimals, categorical values as the range lists them
+(the SDK JSON-encodes them for framework estimators; the toolkit decodes them before building the flags).
 
 Objective: SageMaker's tuner ranks a training job by the *latest* value of the objective metric it emitted
 (``FinalHyperParameterTuningJobObjectiveMetric``), found in the log with the metric definition's regex, so the
@@ -18,12 +19,12 @@ earlier trial.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pipelines.config import HyperparameterRange
 
@@ -38,13 +39,31 @@ def _scaled(spec: HyperparameterRange, unit: float) -> float:
     return low + unit * (high - low)
 
 
+def ranges_from_definition(parameter_ranges: Mapping[str, Any]) -> dict[str, HyperparameterRange]:
+    """A tuning step's ``ParameterRanges`` (Continuous/Integer/CategoricalParameterRanges) as plain ranges."""
+    ranges: dict[str, HyperparameterRange] = {}
+    for item in parameter_ranges.get("ContinuousParameterRanges", []):
+        scaling = item.get("ScalingType", "Auto")
+        ranges[item["Name"]] = HyperparameterRange(
+            "continuous", float(item["MinValue"]), float(item["MaxValue"]), scaling=scaling
+        )
+    for item in parameter_ranges.get("IntegerParameterRanges", []):
+        scaling = item.get("ScalingType", "Auto")
+        ranges[item["Name"]] = HyperparameterRange(
+            "integer", int(item["MinValue"]), int(item["MaxValue"]), scaling=scaling
+        )
+    for item in parameter_ranges.get("CategoricalParameterRanges", []):
+        ranges[item["Name"]] = HyperparameterRange("categorical", values=tuple(str(v) for v in item["Values"]))
+    return ranges
+
+
 def encode_value(spec: HyperparameterRange, unit: float) -> str:
-    """One value of ``spec`` at position ``unit`` in [0, 1), encoded as the tuner writes it."""
+    """One value of ``spec`` at position ``unit`` in [0, 1), written as the tuner writes it."""
     if spec.kind == "categorical":
         if not spec.values:
             raise ValueError("a categorical range needs at least one value")
         index = min(int(unit * len(spec.values)), len(spec.values) - 1)
-        return json.dumps(spec.values[index])
+        return spec.values[index]
     if spec.kind == "integer":
         assert spec.min_value is not None and spec.max_value is not None
         low, high = int(spec.min_value), int(spec.max_value)

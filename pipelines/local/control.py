@@ -1,0 +1,180 @@
+"""Executors of the steps that run no container: Condition, Fail, RegisterModel and Lambda.
+
+- **Condition**: every one of ``Conditions`` evaluated (``JsonGet`` on property files included); the outcome
+  picks ``IfSteps`` or ``ElseSteps``.
+- **Fail**: the run fails with the evaluated ``ErrorMessage``.
+- **RegisterModel** (CreateModelPackage): a version in the local model registry (:mod:`.registry`), with the
+  files its arguments name (model artifact, metrics reports) copied in from the object store.
+- **Lambda**: the function the ``FunctionArn`` names, run in-process with the step's resolved ``Arguments`` as
+  its event and its log in the step's folder; the declared ``OutputParameters`` are read from its answer. Only
+  functions the runner hands over run (the deploy function, against the local registry and endpoint:
+  :mod:`.deploy_function`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipelines.local import registry as registry_module
+from pipelines.local.executor import LocalExecution, StepContext, StepExecutor, StepFailure, StepResult
+from pipelines.local.expressions import ExpressionError, as_text
+
+LambdaFunction = Callable[[Any, Path], Mapping[str, Any]]  # (event, log file) -> the function's answer
+_OUTPUT_TYPES: dict[str, Callable[[Any], Any]] = {
+    "String": as_text,
+    "Integer": int,
+    "Float": float,
+    "Boolean": lambda value: value if isinstance(value, bool) else str(value).lower() == "true",
+}
+
+
+def _short(value: Any) -> str:
+    """A value as a progress line shows it: numbers to 4 decimals, ARNs by their resource part."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    text = as_text(value)
+    return text.rsplit(":", 1)[-1] if text.startswith("arn:") else text
+
+
+class ConditionExecutor(StepExecutor):
+    step_type = "Condition"
+
+    def run(self, context: StepContext) -> StepResult:
+        arguments = context.step["Arguments"]
+        readings = []
+        for condition in arguments.get("Conditions", []):
+            try:
+                readings.append(context.execution.scope.condition(condition))
+            except ExpressionError as error:
+                raise StepFailure(str(error)) from error
+        outcome = all(result for result, _ in readings)
+        branch = [step["Name"] for step in arguments.get("IfSteps" if outcome else "ElseSteps", [])]
+        shown = " and ".join(_readable(text) for _, text in readings)
+        return StepResult(
+            metadata={"Condition": {"Outcome": str(outcome)}},
+            detail=f"{shown} is {str(outcome).lower()}: {', '.join(branch) or 'nothing runs'}",
+            outcome=outcome,
+        )
+
+
+def _readable(text: str) -> str:
+    """Long floats in a condition's reading cut to 4 decimals ("0.97765363 >= 0.9" -> "0.9777 >= 0.9")."""
+    words = []
+    for word in text.split(" "):
+        try:
+            words.append(_short(float(word)) if "." in word and len(word) > 6 else word)
+        except ValueError:
+            words.append(word)
+    return " ".join(words)
+
+
+class FailExecutor(StepExecutor):
+    step_type = "Fail"
+
+    def run(self, context: StepContext) -> StepResult:
+        message = as_text(context.resolve(context.step.get("Arguments", {}).get("ErrorMessage", "")))
+        raise StepFailure(message or "the pipeline reached a Fail step")
+
+
+class RegisterModelExecutor(StepExecutor):
+    step_type = "RegisterModel"
+    provides = frozenset(
+        {
+            "ModelPackageArn",
+            "ModelPackageVersion",
+            "ModelPackageGroupName",
+            "ModelApprovalStatus",
+            "ModelPackageStatus",
+            "ModelPackageDescription",
+            "InferenceSpecification",
+            "ModelMetrics",
+            "CreationTime",
+            "CustomerMetadataProperties",
+        }
+    )
+
+    def __init__(self, registry: registry_module.LocalModelRegistry) -> None:
+        self.registry = registry
+
+    def check(self, step: dict[str, Any], execution: LocalExecution) -> list[str]:
+        containers = step.get("Arguments", {}).get("InferenceSpecification", {}).get("Containers", [])
+        if not containers or "ModelDataUrl" not in containers[0]:
+            return [f"{step['Name']}: the first container names no ModelDataUrl (the local registry keeps the model)"]
+        return []
+
+    def run(self, context: StepContext) -> StepResult:
+        request = context.arguments
+        files = {uri: context.local_path(uri, "a file of the model package") for uri in _s3_uris(request)}
+        try:
+            package, created = self.registry.register(request, files, metadata={"run": context.execution.run_id})
+        except registry_module.RegistryError as error:
+            raise StepFailure(str(error)) from error
+        version, status = package["ModelPackageVersion"], package["ModelApprovalStatus"]
+        detail = f"{package['ModelPackageGroupName']} version {version} ({status})"
+        if not created:
+            detail += f"; the same model as registered by {package['CustomerMetadataProperties'].get('run', '?')}"
+        summary = {key: package[key] for key in ("ModelPackageArn", "ModelPackageVersion", "ModelApprovalStatus")}
+        return StepResult(
+            properties={key: package[key] for key in self.provides if key in package},
+            metadata={"RegisterModel": {"Arn": package["ModelPackageArn"]}},
+            detail=detail,
+            summary={"model_package": summary},
+        )
+
+
+def _s3_uris(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value.startswith("s3://") else []
+    if isinstance(value, Mapping):
+        return [uri for item in value.values() for uri in _s3_uris(item)]
+    if isinstance(value, list):
+        return [uri for item in value for uri in _s3_uris(item)]
+    return []
+
+
+def function_name(arn: str) -> str:
+    return arn.split(":function:", 1)[-1].split(":", 1)[0]
+
+
+class LambdaExecutor(StepExecutor):
+    step_type = "Lambda"
+    provides = frozenset({"OutputParameters"})
+
+    def __init__(self, functions: Mapping[str, LambdaFunction]) -> None:
+        self.functions = dict(functions)
+
+    def check(self, step: dict[str, Any], execution: LocalExecution) -> list[str]:
+        arn = str(step.get("FunctionArn", ""))
+        if function_name(arn) not in self.functions:
+            known = ", ".join(sorted(self.functions)) or "none"
+            return [
+                f"{step['Name']}: FunctionArn {arn} names a function the local executor cannot run (it runs: {known})"
+            ]
+        return []
+
+    def run(self, context: StepContext) -> StepResult:
+        arn = context.step["FunctionArn"]
+        function = self.functions[function_name(arn)]
+        log_path = context.folder / "log.txt"
+        try:
+            response = function(context.arguments, log_path)
+        except Exception as error:  # the function's own failure is the step's, as on SageMaker
+            reason = f"the function {function_name(arn)} raised {type(error).__name__}: {error}"
+            raise StepFailure(reason, log_path) from error
+        outputs = []
+        for declared in context.step.get("OutputParameters", []):
+            name = declared["OutputName"]
+            if name not in response:
+                raise StepFailure(f"the function {function_name(arn)} returned no {name!r}, an output of the step")
+            outputs.append({"Name": name, "Value": _OUTPUT_TYPES.get(declared["OutputType"], as_text)(response[name])})
+        return StepResult(
+            properties={"OutputParameters": {o["Name"]: o["Value"] for o in outputs}},  # read by name
+            metadata={
+                "Lambda": {"Arn": arn, "OutputParameters": [{**o, "Value": as_text(o["Value"])} for o in outputs]}
+            },
+            detail=" ".join(f"{o['Name']}={_short(o['Value'])}" for o in outputs) or "done",
+            outputs={"log": log_path},
+            summary={"lambda": {context.name: dict(response)}},
+        )

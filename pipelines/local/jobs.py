@@ -1,0 +1,533 @@
+"""Executors of the job steps: Processing, Training and Tuning, each reading only its step's ``Arguments``.
+
+Each job runs under the SageMaker container contract of :mod:`.containers` in ``<run folder>/<step>/``; its S3
+inputs come from the local object store and its outputs go back there, at the URIs the arguments name:
+
+- **Processing** (CreateProcessingJob): ``ProcessingInputs`` (the code object is one of them) at their
+  ``LocalPath``, ``AppSpecification.ContainerEntrypoint`` + ``ContainerArguments``, ``Environment``, and each
+  of ``ProcessingOutputConfig.Outputs`` uploaded to its ``S3Uri``.
+- **Training** (CreateTrainingJob): ``HyperParameters`` (``sagemaker_submit_directory`` names the code,
+  ``sagemaker_program`` the script), the ``InputDataConfig`` channels, ``Environment``, checkpoints synced with
+  ``CheckpointConfig``, TensorBoard output, and ``model.tar.gz`` at ``<S3OutputPath>/<job>/output/``. Debugger
+  rules and the profiler are listed as not evaluated locally.
+- **Tuning** (CreateHyperParameterTuningJob): ``MaxNumberOfTrainingJobs`` trials, ``MaxParallelTrainingJobs`` at
+  a time (at most one per CPU), sampled from ``ParameterRanges`` with ``RandomSeed`` (:mod:`.tuning`; every
+  strategy is sampled as a Latin hypercube here), each a training job of ``TrainingJobDefinition`` with its
+  ``StaticHyperParameters``; the best by ``HyperParameterTuningJobObjective``, read with the definition's
+  ``MetricDefinitions``, becomes ``BestTrainingJob``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pipelines import config
+from pipelines.local import containers, fsutil, tuning
+from pipelines.local.console import Progress
+from pipelines.local.executor import LocalExecution, StepContext, StepExecutor, StepFailure, StepResult
+from pipelines.local.expressions import as_text, is_expression
+
+DEBUGGER_ARGUMENTS = ("DebugRuleConfigurations", "DebugHookConfig", "ProfilerRuleConfigurations", "ProfilerConfig")
+DEBUGGER_RULES = ("DebugRuleConfigurations", "ProfilerRuleConfigurations")
+
+
+def _arn(context: StepContext, kind: str, name: str) -> str:
+    return context.execution.arn(f"{kind}/{name.lower()}")
+
+
+def _job_error(error: containers.JobError) -> StepFailure:
+    return StepFailure(str(error), error.log_path, error.tail)
+
+
+def _decoded(value: Any) -> Any:
+    """A hyperparameter as the training toolkit reads it: JSON where it parses."""
+    return containers.decode_hyperparameter(as_text(value))
+
+
+def _file_counts(folder: Path) -> int:
+    return sum(1 for _ in fsutil.iter_files(folder)) if folder.is_dir() else int(folder.is_file())
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+
+def metric_values(line: str, definitions: list[dict[str, str]]) -> dict[str, float]:
+    """The metrics one log line carries, found with the definition's regexes (as SageMaker finds them)."""
+    found = {}
+    for definition in definitions:
+        match = re.search(definition["Regex"], line)
+        if match:
+            try:
+                found[definition["Name"]] = float(match.group(1))
+            except (IndexError, ValueError):
+                continue
+    return found
+
+
+def final_metrics(log_text: str, definitions: list[dict[str, str]]) -> dict[str, float]:
+    """The last value of each metric in a log: SageMaker's FinalMetricDataList."""
+    final: dict[str, float] = {}
+    for line in log_text.splitlines():
+        final.update(metric_values(line, definitions))
+    return final
+
+
+def _watch(progress: Progress, who: str, epochs: int, definitions: list[dict[str, str]]) -> Callable[[str], None]:
+    """Tick the progress on every log line with an ``epoch`` metric (the definitions say which lines those are)."""
+
+    def on_line(line: str) -> None:
+        metrics = metric_values(line, definitions)
+        if "epoch" in metrics:
+            progress.epoch(who, int(metrics.pop("epoch")), epochs, metrics)
+
+    return on_line
+
+
+# --- processing ------------------------------------------------------------------------------------------------
+
+
+class ProcessingExecutor(StepExecutor):
+    step_type = "Processing"
+    provides = frozenset(
+        {
+            "ProcessingJobName",
+            "ProcessingJobArn",
+            "ProcessingJobStatus",
+            "ProcessingInputs",
+            "ProcessingOutputConfig",
+            "ProcessingResources",
+            "AppSpecification",
+            "Environment",
+        }
+    )
+
+    def check(self, step: dict[str, Any], execution: LocalExecution) -> list[str]:
+        name, arguments = step["Name"], step.get("Arguments", {})
+        problems = []
+        if not arguments.get("AppSpecification", {}).get("ContainerEntrypoint"):
+            problems.append(f"{name}: no AppSpecification.ContainerEntrypoint (an image's own entrypoint runs only "
+                            "on SageMaker)")  # fmt: skip
+        for item in arguments.get("ProcessingInputs", []):
+            if "S3Input" not in item:
+                problems.append(f"{name}: input {item.get('InputName')!r} is not an S3Input (runs only on SageMaker)")
+                continue
+            missing = execution.missing_object(item["S3Input"].get("S3Uri"))
+            if missing:
+                problems.append(f"{name}: input {item.get('InputName')!r}: {missing}")
+        for item in arguments.get("ProcessingOutputConfig", {}).get("Outputs", []):
+            if "S3Output" not in item:
+                problems.append(f"{name}: output {item.get('OutputName')!r} is not an S3Output")
+        return problems
+
+    def cache_key(self, context: StepContext) -> dict[str, Any]:
+        arguments = copy.deepcopy(context.arguments)
+        for item in arguments.get("ProcessingInputs", []):
+            what = f"input {item['InputName']}"
+            item["S3Input"]["S3Uri"] = context.content_hash(item["S3Input"]["S3Uri"], what)
+        for item in arguments.get("ProcessingOutputConfig", {}).get("Outputs", []):
+            item["S3Output"].pop("S3Uri", None)  # where this execution's outputs go: new each run, by design
+        return {"arguments": arguments, "property_files": context.step.get("PropertyFiles", [])}
+
+    def run(self, context: StepContext) -> StepResult:
+        arguments = context.arguments
+        run = context.execution
+        job_name = f"{arguments.get('ProcessingJobName') or context.name.lower()}-{run.run_id}"
+        inputs = [
+            containers.ProcessingInput(
+                context.local_path(item["S3Input"]["S3Uri"], f"input {item['InputName']}"),
+                item["S3Input"]["LocalPath"],
+                item["InputName"],
+            )
+            for item in arguments.get("ProcessingInputs", [])
+        ]
+        outputs = arguments.get("ProcessingOutputConfig", {}).get("Outputs", [])
+        app = arguments["AppSpecification"]
+        job = containers.ProcessingJob(
+            job_name=job_name,
+            root=context.folder,
+            entrypoint=[as_text(item) for item in app["ContainerEntrypoint"]],
+            inputs=inputs,
+            outputs=[containers.ProcessingOutput(o["S3Output"]["LocalPath"], o["OutputName"]) for o in outputs],
+            arguments=[as_text(item) for item in app.get("ContainerArguments", [])],
+            cpus=run.cpus,
+            env={
+                **{key: as_text(value) for key, value in arguments.get("Environment", {}).items()},
+                "MPLCONFIGDIR": str(context.folder / "mplconfig"),
+            },
+        )
+        try:
+            result = job.run()
+        except containers.JobError as error:
+            raise _job_error(error) from error
+        written: dict[str, Path] = {"log": result.log_path}
+        for output in outputs:
+            local = result.outputs[output["OutputName"]]
+            written[output["OutputName"]] = local
+            written[f"s3:{output['OutputName']}"] = context.store.put(output["S3Output"]["S3Uri"], local)
+        for spec in context.step.get("PropertyFiles", []):
+            if not (written[spec["OutputName"]] / spec["FilePath"]).is_file():
+                raise StepFailure(
+                    f"the job wrote no {spec['FilePath']} to its output {spec['OutputName']!r} "
+                    f"(property file {spec['PropertyFileName']})",
+                    result.log_path,
+                )
+        instances = arguments.get("ProcessingResources", {}).get("ClusterConfig", {}).get("InstanceCount", 1)
+        notes = [f"InstanceCount {instances}: ran as one instance"] if instances != 1 else []
+        counts = ", ".join(f"{o['OutputName']} {_file_counts(written[o['OutputName']])} files" for o in outputs)
+        return StepResult(
+            properties={
+                "ProcessingJobName": job_name,
+                "ProcessingJobArn": _arn(context, "processing-job", job_name),
+                "ProcessingJobStatus": "Completed",
+                **{key: arguments[key] for key in self.provides if key in arguments},
+            },
+            metadata={"ProcessingJob": {"Arn": _arn(context, "processing-job", job_name)}},
+            detail=f"outputs {counts}" if counts else "done",
+            outputs=written,
+            summary={
+                "property_files": {
+                    f"{context.name}.{spec['PropertyFileName']}": str(written[spec["OutputName"]] / spec["FilePath"])
+                    for spec in context.step.get("PropertyFiles", [])
+                }
+            },
+            notes=notes,
+        )
+
+
+# --- training --------------------------------------------------------------------------------------------------
+
+
+def _training_inputs_keyed(request: dict[str, Any], hyperparameters_key: str, context: StepContext) -> dict[str, Any]:
+    """A CreateTrainingJob-shaped request for a cache key: input URIs and the code object by their content."""
+    keyed = copy.deepcopy(request)
+    for channel in keyed.get("InputDataConfig", []):
+        source = channel["DataSource"]["S3DataSource"]
+        source["S3Uri"] = context.content_hash(source["S3Uri"], f"channel {channel['ChannelName']}")
+    hyperparameters = keyed.get(hyperparameters_key, {})
+    submit = _decoded(hyperparameters.get("sagemaker_submit_directory", ""))
+    if isinstance(submit, str) and submit.startswith("s3://"):
+        hyperparameters["sagemaker_submit_directory"] = context.content_hash(submit, "the training code")
+    return keyed
+
+
+def _check_training(
+    name: str, request: dict[str, Any], hyperparameters_key: str, execution: LocalExecution
+) -> list[str]:
+    problems = []
+    hyperparameters = request.get(hyperparameters_key, {})
+    for key in ("sagemaker_program", "sagemaker_submit_directory"):
+        if key not in hyperparameters:
+            problems.append(f"{name}: no {key} hyperparameter (only script-mode framework training runs locally)")
+    code = execution.known_before_the_run(hyperparameters.get("sagemaker_submit_directory"))
+    missing = execution.missing_object(_decoded(code)) if code is not None else None
+    if missing:
+        problems.append(f"{name}: the training code (sagemaker_submit_directory): {missing}")
+    for channel in request.get("InputDataConfig", []):
+        source = channel.get("DataSource", {}).get("S3DataSource")
+        if source is None:
+            problems.append(f"{name}: channel {channel.get('ChannelName')!r} is not an S3 data source")
+        elif missing := execution.missing_object(source.get("S3Uri")):
+            problems.append(f"{name}: channel {channel.get('ChannelName')!r}: {missing}")
+    resources = request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig") or {}
+    count = resources.get("InstanceCount", 1)
+    if not is_expression(count) and count != 1:
+        problems.append(f"{name}: InstanceCount {count}: the local executor runs one training instance")
+    return problems
+
+
+def run_training_job(
+    context: StepContext,
+    request: dict[str, Any],
+    job_name: str,
+    root: Path,
+    cpus: int,
+    on_line: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """One CreateTrainingJob request (the Train step's, or a tuning trial's): returns the DescribeTrainingJob-shaped
+    properties and the files written. Raises StepFailure (with the log) if the script fails."""
+    hyperparameters = {key: as_text(value) for key, value in request.get("HyperParameters", {}).items()}
+    submit = _decoded(hyperparameters["sagemaker_submit_directory"])
+    checkpoint = request.get("CheckpointConfig") or {}
+    checkpoint_path = checkpoint.get("LocalPath", config.CHECKPOINT_LOCAL_PATH)
+    tensorboard = request.get("TensorBoardOutputConfig") or {}
+    restore = {}
+    if checkpoint.get("S3Uri") and context.store.exists(checkpoint["S3Uri"]):  # SageMaker resumes from them
+        restore[checkpoint_path] = context.store.path(checkpoint["S3Uri"])
+    job = containers.TrainingJob(
+        job_name=job_name,
+        root=root,
+        source_tarball=context.local_path(submit, "the training code (sagemaker_submit_directory)"),
+        entry_point=str(_decoded(hyperparameters["sagemaker_program"])),
+        hyperparameters=hyperparameters,
+        channels={
+            channel["ChannelName"]: context.local_path(
+                channel["DataSource"]["S3DataSource"]["S3Uri"], f"channel {channel['ChannelName']}"
+            )
+            for channel in request.get("InputDataConfig", [])
+        },
+        cpus=cpus,
+        # train.py's defaults are the container's absolute paths: here they lie under the job root
+        extra_arguments=[
+            "--checkpoint-dir",
+            checkpoint_path,
+            "--tensorboard-dir",
+            tensorboard.get("LocalPath", "none"),
+            *config.LOCAL_TRAINING_EXTRA_ARGUMENTS,
+        ],
+        env={
+            **{key: as_text(value) for key, value in request.get("Environment", {}).items()},
+            "TORCH_HOME": str(context.execution.workdir / "torch-cache"),
+            "MPLCONFIGDIR": str(root / "mplconfig"),
+        },
+        restore=restore,
+    )
+    try:
+        result = job.run(on_line)
+    except containers.JobError as error:
+        raise _job_error(error) from error
+    output_path = request["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    model_uri = f"{output_path}/{job_name}/output/model.tar.gz"
+    written = {"log": result.log_path, "model": result.outputs["model"]}
+    written["s3:model"] = context.store.put(model_uri, result.outputs["model"])
+    if "output" in result.outputs:
+        written["s3:output"] = context.store.put(
+            f"{output_path}/{job_name}/output/output.tar.gz", result.outputs["output"]
+        )
+    local_checkpoints = containers.container_path(root, checkpoint_path)
+    if checkpoint.get("S3Uri") and local_checkpoints.is_dir() and any(local_checkpoints.iterdir()):
+        written["checkpoints"] = local_checkpoints
+        written["s3:checkpoints"] = context.store.put(checkpoint["S3Uri"], local_checkpoints)
+    local_tensorboard = containers.container_path(root, tensorboard["LocalPath"]) if tensorboard else None
+    if local_tensorboard and local_tensorboard.is_dir() and any(local_tensorboard.iterdir()):
+        written["tensorboard"] = local_tensorboard
+        uri = f"{tensorboard['S3OutputPath'].rstrip('/')}/{job_name}/tensorboard-output"
+        written["s3:tensorboard"] = context.store.put(uri, local_tensorboard)
+    definitions = request.get("AlgorithmSpecification", {}).get("MetricDefinitions", [])
+    final = final_metrics(result.log_path.read_text(errors="replace"), definitions)
+    properties = {
+        "TrainingJobName": job_name,
+        "TrainingJobArn": _arn(context, "training-job", job_name),
+        "TrainingJobStatus": "Completed",
+        "ModelArtifacts": {"S3ModelArtifacts": model_uri},
+        "HyperParameters": hyperparameters,
+        "FinalMetricDataList": [{"MetricName": name, "Value": value} for name, value in final.items()],
+        **{key: request[key] for key in TrainingExecutor.provides if key in request and key != "HyperParameters"},
+    }
+    return properties, written
+
+
+def _epochs(hyperparameters: dict[str, Any]) -> int:
+    """The epochs a job plans (for its progress bar), 0 when it does not say."""
+    try:
+        return int(_decoded(hyperparameters.get("epochs", 0)))
+    except (TypeError, ValueError):
+        return 0
+
+
+class TrainingExecutor(StepExecutor):
+    step_type = "Training"
+    provides = frozenset(
+        {
+            "TrainingJobName",
+            "TrainingJobArn",
+            "TrainingJobStatus",
+            "ModelArtifacts",
+            "HyperParameters",
+            "FinalMetricDataList",
+            "OutputDataConfig",
+            "InputDataConfig",
+            "AlgorithmSpecification",
+            "CheckpointConfig",
+            "ResourceConfig",
+            "StoppingCondition",
+        }
+    )
+
+    def check(self, step: dict[str, Any], execution: LocalExecution) -> list[str]:
+        return _check_training(step["Name"], step.get("Arguments", {}), "HyperParameters", execution)
+
+    def cache_key(self, context: StepContext) -> dict[str, Any]:
+        keyed = _training_inputs_keyed(context.arguments, "HyperParameters", context)
+        return {"arguments": {k: v for k, v in keyed.items() if k != "TrainingJobName"}}
+
+    def run(self, context: StepContext) -> StepResult:
+        arguments = context.arguments
+        run = context.execution
+        job_name = f"{arguments.get('TrainingJobName') or context.name.lower()}-{run.run_id}"
+        epochs = _epochs(arguments.get("HyperParameters", {}))
+        definitions = arguments.get("AlgorithmSpecification", {}).get("MetricDefinitions", [])
+        progress = run.console.progress(context.name, epochs)
+        try:
+            properties, written = run_training_job(
+                context, arguments, job_name, context.folder, run.cpus, _watch(progress, "final", epochs, definitions)
+            )
+        finally:
+            progress.close()
+        skipped = [key for key in DEBUGGER_ARGUMENTS if key in arguments]
+        if arguments.get("ProfilerConfig", {}).get("DisableProfiler") is True:
+            skipped.remove("ProfilerConfig")
+        rules = [rule["RuleConfigurationName"] for key in DEBUGGER_RULES for rule in arguments.get(key, [])]
+        notes = [f"not evaluated locally: {', '.join(skipped)} ({', '.join(rules) or 'no rules'})"] if skipped else []
+        final = ", ".join(f"{m['MetricName']}={m['Value']:.4f}" for m in properties["FinalMetricDataList"])
+        return StepResult(
+            properties=properties,
+            metadata={"TrainingJob": {"Arn": properties["TrainingJobArn"]}},
+            detail=f"{job_name}; {final}" + ("; Debugger rules not evaluated locally" if skipped else ""),
+            outputs=written,
+            notes=notes,
+        )
+
+
+# --- tuning ------------------------------------------------------------------------------------------------------
+
+
+class TuningExecutor(StepExecutor):
+    step_type = "Tuning"
+    provides = frozenset(
+        {
+            "HyperParameterTuningJobName",
+            "HyperParameterTuningJobArn",
+            "HyperParameterTuningJobStatus",
+            "HyperParameterTuningJobConfig",
+            "BestTrainingJob",
+            "TrainingJobStatusCounters",
+        }
+    )
+
+    def check(self, step: dict[str, Any], execution: LocalExecution) -> list[str]:
+        arguments = step.get("Arguments", {})
+        if "TrainingJobDefinition" not in arguments:
+            return [
+                f"{step['Name']}: one TrainingJobDefinition is needed (TrainingJobDefinitions run only on SageMaker)"
+            ]
+        return _check_training(step["Name"], arguments["TrainingJobDefinition"], "StaticHyperParameters", execution)
+
+    def cache_key(self, context: StepContext) -> dict[str, Any]:
+        arguments = dict(context.arguments)
+        keyed = _training_inputs_keyed(arguments["TrainingJobDefinition"], "StaticHyperParameters", context)
+        return {"arguments": {**arguments, "TrainingJobDefinition": keyed}}
+
+    def run(self, context: StepContext) -> StepResult:
+        arguments = context.arguments
+        run = context.execution
+        job_config = arguments["HyperParameterTuningJobConfig"]
+        definition = arguments["TrainingJobDefinition"]
+        limits = job_config["ResourceLimits"]
+        trials, parallel = int(limits["MaxNumberOfTrainingJobs"]), int(limits["MaxParallelTrainingJobs"])
+        if trials < 1 or parallel < 1:
+            raise StepFailure(f"MaxNumberOfTrainingJobs {trials} and MaxParallelTrainingJobs {parallel} must be >= 1")
+        objective = job_config["HyperParameterTuningJobObjective"]
+        definitions = definition.get("AlgorithmSpecification", {}).get("MetricDefinitions", [])
+        ranges = tuning.ranges_from_definition(job_config.get("ParameterRanges", {}))
+        samples = tuning.sample_trials(ranges, trials, int(job_config.get("RandomSeed", 0)))
+        at_once = max(1, min(parallel, trials, run.cpus))
+        tuning_job = arguments.get("HyperParameterTuningJobName") or context.name.lower()
+        static = definition.get("StaticHyperParameters", {})
+        epochs = _epochs(static)
+        progress = run.console.progress(context.name, trials * epochs)
+
+        def run_trial(index: int, tuned: dict[str, str]) -> tuning.TrialOutcome:
+            trial = f"trial-{index:02d}"
+            request = {
+                **{key: value for key, value in definition.items() if key != "StaticHyperParameters"},
+                "HyperParameters": {
+                    **static,
+                    **tuned,
+                    containers.TUNING_METRIC_PARAMETER: json.dumps(objective["MetricName"]),
+                },
+            }
+            job_name = f"{tuning_job}-{run.run_id}-{index:03d}"
+            started = time.perf_counter()
+            on_line = _watch(progress, trial, epochs, definitions)
+            try:
+                properties, _ = run_training_job(
+                    context, request, job_name, context.folder / trial, max(1, run.cpus // at_once), on_line
+                )
+            except StepFailure as failure:
+                last = next((line for line in reversed(failure.tail) if line.strip()), "")
+                reason = f"{failure}: {last.strip()}" if last else str(failure)
+                return tuning.TrialOutcome(job_name, tuned, None, "Failed", reason, time.perf_counter() - started)
+            final = {m["MetricName"]: m["Value"] for m in properties["FinalMetricDataList"]}
+            if objective["MetricName"] not in final:
+                reason = f"no {objective['MetricName']} in the log (the metric regex found nothing)"
+                return tuning.TrialOutcome(job_name, tuned, None, "Failed", reason, time.perf_counter() - started)
+            value = final[objective["MetricName"]]
+            return tuning.TrialOutcome(job_name, tuned, value, "Completed", None, time.perf_counter() - started)
+
+        try:
+            with ThreadPoolExecutor(max_workers=at_once) as pool:
+                outcomes = list(pool.map(run_trial, range(1, trials + 1), samples))
+        finally:
+            progress.close()
+        return self._result(context, tuning_job, outcomes, objective, at_once)
+
+    @staticmethod
+    def _result(
+        context: StepContext,
+        tuning_job: str,
+        outcomes: list[tuning.TrialOutcome],
+        objective: dict[str, str],
+        at_once: int,
+    ) -> StepResult:
+        run = context.execution
+        trials_file = context.folder / "trials.json"
+        fsutil.write_json_atomic(trials_file, [dataclasses.asdict(outcome) for outcome in outcomes])
+        written: dict[str, Path] = {"trials": trials_file}
+        for index in range(1, len(outcomes) + 1):
+            log = context.folder / f"trial-{index:02d}" / "log.txt"
+            if log.is_file():
+                written[f"trial-{index:02d}-log"] = log
+        best = tuning.best_trial(outcomes, objective["Type"])
+        failed = [outcome for outcome in outcomes if outcome.status != "Completed"]
+        if best is None:
+            first = outcomes[0]
+            raise StepFailure(
+                f"every trial failed; {first.name}: {first.failure_reason}", context.folder / "trial-01" / "log.txt"
+            )
+        best_file = context.folder / "best_hyperparameters.json"
+        fsutil.write_json_atomic(best_file, best.tuned)
+        written["best"] = best_file
+        tuning_name = f"{tuning_job}-{run.run_id}"
+        arn = _arn(context, "hyper-parameter-tuning-job", tuning_name)
+        metric = objective["MetricName"]
+        detail = f"{len(outcomes)} trials, {at_once} at a time; best {best.name} {metric}={best.objective:.4f}"
+        if failed:
+            detail += f"; {len(failed)} failed ({failed[0].name}: {failed[0].failure_reason})"
+        job_config = context.arguments["HyperParameterTuningJobConfig"]
+        strategy, stopping = job_config.get("Strategy", "Bayesian"), job_config.get("TrainingJobEarlyStoppingType")
+        notes = [
+            f"Strategy {strategy} sampled locally as a seeded Latin hypercube; early stopping {stopping} not applied"
+        ]
+        return StepResult(
+            notes=notes,
+            properties={
+                "HyperParameterTuningJobName": tuning_name,
+                "HyperParameterTuningJobArn": arn,
+                "HyperParameterTuningJobStatus": "Completed",
+                "HyperParameterTuningJobConfig": job_config,
+                "TrainingJobStatusCounters": {"Completed": len(outcomes) - len(failed), "Failed": len(failed)},
+                "BestTrainingJob": {
+                    "TrainingJobName": best.name,
+                    "TrainingJobArn": _arn(context, "training-job", best.name),
+                    "TrainingJobStatus": "Completed",
+                    "TunedHyperParameters": best.tuned,
+                    "FinalHyperParameterTuningJobObjectiveMetric": {
+                        "Type": objective["Type"],
+                        "MetricName": objective["MetricName"],
+                        "Value": best.objective,
+                    },
+                },
+            },
+            metadata={"TuningJob": {"Arn": arn}},
+            detail=detail,
+            outputs=written,
+            summary={"best_trial": best.name, "tuned_hyperparameters": best.tuned},
+        )

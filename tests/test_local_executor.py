@@ -1,0 +1,332 @@
+"""The local executor's parts, with no job run: the object store, expressions, the checks that stop a definition
+before its first step, step caching's expiry, and the deploy function against the local registry."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import io
+import json
+from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines import config
+from pipelines.local import cache, objectstore, registry
+from pipelines.local.expressions import ExpressionError, Scope
+
+
+@pytest.fixture(scope="module")
+def demo_build() -> tuple[dict[str, Any], Any, Any]:
+    """The demo definition as `local` builds it (once: the SDK builds it in about a second)."""
+    from pipelines.local.runner import LocalRunOptions, build_definition
+
+    return build_definition(LocalRunOptions(preset="demo"))
+
+
+# --- object store -----------------------------------------------------------------------------------------------
+
+
+def test_object_store_maps_uris_inside_its_folder_only(tmp_path: Path) -> None:
+    store = objectstore.ObjectStore(tmp_path)
+    assert store.path("s3://my-bucket/a/b.txt") == tmp_path / "s3" / "my-bucket" / "a" / "b.txt"
+    for bad in ("s3://my-bucket/a/../../../etc", "s3://Bad_Bucket/x", "file:///etc/passwd", "s3://b/x"):
+        with pytest.raises(objectstore.ObjectStoreError):
+            store.path(bad)
+
+    folder = tmp_path / "outputs"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "1.jpg").write_bytes(b"jpeg")
+    store.put("s3://my-bucket/run-1/train", folder)
+    downloaded = store.get("s3://my-bucket/run-1/train", tmp_path / "job" / "train")  # a prefix: its objects
+    assert (downloaded / "cat" / "1.jpg").read_bytes() == b"jpeg"
+    store.put_bytes("s3://my-bucket/code/abc/script.py", b"print(1)")
+    single = store.get("s3://my-bucket/code/abc/script.py", tmp_path / "job" / "code")  # one object: by its name
+    assert single == tmp_path / "job" / "code" / "script.py" and single.read_bytes() == b"print(1)"
+    assert store.content_hash("s3://my-bucket/run-1/train") == store.content_hash("s3://my-bucket/run-1/train")
+    with pytest.raises(objectstore.ObjectStoreError, match="holds no object"):
+        store.get("s3://my-bucket/missing", tmp_path / "job" / "x")
+
+
+# --- expressions -------------------------------------------------------------------------------------------------
+
+
+def _scope() -> Scope:
+    properties = {
+        "Preprocess": {
+            "ProcessingOutputConfig": {
+                "Outputs": [
+                    {"OutputName": "train", "S3Output": {"S3Uri": "s3://b/run-1/train"}},
+                    {"OutputName": "test", "S3Output": {"S3Uri": "s3://b/run-1/test"}},
+                ]
+            }
+        },
+        "Tune": {"BestTrainingJob": {"TunedHyperParameters": {"lr": "0.01"}}},
+        "Deploy": {"OutputParameters": {"action": "created"}},
+    }
+    reports = {("Evaluate", "Report"): {"metrics": {"accuracy": {"value": 0.93}}, "classes": ["a", "b"]}}
+    return Scope(
+        parameters={"ImageSize": 48, "Threshold": 0.9, "Name": "x"},
+        execution={"PipelineExecutionId": "run-0007"},
+        properties=properties,
+        read_property_file=lambda step, name: reports[(step, name)],
+    )
+
+
+def test_expressions_resolve_as_the_service_resolves_them() -> None:
+    scope = _scope()
+    arguments = {
+        "size": {"Std:Join": {"On": "", "Values": [{"Get": "Parameters.ImageSize"}]}},
+        "uri": {"Get": "Steps.Preprocess.ProcessingOutputConfig.Outputs['test'].S3Output.S3Uri"},
+        "lr": {"Std:Join": {"On": "", "Values": [{"Get": "Steps.Tune.BestTrainingJob.TunedHyperParameters['lr']"}]}},
+        "where": {"Std:Join": {"On": "/", "Values": ["s3:/", "b", {"Get": "Execution.PipelineExecutionId"}]}},
+        "action": {"Get": "Steps.Deploy.OutputParameters['action']"},
+        "list": [{"Get": "Parameters.Name"}, 1],
+    }
+    assert scope.resolve(arguments) == {
+        "size": "48",
+        "uri": "s3://b/run-1/test",
+        "lr": "0.01",
+        "where": "s3://b/run-0007",
+        "action": "created",
+        "list": ["x", 1],
+    }
+    accuracy = {
+        "Std:JsonGet": {
+            "PropertyFile": {"Get": "Steps.Evaluate.PropertyFiles.Report"},
+            "Path": "metrics.accuracy.value",
+        }
+    }
+    assert scope.resolve(accuracy) == 0.93
+    second = {"Std:JsonGet": {"PropertyFile": {"Get": "Steps.Evaluate.PropertyFiles.Report"}, "Path": "classes[1]"}}
+    assert scope.resolve(second) == "b"
+    for reference, message in (
+        ("Parameters.Nope", "no such parameter"),
+        ("Steps.Train.ModelArtifacts.S3ModelArtifacts", "step Train has not run"),
+        ("Steps.Preprocess.ProcessingOutputConfig.Outputs['valid'].S3Output.S3Uri", "no item named 'valid'"),
+    ):
+        with pytest.raises(ExpressionError, match=message) as caught:
+            scope.resolve({"Get": reference})
+        assert reference in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("condition", "outcome", "reading"),
+    [
+        ({"Type": "GreaterThanOrEqualTo", "LeftValue": 0.93, "RightValue": {"Get": "Parameters.Threshold"}},
+         True, ">="),
+        ({"Type": "LessThan", "LeftValue": "0.93", "RightValue": 0.9}, False, "<"),
+        ({"Type": "Equals", "LeftValue": {"Get": "Parameters.Name"}, "RightValue": "x"}, True, "=="),
+        ({"Type": "In", "QueryValue": {"Get": "Parameters.ImageSize"}, "Values": [32, 48]}, True, "in"),
+        ({"Type": "Not", "Condition": {"Type": "Equals", "LeftValue": 1, "RightValue": 1}}, False, "not"),
+        (
+            {"Type": "Or", "Conditions": [{"Type": "Equals", "LeftValue": 1, "RightValue": 2},
+                                          {"Type": "GreaterThan", "LeftValue": 3, "RightValue": 2}]},
+            True,
+            "or",
+        ),
+    ],
+)  # fmt: skip
+def test_conditions(condition: dict[str, Any], outcome: bool, reading: str) -> None:
+    result, text = _scope().condition(condition)
+    assert result is outcome and reading in text
+
+
+# --- a definition that cannot run fails before its first step ---------------------------------------------------
+
+
+def _steps(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from pipelines.pipeline import iter_steps
+
+    return {step["Name"]: step for step in iter_steps(definition)}
+
+
+def _rename_preprocess_output(definition: dict[str, Any]) -> None:
+    outputs = _steps(definition)["Preprocess"]["Arguments"]["ProcessingOutputConfig"]["Outputs"]
+    next(o for o in outputs if o["OutputName"] == "train")["OutputName"] = "training"
+
+
+def _json_get_of_a_missing_property_file(definition: dict[str, Any]) -> None:
+    condition = _steps(definition)["CheckAccuracy"]["Arguments"]["Conditions"][0]
+    condition["LeftValue"]["Std:JsonGet"]["PropertyFile"] = {"Get": "Steps.Evaluate.PropertyFiles.Missing"}
+
+
+def _unknown_step_type(definition: dict[str, Any]) -> None:
+    _steps(definition)["Evaluate"]["Type"] = "EMR"
+
+
+def _property_the_local_executor_does_not_fill(definition: dict[str, Any]) -> None:
+    _steps(definition)["Deploy"]["Arguments"]["status"] = {"Get": "Steps.Train.SecondaryStatus"}
+
+
+def _another_function(definition: dict[str, Any]) -> None:
+    step = _steps(definition)["Deploy"]
+    step["FunctionArn"] = step["FunctionArn"].replace(config.DEPLOY_FUNCTION_NAME, "someone-elses-function")
+
+
+BROKEN: list[tuple[Callable[[dict[str, Any]], None], list[str]]] = [
+    (
+        _rename_preprocess_output,  # Tune and Train read it
+        ["Train.Arguments", "reference Steps.Preprocess.ProcessingOutputConfig.Outputs['train'].S3Output.S3Uri",
+         "Preprocess has no output 'train'"],
+    ),
+    (
+        _json_get_of_a_missing_property_file,
+        ["CheckAccuracy", "reference Steps.Evaluate.PropertyFiles.Missing", "names no property file of Evaluate"],
+    ),
+    (_unknown_step_type, ["Evaluate: step type 'EMR' has no local executor"]),
+    (
+        _property_the_local_executor_does_not_fill,
+        ["Deploy: reference Steps.Train.SecondaryStatus: the local Training executor does not fill SecondaryStatus"],
+    ),
+    (_another_function, ["Deploy: FunctionArn", "someone-elses-function", "cannot run"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mutate", "expected"), BROKEN, ids=[mutate.__name__.strip("_") for mutate, _ in BROKEN])
+def test_a_definition_that_cannot_run_fails_before_any_step(
+    demo_build: tuple[dict[str, Any], Any, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mutate: Callable[[dict[str, Any]], None],
+    expected: list[str],
+) -> None:
+    from pipelines.local import runner
+    from pipelines.run import main
+
+    definition, artifacts, options = demo_build
+    broken = copy.deepcopy(definition)
+    mutate(broken)
+    monkeypatch.setattr(runner, "build_definition", lambda _options: (broken, artifacts, options))
+    workdir = tmp_path / "runs"
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["local", "--workdir", str(workdir), "--data", str(_tiny_archive(tmp_path)), "--quiet"])
+
+    assert code == 1
+    problems = [line for line in err.getvalue().splitlines() if line.startswith("definition problem:")]
+    assert any(all(part in line for part in expected) for line in problems), problems
+    assert "no step ran" in err.getvalue()
+    (run_dir,) = workdir.glob("run-*")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["PipelineExecutionStatus"] == "Failed" and record["PipelineExecutionSteps"] == []
+    assert expected[-1] in record["FailureReason"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["definition.json", "run.json"]  # no step folder
+
+
+def test_refused_options_and_parameters_leave_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.run import main
+
+    workdir = tmp_path / "runs"
+    data = str(_tiny_archive(tmp_path))
+    for argv, message in (
+        (["--hp", "epochs=x"], "pipeline parameter TuningEpochs must be an integer, got 'x'"),
+        (["--param", "ImageSize=big"], "ImageSize takes an integer"),
+        (["--param", "ModelApprovalStatus=Yes"], "takes one of PendingManualApproval, Approved, Rejected"),
+        (["--param", "Nope=1"], "no such pipeline parameter"),
+        (["--epochs", "2", "--param", "TrainingEpochs=3"], "TrainingEpochs is given twice"),
+    ):
+        assert main(["local", "--workdir", str(workdir), "--data", data, *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not workdir.exists() or not list(workdir.glob("run-*"))
+
+
+def _tiny_archive(folder: Path) -> Path:
+    path = folder / "data.zip"
+    path.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip: never read, nothing runs
+    return path
+
+
+def _execution(definition: dict[str, Any], workdir: Path) -> Any:
+    from pipelines.local.cache import StepCache
+    from pipelines.local.console import Console
+    from pipelines.local.executor import LocalExecution
+    from pipelines.local.runner import LocalRunOptions, step_executors, typed_parameters
+
+    return LocalExecution(
+        definition,
+        executors=step_executors(LocalRunOptions(), workdir, registry.LocalModelRegistry(workdir)),
+        parameters=typed_parameters(definition, []),
+        run_dir=workdir / "run-0001",
+        store=objectstore.ObjectStore(workdir),
+        cache=StepCache(workdir),
+        console=Console(io.StringIO()),
+        execution_variables={"PipelineExecutionId": "run-0001"},
+        region=config.LOCAL_REGION,
+        account_id=config.LOCAL_ACCOUNT_ID,
+        cpus=1,
+    )
+
+
+def test_the_demo_definition_passes_every_check_once_its_objects_are_in_the_store(
+    demo_build: tuple[dict[str, Any], Any, Any], tmp_path: Path
+) -> None:
+    definition, artifacts, _ = demo_build
+    execution = _execution(definition, tmp_path)
+    problems = execution.problems()  # nothing uploaded yet: the code objects and the input data are missing
+    assert any("Preprocess: input 'code'" in p and "holds no object" in p for p in problems), problems
+    assert any("Preprocess: input 'data'" in p for p in problems), problems
+    assert any("Tune: the training code (sagemaker_submit_directory)" in p for p in problems), problems
+
+    for artifact in artifacts.all():  # what upsert uploads, and the runner puts in the local store
+        execution.store.put_bytes(artifact.s3_uri, artifact.body)
+    execution.store.put_bytes(execution.scope.parameters["InputDataUri"] + "digits.zip", b"zip")
+    assert execution.problems() == []
+    order = execution.order()
+    for name, upstream in execution.graph.items():
+        assert all(order.index(step) < order.index(name) for step in upstream), name
+
+
+# --- caching ------------------------------------------------------------------------------------------------------
+
+
+def test_cache_entries_expire_after_the_steps_expire_after(tmp_path: Path) -> None:
+    assert cache.parse_duration("P30D") == dt.timedelta(days=30)
+    assert cache.parse_duration("PT12H") == dt.timedelta(hours=12)
+    assert cache.parse_duration("P1Y2M3DT4H") == dt.timedelta(days=365 + 60 + 3, hours=4)
+    with pytest.raises(ValueError, match="ISO 8601"):
+        cache.parse_duration("30 days")
+    output = tmp_path / "run-0001" / "out.txt"
+    output.parent.mkdir()
+    output.write_text("x")
+    step_cache = cache.StepCache(tmp_path)
+    entry = step_cache.store("key", "Preprocess", "run-0001", {"out": output}, {})
+    assert step_cache.lookup("key", "P30D") is not None
+    old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=31)).isoformat(timespec="seconds")
+    (step_cache.folder / "key.json").write_text(json.dumps({**entry.__dict__, "created": old}))
+    assert step_cache.lookup("key", "P30D") is None  # expired
+    assert step_cache.lookup("key", None) is not None  # no ExpireAfter: kept
+
+
+# --- the deploy function against the local registry ----------------------------------------------------------------
+
+
+def test_local_deploy_function_answers_a_pending_package_with_awaiting_approval(tmp_path: Path) -> None:
+    from pipelines.local.deploy_function import STATE_FILE, deploy_function
+
+    model, report = tmp_path / "model.tar.gz", tmp_path / "evaluation.json"
+    model.write_bytes(b"model")
+    report.write_text("{}")
+    request = {
+        "ModelPackageGroupName": config.MODEL_PACKAGE_GROUP,
+        "ModelApprovalStatus": "PendingManualApproval",
+        "InferenceSpecification": {"Containers": [{"Image": "image", "ModelDataUrl": "s3://b/model.tar.gz"}]},
+    }
+    workdir = tmp_path / "work"
+    local = registry.LocalModelRegistry(workdir)
+    package, _ = local.register(request, {"s3://b/model.tar.gz": model})
+    function = deploy_function(
+        workdir, local, model_package_group=config.MODEL_PACKAGE_GROUP, endpoint_name="imgclf-test", port=0
+    )
+    log = tmp_path / "deploy" / "log.txt"
+    answer = function({"model_package_arn": package["ModelPackageArn"]}, log)
+
+    assert answer["action"] == "awaiting-approval"
+    assert answer["endpoint_name"] == "imgclf-test" and answer["model_package_arn"] == package["ModelPackageArn"]
+    assert not (workdir / STATE_FILE).exists()  # no model, endpoint config or endpoint was made
+    assert "PendingManualApproval" in log.read_text()  # the handler's log lines, in the step's log
+    with pytest.raises(Exception, match="Could not find model package"):
+        function({"model_package_arn": package["ModelPackageArn"].replace("/1", "/9")}, log)
