@@ -20,14 +20,15 @@ RUNTIME_REQUIREMENTS = [
     "tqdm>=4.66",
     "onnx>=1.16",  # the serving handlers export the network to ONNX in memory at load time...
     "onnxruntime>=1.18",  # ...and run it with ONNX Runtime (the local endpoint as the SageMaker one)
+    "pyyaml>=6",  # bootstrap reads the CloudFormation template (infra/project.yml)
 ]
 
 DEV_REQUIREMENTS = [
     "pytest>=8",
     "pytest-timeout>=2.3",
-    "moto[s3,sagemaker,lambda,events,sqs,iam,sts]>=5.0,<6",
+    "moto[s3,sagemaker,lambda,events,sqs,iam,sts,cloudformation,codebuild,codepipeline]>=5.0,<6",
+    "cfn-lint>=1.20",  # lints the CloudFormation template in the tests
     "ruff>=0.6",
-    "pyyaml>=6",  # tests read buildspec.yml
     "sagemaker-pytorch-inference>=2.0.25",  # the serving toolkit the handler tests run under
     "sagemaker-training>=5.1,<6",  # the training toolkit: tests launch train.py the way the container does
 ]
