@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "pipelines.aws_cli",  # definition, upsert, start, status, models, approve, reject
     "pipelines.deploy_cli",  # deploy
     "pipelines.local.cli",  # local, predict
+    "pipelines.bootstrap",  # bootstrap
 )
 
 
