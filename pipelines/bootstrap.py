@@ -12,7 +12,6 @@ flag left out keeps the stack's current value.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import cloudformation, config, stack_template
+from pipelines.aws_cli import _add_aws_arguments, _aws_errors, _key_value, make_boto_session, resolve_region
 from pipelines.run import CommandError
 
 STACK_NAME_SUFFIX = "-mlops"
@@ -36,13 +36,6 @@ def _flag(parameter: str) -> str:
 
 def _dest(parameter: str) -> str:
     return _flag(parameter)[2:].replace("-", "_")
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, separator, value = text.partition("=")
-    if not separator or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), value
 
 
 def add_commands(subparsers: Any) -> None:
@@ -62,10 +55,7 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument(
         "--stack-name", default=None, help=f"the stack's name (default: <project-name>{STACK_NAME_SUFFIX})"
     )
-    parser.add_argument(
-        "--region", default=None, help=f"AWS region (default: ${config.ENV_REGION}, then the AWS configuration's)"
-    )
-    parser.add_argument("--profile", default=None, help="AWS named profile for credentials (default: boto3's chain)")
+    _add_aws_arguments(parser)
     parser.add_argument(
         "--tag",
         dest="tags",
@@ -155,7 +145,7 @@ def check_parameter(parameter: str, spec: Mapping[str, Any], value: str) -> None
 
 
 def parameter_values(
-    args: argparse.Namespace, template: Mapping[str, Any], current: Mapping[str, str] | None
+    args: argparse.Namespace, template: Mapping[str, Any], current: Mapping[str, str] | None, stack: str = "the stack"
 ) -> dict[str, str]:
     """Each template parameter's value: the flag, else the stack's current value, else the template's default.
 
@@ -172,7 +162,7 @@ def parameter_values(
         elif "Default" in spec:
             value = str(spec["Default"])
         else:
-            raise CommandError(f"{_flag(name)} is needed to create the stack: {spec.get('Description')}")
+            raise CommandError(f"{_flag(name)} is needed to create {stack}: {spec.get('Description')}")
         check_parameter(name, spec, value)
         if name == "UpsertArguments" and value:
             check_upsert_arguments(value)
@@ -324,13 +314,7 @@ def _write_template(path: str) -> None:
 
 
 def _session(args: argparse.Namespace) -> tuple[Any, str]:
-    import boto3
-
-    region = args.region or os.environ.get(config.ENV_REGION) or os.environ.get("AWS_DEFAULT_REGION")
-    session = boto3.Session(region_name=region, profile_name=args.profile)
-    if not session.region_name:
-        raise CommandError(f"no AWS region: pass --region or set {config.ENV_REGION}")
-    return session, session.region_name
+    return make_boto_session(args), resolve_region(args)
 
 
 def _stack_resources(cloudformation_client: Any, stack_name: str) -> set[str]:
@@ -340,10 +324,9 @@ def _stack_resources(cloudformation_client: Any, stack_name: str) -> set[str]:
     return physical
 
 
+@_aws_errors
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """Check the input, create or update the stack through a change set, print outputs and next steps."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     if args.print_template is not None:
         _write_template(args.print_template)
         return 0
@@ -353,13 +336,6 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from error
     except stack_template.TemplateError as error:
         raise CommandError(f"the template cannot be completed: {error}") from error
-    except ClientError as error:
-        details = error.response.get("Error", {})
-        raise CommandError(
-            f"AWS refused {error.operation_name}: {details.get('Code')}: {details.get('Message')}"
-        ) from error
-    except BotoCoreError as error:
-        raise CommandError(f"AWS call failed: {error}") from error
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
@@ -371,7 +347,8 @@ def _bootstrap(args: argparse.Namespace) -> int:
     stack = cloudformation.describe_stack(cloudformation_client, stack_name)
     cloudformation.change_set_type(stack, region)  # a stack that cannot be updated stops here, before any check
     current = {p["ParameterKey"]: p["ParameterValue"] for p in (stack or {}).get("Parameters", [])}
-    values = parameter_values(args, skeleton, current)
+    creating = f"stack {stack_name} (there is none of that name in {region}; to update another, pass its --stack-name)"
+    values = parameter_values(args, skeleton, current, stack=creating)
     provider = check_connection(session, values["ConnectionArn"], region, values["Repository"])
     in_stack = _stack_resources(cloudformation_client, stack_name) if stack else set()
     adoptable, blocking = names_taken_outside(session, stack_template.names_for(values["ProjectName"]), in_stack)
@@ -382,7 +359,8 @@ def _bootstrap(args: argparse.Namespace) -> int:
         )
     for group in adoptable:
         print(
-            f"model package group {group} exists (an earlier upsert made it): the stack takes it over, versions and all"
+            f"model package group {group} exists outside the stack (an earlier upsert makes one): the stack takes it "
+            "over, versions and all"
         )
     body = stack_template.template_text()
     if len(body.encode()) > MAX_TEMPLATE_BODY_BYTES:

@@ -24,6 +24,7 @@ import copy
 import functools
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -230,7 +231,11 @@ def registries() -> Registries:
 
     from pipelines.iam import pipeline_image_uris
 
-    logging.getLogger("sagemaker").setLevel(logging.ERROR)  # the SDK logs a line per image lookup
+    # The SDK logs its config lookups to standard output when it is imported, and a line per image lookup: keep
+    # them out of a template written to standard output.
+    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+    for name in ("sagemaker", "sagemaker.config"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     # The commercial partition only: the China and GovCloud partitions lack resource types the stack creates
     # (SageMaker model package groups, CodeConnections sources) in some or all of their regions.
     regions = boto3.session.Session().get_available_regions("sagemaker", partition_name=STACK_PARTITION)

@@ -236,21 +236,92 @@ def register_moto_resource_types() -> None:
             cached.cache_clear()
 
 
-def _define_models() -> None:
+# moto files each model class under the second part of its module's name.
+_MOTO_MODULE = "tests.cloudformation_resources_for_tests"
+_MODELS: list[type] = []  # keeps the classes alive: moto finds them through CloudFormationModel.__subclasses__()
+
+
+def _create_bucket_policy(request: dict[str, Any], region: str) -> tuple[str, dict[str, str]]:
     import boto3
+
+    boto3.client("s3", region_name=region).put_bucket_policy(**request)
+    return request["Bucket"], {}
+
+
+def _create_model_package_group(request: dict[str, Any], region: str) -> tuple[str, dict[str, str]]:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    client = boto3.client("sagemaker", region_name=region)
+    try:
+        arn = client.create_model_package_group(**request)["ModelPackageGroupArn"]
+    except ClientError:  # exists already: CloudFormation imports it (ImportExistingResources)
+        name = request["ModelPackageGroupName"]
+        arn = client.describe_model_package_group(ModelPackageGroupName=name)["ModelPackageGroupArn"]
+    return arn, {"ModelPackageGroupArn": arn}
+
+
+def _create_project(request: dict[str, Any], region: str) -> tuple[str, dict[str, str]]:
+    import boto3
+
+    # moto wants a location for every source and artifacts type; AWS takes none when CodePipeline hands them over
+    # and back.
+    source = {"location": "from CodePipeline", **request["source"]}
+    artifacts = {"location": "to CodePipeline", **request["artifacts"]}
+    client = boto3.client("codebuild", region_name=region)
+    project = client.create_project(**{**request, "source": source, "artifacts": artifacts})["project"]
+    return project["name"], {"Arn": project["arn"]}
+
+
+def _create_pipeline(request: dict[str, Any], region: str) -> tuple[str, dict[str, str]]:
+    import boto3
+
+    created = boto3.client("codepipeline", region_name=region).create_pipeline(**request)["pipeline"]
+    return created["name"], {"Version": str(created.get("version", 1))}
+
+
+def _delete(service: str, operation: str, key: str) -> Any:
+    def delete(physical_id: str, region: str) -> None:
+        import boto3
+
+        getattr(boto3.client(service, region_name=region), operation)(**{key: physical_id})
+
+    return delete
+
+
+# resource type -> (make it: request, region -> (physical ID, attributes); delete it: physical ID, region)
+_RESOURCE_TYPES: dict[str, tuple[Any, Any]] = {
+    "AWS::S3::BucketPolicy": (_create_bucket_policy, _delete("s3", "delete_bucket_policy", "Bucket")),
+    # DeletionPolicy RetainExceptOnCreate: the registry outlives the stack.
+    "AWS::SageMaker::ModelPackageGroup": (_create_model_package_group, lambda physical_id, region: None),
+    "AWS::CodeBuild::Project": (_create_project, _delete("codebuild", "delete_project", "name")),
+    "AWS::CodePipeline::Pipeline": (_create_pipeline, _delete("codepipeline", "delete_pipeline", "name")),
+}
+
+
+def _define_models() -> None:
     from moto.core.common_models import CloudFormationModel
 
     class _Resource:
-        """A created resource: its physical ID (what Ref returns) and its Fn::GetAtt attributes."""
+        """A resource made through its API call: its physical ID (what Ref returns) and Fn::GetAtt attributes."""
 
-        def __init__(self, physical_id: str, attributes: Mapping[str, str], request: Mapping[str, Any]) -> None:
+        TYPE = ""
+
+        def __init__(self, physical_id: str, attributes: Mapping[str, str]) -> None:
             self.physical_resource_id = physical_id
             self.attributes = dict(attributes)
-            self.request = request
+
+        @staticmethod
+        def cloudformation_name_type() -> str:
+            return ""
+
+        @classmethod
+        def cloudformation_type(cls) -> str:
+            return cls.TYPE
 
         @classmethod
         def has_cfn_attr(cls, attribute: str) -> bool:
-            return attribute in cls.ATTRIBUTES  # type: ignore[attr-defined]
+            return True
 
         def get_cfn_attribute(self, attribute: str) -> str:
             return self.attributes[attribute]
@@ -258,9 +329,12 @@ def _define_models() -> None:
         def is_created(self) -> bool:
             return True
 
-        @staticmethod
-        def cloudformation_name_type() -> str:
-            return ""
+        @classmethod
+        def create_from_cloudformation_json(  # type: ignore[override]
+            cls, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str, **kwargs: Any
+        ) -> Any:
+            create, _ = _RESOURCE_TYPES[cls.TYPE]
+            return cls(*create(_checked_request(cls.TYPE, cloudformation_json), region_name))
 
         @classmethod
         def update_from_cloudformation_json(  # type: ignore[override]
@@ -274,112 +348,17 @@ def _define_models() -> None:
             cls.delete_from_cloudformation_json(original_resource.physical_resource_id, {}, account_id, region_name)
             return cls.create_from_cloudformation_json(new_resource_name, cloudformation_json, account_id, region_name)
 
-    class BucketPolicy(_Resource, CloudFormationModel):
-        __module__ = _MOTO_MODULE
-        ATTRIBUTES = ()
-
-        @staticmethod
-        def cloudformation_type() -> str:
-            return "AWS::S3::BucketPolicy"
-
-        @classmethod
-        def create_from_cloudformation_json(  # type: ignore[override]
-            cls, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str, **kwargs: Any
-        ) -> Any:
-            request = _checked_request(cls.cloudformation_type(), cloudformation_json)
-            boto3.client("s3", region_name=region_name).put_bucket_policy(**request)
-            return cls(request["Bucket"], {}, request)
-
         @classmethod
         def delete_from_cloudformation_json(  # type: ignore[override]
             cls, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str
         ) -> None:
-            boto3.client("s3", region_name=region_name).delete_bucket_policy(Bucket=resource_name)
+            _, delete = _RESOURCE_TYPES[cls.TYPE]
+            delete(resource_name, region_name)
 
-    class ModelPackageGroup(_Resource, CloudFormationModel):
-        __module__ = _MOTO_MODULE
-        ATTRIBUTES = ("ModelPackageGroupArn",)
-
-        @staticmethod
-        def cloudformation_type() -> str:
-            return "AWS::SageMaker::ModelPackageGroup"
-
-        @classmethod
-        def create_from_cloudformation_json(  # type: ignore[override]
-            cls, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str, **kwargs: Any
-        ) -> Any:
-            from botocore.exceptions import ClientError
-
-            request = _checked_request(cls.cloudformation_type(), cloudformation_json)
-            client = boto3.client("sagemaker", region_name=region_name)
-            try:
-                arn = client.create_model_package_group(**request)["ModelPackageGroupArn"]
-            except ClientError:  # exists already: CloudFormation imports it (ImportExistingResources)
-                name = request["ModelPackageGroupName"]
-                arn = client.describe_model_package_group(ModelPackageGroupName=name)["ModelPackageGroupArn"]
-            return cls(arn, {"ModelPackageGroupArn": arn}, request)
-
-        @classmethod
-        def delete_from_cloudformation_json(  # type: ignore[override]
-            cls, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str
-        ) -> None:
-            return None  # DeletionPolicy Retain: the registry outlives the stack
-
-    class Project(_Resource, CloudFormationModel):
-        __module__ = _MOTO_MODULE
-        ATTRIBUTES = ("Arn",)
-
-        @staticmethod
-        def cloudformation_type() -> str:
-            return "AWS::CodeBuild::Project"
-
-        @classmethod
-        def create_from_cloudformation_json(  # type: ignore[override]
-            cls, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str, **kwargs: Any
-        ) -> Any:
-            request = _checked_request(cls.cloudformation_type(), cloudformation_json)
-            # moto wants a location for every source and artifacts type; AWS takes none when CodePipeline hands them
-            # over and back.
-            source = {"location": "from CodePipeline", **request["source"]}
-            artifacts = {"location": "to CodePipeline", **request["artifacts"]}
-            client = boto3.client("codebuild", region_name=region_name)
-            project = client.create_project(**{**request, "source": source, "artifacts": artifacts})["project"]
-            return cls(project["name"], {"Arn": project["arn"]}, request)
-
-        @classmethod
-        def delete_from_cloudformation_json(  # type: ignore[override]
-            cls, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str
-        ) -> None:
-            boto3.client("codebuild", region_name=region_name).delete_project(name=resource_name)
-
-    class Pipeline(_Resource, CloudFormationModel):
-        __module__ = _MOTO_MODULE
-        ATTRIBUTES = ("Version",)
-
-        @staticmethod
-        def cloudformation_type() -> str:
-            return "AWS::CodePipeline::Pipeline"
-
-        @classmethod
-        def create_from_cloudformation_json(  # type: ignore[override]
-            cls, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str, **kwargs: Any
-        ) -> Any:
-            request = _checked_request(cls.cloudformation_type(), cloudformation_json)
-            created = boto3.client("codepipeline", region_name=region_name).create_pipeline(**request)["pipeline"]
-            return cls(created["name"], {"Version": str(created.get("version", 1))}, request)
-
-        @classmethod
-        def delete_from_cloudformation_json(  # type: ignore[override]
-            cls, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str
-        ) -> None:
-            boto3.client("codepipeline", region_name=region_name).delete_pipeline(name=resource_name)
-
-    _MODELS.extend([BucketPolicy, ModelPackageGroup, Project, Pipeline])
-
-
-# moto files each model class under the second part of its module's name.
-_MOTO_MODULE = "tests.cloudformation_resources_for_tests"
-_MODELS: list[type] = []  # keeps the classes alive: moto finds them through CloudFormationModel.__subclasses__()
+    for resource_type in _RESOURCE_TYPES:
+        name = resource_type.replace("::", "")
+        body = {"TYPE": resource_type, "__module__": _MOTO_MODULE}
+        _MODELS.append(type(name, (_Resource, CloudFormationModel), body))
 
 
 # --- what the project renders for the stack's names ------------------------------------------------------------

@@ -8,6 +8,7 @@ against botocore's shapes first). moto has no CodeConnections: GetConnection is 
 from __future__ import annotations
 
 import json
+import os
 import types
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -316,7 +317,7 @@ def test_the_builds_upsert_and_start_need_nothing_the_build_role_lacks(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (("--repository", "owner/repo"), "--connection-arn is needed to create the stack"),
+        (("--repository", "owner/repo"), f"--connection-arn is needed to create stack {STACK} (there is none of that"),
         (("--connection-arn", "0f0e0d0c-1111", "--repository", "o/r"), "give the connection's full ARN"),
         (
             ("--connection-arn", f"arn:aws:codeconnections:{REGION}:{ACCOUNT}:connection/x", "--repository", "o/r"),
@@ -426,7 +427,7 @@ def test_a_model_package_group_made_by_upsert_is_taken_over_not_made_twice(
     aws.events.register("before-call.cloudformation.CreateChangeSet", lambda params, **_: requests.append(params))
     code, out, err = _run(capsys, *CREATE)
     assert code == 0, err
-    assert "model package group imgclf-models exists (an earlier upsert made it): the stack takes it over" in out
+    assert "model package group imgclf-models exists outside the stack (an earlier upsert makes one)" in out
     assert requests[0]["body"]["ImportExistingResources"] in ("true", True)
     groups = aws.client("sagemaker").list_model_package_groups()["ModelPackageGroupSummaryList"]
     assert len(groups) == 1
@@ -556,3 +557,18 @@ def test_print_template_writes_the_complete_template_without_aws(
     assert code == 0 and out == target.read_text()
     printed = stack_template.load_yaml(out)
     assert "PolicyDocument" in json.dumps(printed) and "pipelines/iam" not in json.dumps(printed["Resources"])
+    # In a process of its own (the SDK logs to standard output when first imported), standard output is the
+    # template alone, ready to be redirected to a file.
+    import subprocess
+    import sys
+
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    fresh = subprocess.run(
+        [sys.executable, "-m", "pipelines.run", "bootstrap", "--print-template"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=clean,
+        cwd=tmp_path,
+    )
+    assert fresh.stdout == out
