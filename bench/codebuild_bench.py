@@ -3,12 +3,14 @@
 Approximates a CodeBuild ``general1.medium`` build on this machine: for each buildspec, a clean copy of the
 repository at that version, a fresh virtual environment with nothing installed (no system site packages), an empty
 pip cache, no pip configuration but PyPI, then the buildspec's ``install`` commands and its ``pre_build`` commands
-(the tests) in a shell, timed. For this buildspec it also runs the install again into a second fresh environment
-with the pip cache the first install left (what the project's S3 cache gives every build after the first).
+(the tests) in a shell, timed. For this buildspec it also times downloading the same packages alone (``pip
+download`` into an empty folder): the most that a pip cache kept between builds could save.
 
 The build phase (upsert, start) needs AWS and is not run. PyTorch's CPU wheel index is used as is when it can be
-reached; where it cannot (``--cpu-wheels DIR``), the index's wheel files are taken from DIR instead (the same
-``+cpu`` files the index serves), with torchvision from PyPI. Prints a line per phase and as its last line
+reached; where it cannot (``--cpu-wheels DIR``), the index's torch wheel is taken from DIR instead (the same
+``+cpu`` file the index serves), with torchvision from PyPI for the install, and this build's tests then run in the
+baseline's environment with this tree installed into it (PyPI's torchvision does not load with the ``+cpu`` torch).
+Prints a line per phase and as its last line
 ``CodeBuild install+test s: <this> vs baseline <baseline> ratio=<baseline / this>`` (above 1: this build is faster).
 
     python bench/codebuild_bench.py                                  # baseline: buildspec.yml of main
@@ -114,26 +116,51 @@ def _size(path: Path) -> float:
 
 
 def run_variant(
-    name: str, tree: Path, spec: dict, work: Path, cpu_wheels: Path | None, warm_rerun: bool
+    name: str, tree: Path, spec: dict, work: Path, cpu_wheels: Path | None, test_venv: Path | None = None
 ) -> dict[str, float]:
+    """Install into a fresh environment (timed), then run the tests (timed) there, or in ``test_venv``."""
     print(f"{name}:", flush=True)
-    cache, log = work / f"{name}-pip-cache", work / f"{name}.log"
+    log = work / f"{name}.log"
     install = spec["phases"]["install"]["commands"]
     if cpu_wheels is not None:
         install = [_stand_in_for_cpu_index(command, cpu_wheels) for command in install]
-    tests = spec["phases"].get("pre_build", {}).get("commands", [])
+    venv = work / f"{name}-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    environment = _environment(venv, work / f"{name}-pip-cache")
     results = {}
-    for attempt in ("cold", "warm") if warm_rerun else ("cold",):
-        venv = work / f"{name}-venv-{attempt}"
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        environment = _environment(venv, cache)
-        results[f"install_{attempt}"], code = _run_phase(install, tree, environment, log, f"install ({attempt} cache)")
-        if code:
-            raise SystemExit(f"{name}: install failed, see {log}")
-        print(f"    pip cache {_size(cache):.0f} MiB, environment {_size(venv):.0f} MiB", flush=True)
-    results["tests"], code = _run_phase(tests, tree, environment, log, "tests")
-    results["tests_exit"] = code
+    results["install"], code = _run_phase(install, tree, environment, log, "install")
+    if code:
+        raise SystemExit(f"{name}: install failed, see {log}")
+    print(f"    environment {_size(venv):.0f} MiB", flush=True)
+    if test_venv is not None:
+        environment = _environment(test_venv, work / f"{name}-pip-cache")
+        _run_phase(
+            ['python -m pip install -e ".[dev]"'], tree, environment, log, f"(untimed) this tree into {test_venv.name}"
+        )
+    results["tests"], results["tests_exit"] = _run_phase(
+        spec["phases"].get("pre_build", {}).get("commands", []), tree, environment, log, "tests"
+    )
     return results
+
+
+def download_share(name: str, tree: Path, spec: dict, work: Path, cpu_wheels: Path | None) -> None:
+    """Time ``pip download`` of what the install commands install, into an empty folder with an empty cache: one
+    resolution of everything the install commands name (torch and torchvision from where the first one takes them)."""
+    folder = work / f"{name}-downloads"
+    shutil.rmtree(folder, ignore_errors=True)
+    commands = [command for command in spec["phases"]["install"]["commands"] if "--upgrade pip" not in command]
+    if cpu_wheels is not None:
+        commands = [_stand_in_for_cpu_index(command, cpu_wheels) for command in commands]
+    first, *rest = commands
+    combined = first.replace("pip install", f"pip download -d {folder}").replace("--index-url", "--extra-index-url")
+    for command in rest:
+        combined += " " + command.split("pip install", 1)[1].replace(" -e ", " ")
+    venv = work / f"{name}-venv"
+    environment = _environment(venv, work / f"{name}-download-cache")
+    shutil.rmtree(work / f"{name}-download-cache", ignore_errors=True)
+    _, code = _run_phase([combined], tree, environment, work / f"{name}.log", "downloads alone")
+    if not code:
+        print(f"    {_size(folder):.0f} MiB downloaded: at most what a pip cache kept between builds saves", flush=True)
 
 
 def main() -> int:
@@ -146,9 +173,18 @@ def main() -> int:
         default=None,
         help="folder of torch-*+cpu wheels standing in for PyTorch's CPU index (default: the index itself)",
     )
+    parser.add_argument(
+        "--downloads-only",
+        action="store_true",
+        help="time the downloads of this buildspec's install alone (needs the work folder of an earlier run)",
+    )
     args = parser.parse_args()
     if args.cpu_wheels is None and not _index_reachable(CPU_INDEX):
         raise SystemExit(f"{CPU_INDEX} cannot be reached from here: pass --cpu-wheels DIR")
+    if args.downloads_only:
+        tree = args.work / "this-tree"
+        download_share("this", tree, yaml.safe_load((tree / "buildspec.yml").read_text()), args.work, args.cpu_wheels)
+        return 0
     shutil.rmtree(args.work, ignore_errors=True)
     trees = {"baseline": args.work / "baseline-tree", "this": args.work / "this-tree"}
     for tree in trees.values():
@@ -156,16 +192,21 @@ def main() -> int:
     _copy_ref(args.baseline_ref, trees["baseline"])
     _copy_working_tree(trees["this"])
     specs = {name: yaml.safe_load((tree / "buildspec.yml").read_text()) for name, tree in trees.items()}
-    baseline = run_variant("baseline", trees["baseline"], specs["baseline"], args.work, None, warm_rerun=False)
-    this = run_variant("this", trees["this"], specs["this"], args.work, args.cpu_wheels, warm_rerun=True)
+    baseline = run_variant("baseline", trees["baseline"], specs["baseline"], args.work, None)
+    # PyPI's Linux torchvision is built against CUDA torch and does not load with the +cpu torch: with the stand-in
+    # wheels, this build's tests run in the baseline's environment (PyPI's CUDA builds, on this CPU) with this
+    # tree installed into it, which if anything slows them (the CUDA build's libraries load with every torch import).
+    test_venv = args.work / "baseline-venv" if args.cpu_wheels is not None else None
+    this = run_variant("this", trees["this"], specs["this"], args.work, args.cpu_wheels, test_venv)
+    download_share("this", trees["this"], specs["this"], args.work, args.cpu_wheels)
     for name, result in (("baseline", baseline), ("this", this)):
         if result["tests_exit"]:
             print(f"note: the {name} tests exited {result['tests_exit']:.0f} (see {args.work / (name + '.log')})")
-    base_total = baseline["install_cold"] + baseline["tests"]
-    this_cold = this["install_cold"] + this["tests"]
-    this_warm = this["install_warm"] + this["tests"]
-    print(f"first build (cold pip cache): {this_cold:.0f} s; later builds (pip cache restored): {this_warm:.0f} s")
-    print(f"CodeBuild install+test s: {this_warm:.0f} vs baseline {base_total:.0f} ratio={base_total / this_warm:.2f}")
+    print(f"install alone s: {this['install']:.0f} vs baseline {baseline['install']:.0f}")
+    base_total, this_total = baseline["install"] + baseline["tests"], this["install"] + this["tests"]
+    print(
+        f"CodeBuild install+test s: {this_total:.0f} vs baseline {base_total:.0f} ratio={base_total / this_total:.2f}"
+    )
     return 0
 
 
