@@ -562,7 +562,8 @@ def test_print_template_writes_the_complete_template_without_aws(
     import subprocess
     import sys
 
-    clean = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}  # no AWS at all
+    clean["PYTHONPATH"] = str(stack_template.PROJECT_ROOT)  # the code under test, from any folder
     fresh = subprocess.run(
         [sys.executable, "-m", "pipelines.run", "bootstrap", "--print-template"],
         capture_output=True,
