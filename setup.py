@@ -20,7 +20,7 @@ RUNTIME_REQUIREMENTS = [
     "tqdm>=4.66",
     "onnx>=1.16",  # the serving handlers export the network to ONNX in memory at load time...
     "onnxruntime>=1.18",  # ...and run it with ONNX Runtime where installed (local endpoints, evaluation)
-    "pyyaml>=6",  # the local endpoint reads the artifact's Ray Serve config.yaml
+    "pyyaml>=6",  # the local endpoint reads the artifact's config.yaml; bootstrap reads infra/project.yml
     "packaging<25",  # sagemaker 2.x's bound, kept when Ray is installed beside it
 ]
 
@@ -30,7 +30,8 @@ RAY_REQUIREMENTS = ["ray[serve]==2.57.0", "protobuf<7"]
 DEV_REQUIREMENTS = [
     "pytest>=8",
     "pytest-timeout>=2.3",
-    "moto[s3,sagemaker,lambda,events,sqs,iam,sts]>=5.0,<6",
+    "moto[s3,sagemaker,lambda,events,sqs,iam,sts,cloudformation,codebuild,codepipeline]>=5.0,<6",
+    "cfn-lint>=1.20",  # lints the CloudFormation template in the tests
     "ruff>=0.6",
     "sagemaker-pytorch-inference>=2.0.25",  # the serving toolkit the handler tests run under
     "sagemaker-training>=5.1,<6",  # the training toolkit: tests launch train.py the way the container does

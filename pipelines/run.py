@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "pipelines.deploy_cli",  # deploy
     "pipelines.local.cli",  # local, predict
     "pipelines.endpoint_test",  # endpoint-test
+    "pipelines.bootstrap",  # bootstrap
 )
 
 

@@ -1,10 +1,9 @@
-"""The SageMaker commands of ``python -m pipelines.run`` against moto, and the CodeBuild spec."""
+"""The SageMaker commands of ``python -m pipelines.run`` against moto (the CodeBuild spec: test_stack_template.py)."""
 
 from __future__ import annotations
 
 import json
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -459,71 +458,3 @@ def test_models_approve_reject(aws: Any, capsys: pytest.CaptureFixture[str]) -> 
 def test_aws_refusals_become_one_line_errors(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(capsys, "approve", f"arn:aws:sagemaker:{REGION}:123456789012:model-package/none/1")
     assert code == 2 and err.splitlines()[-1].startswith("error: AWS refused UpdateModelPackage: ValidationException")
-
-
-# --- buildspec.yml ------------------------------------------------------------------------------------------------
-
-
-def _buildspec() -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load((REPO / "buildspec.yml").read_text())
-
-
-def _commands(spec: dict[str, Any]) -> list[str]:
-    return [command for phase in spec["phases"].values() for command in phase.get("commands", [])]
-
-
-def test_buildspec_installs_tests_upserts_and_starts() -> None:
-    spec = _buildspec()
-    assert str(spec["version"]) == "0.2"
-    assert str(spec["phases"]["install"]["runtime-versions"]["python"]) == "3.11"
-    commands = _commands(spec)
-    readme_install = 'python -m pip install -e ".[dev]"'
-    index = {
-        name: next(i for i, c in enumerate(commands) if needle in c)
-        for name, needle in (
-            ("install", readme_install),
-            ("tests", "python -m pytest"),
-            ("upsert", "python -m pipelines.run upsert"),
-            ("start", "python -m pipelines.run start"),
-        )
-    }
-    assert index["install"] < index["tests"] < index["upsert"] < index["start"]
-    text = "\n".join(commands)
-    for variable in (config.ENV_ROLE_ARN, config.ENV_BUCKET):
-        assert f"${variable}" in text or f"${{{variable}}}" in text
-    start = commands[index["start"]]
-    assert start.startswith("EXECUTION_ARN=$(") and any("$EXECUTION_ARN" in c for c in commands[index["start"] :])
-
-
-def test_buildspec_pipeline_commands_parse(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every `python -m pipelines.run` line of the buildspec is accepted by the CLI's own parser."""
-    environment = {
-        "SAGEMAKER_PROJECT_NAME": "vision",
-        "PROJECT_NAME": "vision",
-        config.ENV_ROLE_ARN: ROLE,
-        config.ENV_BUCKET: BUCKET,
-        "CODEBUILD_BUILD_ID": "project:1234",
-        "CODEBUILD_BUILD_NUMBER": "17",
-        "CODEBUILD_RESOLVED_SOURCE_VERSION": "0123abcd",
-    }
-    parser = build_parser()
-    parsed = {}
-    for command in _commands(_buildspec()):
-        match = re.search(r"python -m pipelines\.run ([^)]*)", command)
-        if not match:
-            continue
-        expanded = re.sub(
-            r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)",
-            lambda m: environment.get(m.group(1) or m.group(3), m.group(2) or ""),
-            match.group(1),
-        )
-        argv = shlex.split(expanded)
-        args = parser.parse_args(argv)
-        parsed[argv[0]] = args
-    assert set(parsed) == {"upsert", "start"}
-    assert parsed["upsert"].role == ROLE and parsed["upsert"].bucket == BUCKET
-    assert parsed["upsert"].pipeline_name == parsed["start"].pipeline_name
-    assert "vision" in parsed["upsert"].pipeline_name
-    assert not parsed["start"].wait  # CodeBuild prints the ARN and ends; the pipeline runs on
