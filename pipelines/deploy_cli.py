@@ -18,7 +18,8 @@ import time
 from typing import Any
 
 from pipelines import config, deploy_infra
-from pipelines.run import CommandError
+from pipelines.aws_cli import add_model_package_group_argument
+from pipelines.errors import CommandError
 
 IN_SERVICE_POLL_SECONDS = 30
 
@@ -31,11 +32,7 @@ def add_commands(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model-package-arn", required=True, help="ARN of the Approved model package to deploy")
-    parser.add_argument(
-        "--model-package-group",
-        default=config.MODEL_PACKAGE_GROUP,
-        help="the package must belong to this group (default: %(default)s)",
-    )
+    add_model_package_group_argument(parser, "the package must belong to this group (default: %(default)s)")
     parser.add_argument(
         "--role",
         default=None,
@@ -79,6 +76,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     _configure_logging()
     execution_role_arn = deploy_infra.execution_role_from_args(args)
     _, settings = deploy_infra.settings_from_args(args, args.model_package_group, execution_role_arn)
+    deploy.logger.setLevel(settings.log_level)
     session = boto3.session.Session(region_name=args.region)
     if session.region_name is None:
         raise CommandError("no AWS region: pass --region or set AWS_REGION")

@@ -9,8 +9,9 @@ fills in account, region, bucket and names, keeps the KMS / VPC / extra-input st
 asked for, and names the container image repositories of the region (the AWS Deep Learning Containers
 registry is a different account in each region, so the template holds no account ID).
 
-``python -m pipelines.iam pipeline-policy`` prints the rendered policy, ``python -m pipelines.iam trust-policy``
-the trust policy (sagemaker.amazonaws.com only). The README shows how to create the role with both.
+``python -m pipelines.run iam pipeline-policy`` prints the rendered policy, ``python -m pipelines.run iam
+pipeline-trust-policy`` the trust policy (sagemaker.amazonaws.com only). The README shows how to create the role
+with both.
 """
 
 from __future__ import annotations
@@ -121,11 +122,11 @@ def render_pipeline_role_policy(
     bucket: str,
     pipeline_name: str = config.PIPELINE_NAME,
     model_package_group: str = config.MODEL_PACKAGE_GROUP,
-    job_prefix: str = config.BASE_JOB_PREFIX,
+    base_job_prefix: str = config.BASE_JOB_PREFIX,
     deploy_function_name: str | None = config.DEPLOY_FUNCTION_NAME,
-    role_arn: str | None = None,
+    role: str | None = None,
     role_name: str = DEFAULT_ROLE_NAME,
-    kms_key_arn: str | None = None,
+    kms_key: str | None = None,
     subnets: Sequence[str] = (),
     security_group_ids: Sequence[str] = (),
     extra_input_s3_uris: Sequence[str] = (),
@@ -139,11 +140,11 @@ def render_pipeline_role_policy(
     Args:
         region / account_id: where the pipeline runs.
         bucket: the artifact bucket; the role reads and writes ``s3://<bucket>/<pipeline_name>/`` only.
-        pipeline_name / model_package_group / job_prefix: as given to ``upsert`` (defaults from config).
+        pipeline_name / model_package_group / base_job_prefix: as given to ``upsert`` (defaults from config).
         deploy_function_name: the deploy Lambda the Deploy step invokes (``upsert --deploy-function-name``); None
             for a pipeline built without the Deploy step (``--skip-deploy-wiring``).
-        role_arn: the role's own ARN (for iam:PassRole on itself); default ``role/<role_name>`` in the account.
-        kms_key_arn: the KMS key ARN given to ``upsert --kms-key`` (keeps the Kms* statements).
+        role: the role's own ARN (for iam:PassRole on itself); default ``role/<role_name>`` in the account.
+        kms_key: the KMS key given to ``upsert --kms-key``, as its ARN (keeps the Kms* statements).
         subnets / security_group_ids: the VPC settings given to ``upsert`` (keep the Vpc* statements).
         extra_input_s3_uris: s3:// prefixes outside the pipeline's prefix that jobs read (an ``InputDataUri`` or
             ``--weights-uri`` elsewhere); read-only, one statement set each.
@@ -160,16 +161,16 @@ def render_pipeline_role_policy(
         raise ValueError(f"bucket {bucket!r} is not an S3 bucket name (give the name, not an s3:// URI)")
     _check_name(pipeline_name, "pipeline name")
     _check_name(model_package_group, "model package group")
-    _check_name(job_prefix, "job prefix")
+    _check_name(base_job_prefix, "job prefix")
     if deploy_function_name is not None and not LAMBDA_FUNCTION_NAME.fullmatch(deploy_function_name):
         raise ValueError(f"deploy function name {deploy_function_name!r} may hold only letters, digits, - and _")
     partition = partition or partition_for_region(region)
-    role_arn = role_arn or f"arn:{partition}:iam::{account_id}:role/{role_name}"
-    if not _ROLE_ARN.fullmatch(role_arn):
-        raise ValueError(f"role {role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
-    if kms_key_arn is not None and not _KMS_KEY_ARN.fullmatch(kms_key_arn):
+    role = role or f"arn:{partition}:iam::{account_id}:role/{role_name}"
+    if not _ROLE_ARN.fullmatch(role):
+        raise ValueError(f"role {role!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+    if kms_key is not None and not _KMS_KEY_ARN.fullmatch(kms_key):
         raise ValueError(
-            f"KMS key {kms_key_arn!r} is not a key ARN (arn:aws:kms:<region>:<account>:key/<id>): "
+            f"KMS key {kms_key!r} is not a key ARN (arn:aws:kms:<region>:<account>:key/<id>): "
             "IAM policies name keys by ARN, not by ID or alias"
         )
     if bool(subnets) != bool(security_group_ids):
@@ -193,10 +194,10 @@ def render_pipeline_role_policy(
         # SageMaker writes resource names in lower case in its ARNs.
         "${PipelineArnName}": pipeline_name.lower(),
         "${ModelPackageGroupName}": model_package_group.lower(),
-        "${JobPrefix}": job_prefix.lower(),
+        "${JobPrefix}": base_job_prefix.lower(),
         "${DeployFunctionName}": deploy_function_name or "",
-        "${PipelineRoleArn}": role_arn,
-        "${KmsKeyArn}": kms_key_arn or "",
+        "${PipelineRoleArn}": role,
+        "${KmsKeyArn}": kms_key or "",
     }
     lists = {
         "${EcrRepositoryArns}": sorted({ecr_repository_arn(image, partition) for image in images}),
@@ -222,7 +223,7 @@ def render_pipeline_role_policy(
     statements = []
     for statement in template["Statement"]:
         sid = statement["Sid"]
-        if sid.startswith(KMS_SID_PREFIX) and kms_key_arn is None:
+        if sid.startswith(KMS_SID_PREFIX) and kms_key is None:
             continue
         if sid.startswith(VPC_SID_PREFIX) and not subnets:
             continue
