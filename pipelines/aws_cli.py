@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from entrypoints.contract import accuracy_from_report
 from pipelines import config, images
 from pipelines.errors import CommandError
 
@@ -770,16 +771,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # --- model registry -------------------------------------------------------------------------------------------
-
-
-def accuracy_from_report(report: dict[str, Any]) -> float | None:
-    """The value at contract.ACCURACY_JSON_PATH of an evaluation report, or None if absent."""
-    value: Any = report
-    for key in config.ACCURACY_JSON_PATH.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return float(value) if isinstance(value, int | float) else None
 
 
 def _read_s3_json(s3_client: Any, uri: str) -> dict[str, Any]:
