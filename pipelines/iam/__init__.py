@@ -77,7 +77,10 @@ def partition_for_region(region: str) -> str:
 
 
 def pipeline_image_uris(
-    region: str, serving_image: str = config.SERVING_IMAGE, serving_image_uri: str | None = None
+    region: str,
+    serving_image: str = config.SERVING_IMAGE,
+    serving_image_uri: str | None = None,
+    serving_instance_type: str = config.SERVING_INSTANCE_TYPE,
 ) -> list[str]:
     """The container images the pipeline's jobs and its registered model run in this region, found the way
     pipelines/pipeline.py finds them: the PyTorch training image (processing and training), the serving image
@@ -89,7 +92,7 @@ def pipeline_image_uris(
     from pipelines.pipeline import framework_image_uri
 
     training = framework_image_uri(region, "training", config.PROCESSING_INSTANCE_TYPE)
-    serving = images.serving_image_uri(region, config.SERVING_INSTANCE_TYPE, serving_image, serving_image_uri)
+    serving = images.serving_image_uri(region, serving_instance_type, serving_image, serving_image_uri)
     return [training, serving, get_rule_container_image_uri("ProfilerReport", region)]
 
 
@@ -115,6 +118,24 @@ def _check_name(value: str, what: str) -> None:
         raise ValueError(f"{what} {value!r} may hold only letters, digits and hyphens (a SageMaker name)")
 
 
+def _check_key_and_network(kms_key: str | None, subnets: Sequence[str], security_group_ids: Sequence[str]) -> None:
+    """The KMS key and VPC settings as IAM can name them: a key ARN, subnet and security group IDs (both or
+    neither)."""
+    if kms_key is not None and not _KMS_KEY_ARN.fullmatch(kms_key):
+        raise ValueError(
+            f"KMS key {kms_key!r} is not a key ARN (arn:aws:kms:<region>:<account>:key/<id>): "
+            "IAM policies name keys by ARN, not by ID or alias"
+        )
+    if bool(subnets) != bool(security_group_ids):
+        raise ValueError("VPC settings need both subnets and security groups (or neither)")
+    for subnet in subnets:
+        if not re.fullmatch(r"subnet-[0-9a-f]+", subnet):
+            raise ValueError(f"{subnet!r} is not a subnet ID (subnet-...)")
+    for group in security_group_ids:
+        if not re.fullmatch(r"sg-[0-9a-f]+", group):
+            raise ValueError(f"{group!r} is not a security group ID (sg-...)")
+
+
 def render_pipeline_role_policy(
     *,
     region: str,
@@ -134,6 +155,7 @@ def render_pipeline_role_policy(
     partition: str | None = None,
     serving_image: str = config.SERVING_IMAGE,
     serving_image_uri: str | None = None,
+    serving_instance_type: str = config.SERVING_INSTANCE_TYPE,
 ) -> dict[str, Any]:
     """The pipeline execution role's least-privilege policy: pipeline_role_policy.json filled in.
 
@@ -150,7 +172,7 @@ def render_pipeline_role_policy(
             ``--weights-uri`` elsewhere); read-only, one statement set each.
         image_uris: the container images to allow pulling (default: :func:`pipeline_image_uris` of the region).
         partition: the ARN partition (default: the region's).
-        serving_image / serving_image_uri: as given to ``upsert --serving-image / --serving-image-uri``.
+        serving_image / serving_image_uri / serving_instance_type: as given to ``upsert`` (its --serving-* flags).
 
     Raises:
         ValueError: naming the bad argument.
@@ -168,21 +190,11 @@ def render_pipeline_role_policy(
     role = role or f"arn:{partition}:iam::{account_id}:role/{role_name}"
     if not _ROLE_ARN.fullmatch(role):
         raise ValueError(f"role {role!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
-    if kms_key is not None and not _KMS_KEY_ARN.fullmatch(kms_key):
-        raise ValueError(
-            f"KMS key {kms_key!r} is not a key ARN (arn:aws:kms:<region>:<account>:key/<id>): "
-            "IAM policies name keys by ARN, not by ID or alias"
-        )
-    if bool(subnets) != bool(security_group_ids):
-        raise ValueError("VPC settings need both subnets and security groups (or neither)")
-    for subnet in subnets:
-        if not re.fullmatch(r"subnet-[0-9a-f]+", subnet):
-            raise ValueError(f"{subnet!r} is not a subnet ID (subnet-...)")
-    for group in security_group_ids:
-        if not re.fullmatch(r"sg-[0-9a-f]+", group):
-            raise ValueError(f"{group!r} is not a security group ID (sg-...)")
+    _check_key_and_network(kms_key, subnets, security_group_ids)
     images = (
-        list(image_uris) if image_uris is not None else pipeline_image_uris(region, serving_image, serving_image_uri)
+        list(image_uris)
+        if image_uris is not None
+        else pipeline_image_uris(region, serving_image, serving_image_uri, serving_instance_type)
     )
     ec2_arn = f"arn:{partition}:ec2:{region}:{account_id}"
     scalars = {

@@ -16,9 +16,11 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from pipelines import config, deploy_infra, images
+from pipelines.aws_cli import _comma_list, _quiet_sdk
 from pipelines.errors import CommandError
 from pipelines.iam import (
     DEFAULT_ROLE_NAME,
@@ -26,10 +28,6 @@ from pipelines.iam import (
     render_pipeline_role_policy,
     resolve_region_and_account,
 )
-
-
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def add_commands(subparsers: Any) -> None:
@@ -105,12 +103,15 @@ def _add_pipeline_policy(documents: Any) -> None:
         help="the KMS key given to upsert --kms-key, as its ARN: IAM names keys by ARN (default: no KMS statements)",
     )
     policy.add_argument(
-        "--subnets", type=_csv, default=[], help="comma-separated subnet IDs of VPC jobs (default: no VPC statements)"
+        "--subnets",
+        type=_comma_list,
+        default=(),
+        help="comma-separated subnet IDs of VPC jobs (default: no VPC statements)",
     )
     policy.add_argument(
         "--security-group-ids",
-        type=_csv,
-        default=[],
+        type=_comma_list,
+        default=(),
         help="comma-separated security group IDs of VPC jobs (default: no VPC statements)",
     )
     policy.add_argument(
@@ -120,13 +121,7 @@ def _add_pipeline_policy(documents: Any) -> None:
         help="an s3:// prefix outside s3://<bucket>/<pipeline>/ that jobs read, e.g. an InputDataUri or "
         "--weights-uri elsewhere; repeat for more (default: none)",
     )
-    policy.add_argument(
-        "--serving-image",
-        choices=images.SERVING_IMAGES,
-        default=config.SERVING_IMAGE,
-        help="the serving image given to upsert (default: %(default)s)",
-    )
-    policy.add_argument("--serving-image-uri", default=None, help="the --serving-image-uri given to upsert")
+    images.add_serving_arguments(policy)  # the serving image the model's role pulls, as upsert picks it
     policy.set_defaults(func=cmd_pipeline_policy)
 
 
@@ -158,11 +153,15 @@ def _add_deploy_policy(documents: Any) -> None:
     policy.set_defaults(func=cmd_deploy_policy)
 
 
-def _region_and_account(args: argparse.Namespace) -> tuple[str, str]:
+def _print_policy(args: argparse.Namespace, render: Callable[[str, str], dict[str, Any]]) -> int:
+    """Render a policy for the region and account (flags, else the AWS configuration and STS) and print it or
+    write it to ``--output``; a bad value becomes a CommandError that names it."""
     try:
-        return resolve_region_and_account(args.region, args.account_id)
+        region, account_id = resolve_region_and_account(args.region, args.account_id)
+        policy = render(region, account_id)
     except ValueError as error:
         raise CommandError(str(error)) from error
+    return _print_document(policy, args.output)
 
 
 def _print_document(document: dict[str, Any], output: str | None = None) -> int:
@@ -179,9 +178,10 @@ def _print_document(document: dict[str, Any], output: str | None = None) -> int:
 def cmd_pipeline_policy(args: argparse.Namespace) -> int:
     if not args.bucket:
         raise CommandError(f"pass --bucket or set {config.ENV_BUCKET}")
-    region, account_id = _region_and_account(args)
-    try:
-        policy = render_pipeline_role_policy(
+    _quiet_sdk()  # the image URIs come from the SageMaker SDK's tables
+
+    def render(region: str, account_id: str) -> dict[str, Any]:
+        return render_pipeline_role_policy(
             region=region,
             account_id=account_id,
             bucket=args.bucket,
@@ -195,12 +195,10 @@ def cmd_pipeline_policy(args: argparse.Namespace) -> int:
             subnets=args.subnets,
             security_group_ids=args.security_group_ids,
             extra_input_s3_uris=args.extra_input_s3_uri,
-            serving_image=args.serving_image,
-            serving_image_uri=args.serving_image_uri,
+            **images.serving_options(args),
         )
-    except ValueError as error:
-        raise CommandError(str(error)) from error
-    return _print_document(policy, args.output)
+
+    return _print_policy(args, render)
 
 
 def cmd_pipeline_trust_policy(args: argparse.Namespace) -> int:
@@ -212,9 +210,9 @@ def cmd_deploy_policy(args: argparse.Namespace) -> int:
     if not args.role:
         raise CommandError(f"pass --role or set {config.ENV_ROLE_ARN}: the deployed model's execution role")
     _, settings = deploy_infra.settings_from_args(args, args.model_package_group, args.role)
-    region, account_id = _region_and_account(args)
-    try:
-        policy = deploy_infra.render_deploy_policy(
+
+    def render(region: str, account_id: str) -> dict[str, Any]:
+        return deploy_infra.render_deploy_policy(
             region=region,
             account_id=account_id,
             execution_role_arn=settings.execution_role_arn,
@@ -225,9 +223,8 @@ def cmd_deploy_policy(args: argparse.Namespace) -> int:
             autoscaling=settings.autoscaling,
             rollback_alarm_names=settings.rollback_alarm_names,
         )
-    except ValueError as error:
-        raise CommandError(str(error)) from error
-    return _print_document(policy, args.output)
+
+    return _print_policy(args, render)
 
 
 def cmd_deploy_trust_policy(args: argparse.Namespace) -> int:
