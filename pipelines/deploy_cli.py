@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from pipelines import config, deploy_infra
-from pipelines.aws_cli import add_model_package_group_argument
+from pipelines.aws_cli import add_hidden_alias, add_model_package_group_argument
 from pipelines.errors import CommandError
 
 IN_SERVICE_POLL_SECONDS = 30
@@ -46,11 +46,12 @@ def add_commands(subparsers: Any) -> None:
         help="after starting the deployment, wait until the endpoint is InService (default: return at once)",
     )
     parser.add_argument(
-        "--wait-timeout-seconds",
+        "--timeout-seconds",
         type=int,
         default=3600,
-        help="give up waiting for InService after this long (default: %(default)s)",
+        help="with --wait: stop waiting for InService after this long; the deployment goes on (default: %(default)s)",
     )
+    add_hidden_alias(parser, "--wait-timeout-seconds", "timeout_seconds", type=int)
     parser.add_argument(
         "--smoke-test-dir",
         default=None,
@@ -140,7 +141,7 @@ def _smoke_test_or_roll_back(args: argparse.Namespace, session: Any, settings: A
 
 def _wait_in_service(sagemaker_client: Any, endpoint_name: str, config_name: str, args: argparse.Namespace) -> str:
     """Wait for the deployment to finish; an endpoint back InService on another config was rolled back."""
-    deadline = time.monotonic() + args.wait_timeout_seconds
+    deadline = time.monotonic() + args.timeout_seconds
     while True:
         endpoint = sagemaker_client.describe_endpoint(EndpointName=endpoint_name)
         status = endpoint["EndpointStatus"]
@@ -156,7 +157,7 @@ def _wait_in_service(sagemaker_client: Any, endpoint_name: str, config_name: str
             raise CommandError(f"endpoint {endpoint_name} is {status}: {endpoint.get('FailureReason', 'no reason')}")
         if time.monotonic() > deadline:
             raise CommandError(
-                f"endpoint {endpoint_name} still {status} after {args.wait_timeout_seconds}s; "
+                f"endpoint {endpoint_name} still {status} after {args.timeout_seconds}s; "
                 "the deployment goes on: check it with `aws sagemaker describe-endpoint`"
             )
         time.sleep(IN_SERVICE_POLL_SECONDS)

@@ -268,6 +268,13 @@ def test_a_command_error_under_python_dash_m_is_one_line_and_status_2(tmp_path: 
         (["local"], ["--group", "G"], ["--model-package-group", "G"], "group", "G"),
         (["local-models"], ["--group", "G"], ["--model-package-group", "G"], "group", "G"),
         (["endpoint", "status"], ["--group", "G"], ["--model-package-group", "G"], "group", "G"),
+        (
+            ["deploy", "--model-package-arn", "a"],
+            ["--wait-timeout-seconds", "9"],
+            ["--timeout-seconds", "9"],
+            "timeout_seconds",
+            9,
+        ),
     ],
 )
 def test_one_flag_name_per_concept_and_older_names_still_work_out_of_help(
