@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -298,3 +299,24 @@ def test_deploy_policy_checks_its_endpoint_flags_as_upsert_does(
     assert "--min-capacity and --max-capacity turn on autoscaling together" in capsys.readouterr().err
     assert main(["iam", "deploy-policy", *account]) == 2
     assert f"pass --role or set {config.ENV_ROLE_ARN}" in capsys.readouterr().err
+
+
+def test_deploy_policy_output_is_the_rendered_policy_for_the_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipelines.run import main
+
+    output = tmp_path / "policies" / "deploy-policy.json"
+    output.parent.mkdir()
+    argv = ["iam", "deploy-policy", "--role", ROLE, "--region", "eu-west-1", "--account-id", "123456789012"]
+    assert main([*argv, "--endpoint-name", "Image-Classifier", "--output", str(output)]) == 0
+    assert f"wrote {output}" in capsys.readouterr().err
+    assert sorted(path.name for path in output.parent.iterdir()) == ["deploy-policy.json"]  # nothing half-written
+    expected = deploy_infra.render_deploy_policy(
+        region="eu-west-1",
+        account_id="123456789012",
+        execution_role_arn=ROLE,
+        model_package_group=GROUP,
+        endpoint_name="Image-Classifier",
+    )
+    assert json.loads(output.read_text(encoding="utf-8")) == expected

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipelines import config, deploy_infra, images
@@ -169,9 +170,11 @@ def _print_document(document: dict[str, Any], output: str | None = None) -> int:
     if not output:
         print(text)
         return 0
-    with open(output, "w", encoding="utf-8") as handle:
-        handle.write(text + "\n")
-    print(f"wrote {output}", file=sys.stderr)
+    target = Path(output)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(text + "\n", encoding="utf-8")
+    partial.replace(target)  # never a half-written policy where the next command reads it
+    print(f"wrote {target}", file=sys.stderr)
     return 0
 
 
