@@ -204,7 +204,7 @@ def bench_model(
 
 def process_counts(text: str) -> list[int]:
     """``1,2`` or ``1,all`` (every GPU, else every CPU) -> sorted distinct counts, starting with 1."""
-    every = torch.cuda.device_count() or data.available_cpus()
+    every = torch.cuda.device_count() or contract.available_cpus()
     counts = {every if item.strip() == "all" else int(item) for item in text.split(",") if item.strip()}
     if not counts or min(counts) < 1:
         raise SystemExit(f"--processes: expected counts such as 1,2 or 1,all, got {text!r}")
@@ -214,7 +214,7 @@ def process_counts(text: str) -> list[int]:
 def bench_processes(train_dir: Path, valid_dir: Path, processes: int, args: argparse.Namespace, scratch: Path):
     """Train-loop images/s of ``entrypoints/train.py`` under torchrun with ``processes`` processes."""
     out = scratch / f"run-{processes}"
-    threads = max(1, data.available_cpus() // processes)
+    threads = max(1, contract.available_cpus() // processes)
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)),
         str(REPO / "entrypoints" / "train.py"),
@@ -248,7 +248,7 @@ def run_process_bench(args: argparse.Namespace, scratch: Path) -> int:
     if not (train_dir / contract.LABELS_FILE).is_file():
         write_dataset(train_dir, 10, max(1, math.ceil(args.images / 10)), args.short_side)
         write_dataset(valid_dir, 10, 2, args.short_side, seed=1)
-    device = f"cuda x{torch.cuda.device_count()}" if torch.cuda.is_available() else f"{data.available_cpus()} CPUs"
+    device = f"cuda x{torch.cuda.device_count()}" if torch.cuda.is_available() else f"{contract.available_cpus()} CPUs"
     print(
         f"machine: {device}, torch {torch.__version__}; {args.model_arch} at {args.size}, {args.images} images, "
         f"batch {args.batch_size} per process, {args.epochs} epochs (the first is warm-up)",
@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_dataset(root, 10, per_class, args.short_side)
             print(f"wrote {10 * per_class} JPEGs (short side {args.short_side}) in {time.perf_counter() - start:.1f}s")
         print(
-            f"machine: {data.available_cpus()} CPUs, torch {torch.__version__}, "
+            f"machine: {contract.available_cpus()} CPUs, torch {torch.__version__}, "
             f"crop {args.size}, batch {args.batch_size}, main-process threads {args.threads}"
         )
         arms = {

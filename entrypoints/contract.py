@@ -7,7 +7,9 @@ pipeline needs from here, so each value is written down once.
 
 from __future__ import annotations
 
+import os
 import re
+from typing import Any
 
 # --- files of the data contract (the processing step writes them, training reads them) -------------------
 LABELS_FILE = "labels.json"
@@ -73,6 +75,24 @@ EVALUATION_FILE = "evaluation.json"
 CONFUSION_MATRIX_IMAGE = "confusion_matrix.png"
 ACCURACY_JSON_PATH = "multiclass_classification_metrics.accuracy.value"
 
+
+def value_at(document: Any, dotted_path: str) -> Any:
+    """The value at ``"a.b.c"`` in nested objects (a JsonGet path without list indices, such as
+    ACCURACY_JSON_PATH), or None where the path is absent."""
+    value = document
+    for key in dotted_path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def accuracy_from_report(report: Any) -> float | None:
+    """The accuracy of an evaluation report, at the path the ConditionStep reads; None if it has none."""
+    value = value_at(report, ACCURACY_JSON_PATH)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 # --- the endpoint contract ------------------------------------------------------------------------------------
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
 JSON_CONTENT_TYPE = "application/json"
@@ -91,3 +111,14 @@ ENV_MODEL_SERVER_WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"  # the toolkit's own
 ENV_SERVE_REPLICAS = "INFERENCE_REPLICAS"  # default: one per GPU, else one per 4 vCPUs
 ENV_SERVE_MAX_ONGOING_REQUESTS = "INFERENCE_MAX_ONGOING_REQUESTS"  # default: 2 x threads per replica, at least 4
 ENV_SERVE_MODEL_DIR = "SM_MODEL_DIR"  # where deployment.py finds the model; default: the folder it lies in
+
+
+# --- the machine ---------------------------------------------------------------------------------------------------
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (the container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1

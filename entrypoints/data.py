@@ -399,17 +399,9 @@ class EpochSampler(DistributedSampler):
         return iter([(i, epoch) for i in indices])
 
 
-def available_cpus() -> int:
-    """CPUs this process may use (the container's share, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return os.cpu_count() or 1
-
-
 def auto_workers(processes: int = 1) -> int:
     """One loader worker per available CPU, shared by the ``processes`` training processes of this machine."""
-    return max(1, min(available_cpus() // max(1, processes), 16))
+    return max(1, min(contract.available_cpus() // max(1, processes), 16))
 
 
 def make_loader(

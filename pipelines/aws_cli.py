@@ -18,8 +18,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from entrypoints.contract import accuracy_from_report
 from pipelines import config, images
-from pipelines.run import CommandError
+from pipelines.errors import CommandError
 
 TERMINAL_EXECUTION_STATUSES = ("Succeeded", "Failed", "Stopped")
 DEFAULT_POLL_SECONDS = 30
@@ -119,15 +120,24 @@ def _add_pipeline_name(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_group_name(parser: argparse.ArgumentParser, help_text: str) -> None:
-    parser.add_argument("--model-package-group", default=config.MODEL_PACKAGE_GROUP, help=help_text)
+def add_hidden_alias(parser: argparse.ArgumentParser, alias: str, dest: str, **kwargs: Any) -> None:
+    """An older name of a flag, kept working but out of ``--help``: it fills ``dest`` as the flag does."""
+    parser.add_argument(alias, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
+def add_model_package_group_argument(
+    parser: argparse.ArgumentParser, help_text: str, dest: str = "model_package_group"
+) -> None:
+    """``--model-package-group`` (the one name of the group on every command; ``--group`` still works)."""
+    parser.add_argument("--model-package-group", dest=dest, default=config.MODEL_PACKAGE_GROUP, help=help_text)
+    add_hidden_alias(parser, "--group", dest)
 
 
 def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that shape the definition (the same for `definition` and `upsert`, so both build the same one)."""
     _add_aws_arguments(parser)
     _add_pipeline_name(parser)
-    _add_group_name(parser, "model package group the pipeline registers into (default: %(default)s)")
+    add_model_package_group_argument(parser, "model package group the pipeline registers into (default: %(default)s)")
     parser.add_argument(
         "--role", default=None, help=f"IAM role ARN the pipeline and its jobs run as (default: ${config.ENV_ROLE_ARN})"
     )
@@ -170,8 +180,12 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         help="name of a finished tuning job to warm-start the search from (default: none)",
     )
     parser.add_argument(
-        "--spot", action="store_true", default=False, help="managed spot training for trials and the final training"
+        "--use-spot-instances",
+        action="store_true",
+        default=False,
+        help="managed spot training for trials and the final training",
     )
+    add_hidden_alias(parser, "--spot", "use_spot_instances", action="store_true")
     parser.add_argument(
         "--kms-key", default=None, help="KMS key for job volumes, outputs and uploaded code (default: S3/EBS defaults)"
     )
@@ -179,11 +193,12 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--subnets", type=_comma_list, default=(), help="comma-separated VPC subnet ids for every job (default: none)"
     )
     parser.add_argument(
-        "--security-groups",
+        "--security-group-ids",
         type=_comma_list,
         default=(),
         help="comma-separated security group ids for every job (default: none; needs --subnets)",
     )
+    add_hidden_alias(parser, "--security-groups", "security_group_ids", type=_comma_list)
     parser.add_argument(
         "--network-isolation",
         action="store_true",
@@ -286,7 +301,7 @@ def add_commands(subparsers: Any) -> None:
         formatter_class=formatter,
     )
     _add_aws_arguments(parser)
-    _add_group_name(parser, "model package group")
+    add_model_package_group_argument(parser, "model package group")
     parser.add_argument("--max", type=int, default=20, help="show at most this many packages, newest first")
     parser.add_argument("--json", action="store_true", default=False, help="print JSON instead of a table")
     parser.set_defaults(func=cmd_models)
@@ -298,24 +313,18 @@ def add_commands(subparsers: Any) -> None:
             formatter_class=formatter,
         )
         _add_aws_arguments(parser)
-        _add_group_name(parser, "model package group (for a version number or 'latest')")
+        add_model_package_group_argument(parser, "model package group (for a version number or 'latest')")
         parser.add_argument("model_package", help="the package: its ARN, its version number in the group, or 'latest'")
         parser.add_argument("--description", default=None, help="approval description recorded with the change")
         parser.set_defaults(func=cmd_set_approval, approval_status=status)
 
 
 def _add_deploy_trigger_arguments(parser: argparse.ArgumentParser) -> None:
-    """The deploy wiring's flags plus --no-deploy-trigger, an alias of --skip-deploy-wiring."""
+    """The deploy wiring's flags; --no-deploy-trigger is an older name of --skip-deploy-wiring."""
     from pipelines import deploy_infra
 
     deploy_infra.add_deploy_arguments(parser, with_step_arguments=False)
-    parser.add_argument(
-        "--no-deploy-trigger",
-        dest="skip_deploy_wiring",
-        action="store_true",
-        default=False,
-        help="do not create or update the deploy Lambda and its EventBridge rule",
-    )
+    add_hidden_alias(parser, "--no-deploy-trigger", "skip_deploy_wiring", action="store_true")
 
 
 # --- settings from flags and environment ----------------------------------------------------------------------
@@ -372,10 +381,10 @@ def pipeline_options(args: argparse.Namespace) -> Any:
         base_job_prefix=args.base_job_prefix,
         tuning_strategy=args.tuning_strategy,
         warm_start_parent=args.warm_start_parent,
-        use_spot_instances=args.spot,
+        use_spot_instances=args.use_spot_instances,
         kms_key=args.kms_key,
         subnets=tuple(args.subnets),
-        security_group_ids=tuple(args.security_groups),
+        security_group_ids=tuple(args.security_group_ids),
         network_isolation=args.network_isolation,
         weights_uri=args.weights_uri,
         input_data_uri=args.input_data_uri,
@@ -561,7 +570,7 @@ def _check_deploy_settings(deploy_infra: Any, args: argparse.Namespace) -> None:
     if not (getattr(args, "deploy_role_arn", None) or os.environ.get(config.ENV_DEPLOY_ROLE_ARN)):
         raise CommandError(
             f"no role for the deploy Lambda: pass --deploy-role-arn or set {config.ENV_DEPLOY_ROLE_ARN} "
-            "(README: Deployment on approval), or pass --no-deploy-trigger; nothing was changed"
+            "(README: Deployment on approval), or pass --skip-deploy-wiring; nothing was changed"
         )
     deploy_infra.settings_from_args(args, args.model_package_group, deploy_infra.execution_role_from_args(args))
 
@@ -762,16 +771,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # --- model registry -------------------------------------------------------------------------------------------
-
-
-def accuracy_from_report(report: dict[str, Any]) -> float | None:
-    """The value at contract.ACCURACY_JSON_PATH of an evaluation report, or None if absent."""
-    value: Any = report
-    for key in config.ACCURACY_JSON_PATH.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return float(value) if isinstance(value, int | float) else None
 
 
 def _read_s3_json(s3_client: Any, uri: str) -> dict[str, Any]:

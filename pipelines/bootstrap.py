@@ -20,7 +20,7 @@ from typing import Any
 
 from pipelines import cloudformation, config, stack_template
 from pipelines.aws_cli import _add_aws_arguments, _aws_errors, _key_value, make_boto_session, resolve_region
-from pipelines.run import CommandError
+from pipelines.errors import CommandError
 
 STACK_NAME_SUFFIX = "-mlops"
 MAX_TEMPLATE_BODY_BYTES = 51_200  # CloudFormation's limit for a template passed inline

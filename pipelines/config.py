@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from entrypoints import contract
+from steps import deploy
 
 # --- names (stable: no timestamps, so SageMaker step caching works) ------------------------------------------
 PIPELINE_NAME = "ImageClassificationPipeline"
@@ -18,20 +19,17 @@ MODEL_PACKAGE_GROUP = "ImageClassificationModels"
 BASE_JOB_PREFIX = "imgclf"
 DEPLOY_FUNCTION_NAME = "imgclf-deploy-on-approval"
 DEPLOY_RULE_NAME = "imgclf-model-approved"
-ENDPOINT_NAME_PREFIX = "imgclf"
+# The deploy function's own default (its settings table in steps/deploy.py owns every endpoint setting).
+ENDPOINT_NAME_PREFIX = deploy.SETTINGS_BY_NAME["resource_name_prefix"].default
 
 # --- deployment on approval (steps/deploy.py, wired by pipelines/deploy_infra.py) -------------------------------
+# The endpoint's settings (instance type, autoscaling, ...) and their defaults are rows of steps/deploy.py's
+# settings table; what is here is the function itself.
 ENV_DEPLOY_ROLE_ARN = "DEPLOY_LAMBDA_ROLE_ARN"  # the deploy Lambda's own role (see README: create it once)
 DEPLOY_RULE_TARGET_ID = "deploy-lambda"
 DEPLOY_LAMBDA_RUNTIME = "python3.12"
 DEPLOY_LAMBDA_TIMEOUT_SECONDS = 900  # the most Lambda allows: the handler may wait for a busy endpoint
 DEPLOY_LAMBDA_MEMORY_MB = 256
-DEPLOY_ENDPOINT_WAIT_SECONDS = 600  # how long the function waits for a busy endpoint before failing (retried)
-ENDPOINT_INSTANCE_TYPE = "ml.m5.large"
-ENDPOINT_INSTANCE_COUNT = 1
-ENDPOINT_SERVERLESS_MAX_CONCURRENCY = 5
-ENDPOINT_DATA_CAPTURE_PERCENT = 100
-ENDPOINT_TARGET_INVOCATIONS_PER_INSTANCE = 70.0  # autoscaling target, invocations per instance per minute
 
 # --- step names and container paths (the SageMaker pipeline and the local runner both use them) ------------------
 # Step names are stable: they key the definition, step caching and `status`.
@@ -77,8 +75,9 @@ RAY_SERVE_IMAGE_REPOSITORY = "ray"
 RAY_SERVE_IMAGE_TAG = "serve-ml-sagemaker-{device}-v1.4"  # device: cpu or cuda (AWS's v1.4 release tags)
 RAY_SERVE_VERSION = "2.57.0"  # the image's Ray; setup.py pins the same for local --ray endpoints
 RAY_SERVE_TORCH_VERSION = "2.10"  # the image's torch (the model package's FrameworkVersion)
-RAY_SERVE_GPU_AMI_VERSION = "al2-ami-sagemaker-inference-gpu-3-1"  # the GPU image needs this host AMI's drivers
-LEGACY_INFERENCE_END_OF_PATCHES = "2026-06-30"
+# The deploy function (which ships alone) owns these two: it sets the AMI and warns about the legacy image.
+RAY_SERVE_GPU_AMI_VERSION = deploy.RAY_SERVE_GPU_AMI_VERSION  # the GPU image needs this host AMI's drivers
+LEGACY_INFERENCE_END_OF_PATCHES = deploy.LEGACY_END_OF_PATCHES
 
 # --- data -------------------------------------------------------------------------------------------------------
 SPLITS = contract.SPLITS

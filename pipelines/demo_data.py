@@ -5,7 +5,7 @@ digits are upscaled to ``image_size`` pixels (RGB JPEG) so a CNN can use them. T
 the same arguments (fixed split seed, fixed zip timestamps), so the pipeline's input checksum and step caching
 stay stable. Nothing is downloaded: the digits ship with scikit-learn.
 
-    python -m pipelines.demo_data digits.zip [--image-size 32] [--per-class-limit 20]
+    python -m pipelines.run demo-data digits.zip [--image-size 32] [--per-class-limit 20]
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import zipfile
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from pipelines import config
+from pipelines.errors import CommandError
+
+if TYPE_CHECKING:  # numpy and PIL load with the archive's writing, not with the command line
+    import numpy as np
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CLASS_NAMES = tuple(f"{index:03d}.{name}" for index, name in enumerate(DIGIT_NAMES))
@@ -43,6 +44,9 @@ def _split_counts(count: int, valid_fraction: float, test_fraction: float) -> tu
 
 def _digit_jpeg(pixels: np.ndarray, image_size: int) -> bytes:
     """One 8x8 digit (values 0..16, ink high) as an RGB JPEG: dark ink on white, like a scanned digit."""
+    import numpy as np
+    from PIL import Image
+
     gray = (255 - np.clip(pixels, 0, 16) * (255 / 16)).astype(np.uint8)
     image = Image.fromarray(gray, "L").resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB")
     buffer = io.BytesIO()
@@ -65,6 +69,7 @@ def write_digits_archive(
     class and the same for the same ``seed``. The zip is written next to ``path`` and renamed into place.
     Returns ``path``.
     """
+    import numpy as np
     from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import
 
     if image_size < 8:
@@ -99,10 +104,13 @@ def write_digits_archive(
     return path
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.demo_data",
-        description="Write scikit-learn's digits as a dog-breed-layout zip (the built-in demo dataset).",
+def add_commands(subparsers: Any) -> None:
+    """Add ``demo-data`` to ``python -m pipelines.run``."""
+    parser = subparsers.add_parser(
+        "demo-data",
+        help="write the built-in demo dataset (scikit-learn's digits) as a dog-breed-layout zip",
+        description="Write scikit-learn's digits as a dog-breed-layout zip (the built-in demo dataset). Nothing is "
+        "downloaded; the zip is byte-identical for the same arguments.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("output", type=Path, help="the zip file to write")
@@ -113,11 +121,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--valid-fraction", type=float, default=config.VALID_FRACTION, help="share of each class")
     parser.add_argument("--test-fraction", type=float, default=config.TEST_FRACTION, help="share of each class")
     parser.add_argument("--seed", type=int, default=config.SPLIT_SEED, help="seed of the split")
-    return parser
+    parser.set_defaults(func=cmd_demo_data)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+def cmd_demo_data(args: argparse.Namespace) -> int:
     try:
         path = write_digits_archive(
             args.output,
@@ -128,13 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise CommandError(str(error)) from error
     with zipfile.ZipFile(path) as archive:
         count = sum(1 for name in archive.namelist() if name.endswith(".jpg"))
     print(f"wrote {count} digit images ({len(CLASS_NAMES)} classes, {args.image_size} px) to {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

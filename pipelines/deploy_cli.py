@@ -18,7 +18,8 @@ import time
 from typing import Any
 
 from pipelines import config, deploy_infra
-from pipelines.run import CommandError
+from pipelines.aws_cli import add_hidden_alias, add_model_package_group_argument
+from pipelines.errors import CommandError
 
 IN_SERVICE_POLL_SECONDS = 30
 
@@ -31,11 +32,7 @@ def add_commands(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model-package-arn", required=True, help="ARN of the Approved model package to deploy")
-    parser.add_argument(
-        "--model-package-group",
-        default=config.MODEL_PACKAGE_GROUP,
-        help="the package must belong to this group (default: %(default)s)",
-    )
+    add_model_package_group_argument(parser, "the package must belong to this group (default: %(default)s)")
     parser.add_argument(
         "--role",
         default=None,
@@ -49,11 +46,12 @@ def add_commands(subparsers: Any) -> None:
         help="after starting the deployment, wait until the endpoint is InService (default: return at once)",
     )
     parser.add_argument(
-        "--wait-timeout-seconds",
+        "--timeout-seconds",
         type=int,
         default=3600,
-        help="give up waiting for InService after this long (default: %(default)s)",
+        help="with --wait: stop waiting for InService after this long; the deployment goes on (default: %(default)s)",
     )
+    add_hidden_alias(parser, "--wait-timeout-seconds", "timeout_seconds", type=int)
     parser.add_argument(
         "--smoke-test-dir",
         default=None,
@@ -79,6 +77,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     _configure_logging()
     execution_role_arn = deploy_infra.execution_role_from_args(args)
     _, settings = deploy_infra.settings_from_args(args, args.model_package_group, execution_role_arn)
+    deploy.logger.setLevel(settings.log_level)
     session = boto3.session.Session(region_name=args.region)
     if session.region_name is None:
         raise CommandError("no AWS region: pass --region or set AWS_REGION")
@@ -142,7 +141,7 @@ def _smoke_test_or_roll_back(args: argparse.Namespace, session: Any, settings: A
 
 def _wait_in_service(sagemaker_client: Any, endpoint_name: str, config_name: str, args: argparse.Namespace) -> str:
     """Wait for the deployment to finish; an endpoint back InService on another config was rolled back."""
-    deadline = time.monotonic() + args.wait_timeout_seconds
+    deadline = time.monotonic() + args.timeout_seconds
     while True:
         endpoint = sagemaker_client.describe_endpoint(EndpointName=endpoint_name)
         status = endpoint["EndpointStatus"]
@@ -158,7 +157,7 @@ def _wait_in_service(sagemaker_client: Any, endpoint_name: str, config_name: str
             raise CommandError(f"endpoint {endpoint_name} is {status}: {endpoint.get('FailureReason', 'no reason')}")
         if time.monotonic() > deadline:
             raise CommandError(
-                f"endpoint {endpoint_name} still {status} after {args.wait_timeout_seconds}s; "
+                f"endpoint {endpoint_name} still {status} after {args.timeout_seconds}s; "
                 "the deployment goes on: check it with `aws sagemaker describe-endpoint`"
             )
         time.sleep(IN_SERVICE_POLL_SECONDS)

@@ -4,9 +4,13 @@
 :func:`upsert_from_args` after upserting the pipeline. Every step describes first and changes only what
 differs, so running it twice changes nothing (same code SHA-256, one rule, one target, one permission).
 
+The endpoint's flags are made from the settings table of ``steps/deploy.py`` (:func:`add_endpoint_arguments`):
+each flag is named after the setting it fills, and goes through the same checks the function makes, in two hops:
+the flags become the function's environment, which is parsed into the settings the function will see.
+
 The function's role is not created here (creating IAM roles needs more rights than deploying does): render
-its least-privilege policy with ``python -m pipelines.deploy_infra policy`` and create the role once, as the
-README shows. ``python -m pipelines.deploy_infra trust-policy`` prints the role's trust policy.
+its least-privilege policy with ``python -m pipelines.run iam deploy-policy`` and create the role once, as the
+README shows.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pipelines import config
-from pipelines.iam import check_placeholders_filled, partition_for_region, resolve_region_and_account
+from pipelines.errors import CommandError
+from pipelines.iam import check_placeholders_filled, partition_for_region
 from steps import deploy
 
 HANDLER = "deploy.handler"  # the zip holds deploy.py at its root
@@ -39,136 +44,40 @@ ROLLBACK_ALARMS_SID_PREFIX = "RollbackAlarms"
 # RegisterScalableTarget/PutScalingPolicy cannot name it in advance either.
 STATEMENTS_NEEDING_ANY_RESOURCE = ("AutoscalingRegisterTargetAndPolicy",)
 
-# argparse dest -> environment variable of steps/deploy.py
-_ENDPOINT_ARGUMENT_ENV = {
-    "endpoint_name": "ENDPOINT_NAME",
-    "endpoint_instance_type": "INSTANCE_TYPE",
-    "endpoint_instance_count": "INSTANCE_COUNT",
-    "serverless_memory_mb": "SERVERLESS_MEMORY_MB",
-    "serverless_max_concurrency": "SERVERLESS_MAX_CONCURRENCY",
-    "data_capture_s3_uri": "DATA_CAPTURE_S3_URI",
-    "data_capture_percent": "DATA_CAPTURE_PERCENT",
-    "rollback_alarm_names": "ROLLBACK_ALARM_NAMES",
-    "traffic_routing": "TRAFFIC_ROUTING",
-    "traffic_step_percent": "TRAFFIC_STEP_PERCENT",
-    "traffic_wait_seconds": "TRAFFIC_WAIT_SECONDS",
-    "termination_wait_seconds": "TERMINATION_WAIT_SECONDS",
-    "max_execution_timeout_seconds": "MAX_EXECUTION_TIMEOUT_SECONDS",
-    "min_capacity": "MIN_CAPACITY",
-    "max_capacity": "MAX_CAPACITY",
-    "target_invocations_per_instance": "TARGET_INVOCATIONS_PER_INSTANCE",
-    "endpoint_wait_seconds": "ENDPOINT_WAIT_SECONDS",
-}
+
+# --- arguments: made from the settings table of steps/deploy.py -----------------------------------------------
 
 
-def _command_error(message: str) -> Exception:
-    from pipelines.run import CommandError  # imported late: pipelines.run imports the command modules
+def _flag_type(setting: deploy.Setting) -> Callable[[str], Any]:
+    """The flag's argparse type: the setting's own conversion (argparse names the flag when it fails)."""
 
-    return CommandError(message)
+    def convert(text: str) -> Any:
+        try:
+            return setting.convert(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{text!r} {error}") from None
+
+    return convert
 
 
-# --- arguments ------------------------------------------------------------------------------------------------
+def _flag_help(setting: deploy.Setting) -> str:
+    text = f"{setting.help} [{setting.describe()}; the function's {setting.env}]"
+    return f"{text} (default: {setting.describe_default()})".replace("%", "%%")  # argparse formats help with %
 
 
 def add_endpoint_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Flags for what the endpoint looks like; shared by ``upsert`` (into the function's environment),
-    ``deploy`` (run by hand) and ``python -m pipelines.deploy_infra policy``."""
-    parser.add_argument(
-        "--endpoint-name",
-        default=None,
-        help=f"endpoint to create or update (default: {config.ENDPOINT_NAME_PREFIX}-<model package group>)",
-    )
-    parser.add_argument(
-        "--endpoint-instance-type",
-        default=config.ENDPOINT_INSTANCE_TYPE,
-        help="instance type of the endpoint (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--endpoint-instance-count",
-        type=int,
-        default=config.ENDPOINT_INSTANCE_COUNT,
-        help="initial instance count (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--serverless-memory-mb",
-        type=int,
-        default=None,
-        help="serve from a serverless endpoint with this much memory (1024-6144, multiple of 1024) "
-        "instead of instances (default: instances)",
-    )
-    parser.add_argument(
-        "--serverless-max-concurrency",
-        type=int,
-        default=config.ENDPOINT_SERVERLESS_MAX_CONCURRENCY,
-        help="serverless endpoint's maximum concurrent invocations (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--data-capture-s3-uri",
-        default=None,
-        help="capture requests and responses to this s3:// prefix (default: no data capture)",
-    )
-    parser.add_argument(
-        "--data-capture-percent",
-        type=int,
-        default=config.ENDPOINT_DATA_CAPTURE_PERCENT,
-        help="percentage of requests captured (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--rollback-alarm-names",
-        default=None,
-        help="comma-separated CloudWatch alarms that roll a blue/green update back (default: none)",
-    )
-    parser.add_argument(
-        "--traffic-routing",
-        choices=deploy.TRAFFIC_ROUTING_TYPES,
-        default="ALL_AT_ONCE",
-        help="how a blue/green update shifts traffic to the new fleet (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--traffic-step-percent",
-        type=int,
-        default=None,
-        help="canary size or linear step, percent of capacity (needed for CANARY and LINEAR; default: none)",
-    )
-    parser.add_argument(
-        "--traffic-wait-seconds",
-        type=int,
-        default=None,
-        help=f"wait (baking) between traffic steps, 0-3600 (default: {deploy.DEFAULT_BAKING_SECONDS_WITH_ALARMS} "
-        "with rollback alarms, else 0)",
-    )
-    parser.add_argument(
-        "--termination-wait-seconds",
-        type=int,
-        default=0,
-        help="keep the old fleet this long after traffic has moved, 0-3600 (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-execution-timeout-seconds",
-        type=int,
-        default=None,
-        help="roll back a blue/green update that takes longer than this, 600-14400 (default: SageMaker's)",
-    )
-    parser.add_argument(
-        "--min-capacity",
-        type=int,
-        default=None,
-        help="with --max-capacity: autoscale the endpoint's instances between the two (default: no autoscaling)",
-    )
-    parser.add_argument("--max-capacity", type=int, default=None, help="see --min-capacity (default: no autoscaling)")
-    parser.add_argument(
-        "--target-invocations-per-instance",
-        type=float,
-        default=config.ENDPOINT_TARGET_INVOCATIONS_PER_INSTANCE,
-        help="autoscaling target: invocations per instance per minute (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--endpoint-wait-seconds",
-        type=int,
-        default=config.DEPLOY_ENDPOINT_WAIT_SECONDS,
-        help="how long to wait for an endpoint that is busy (being created or updated) before failing "
-        "with a retryable error (default: %(default)s)",
-    )
+    """One flag per deploy setting that has a flag of its own: ``--<setting>``, typed as the function reads it.
+    Shared by ``upsert`` (into the function's environment), ``deploy`` (run by hand) and ``iam deploy-policy``.
+    A flag not given is left out of the environment, so the function takes the setting's default."""
+    for setting in deploy.SETTINGS:
+        if setting.has_own_flag:
+            parser.add_argument(
+                setting.flag_name,
+                type=_flag_type(setting),
+                choices=setting.choices or None,
+                default=None,
+                help=_flag_help(setting),
+            )
 
 
 def add_deploy_step_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -196,7 +105,7 @@ def add_deploy_arguments(parser: argparse.ArgumentParser, *, with_step_arguments
         "--deploy-role-arn",
         default=None,
         help=f"IAM role of the deploy Lambda (default: ${config.ENV_DEPLOY_ROLE_ARN}); "
-        "create it with `python -m pipelines.deploy_infra policy` as the README shows",
+        "create it with `python -m pipelines.run iam deploy-policy` as the README shows",
     )
     group.add_argument(
         "--deploy-rule-name",
@@ -208,40 +117,59 @@ def add_deploy_arguments(parser: argparse.ArgumentParser, *, with_step_arguments
     add_endpoint_arguments(group)
 
 
-def function_environment(args: argparse.Namespace, model_package_group: str, execution_role_arn: str) -> dict[str, str]:
-    """The deploy function's environment from parsed flags (flags that are absent or None are left out)."""
-    environment = {
-        "MODEL_PACKAGE_GROUP_NAME": model_package_group,
-        "EXECUTION_ROLE_ARN": execution_role_arn,
-        "RESOURCE_NAME_PREFIX": config.ENDPOINT_NAME_PREFIX,
-        "LOG_LEVEL": "INFO",
-    }
-    for dest, variable in _ENDPOINT_ARGUMENT_ENV.items():
-        value = getattr(args, dest, None)
-        if value is None or value == "":
-            continue
-        if dest == "endpoint_instance_type" and getattr(args, "serverless_memory_mb", None) is not None:
-            continue  # a serverless endpoint has no instance type: do not suggest it has one
-        environment[variable] = str(value)
+def flag_environment(args: argparse.Namespace, model_package_group: str, execution_role_arn: str) -> dict[str, str]:
+    """The first hop: the flags' values as the function's environment variables. Flags not given (or missing
+    from ``args``) are left out; the group and the role come from the command's own flags."""
+    given = {"model_package_group": model_package_group, "execution_role_arn": execution_role_arn}
+    environment = {}
+    for setting in deploy.SETTINGS:
+        value = getattr(args, setting.name, None) if setting.has_own_flag else given.get(setting.name)
+        if value is not None:
+            environment[setting.env] = setting.format(value)
     return environment
+
+
+def _flag_label(setting: deploy.Setting) -> str:
+    return setting.flag_name or setting.env
 
 
 def settings_from_args(
     args: argparse.Namespace, model_package_group: str, execution_role_arn: str
 ) -> tuple[dict[str, str], deploy.DeploySettings]:
-    """The environment and the settings the handler will parse from it; bad flags become a CommandError."""
-    environment = function_environment(args, model_package_group, execution_role_arn)
+    """The function's environment and the settings it will parse from it (flags -> environment -> settings).
+
+    Raises:
+        CommandError: naming each bad value by its flag and the function's variable.
+    """
     try:
-        settings = deploy.DeploySettings.from_env(environment)
+        settings = deploy.DeploySettings.from_env(
+            flag_environment(args, model_package_group, execution_role_arn), label=_flag_label
+        )
     except deploy.ConfigurationError as error:
-        raise _command_error(f"{error} (the flags of the same names set these)") from error
-    return environment, settings
+        variables = ", ".join(dict.fromkeys(setting.env for setting in error.settings))
+        raise CommandError(f"{error} (the deploy function reads them as {variables})") from error
+    return settings.to_env(), settings
+
+
+def settings_table_markdown() -> str:
+    """The settings table of the README's deployment section, made from steps/deploy.py's table."""
+    lines = [
+        "| flag | function's variable | type | default | what it sets |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for setting in deploy.SETTINGS:
+        flag = f"`{setting.flag_name}`" if setting.flag_name else "none (fixed)"
+        default = setting.describe_default()
+        if not (setting.required or setting.default_help) or "<" in default:
+            default = f"`{default}`"  # a value (or a pattern of one), not words
+        lines.append(f"| {flag} | `{setting.env}` | {setting.describe()} | {default} | {setting.help} |")
+    return "\n".join(lines) + "\n"
 
 
 def execution_role_from_args(args: argparse.Namespace) -> str:
     role = getattr(args, "role", None) or os.environ.get(config.ENV_ROLE_ARN)
     if not role:
-        raise _command_error(
+        raise CommandError(
             f"no SageMaker execution role for the deployed model: pass --role or set {config.ENV_ROLE_ARN}"
         )
     return role
@@ -409,7 +337,7 @@ def ensure_rule_target(events_client: Any, *, rule_name: str, function_arn: str)
         Rule=rule_name, Targets=[{"Id": config.DEPLOY_RULE_TARGET_ID, "Arn": function_arn}]
     )
     if response.get("FailedEntryCount"):
-        raise _command_error(f"EventBridge refused the target of rule {rule_name}: {response.get('FailedEntries')}")
+        raise CommandError(f"EventBridge refused the target of rule {rule_name}: {response.get('FailedEntries')}")
     return {
         "id": config.DEPLOY_RULE_TARGET_ID,
         "arn": function_arn,
@@ -471,7 +399,7 @@ def upsert_from_args(args: argparse.Namespace, boto_session: Any, model_package_
         return {"skipped": True}
     role_arn = getattr(args, "deploy_role_arn", None) or os.environ.get(config.ENV_DEPLOY_ROLE_ARN)
     if not role_arn:
-        raise _command_error(
+        raise CommandError(
             f"no role for the deploy Lambda: pass --deploy-role-arn or set {config.ENV_DEPLOY_ROLE_ARN} "
             "(the README's 'Deployment on approval' section shows how to create it), "
             "or pass --skip-deploy-wiring"
@@ -567,81 +495,3 @@ def render_deploy_policy(
 
 def trust_policy() -> dict[str, Any]:
     return json.loads((importlib.resources.files("steps") / TRUST_POLICY).read_text(encoding="utf-8"))
-
-
-# --- command line ---------------------------------------------------------------------------------------------
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.deploy_infra",
-        description="Print the IAM documents the deploy Lambda's role needs.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    policy = commands.add_parser("policy", help="the role's least-privilege permissions policy (JSON)")
-    policy.add_argument(
-        "--execution-role-arn",
-        default=os.environ.get(config.ENV_ROLE_ARN),
-        help=f"SageMaker execution role the function passes to CreateModel (default: ${config.ENV_ROLE_ARN})",
-    )
-    policy.add_argument(
-        "--model-package-group",
-        default=config.MODEL_PACKAGE_GROUP,
-        help="model package group deployed (default: %(default)s)",
-    )
-    policy.add_argument(
-        "--deploy-function-name",
-        default=config.DEPLOY_FUNCTION_NAME,
-        help="name of the deploy Lambda (its log group) (default: %(default)s)",
-    )
-    policy.add_argument("--region", default=None, help="AWS region (default: the AWS configuration's)")
-    policy.add_argument("--account-id", default=None, help="AWS account ID (default: the caller's, from STS)")
-    policy.add_argument("--output", default=None, help="write the policy to this file (default: standard output)")
-    add_endpoint_arguments(policy)
-    commands.add_parser("trust-policy", help="the role's trust policy (lambda.amazonaws.com may assume it)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    if args.command == "trust-policy":
-        print(json.dumps(trust_policy(), indent=2))
-        return 0
-    if not args.execution_role_arn:
-        print(f"error: pass --execution-role-arn or set {config.ENV_ROLE_ARN}", file=sys.stderr)
-        return 2
-    try:
-        region, account_id = resolve_region_and_account(args.region, args.account_id)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if (args.min_capacity is None) != (args.max_capacity is None):
-        print("error: --min-capacity and --max-capacity go together", file=sys.stderr)
-        return 2
-    alarms = [name.strip() for name in (args.rollback_alarm_names or "").split(",") if name.strip()]
-    try:
-        policy = render_deploy_policy(
-            region=region,
-            account_id=account_id,
-            execution_role_arn=args.execution_role_arn,
-            model_package_group=args.model_package_group,
-            endpoint_name=args.endpoint_name,
-            function_name=args.deploy_function_name,
-            autoscaling=args.min_capacity is not None,
-            rollback_alarm_names=alarms,
-        )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    text = json.dumps(policy, indent=2)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,8 +31,8 @@ from typing import Any
 
 from entrypoints import contract
 from pipelines import config
+from pipelines.errors import CommandError
 from pipelines.local.predict import content_type_of
-from pipelines.run import CommandError
 
 TIE_TOLERANCE = 1e-3
 DEFAULT_IMAGES = 20

@@ -23,11 +23,12 @@ import sys
 from typing import Any
 
 from pipelines import config
+from steps import deploy
 
 RAY_SERVE = "ray-serve"
 LEGACY_PYTORCH = "pytorch-2.6"
 SERVING_IMAGES = (RAY_SERVE, LEGACY_PYTORCH)
-RAY_SERVE_TAG_MARKER = "/ray:serve-ml-sagemaker-"  # how any Ray Serve SageMaker image URI is recognised
+RAY_SERVE_TAG_MARKER = deploy.RAY_SERVE_IMAGE_MARKER  # how any Ray Serve SageMaker image URI is recognised
 
 _FAMILY = re.compile(r"^ml\.(?P<kind>[a-z]+)(?P<generation>\d+)(?P<suffix>[a-z-]*)\.[a-z0-9]+$")
 

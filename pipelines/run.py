@@ -2,6 +2,7 @@
 
 Each group of commands lives in its own module and adds itself here through ``add_commands(subparsers)``;
 modules import the SageMaker SDK and boto3 lazily so ``local`` starts fast and works with no AWS account.
+A command reports a mistake its user can fix by raising :class:`pipelines.errors.CommandError`.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pipelines.errors import CommandError
+
 # Modules that contribute subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES = (
     "pipelines.aws_cli",  # definition, upsert, start, status, models, approve, reject
     "pipelines.deploy_cli",  # deploy
-    "pipelines.local.cli",  # local, predict
+    "pipelines.local.cli",  # local, predict, endpoint, local-models
     "pipelines.endpoint_test",  # endpoint-test
     "pipelines.bootstrap",  # bootstrap
+    "pipelines.iam.cli",  # iam pipeline-policy | pipeline-trust-policy | deploy-policy | deploy-trust-policy
+    "pipelines.demo_data",  # demo-data
 )
-
-
-class CommandError(Exception):
-    """A user-facing error: printed as one line, exit status 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +52,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Under ``python -m`` this file runs as __main__, while command modules raise ``pipelines.run.CommandError``
-    # (a second copy of this module): run that copy's main so its ``except CommandError`` catches them.
-    from pipelines.run import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

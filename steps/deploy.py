@@ -26,36 +26,15 @@ in time, so it never waits for InService (autoscaling is then registered only on
 This file is zipped alone into the function: standard library and boto3 (in the Lambda runtime) only.
 ``python -m pipelines.run deploy --model-package-arn ...`` runs the same code by hand.
 
-Environment (all strings, as Lambda passes them):
-
-================================  ==================================================================
-MODEL_PACKAGE_GROUP_NAME          required: the only group whose approvals are deployed
-EXECUTION_ROLE_ARN                required: the SageMaker execution role the Model runs under
-RESOURCE_NAME_PREFIX              prefix of model, endpoint config and default endpoint names ("imgclf")
-ENDPOINT_NAME                     endpoint to create or update (default: ``<prefix>-<group>``)
-INSTANCE_TYPE / INSTANCE_COUNT    instance-backed variant ("ml.m5.large" x 1)
-SERVERLESS_MEMORY_MB              serverless variant instead (1024..6144, a multiple of 1024)
-SERVERLESS_MAX_CONCURRENCY        serverless concurrency (default 5)
-DATA_CAPTURE_S3_URI               turn on data capture to this s3:// prefix
-DATA_CAPTURE_PERCENT              percentage of requests captured (default 100)
-ROLLBACK_ALARM_NAMES              comma-separated CloudWatch alarms that roll a deployment back
-TRAFFIC_ROUTING                   ALL_AT_ONCE (default), CANARY or LINEAR
-TRAFFIC_STEP_PERCENT              canary size / linear step, percent of capacity (CANARY, LINEAR)
-TRAFFIC_WAIT_SECONDS              wait between traffic steps (default 300 with alarms, else 0)
-TERMINATION_WAIT_SECONDS          keep the old fleet this long after the shift (default 0)
-MAX_EXECUTION_TIMEOUT_SECONDS     abort (and roll back) a deployment that takes longer than this
-MIN_CAPACITY / MAX_CAPACITY       turn on autoscaling of the variant between these instance counts
-TARGET_INVOCATIONS_PER_INSTANCE   target-tracking value, invocations per instance per minute (70)
-SCALE_IN_COOLDOWN_SECONDS         autoscaling cooldowns (300 / 60)
-SCALE_OUT_COOLDOWN_SECONDS
-ENDPOINT_WAIT_SECONDS             how long to wait for a busy endpoint before raising (default 0)
-ENDPOINT_POLL_SECONDS             poll interval while waiting (default 30)
-LOG_LEVEL                         logging level (INFO)
-================================  ==================================================================
+Its settings come from the function's environment, one variable per row of :data:`SETTINGS` (all strings, as
+Lambda passes them). That table is the only place a setting is written down: :class:`DeploySettings`, its
+parsing, the environment ``upsert`` gives the function, the command-line flags (``pipelines/deploy_infra.py``)
+and the settings table of the README are all made from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -63,7 +42,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 try:  # boto3 is in the Lambda runtime; imported lazily elsewhere so this module loads without it
@@ -75,7 +54,7 @@ except ImportError:  # pragma: no cover - boto3/botocore are always installed wh
 
 
 logger = logging.getLogger("deploy")
-logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+logger.setLevel(logging.INFO)  # until the settings' LOG_LEVEL is read (handler)
 
 EVENT_SOURCE = "aws.sagemaker"
 EVENT_DETAIL_TYPE = "SageMaker Model Package State Change"
@@ -88,20 +67,13 @@ PIPELINE_STEP_WAIT_SECONDS = 300
 VARIANT_NAME = "AllTraffic"  # blue/green needs the same variant name in the old and the new config
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 
-DEFAULT_RESOURCE_NAME_PREFIX = "imgclf"
-DEFAULT_INSTANCE_TYPE = "ml.m5.large"
-DEFAULT_INSTANCE_COUNT = 1
-DEFAULT_SERVERLESS_MAX_CONCURRENCY = 5
-DEFAULT_DATA_CAPTURE_PERCENT = 100
-DEFAULT_TARGET_INVOCATIONS_PER_INSTANCE = 70.0
-DEFAULT_SCALE_IN_COOLDOWN_SECONDS = 300
-DEFAULT_SCALE_OUT_COOLDOWN_SECONDS = 60
-DEFAULT_BAKING_SECONDS_WITH_ALARMS = 300
-DEFAULT_ENDPOINT_POLL_SECONDS = 30
+DEFAULT_BAKING_SECONDS_WITH_ALARMS = 300  # TRAFFIC_WAIT_SECONDS when unset and rollback alarms watch the update
 TRAFFIC_ROUTING_TYPES = ("ALL_AT_ONCE", "CANARY", "LINEAR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 MAX_NAME_LENGTH = 63  # SageMaker model, endpoint config and endpoint names
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+MAX_PREFIX_LENGTH = 20
 # Room left after the base name for "-v<version>-<8 hex digits>".
 _SUFFIX_ROOM = 21
 
@@ -116,7 +88,14 @@ class DeployError(Exception):
 
 
 class ConfigurationError(DeployError):
-    """The function's environment (or the deploy command's flags) is invalid."""
+    """The function's environment (or the deploy command's flags) is invalid.
+
+    ``settings`` holds the rows of :data:`SETTINGS` that are at fault, so a caller can name them its own way.
+    """
+
+    def __init__(self, message: str, settings: tuple[Setting, ...] = ()) -> None:
+        super().__init__(message)
+        self.settings = settings
 
 
 class EndpointBusyError(DeployError):
@@ -127,184 +106,489 @@ class EndpointFailedError(DeployError):
     """The endpoint is Failed: SageMaker allows only DeleteEndpoint on it, so no retry will help."""
 
 
-# --- settings -------------------------------------------------------------------------------------------------
+# --- settings: one table --------------------------------------------------------------------------------------
+
+TEXT, INTEGER, NUMBER, NAMES, CHOICE = "text", "integer", "number", "names", "choice"
+_TYPES = {TEXT: str, INTEGER: int, NUMBER: float, NAMES: tuple, CHOICE: str}
 
 
 @dataclass(frozen=True)
-class DeploySettings:
-    """Everything the deployment reads from the function's environment, parsed and validated."""
+class Rule:
+    """What a text setting must look like: ``test`` says whether a value does, ``description`` says it in words."""
 
-    model_package_group: str
-    execution_role_arn: str
-    resource_name_prefix: str = DEFAULT_RESOURCE_NAME_PREFIX
-    endpoint_name: str = ""  # "" = derived from the prefix and the group
-    instance_type: str = DEFAULT_INSTANCE_TYPE
-    instance_count: int = DEFAULT_INSTANCE_COUNT
-    serverless_memory_mb: int | None = None
-    serverless_max_concurrency: int = DEFAULT_SERVERLESS_MAX_CONCURRENCY
-    data_capture_s3_uri: str | None = None
-    data_capture_percent: int = DEFAULT_DATA_CAPTURE_PERCENT
-    rollback_alarm_names: tuple[str, ...] = field(default_factory=tuple)
-    traffic_routing: str = "ALL_AT_ONCE"
-    traffic_step_percent: int | None = None
-    traffic_wait_seconds: int | None = None
-    termination_wait_seconds: int = 0
-    max_execution_timeout_seconds: int | None = None
-    min_capacity: int | None = None
-    max_capacity: int | None = None
-    target_invocations_per_instance: float = DEFAULT_TARGET_INVOCATIONS_PER_INSTANCE
-    scale_in_cooldown_seconds: int = DEFAULT_SCALE_IN_COOLDOWN_SECONDS
-    scale_out_cooldown_seconds: int = DEFAULT_SCALE_OUT_COOLDOWN_SECONDS
-    endpoint_wait_seconds: int = 0
-    endpoint_poll_seconds: int = DEFAULT_ENDPOINT_POLL_SECONDS
+    test: Callable[[str], bool]
+    description: str
+
+
+ROLE_ARN_RULE = Rule(
+    lambda value: value.startswith("arn:") and ":role/" in value, "an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)"
+)
+PREFIX_RULE = Rule(
+    lambda value: bool(NAME_PATTERN.match(value)) and len(value) <= MAX_PREFIX_LENGTH,
+    f"a name prefix (1-{MAX_PREFIX_LENGTH} letters, digits or hyphens)",
+)
+ENDPOINT_NAME_RULE = Rule(
+    lambda value: bool(NAME_PATTERN.match(value)),
+    "a valid endpoint name (1-63 letters, digits and hyphens, starting and ending with a letter or digit)",
+)
+INSTANCE_TYPE_RULE = Rule(lambda value: value.startswith("ml."), "a SageMaker instance type (ml.*)")
+S3_URI_RULE = Rule(lambda value: value.startswith("s3://"), "an s3:// URI")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One deploy setting, a row of :data:`SETTINGS`.
+
+    Attributes:
+        name: the :class:`DeploySettings` field; its flag is ``--<name with hyphens>``.
+        env: the environment variable the function reads it from.
+        kind: text, integer, number (a float > 0), names (comma-separated) or choice (one of ``choices``,
+            any case).
+        help: what it sets, in a phrase.
+        default: the value when the variable is unset or empty; None means "off" (``default_help`` says what
+            that means) unless ``required``.
+        default_help: the default in words, where the value alone does not say it.
+        minimum / maximum / multiple_of: bounds of an integer.
+        choices: the values of a choice, in upper case.
+        rule: what a text value must look like.
+        required: no default: the function cannot run without it.
+        flag: the flag that fills it: None for the table's own ``--<name>``; another name for a setting the
+            command fills from a flag it has anyway (``--model-package-group``, ``--role``); "" for none at all
+            (a value fixed by the project).
+        only_for: "instances" or "serverless": left out of the environment of the other kind of endpoint.
+    """
+
+    name: str
+    env: str
+    kind: str
+    help: str
+    default: Any = None
+    default_help: str = ""
+    minimum: int | None = None
+    maximum: int | None = None
+    multiple_of: int | None = None
+    choices: tuple[str, ...] = ()
+    rule: Rule | None = None
+    required: bool = False
+    flag: str | None = None
+    only_for: str | None = None
+
+    @property
+    def flag_name(self) -> str | None:
+        """The flag that fills this setting, or None when no flag does."""
+        if self.flag is None:
+            return "--" + self.name.replace("_", "-")
+        return self.flag or None
+
+    @property
+    def has_own_flag(self) -> bool:
+        """Whether the flag comes from this table (else the command adds it, or there is none)."""
+        return self.flag is None
+
+    def convert(self, text: str) -> Any:
+        """``text`` as this setting's type (an empty text is unset: the default). Raises ValueError saying what
+        is wrong, without naming the setting (the caller names the variable or the flag)."""
+        text = text.strip()
+        if not text:
+            if self.required:
+                raise ValueError(f"is not set ({self.help})")
+            return self.default
+        if self.kind == INTEGER:
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError("is not an integer") from None
+        if self.kind == NUMBER:
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError("is not a number") from None
+        if self.kind == NAMES:
+            return tuple(item.strip() for item in text.split(",") if item.strip())
+        if self.kind == CHOICE:
+            return text.upper()
+        return text
+
+    def check(self, value: Any) -> None:
+        """Raise ValueError saying what is wrong with a converted value (bounds, choices, rule)."""
+        if value is None or value == self.default:
+            return
+        if self.kind == NUMBER and not value > 0:
+            raise ValueError("must be > 0")
+        if self.kind == CHOICE and value not in self.choices:
+            raise ValueError(f"must be one of {', '.join(self.choices)}")
+        if self.kind == INTEGER:
+            low, high = self.minimum, self.maximum
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise ValueError(f"must be >= {low}" if high is None else f"must be between {low} and {high}")
+            if self.multiple_of and value % self.multiple_of:
+                step = self.multiple_of
+                raise ValueError(f"must be a multiple of {step} ({step}, {2 * step}, ... {high})")
+        if self.rule is not None and not self.rule.test(value):
+            raise ValueError(f"is not {self.rule.description}")
+
+    def parse(self, text: str) -> Any:
+        """The checked value of ``text`` (see :meth:`convert` and :meth:`check`)."""
+        value = self.convert(text)
+        self.check(value)
+        return value
+
+    def format(self, value: Any) -> str:
+        """``value`` as the environment variable's text (what :meth:`parse` reads back)."""
+        if self.kind == NAMES:
+            return ",".join(value)
+        return str(value)
+
+    def describe(self) -> str:
+        """The type and bounds in words, for help and documentation."""
+        if self.kind == CHOICE:
+            return " / ".join(self.choices)
+        if self.kind == NAMES:
+            return "comma-separated names"
+        if self.kind == NUMBER:
+            return "number > 0"
+        if self.kind == INTEGER:
+            bounds = f">= {self.minimum}" if self.maximum is None else f"{self.minimum}-{self.maximum}"
+            return f"integer {bounds}" + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
+        return self.rule.description if self.rule is not None else "text"
+
+    def describe_default(self) -> str:
+        """The default in words."""
+        if self.required:
+            return "required"
+        if self.default_help:
+            return self.default_help
+        return self.format(self.default)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "model_package_group",
+        "MODEL_PACKAGE_GROUP_NAME",
+        TEXT,
+        "the model package group to deploy: the only group whose approvals are deployed",
+        required=True,
+        flag="--model-package-group",
+    ),
+    Setting(
+        "execution_role_arn",
+        "EXECUTION_ROLE_ARN",
+        TEXT,
+        "the SageMaker execution role the model runs under",
+        required=True,
+        rule=ROLE_ARN_RULE,
+        flag="--role",
+    ),
+    Setting(
+        "resource_name_prefix",
+        "RESOURCE_NAME_PREFIX",
+        TEXT,
+        "prefix of the model, endpoint config and default endpoint names (the deploy role's policy names them)",
+        default="imgclf",
+        rule=PREFIX_RULE,
+        flag="",
+    ),
+    Setting(
+        "endpoint_name",
+        "ENDPOINT_NAME",
+        TEXT,
+        "endpoint to create or update",
+        default="",
+        default_help="<prefix>-<model package group>",
+        rule=ENDPOINT_NAME_RULE,
+    ),
+    Setting(
+        "endpoint_instance_type",
+        "INSTANCE_TYPE",
+        TEXT,
+        "instance type of an instance-backed endpoint",
+        default="ml.m5.large",
+        rule=INSTANCE_TYPE_RULE,
+        only_for="instances",
+    ),
+    Setting(
+        "endpoint_instance_count",
+        "INSTANCE_COUNT",
+        INTEGER,
+        "initial instance count",
+        default=1,
+        minimum=1,
+        only_for="instances",
+    ),
+    Setting(
+        "serverless_memory_mb",
+        "SERVERLESS_MEMORY_MB",
+        INTEGER,
+        "serve from a serverless endpoint with this much memory instead of instances",
+        default_help="instances",
+        minimum=1024,
+        maximum=6144,
+        multiple_of=1024,
+    ),
+    Setting(
+        "serverless_max_concurrency",
+        "SERVERLESS_MAX_CONCURRENCY",
+        INTEGER,
+        "a serverless endpoint's most concurrent invocations",
+        default=5,
+        minimum=1,
+        maximum=200,
+        only_for="serverless",
+    ),
+    Setting(
+        "data_capture_s3_uri",
+        "DATA_CAPTURE_S3_URI",
+        TEXT,
+        "capture requests and responses to this s3:// prefix",
+        default_help="no data capture",
+        rule=S3_URI_RULE,
+    ),
+    Setting(
+        "data_capture_percent",
+        "DATA_CAPTURE_PERCENT",
+        INTEGER,
+        "percentage of requests captured",
+        default=100,
+        minimum=1,
+        maximum=100,
+    ),
+    Setting(
+        "rollback_alarm_names",
+        "ROLLBACK_ALARM_NAMES",
+        NAMES,
+        "CloudWatch alarms that roll a blue/green update back",
+        default=(),
+        default_help="none",
+    ),
+    Setting(
+        "traffic_routing",
+        "TRAFFIC_ROUTING",
+        CHOICE,
+        "how a blue/green update shifts traffic to the new fleet",
+        default="ALL_AT_ONCE",
+        choices=TRAFFIC_ROUTING_TYPES,
+    ),
+    Setting(
+        "traffic_step_percent",
+        "TRAFFIC_STEP_PERCENT",
+        INTEGER,
+        "canary size or linear step, percent of capacity (CANARY and LINEAR need it)",
+        default_help="none",
+        minimum=1,
+        maximum=100,
+    ),
+    Setting(
+        "traffic_wait_seconds",
+        "TRAFFIC_WAIT_SECONDS",
+        INTEGER,
+        "wait (baking) between traffic steps",
+        default_help=f"{DEFAULT_BAKING_SECONDS_WITH_ALARMS} with rollback alarms, else 0",
+        minimum=0,
+        maximum=3600,
+    ),
+    Setting(
+        "termination_wait_seconds",
+        "TERMINATION_WAIT_SECONDS",
+        INTEGER,
+        "keep the old fleet this long after traffic has moved",
+        default=0,
+        minimum=0,
+        maximum=3600,
+    ),
+    Setting(
+        "max_execution_timeout_seconds",
+        "MAX_EXECUTION_TIMEOUT_SECONDS",
+        INTEGER,
+        "roll back a blue/green update that takes longer than this",
+        default_help="SageMaker's",
+        minimum=600,
+        maximum=14400,
+    ),
+    Setting(
+        "min_capacity",
+        "MIN_CAPACITY",
+        INTEGER,
+        "the fewest instances autoscaling keeps (set with the most, it turns autoscaling on)",
+        default_help="no autoscaling",
+        minimum=1,
+    ),
+    Setting(
+        "max_capacity",
+        "MAX_CAPACITY",
+        INTEGER,
+        "the most instances autoscaling adds (set with the fewest, it turns autoscaling on)",
+        default_help="no autoscaling",
+        minimum=1,
+    ),
+    Setting(
+        "target_invocations_per_instance",
+        "TARGET_INVOCATIONS_PER_INSTANCE",
+        NUMBER,
+        "autoscaling target: invocations per instance per minute",
+        default=70.0,
+        only_for="instances",
+    ),
+    Setting(
+        "scale_in_cooldown_seconds",
+        "SCALE_IN_COOLDOWN_SECONDS",
+        INTEGER,
+        "autoscaling: seconds after a scale-in activity before the next one",
+        default=300,
+        minimum=0,
+        only_for="instances",
+    ),
+    Setting(
+        "scale_out_cooldown_seconds",
+        "SCALE_OUT_COOLDOWN_SECONDS",
+        INTEGER,
+        "autoscaling: seconds after a scale-out activity before the next one",
+        default=60,
+        minimum=0,
+        only_for="instances",
+    ),
+    Setting(
+        "endpoint_wait_seconds",
+        "ENDPOINT_WAIT_SECONDS",
+        INTEGER,
+        "how long to wait for a busy endpoint (being created or updated) before failing with a retryable error",
+        default=600,
+        minimum=0,
+    ),
+    Setting(
+        "endpoint_poll_seconds",
+        "ENDPOINT_POLL_SECONDS",
+        INTEGER,
+        "seconds between looks at a busy endpoint",
+        default=30,
+        minimum=1,
+    ),
+    Setting("log_level", "LOG_LEVEL", CHOICE, "the function's logging level", default="INFO", choices=LOG_LEVELS),
+)
+SETTINGS_BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
+
+
+def _conflicts(values: Mapping[str, Any], label: Callable[[Setting], str]) -> list[tuple[str, tuple[str, ...]]]:
+    """Rules between settings: (what is wrong, the names of the settings at fault)."""
+
+    def named(name: str) -> str:
+        return label(SETTINGS_BY_NAME[name])
+
+    problems: list[tuple[str, tuple[str, ...]]] = []
+    routing, step = values["traffic_routing"], values["traffic_step_percent"]
+    if routing != "ALL_AT_ONCE" and step is None:
+        problems.append(
+            (
+                f"{named('traffic_routing')}={routing} needs {named('traffic_step_percent')} "
+                "(percent of capacity per step)",
+                ("traffic_routing", "traffic_step_percent"),
+            )
+        )
+    low, high = values["min_capacity"], values["max_capacity"]
+    capacity = ("min_capacity", "max_capacity")
+    if (low is None) != (high is None):
+        problems.append(
+            (
+                f"{named('min_capacity')} and {named('max_capacity')} turn on autoscaling together: "
+                "set both or neither",
+                capacity,
+            )
+        )
+    elif low is not None and low > high:
+        problems.append((f"{named('min_capacity')}={low} is greater than {named('max_capacity')}={high}", capacity))
+    if values["serverless_memory_mb"] is not None and (low is not None or high is not None):
+        problems.append(
+            (
+                f"{named('min_capacity')}/{named('max_capacity')} scale instances; a serverless endpoint "
+                f"({named('serverless_memory_mb')}) scales by itself up to {named('serverless_max_concurrency')}: "
+                "unset one of them",
+                ("serverless_memory_mb", *capacity),
+            )
+        )
+    return problems
+
+
+class _DeploySettingsMethods:
+    """What :class:`DeploySettings` does besides holding the values of :data:`SETTINGS`."""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> DeploySettings:
-        """Parse and validate settings; raise :class:`ConfigurationError` naming every bad variable."""
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, label: Callable[[Setting], str] | None = None
+    ) -> DeploySettings:
+        """Parse and check every setting; raise :class:`ConfigurationError` naming every bad one.
+
+        ``label`` names a setting in the messages (default: its environment variable; the deploy command
+        passes its flags).
+        """
         env = os.environ if environ is None else environ
+        label = label or (lambda setting: setting.env)
+        values: dict[str, Any] = {}
         problems: list[str] = []
-
-        def text(name: str) -> str | None:
-            value = env.get(name, "").strip()
-            return value or None
-
-        def integer(name: str, minimum: int, maximum: int | None = None) -> int | None:
-            raw = text(name)
-            if raw is None:
-                return None
+        at_fault: list[Setting] = []
+        for setting in SETTINGS:
+            text = env.get(setting.env, "").strip()
             try:
-                value = int(raw)
-            except ValueError:
-                problems.append(f"{name}={raw!r} is not an integer")
-                return None
-            if value < minimum or (maximum is not None and value > maximum):
-                bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-                problems.append(f"{name}={value} must be {bounds}")
-                return None
-            return value
-
-        def number(name: str) -> float | None:
-            raw = text(name)
-            if raw is None:
-                return None
-            try:
-                value = float(raw)
-            except ValueError:
-                problems.append(f"{name}={raw!r} is not a number")
-                return None
-            if not value > 0:
-                problems.append(f"{name}={raw} must be > 0")
-                return None
-            return value
-
-        group = text("MODEL_PACKAGE_GROUP_NAME")
-        if group is None:
-            problems.append("MODEL_PACKAGE_GROUP_NAME is not set (the model package group to deploy)")
-        role = text("EXECUTION_ROLE_ARN")
-        if role is None:
-            problems.append("EXECUTION_ROLE_ARN is not set (the SageMaker execution role for the model)")
-        elif not role.startswith("arn:") or ":role/" not in role:
-            problems.append(f"EXECUTION_ROLE_ARN={role!r} is not an IAM role ARN (arn:aws:iam::<account>:role/...)")
-
-        prefix = text("RESOURCE_NAME_PREFIX") or DEFAULT_RESOURCE_NAME_PREFIX
-        if not NAME_PATTERN.match(prefix) or len(prefix) > 20:
-            problems.append(f"RESOURCE_NAME_PREFIX={prefix!r} must be 1-20 letters, digits or hyphens")
-        endpoint_name = text("ENDPOINT_NAME") or ""
-        if endpoint_name and not NAME_PATTERN.match(endpoint_name):
-            problems.append(
-                f"ENDPOINT_NAME={endpoint_name!r} is not a valid endpoint name "
-                "(1-63 letters, digits and hyphens, starting and ending with a letter or digit)"
-            )
-
-        memory = integer("SERVERLESS_MEMORY_MB", 1024, 6144)
-        if memory is not None and memory % 1024:
-            problems.append(f"SERVERLESS_MEMORY_MB={memory} must be a multiple of 1024 (1024, 2048, ... 6144)")
-        concurrency = integer("SERVERLESS_MAX_CONCURRENCY", 1, 200)
-        instance_type = text("INSTANCE_TYPE") or DEFAULT_INSTANCE_TYPE
-        if not instance_type.startswith("ml."):
-            problems.append(f"INSTANCE_TYPE={instance_type!r} is not a SageMaker instance type (ml.*)")
-        instance_count = integer("INSTANCE_COUNT", 1)
-
-        capture_uri = text("DATA_CAPTURE_S3_URI")
-        if capture_uri is not None and not capture_uri.startswith("s3://"):
-            problems.append(f"DATA_CAPTURE_S3_URI={capture_uri!r} must be an s3:// URI")
-        capture_percent = integer("DATA_CAPTURE_PERCENT", 1, 100)
-
-        alarms = tuple(name.strip() for name in (text("ROLLBACK_ALARM_NAMES") or "").split(",") if name.strip())
-        routing = (text("TRAFFIC_ROUTING") or "ALL_AT_ONCE").upper()
-        step = integer("TRAFFIC_STEP_PERCENT", 1, 100)
-        if routing not in TRAFFIC_ROUTING_TYPES:
-            problems.append(f"TRAFFIC_ROUTING={routing!r} must be one of {', '.join(TRAFFIC_ROUTING_TYPES)}")
-        elif routing != "ALL_AT_ONCE" and step is None:
-            problems.append(f"TRAFFIC_ROUTING={routing} needs TRAFFIC_STEP_PERCENT (percent of capacity per step)")
-
-        min_capacity = integer("MIN_CAPACITY", 1)
-        max_capacity = integer("MAX_CAPACITY", 1)
-        if (text("MIN_CAPACITY") is None) != (text("MAX_CAPACITY") is None):
-            problems.append("MIN_CAPACITY and MAX_CAPACITY turn on autoscaling together: set both or neither")
-        if min_capacity is not None and max_capacity is not None and min_capacity > max_capacity:
-            problems.append(f"MIN_CAPACITY={min_capacity} is greater than MAX_CAPACITY={max_capacity}")
-        if memory is not None and min_capacity is not None:
-            problems.append(
-                "MIN_CAPACITY/MAX_CAPACITY scale instances; a serverless endpoint (SERVERLESS_MEMORY_MB) scales "
-                "by itself up to SERVERLESS_MAX_CONCURRENCY: unset one of them"
-            )
-
-        traffic_wait = integer("TRAFFIC_WAIT_SECONDS", 0, 3600)
-        termination_wait = integer("TERMINATION_WAIT_SECONDS", 0, 3600)
-        max_execution_timeout = integer("MAX_EXECUTION_TIMEOUT_SECONDS", 600, 14400)
-        target_invocations = number("TARGET_INVOCATIONS_PER_INSTANCE")
-        scale_in_cooldown = integer("SCALE_IN_COOLDOWN_SECONDS", 0)
-        scale_out_cooldown = integer("SCALE_OUT_COOLDOWN_SECONDS", 0)
-        endpoint_wait = integer("ENDPOINT_WAIT_SECONDS", 0)
-        endpoint_poll = integer("ENDPOINT_POLL_SECONDS", 1)
+                values[setting.name] = setting.parse(text)
+            except ValueError as error:
+                problems.append(f"{label(setting)}={text!r} {error}" if text else f"{label(setting)} {error}")
+                at_fault.append(setting)
+        if not problems:
+            for problem, names in _conflicts(values, label):
+                problems.append(problem)
+                at_fault.extend(SETTINGS_BY_NAME[name] for name in names)
         if problems:
-            raise ConfigurationError("invalid deploy settings: " + "; ".join(problems))
+            raise ConfigurationError("invalid deploy settings: " + "; ".join(problems), tuple(at_fault))
+        return cls(**values)  # type: ignore[return-value]
 
-        def pick(value: Any, default: Any) -> Any:
-            return default if value is None else value
-
-        return cls(
-            model_package_group=group or "",
-            execution_role_arn=role or "",
-            resource_name_prefix=prefix,
-            endpoint_name=endpoint_name,
-            instance_type=instance_type,
-            instance_count=pick(instance_count, DEFAULT_INSTANCE_COUNT),
-            serverless_memory_mb=memory,
-            serverless_max_concurrency=pick(concurrency, DEFAULT_SERVERLESS_MAX_CONCURRENCY),
-            data_capture_s3_uri=capture_uri,
-            data_capture_percent=pick(capture_percent, DEFAULT_DATA_CAPTURE_PERCENT),
-            rollback_alarm_names=alarms,
-            traffic_routing=routing,
-            traffic_step_percent=step,
-            traffic_wait_seconds=traffic_wait,
-            termination_wait_seconds=pick(termination_wait, 0),
-            max_execution_timeout_seconds=max_execution_timeout,
-            min_capacity=min_capacity,
-            max_capacity=max_capacity,
-            target_invocations_per_instance=pick(target_invocations, DEFAULT_TARGET_INVOCATIONS_PER_INSTANCE),
-            scale_in_cooldown_seconds=pick(scale_in_cooldown, DEFAULT_SCALE_IN_COOLDOWN_SECONDS),
-            scale_out_cooldown_seconds=pick(scale_out_cooldown, DEFAULT_SCALE_OUT_COOLDOWN_SECONDS),
-            endpoint_wait_seconds=pick(endpoint_wait, 0),
-            endpoint_poll_seconds=pick(endpoint_poll, DEFAULT_ENDPOINT_POLL_SECONDS),
-        )
+    def to_env(self) -> dict[str, str]:
+        """The function's environment that parses back to these settings: every setting with a value, except
+        those of the other kind of endpoint (a serverless endpoint has no instance type)."""
+        kind = "serverless" if self.serverless else "instances"
+        environment = {}
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if value is None or value in ("", ()) or setting.only_for not in (None, kind):
+                continue
+            environment[setting.env] = setting.format(value)
+        return environment
 
     @property
     def serverless(self) -> bool:
-        return self.serverless_memory_mb is not None
+        return self.serverless_memory_mb is not None  # type: ignore[attr-defined]
 
     @property
     def autoscaling(self) -> bool:
-        return self.min_capacity is not None and self.max_capacity is not None
+        return self.min_capacity is not None and self.max_capacity is not None  # type: ignore[attr-defined]
 
     @property
     def base_name(self) -> str:
-        return resource_base_name(self.resource_name_prefix, self.model_package_group)
+        return resource_base_name(self.resource_name_prefix, self.model_package_group)  # type: ignore[attr-defined]
 
     @property
     def resolved_endpoint_name(self) -> str:
-        return self.endpoint_name or self.base_name
+        return self.endpoint_name or self.base_name  # type: ignore[attr-defined]
+
+
+def _settings_fields() -> list[tuple[str, Any, Any]]:
+    fields = []
+    for setting in SETTINGS:
+        annotation = _TYPES[setting.kind]
+        if setting.default is None and not setting.required:
+            annotation = annotation | None
+        fields.append(
+            (setting.name, annotation)
+            if setting.required
+            else (setting.name, annotation, dataclasses.field(default=setting.default))
+        )
+    return fields
+
+
+# Everything the deployment reads from the function's environment, parsed and checked: one field per row of
+# SETTINGS, made from the table so that a setting is written down once.
+DeploySettings = dataclasses.make_dataclass(
+    "DeploySettings", _settings_fields(), bases=(_DeploySettingsMethods,), frozen=True
+)
+DeploySettings.__module__ = __name__  # make_dataclass names its own module before Python 3.12
+DeploySettings.__doc__ = "The deploy settings: one field per row of :data:`SETTINGS` (see there)."
 
 
 # --- names ----------------------------------------------------------------------------------------------------
@@ -347,8 +631,8 @@ def production_variant(settings: DeploySettings, model_name: str) -> dict[str, A
             "MaxConcurrency": settings.serverless_max_concurrency,
         }
     else:
-        variant["InstanceType"] = settings.instance_type
-        variant["InitialInstanceCount"] = settings.instance_count
+        variant["InstanceType"] = settings.endpoint_instance_type
+        variant["InitialInstanceCount"] = settings.endpoint_instance_count
     return variant
 
 
@@ -794,11 +1078,12 @@ def apply_serving_image(config_request: dict[str, Any], image: str, settings: De
                 "--serving-image pytorch-2.6 (past end of patches) to serve it serverless"
             )
         cuda = "-cuda-" in image
-        if cuda != _is_gpu_instance(settings.instance_type):
+        if cuda != _is_gpu_instance(settings.endpoint_instance_type):
+            instance_type = f"{SETTINGS_BY_NAME['endpoint_instance_type'].env}={settings.endpoint_instance_type}"
             raise UnsupportedServingImageError(
-                f"the package's image is the Ray Serve {'CUDA' if cuda else 'CPU'} build but INSTANCE_TYPE="
-                f"{settings.instance_type} is a {'CPU' if cuda else 'GPU'} instance: choose a matching instance "
-                "type, or register the model with --serving-instance-type of the same kind"
+                f"the package's image is the Ray Serve {'CUDA' if cuda else 'CPU'} build but {instance_type} is a "
+                f"{'CPU' if cuda else 'GPU'} instance: choose a matching instance type, or register the model with "
+                "--serving-instance-type of the same kind"
             )
         if cuda:
             for variant in config_request["ProductionVariants"]:
@@ -917,6 +1202,7 @@ def _deadline_from_context(context: Any, settings: DeploySettings, limit_seconds
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Lambda entry point (``deploy.handler``)."""
     settings = DeploySettings.from_env()
+    logger.setLevel(settings.log_level)
     _log(logging.INFO, "event received", event_id=_event_id(event), settings=asdict(settings))
     limit = PIPELINE_STEP_WAIT_SECONDS if is_pipeline_payload(event) else None
     deadline = _deadline_from_context(context, settings, limit)

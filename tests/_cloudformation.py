@@ -374,7 +374,7 @@ def rendered_pipeline_role_policy(*, region: str, account_id: str, bucket: str, 
     options = {
         "pipeline_name": names["PipelineName"],
         "model_package_group": names["ModelPackageGroupName"],
-        "job_prefix": names["JobPrefix"],
+        "base_job_prefix": names["JobPrefix"],
         # The pipeline's Deploy step invokes the deploy function: its statement names the function where the
         # renderer takes the name.
         "deploy_function_name": names["DeployFunctionName"],
@@ -382,5 +382,5 @@ def rendered_pipeline_role_policy(*, region: str, account_id: str, bucket: str, 
     accepted = inspect.signature(iam.render_pipeline_role_policy).parameters
     options = {key: value for key, value in options.items() if key in accepted}
     return iam.render_pipeline_role_policy(
-        region=region, account_id=account_id, bucket=bucket, role_arn=role_arn, **options
+        region=region, account_id=account_id, bucket=bucket, role=role_arn, **options
     )

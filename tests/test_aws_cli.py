@@ -86,9 +86,9 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert exit_info.value.code == 0
         assert "--region" in capsys.readouterr().out
     upsert_help = build_parser()._subparsers._group_actions[0].choices["upsert"].format_help()
-    for flag in ("--no-debugger", "--tuning-strategy", "--spot", "--kms-key", "--subnets", "--security-groups"):
+    for flag in ("--no-debugger", "--tuning-strategy", "--use-spot-instances", "--kms-key", "--subnets"):
         assert flag in upsert_help
-    for flag in ("--network-isolation", "--pipeline-name", "--model-package-group", "--no-deploy-trigger", "--tag"):
+    for flag in ("--security-group-ids", "--network-isolation", "--pipeline-name", "--model-package-group", "--tag"):
         assert flag in upsert_help
 
 
@@ -209,7 +209,7 @@ def test_upsert_without_a_deploy_role_changes_nothing(
     monkeypatch.delenv(config.ENV_DEPLOY_ROLE_ARN)
     code, out, err = _run(capsys, "upsert")
     assert code == 2
-    assert "--deploy-role-arn" in err and config.ENV_DEPLOY_ROLE_ARN in err and "--no-deploy-trigger" in err
+    assert "--deploy-role-arn" in err and config.ENV_DEPLOY_ROLE_ARN in err and "--skip-deploy-wiring" in err
     assert "nothing was changed" in err and out == ""
     assert aws.client("sagemaker").list_pipelines()["PipelineSummaries"] == []
     assert aws.client("s3").list_objects_v2(Bucket=BUCKET)["KeyCount"] == 0
@@ -345,7 +345,7 @@ def test_follow_execution_gives_up_after_the_timeout(monkeypatch: pytest.MonkeyP
     import io
 
     from pipelines import aws_cli
-    from pipelines.run import CommandError
+    from pipelines.errors import CommandError
 
     monkeypatch.setattr(aws_cli, "_sleep", lambda seconds: None)
     fake = ScriptedExecution([("Executing", [])])

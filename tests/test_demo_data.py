@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipelines import demo_data
+from pipelines.run import main
 from steps.preprocess import main as preprocess_main
 
 NAME_PATTERN = re.compile(r"dogImages/(train|valid|test)/(\d{3}\.[a-z]+)/([a-z]+)_\d{5}\.jpg")
@@ -96,10 +97,10 @@ def test_the_processing_step_reads_it_without_upscaling(tmp_path):
 
 def test_command_line(tmp_path, capsys):
     target = tmp_path / "cli" / "digits.zip"
-    assert demo_data.main([str(target), "--per-class-limit", "3", "--image-size", "16"]) == 0
+    assert main(["demo-data", str(target), "--per-class-limit", "3", "--image-size", "16"]) == 0
     assert "wrote 30 digit images" in capsys.readouterr().out
     assert Image.open(io.BytesIO(next(iter(read_archive(target).values())))).size == (16, 16)
-    assert demo_data.main([str(target), "--per-class-limit", "0"]) == 2
+    assert main(["demo-data", str(target), "--per-class-limit", "0"]) == 2
     assert "per_class_limit" in capsys.readouterr().err
 
 

@@ -160,8 +160,8 @@ def test_approval_creates_model_config_and_endpoint(sagemaker, recorder, functio
     endpoint_config = sagemaker.describe_endpoint_config(EndpointConfigName=result["endpoint_config_name"])
     (variant,) = endpoint_config["ProductionVariants"]
     assert variant["ModelName"] == result["model_name"]
-    assert variant["InstanceType"] == config.ENDPOINT_INSTANCE_TYPE
-    assert variant["InitialInstanceCount"] == config.ENDPOINT_INSTANCE_COUNT
+    assert variant["InstanceType"] == deploy.SETTINGS_BY_NAME["endpoint_instance_type"].default
+    assert variant["InitialInstanceCount"] == deploy.SETTINGS_BY_NAME["endpoint_instance_count"].default
     assert "DataCaptureConfig" not in endpoint_config or not endpoint_config["DataCaptureConfig"]
     endpoint = sagemaker.describe_endpoint(EndpointName=result["endpoint_name"])
     assert endpoint["EndpointConfigName"] == result["endpoint_config_name"]
@@ -471,7 +471,7 @@ def test_busy_endpoint_is_waited_for_within_the_time_given(sagemaker, recorder, 
     result = deploy.handle_event(event, deploy.DeploySettings.from_env(), deploy.create_clients(), sleep=fake_sleep)
 
     assert result["action"] == "updated"
-    assert sleeps == [deploy.DEFAULT_ENDPOINT_POLL_SECONDS] * 2
+    assert sleeps == [deploy.SETTINGS_BY_NAME["endpoint_poll_seconds"].default] * 2
 
 
 def test_lambda_remaining_time_bounds_the_wait(sagemaker, recorder, function_env, monkeypatch) -> None:
@@ -554,7 +554,7 @@ def test_valid_settings_parse() -> None:
             "MAX_CAPACITY": "6",
         }
     )
-    assert settings.instance_count == 3
+    assert settings.endpoint_instance_count == 3
     assert settings.rollback_alarm_names == ("a", "b")
     assert settings.traffic_routing == "LINEAR"
     assert settings.autoscaling and (settings.min_capacity, settings.max_capacity) == (2, 6)
@@ -580,15 +580,6 @@ def test_names_stay_valid_unique_and_stable_for_long_groups() -> None:
         assert endpoint_config == deploy.endpoint_config_name_for(settings, 123456, request)  # stable
         names.add(settings.resolved_endpoint_name)
     assert len(names) == len(groups)
-
-
-def test_handler_defaults_match_the_config_defaults() -> None:
-    assert deploy.DEFAULT_RESOURCE_NAME_PREFIX == config.ENDPOINT_NAME_PREFIX
-    assert deploy.DEFAULT_INSTANCE_TYPE == config.ENDPOINT_INSTANCE_TYPE
-    assert deploy.DEFAULT_INSTANCE_COUNT == config.ENDPOINT_INSTANCE_COUNT
-    assert deploy.DEFAULT_SERVERLESS_MAX_CONCURRENCY == config.ENDPOINT_SERVERLESS_MAX_CONCURRENCY
-    assert deploy.DEFAULT_DATA_CAPTURE_PERCENT == config.ENDPOINT_DATA_CAPTURE_PERCENT
-    assert deploy.DEFAULT_TARGET_INVOCATIONS_PER_INSTANCE == config.ENDPOINT_TARGET_INVOCATIONS_PER_INSTANCE
 
 
 def test_handler_module_imports_only_the_standard_library_and_boto3() -> None:

@@ -22,7 +22,8 @@ from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 
 from pipelines import config, deploy_infra
-from pipelines.run import CommandError
+from pipelines.errors import CommandError
+from pipelines.run import main
 from steps import deploy
 
 REGION = "us-east-1"
@@ -120,7 +121,7 @@ def test_upsert_creates_function_rule_target_and_permission(session, deploy_role
     assert environment["MODEL_PACKAGE_GROUP_NAME"] == GROUP
     assert environment["EXECUTION_ROLE_ARN"] == EXECUTION_ROLE
     assert (environment["MIN_CAPACITY"], environment["MAX_CAPACITY"]) == ("1", "3")
-    assert environment["INSTANCE_TYPE"] == config.ENDPOINT_INSTANCE_TYPE
+    assert environment["INSTANCE_TYPE"] == deploy.SETTINGS_BY_NAME["endpoint_instance_type"].default
     # What the function will parse from that environment is what upsert validated.
     assert deploy.DeploySettings.from_env(environment).resolved_endpoint_name == result["endpoint_name"]
 
@@ -362,12 +363,12 @@ def test_trust_policy_lets_only_lambda_assume_the_role() -> None:
 
 
 def test_policy_command_prints_the_rendered_policy(capsys) -> None:
-    code = deploy_infra.main(
-        ["policy", "--execution-role-arn", EXECUTION_ROLE, "--region", REGION, "--account-id", DEFAULT_ACCOUNT_ID,
+    code = main(
+        ["iam", "deploy-policy", "--role", EXECUTION_ROLE, "--region", REGION, "--account-id", DEFAULT_ACCOUNT_ID,
          "--min-capacity", "1", "--max-capacity", "2", "--rollback-alarm-names", "imgclf-5xx"]
     )  # fmt: skip
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == render(autoscaling=True, rollback_alarm_names=["imgclf-5xx"])
-    assert deploy_infra.main(["trust-policy"]) == 0
+    assert main(["iam", "deploy-trust-policy"]) == 0
     assert json.loads(capsys.readouterr().out) == deploy_infra.trust_policy()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipelines import config, iam
-from pipelines.iam import __main__ as iam_cli
+from pipelines.run import main
 
 ACCOUNT_ID = "123456789012"
 OTHER_ACCOUNT_ID = "210987654321"
@@ -39,11 +39,11 @@ def render(built: dict[str, Any], *, all_options: bool = False, **overrides: Any
         "region": built["region"],
         "account_id": ACCOUNT_ID,
         "bucket": built["bucket"],
-        "role_arn": built["role"],
+        "role": built["role"],
     }
     if all_options:
         arguments.update(
-            kms_key_arn=options["kms_key"],
+            kms_key=options["kms_key"],
             subnets=options["subnets"],
             security_group_ids=options["security_group_ids"],
             extra_input_s3_uris=[options["weights_uri"]],
@@ -145,7 +145,7 @@ def test_pass_role_is_this_role_to_sagemaker_only(built: dict[str, Any]) -> None
     assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}
     assert not allowed(policy, "iam:PassRole", f"arn:aws:iam::{ACCOUNT_ID}:role/admin")
     # without an ARN the role is named in the account being rendered
-    default_role = _statement(render(built, role_arn=None), "iam:PassRole")
+    default_role = _statement(render(built, role=None), "iam:PassRole")
     assert _list(default_role["Resource"]) == [f"arn:aws:iam::{ACCOUNT_ID}:role/{iam.DEFAULT_ROLE_NAME}"]
 
 
@@ -358,7 +358,7 @@ def test_template_holds_no_account_ids_and_renders_other_partitions(built: dict[
         "${DeployFunctionName}",
     ):
         assert placeholder in template_text, placeholder
-    china = render(built, region="cn-north-1", role_arn=None)
+    china = render(built, region="cn-north-1", role=None)
     for statement in china["Statement"]:
         for resource in _list(statement["Resource"]):
             assert resource == "*" or resource.startswith("arn:aws-cn:"), resource
@@ -369,11 +369,11 @@ def test_template_holds_no_account_ids_and_renders_other_partitions(built: dict[
     [
         ({"account_id": "123"}, "12 digits"),
         ({"bucket": "s3://my-bucket"}, "bucket name"),
-        ({"job_prefix": "imgclf*"}, "letters, digits and hyphens"),
-        ({"kms_key_arn": "alias/my-key"}, "key ARN"),
+        ({"base_job_prefix": "imgclf*"}, "letters, digits and hyphens"),
+        ({"kms_key": "alias/my-key"}, "key ARN"),
         ({"subnets": ["subnet-0abc"]}, "both subnets and security groups"),
         ({"extra_input_s3_uris": ["s3://other-bucket/data/*"]}, "without wildcards"),
-        ({"role_arn": "my-role"}, "IAM role ARN"),
+        ({"role": "my-role"}, "IAM role ARN"),
     ],
 )
 def test_bad_arguments_are_refused_with_a_reason(
@@ -393,25 +393,34 @@ def test_trust_policy_lets_only_sagemaker_assume_the_role() -> None:
 def test_command_prints_the_rendered_policy(built: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     options = built["options"]
     argv = [
-        "pipeline-policy",
+        "iam", "pipeline-policy",
         "--account-id", ACCOUNT_ID,
         "--region", built["region"],
         "--bucket", built["bucket"],
-        "--role-arn", built["role"],
-        "--kms-key-arn", options["kms_key"],
+        "--role", built["role"],
+        "--kms-key", options["kms_key"],
         "--subnets", ",".join(options["subnets"]),
         "--security-group-ids", ",".join(options["security_group_ids"]),
         "--extra-input-s3-uri", options["weights_uri"],
     ]  # fmt: skip
-    assert iam_cli.main(argv) == 0
+    assert main(argv) == 0
     assert json.loads(capsys.readouterr().out) == render(built, all_options=True)
-    renamed = [*argv[:9], "--deploy-function-name", "team-deploy"]
-    assert iam_cli.main(renamed) == 0
+    renamed = [*argv[:10], "--deploy-function-name", "team-deploy"]
+    assert main(renamed) == 0
     assert json.loads(capsys.readouterr().out) == render(built, deploy_function_name="team-deploy")
-    assert iam_cli.main([*argv[:9], "--skip-deploy-wiring"]) == 0
+    assert main([*argv[:10], "--skip-deploy-wiring"]) == 0
     assert json.loads(capsys.readouterr().out) == render(built, deploy_function_name=None)
-    assert iam_cli.main(["trust-policy"]) == 0
+    assert main(["iam", "pipeline-trust-policy"]) == 0
     assert json.loads(capsys.readouterr().out) == iam.pipeline_role_trust_policy()
-    bad = ["pipeline-policy", "--account-id", ACCOUNT_ID, "--region", built["region"], "--bucket", built["bucket"]]
-    assert iam_cli.main([*bad, "--kms-key-arn", "alias/x"]) == 2
+    bad = [
+        "iam",
+        "pipeline-policy",
+        "--account-id",
+        ACCOUNT_ID,
+        "--region",
+        built["region"],
+        "--bucket",
+        built["bucket"],
+    ]
+    assert main([*bad, "--kms-key", "alias/x"]) == 2
     assert "key ARN" in capsys.readouterr().err

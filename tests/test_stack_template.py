@@ -205,7 +205,7 @@ def test_buildspec_commands_parse_with_the_values_the_stack_gives() -> None:
     from pipelines.run import build_parser
 
     rendered = stack_template.render_template()
-    values = {**_values(rendered, "eu-west-1"), "UpsertArguments": "--no-debugger --spot"}
+    values = {**_values(rendered, "eu-west-1"), "UpsertArguments": "--no-debugger --use-spot-instances"}
     environment = {
         variable["Name"]: resolve(variable["Value"], rendered, values)
         for variable in rendered["Resources"]["BuildProject"]["Properties"]["Environment"]["EnvironmentVariables"]
@@ -227,7 +227,7 @@ def test_buildspec_commands_parse_with_the_values_the_stack_gives() -> None:
     assert (upsert.deploy_function_name, upsert.deploy_rule_name) == (names["FunctionName"], names["DeployRuleName"])
     assert upsert.role == values["PipelineExecutionRole.Arn"] and upsert.bucket == values["ArtifactBucket"]
     assert upsert.deploy_role_arn == values["DeployFunctionRole.Arn"]
-    assert upsert.debugger is False and upsert.spot is True  # UPSERT_ARGUMENTS reach upsert as flags
+    assert upsert.debugger is False and upsert.use_spot_instances is True  # UPSERT_ARGUMENTS reach upsert as flags
     assert not start.wait  # CodeBuild prints the ARN and ends; the pipeline runs on
 
 

@@ -9,8 +9,9 @@ fills in account, region, bucket and names, keeps the KMS / VPC / extra-input st
 asked for, and names the container image repositories of the region (the AWS Deep Learning Containers
 registry is a different account in each region, so the template holds no account ID).
 
-``python -m pipelines.iam pipeline-policy`` prints the rendered policy, ``python -m pipelines.iam trust-policy``
-the trust policy (sagemaker.amazonaws.com only). The README shows how to create the role with both.
+``python -m pipelines.run iam pipeline-policy`` prints the rendered policy, ``python -m pipelines.run iam
+pipeline-trust-policy`` the trust policy (sagemaker.amazonaws.com only). The README shows how to create the role
+with both.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ def partition_for_region(region: str) -> str:
 
 
 def pipeline_image_uris(
-    region: str, serving_image: str = config.SERVING_IMAGE, serving_image_uri: str | None = None
+    region: str,
+    serving_image: str = config.SERVING_IMAGE,
+    serving_image_uri: str | None = None,
+    serving_instance_type: str = config.SERVING_INSTANCE_TYPE,
 ) -> list[str]:
     """The container images the pipeline's jobs and its registered model run in this region, found the way
     pipelines/pipeline.py finds them: the PyTorch training image (processing and training), the serving image
@@ -88,7 +92,7 @@ def pipeline_image_uris(
     from pipelines.pipeline import framework_image_uri
 
     training = framework_image_uri(region, "training", config.PROCESSING_INSTANCE_TYPE)
-    serving = images.serving_image_uri(region, config.SERVING_INSTANCE_TYPE, serving_image, serving_image_uri)
+    serving = images.serving_image_uri(region, serving_instance_type, serving_image, serving_image_uri)
     return [training, serving, get_rule_container_image_uri("ProfilerReport", region)]
 
 
@@ -114,62 +118,12 @@ def _check_name(value: str, what: str) -> None:
         raise ValueError(f"{what} {value!r} may hold only letters, digits and hyphens (a SageMaker name)")
 
 
-def render_pipeline_role_policy(
-    *,
-    region: str,
-    account_id: str,
-    bucket: str,
-    pipeline_name: str = config.PIPELINE_NAME,
-    model_package_group: str = config.MODEL_PACKAGE_GROUP,
-    job_prefix: str = config.BASE_JOB_PREFIX,
-    deploy_function_name: str | None = config.DEPLOY_FUNCTION_NAME,
-    role_arn: str | None = None,
-    role_name: str = DEFAULT_ROLE_NAME,
-    kms_key_arn: str | None = None,
-    subnets: Sequence[str] = (),
-    security_group_ids: Sequence[str] = (),
-    extra_input_s3_uris: Sequence[str] = (),
-    image_uris: Sequence[str] | None = None,
-    partition: str | None = None,
-    serving_image: str = config.SERVING_IMAGE,
-    serving_image_uri: str | None = None,
-) -> dict[str, Any]:
-    """The pipeline execution role's least-privilege policy: pipeline_role_policy.json filled in.
-
-    Args:
-        region / account_id: where the pipeline runs.
-        bucket: the artifact bucket; the role reads and writes ``s3://<bucket>/<pipeline_name>/`` only.
-        pipeline_name / model_package_group / job_prefix: as given to ``upsert`` (defaults from config).
-        deploy_function_name: the deploy Lambda the Deploy step invokes (``upsert --deploy-function-name``); None
-            for a pipeline built without the Deploy step (``--skip-deploy-wiring``).
-        role_arn: the role's own ARN (for iam:PassRole on itself); default ``role/<role_name>`` in the account.
-        kms_key_arn: the KMS key ARN given to ``upsert --kms-key`` (keeps the Kms* statements).
-        subnets / security_group_ids: the VPC settings given to ``upsert`` (keep the Vpc* statements).
-        extra_input_s3_uris: s3:// prefixes outside the pipeline's prefix that jobs read (an ``InputDataUri`` or
-            ``--weights-uri`` elsewhere); read-only, one statement set each.
-        image_uris: the container images to allow pulling (default: :func:`pipeline_image_uris` of the region).
-        partition: the ARN partition (default: the region's).
-        serving_image / serving_image_uri: as given to ``upsert --serving-image / --serving-image-uri``.
-
-    Raises:
-        ValueError: naming the bad argument.
-    """
-    if not (account_id.isdigit() and len(account_id) == 12):
-        raise ValueError(f"account ID {account_id!r} is not 12 digits")
-    if not _BUCKET_NAME.fullmatch(bucket):
-        raise ValueError(f"bucket {bucket!r} is not an S3 bucket name (give the name, not an s3:// URI)")
-    _check_name(pipeline_name, "pipeline name")
-    _check_name(model_package_group, "model package group")
-    _check_name(job_prefix, "job prefix")
-    if deploy_function_name is not None and not LAMBDA_FUNCTION_NAME.fullmatch(deploy_function_name):
-        raise ValueError(f"deploy function name {deploy_function_name!r} may hold only letters, digits, - and _")
-    partition = partition or partition_for_region(region)
-    role_arn = role_arn or f"arn:{partition}:iam::{account_id}:role/{role_name}"
-    if not _ROLE_ARN.fullmatch(role_arn):
-        raise ValueError(f"role {role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
-    if kms_key_arn is not None and not _KMS_KEY_ARN.fullmatch(kms_key_arn):
+def _check_key_and_network(kms_key: str | None, subnets: Sequence[str], security_group_ids: Sequence[str]) -> None:
+    """The KMS key and VPC settings as IAM can name them: a key ARN, subnet and security group IDs (both or
+    neither)."""
+    if kms_key is not None and not _KMS_KEY_ARN.fullmatch(kms_key):
         raise ValueError(
-            f"KMS key {kms_key_arn!r} is not a key ARN (arn:aws:kms:<region>:<account>:key/<id>): "
+            f"KMS key {kms_key!r} is not a key ARN (arn:aws:kms:<region>:<account>:key/<id>): "
             "IAM policies name keys by ARN, not by ID or alias"
         )
     if bool(subnets) != bool(security_group_ids):
@@ -180,8 +134,67 @@ def render_pipeline_role_policy(
     for group in security_group_ids:
         if not re.fullmatch(r"sg-[0-9a-f]+", group):
             raise ValueError(f"{group!r} is not a security group ID (sg-...)")
+
+
+def render_pipeline_role_policy(
+    *,
+    region: str,
+    account_id: str,
+    bucket: str,
+    pipeline_name: str = config.PIPELINE_NAME,
+    model_package_group: str = config.MODEL_PACKAGE_GROUP,
+    base_job_prefix: str = config.BASE_JOB_PREFIX,
+    deploy_function_name: str | None = config.DEPLOY_FUNCTION_NAME,
+    role: str | None = None,
+    role_name: str = DEFAULT_ROLE_NAME,
+    kms_key: str | None = None,
+    subnets: Sequence[str] = (),
+    security_group_ids: Sequence[str] = (),
+    extra_input_s3_uris: Sequence[str] = (),
+    image_uris: Sequence[str] | None = None,
+    partition: str | None = None,
+    serving_image: str = config.SERVING_IMAGE,
+    serving_image_uri: str | None = None,
+    serving_instance_type: str = config.SERVING_INSTANCE_TYPE,
+) -> dict[str, Any]:
+    """The pipeline execution role's least-privilege policy: pipeline_role_policy.json filled in.
+
+    Args:
+        region / account_id: where the pipeline runs.
+        bucket: the artifact bucket; the role reads and writes ``s3://<bucket>/<pipeline_name>/`` only.
+        pipeline_name / model_package_group / base_job_prefix: as given to ``upsert`` (defaults from config).
+        deploy_function_name: the deploy Lambda the Deploy step invokes (``upsert --deploy-function-name``); None
+            for a pipeline built without the Deploy step (``--skip-deploy-wiring``).
+        role: the role's own ARN (for iam:PassRole on itself); default ``role/<role_name>`` in the account.
+        kms_key: the KMS key given to ``upsert --kms-key``, as its ARN (keeps the Kms* statements).
+        subnets / security_group_ids: the VPC settings given to ``upsert`` (keep the Vpc* statements).
+        extra_input_s3_uris: s3:// prefixes outside the pipeline's prefix that jobs read (an ``InputDataUri`` or
+            ``--weights-uri`` elsewhere); read-only, one statement set each.
+        image_uris: the container images to allow pulling (default: :func:`pipeline_image_uris` of the region).
+        partition: the ARN partition (default: the region's).
+        serving_image / serving_image_uri / serving_instance_type: as given to ``upsert`` (its --serving-* flags).
+
+    Raises:
+        ValueError: naming the bad argument.
+    """
+    if not (account_id.isdigit() and len(account_id) == 12):
+        raise ValueError(f"account ID {account_id!r} is not 12 digits")
+    if not _BUCKET_NAME.fullmatch(bucket):
+        raise ValueError(f"bucket {bucket!r} is not an S3 bucket name (give the name, not an s3:// URI)")
+    _check_name(pipeline_name, "pipeline name")
+    _check_name(model_package_group, "model package group")
+    _check_name(base_job_prefix, "job prefix")
+    if deploy_function_name is not None and not LAMBDA_FUNCTION_NAME.fullmatch(deploy_function_name):
+        raise ValueError(f"deploy function name {deploy_function_name!r} may hold only letters, digits, - and _")
+    partition = partition or partition_for_region(region)
+    role = role or f"arn:{partition}:iam::{account_id}:role/{role_name}"
+    if not _ROLE_ARN.fullmatch(role):
+        raise ValueError(f"role {role!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+    _check_key_and_network(kms_key, subnets, security_group_ids)
     images = (
-        list(image_uris) if image_uris is not None else pipeline_image_uris(region, serving_image, serving_image_uri)
+        list(image_uris)
+        if image_uris is not None
+        else pipeline_image_uris(region, serving_image, serving_image_uri, serving_instance_type)
     )
     ec2_arn = f"arn:{partition}:ec2:{region}:{account_id}"
     scalars = {
@@ -193,10 +206,10 @@ def render_pipeline_role_policy(
         # SageMaker writes resource names in lower case in its ARNs.
         "${PipelineArnName}": pipeline_name.lower(),
         "${ModelPackageGroupName}": model_package_group.lower(),
-        "${JobPrefix}": job_prefix.lower(),
+        "${JobPrefix}": base_job_prefix.lower(),
         "${DeployFunctionName}": deploy_function_name or "",
-        "${PipelineRoleArn}": role_arn,
-        "${KmsKeyArn}": kms_key_arn or "",
+        "${PipelineRoleArn}": role,
+        "${KmsKeyArn}": kms_key or "",
     }
     lists = {
         "${EcrRepositoryArns}": sorted({ecr_repository_arn(image, partition) for image in images}),
@@ -222,7 +235,7 @@ def render_pipeline_role_policy(
     statements = []
     for statement in template["Statement"]:
         sid = statement["Sid"]
-        if sid.startswith(KMS_SID_PREFIX) and kms_key_arn is None:
+        if sid.startswith(KMS_SID_PREFIX) and kms_key is None:
             continue
         if sid.startswith(VPC_SID_PREFIX) and not subnets:
             continue

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import config
-from pipelines.aws_cli import add_param_argument, add_shape_arguments
-from pipelines.run import CommandError
+from pipelines.aws_cli import add_model_package_group_argument, add_param_argument, add_shape_arguments
+from pipelines.errors import CommandError
 
 EXIT_PIPELINE_FAILED = 1
 
@@ -90,12 +90,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
     )
-    local.add_argument(
-        "--model-package-group",
-        "--group",
-        dest="group",
-        default=config.MODEL_PACKAGE_GROUP,
-        help="model package group: the ModelPackageGroupName default and the deploy function's group",
+    add_model_package_group_argument(
+        local, "model package group: the ModelPackageGroupName default and the deploy function's group", dest="group"
     )
     local.add_argument("--quiet", action="store_true", help="print only the summary")
     local.set_defaults(func=run_local)
@@ -126,7 +122,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     endpoint.add_argument("action", choices=("status", "start", "stop"), help="what to do")
     endpoint.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
     endpoint.add_argument("--name", default=config.LOCAL_ENDPOINT_NAME, help="endpoint name")
-    endpoint.add_argument("--group", default=config.MODEL_PACKAGE_GROUP, help="model package group (start)")
+    add_model_package_group_argument(endpoint, "model package group (start)", dest="group")
     endpoint.add_argument(
         "--version", type=_positive_int, default=None, help="version to serve (start; default: the newest approved)"
     )
@@ -145,7 +141,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "the local endpoint, as the deploy Lambda does on SageMaker.",
     )
     models.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
-    models.add_argument("--group", default=config.MODEL_PACKAGE_GROUP, help="model package group")
+    add_model_package_group_argument(models, "model package group", dest="group")
     decision = models.add_mutually_exclusive_group()
     decision.add_argument("--approve", type=_positive_int, metavar="VERSION", default=None, help="approve and deploy")
     decision.add_argument("--reject", type=_positive_int, metavar="VERSION", default=None, help="reject a version")

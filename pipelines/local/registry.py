@@ -208,7 +208,7 @@ def accuracy_of(package: dict[str, Any]) -> str:
     """The accuracy in the package's model-quality report (what ``models`` shows for SageMaker), or "?"."""
     from urllib.parse import unquote, urlparse
 
-    from pipelines.aws_cli import accuracy_from_report
+    from entrypoints.contract import accuracy_from_report
 
     uri = package.get("ModelMetrics", {}).get("ModelQuality", {}).get("Statistics", {}).get("S3Uri", "")
     parsed = urlparse(uri)

@@ -276,7 +276,7 @@ class LocalPipeline:
     def _summarise(self) -> None:
         """What this pipeline's users look for, read from the executed steps: test accuracy, the confusion
         matrix, the model package, the endpoint."""
-        from pipelines.aws_cli import accuracy_from_report
+        from entrypoints.contract import accuracy_from_report
         from pipelines.pipeline import PROPERTY_FILE_EVALUATION
 
         assert self.execution is not None
