@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from pipelines import config
 from pipelines.local import containers
 
 # What the PyTorch training image runs: the toolkit's environment and its TorchDistributedRunner's command line.
@@ -133,28 +132,12 @@ def distributed_demo() -> tuple[dict[str, Any], Any, Any]:
     return build_definition(LocalRunOptions(preset="demo", torch_distributed=True))
 
 
-def _problems(definition: dict[str, Any], artifacts: Any, workdir: Path, **parameters: Any) -> list[str]:
-    from pipelines.local.cache import StepCache
-    from pipelines.local.console import Console
-    from pipelines.local.executor import LocalExecution
-    from pipelines.local.objectstore import ObjectStore
-    from pipelines.local.registry import LocalModelRegistry
-    from pipelines.local.runner import LocalRunOptions, step_executors, typed_parameters
+def _problems(definition: dict[str, Any], artifacts: Any, workdir: Path, training_instance_count: int) -> list[str]:
+    """What stops the definition before its first step, with its code and input data in the local store."""
+    from test_local_executor import _execution
 
-    overrides = [{"Name": name, "Value": str(value)} for name, value in parameters.items()]
-    execution = LocalExecution(
-        definition,
-        executors=step_executors(LocalRunOptions(), workdir, LocalModelRegistry(workdir)),
-        parameters=typed_parameters(definition, overrides),
-        run_dir=workdir / "run-0001",
-        store=ObjectStore(workdir),
-        cache=StepCache(workdir),
-        console=Console(io.StringIO()),
-        execution_variables={"PipelineExecutionId": "run-0001"},
-        region=config.LOCAL_REGION,
-        account_id=config.LOCAL_ACCOUNT_ID,
-        cpus=1,
-    )
+    execution = _execution(definition, workdir)
+    execution.scope.parameters["TrainingInstanceCount"] = training_instance_count  # as --param gives it
     for artifact in artifacts.all():
         execution.store.put_bytes(artifact.s3_uri, artifact.body)
     execution.store.put_bytes(execution.scope.parameters["InputDataUri"] + "digits.zip", b"zip")
@@ -165,8 +148,8 @@ def test_a_training_instance_count_the_executor_cannot_run_stops_the_run_before_
     distributed_demo: tuple[dict[str, Any], Any, Any], tmp_path: Path
 ) -> None:
     definition, artifacts, _ = distributed_demo
-    assert _problems(definition, artifacts, tmp_path / "two", TrainingInstanceCount=2) == []
-    (problem,) = _problems(definition, artifacts, tmp_path / "none", TrainingInstanceCount=0)
+    assert _problems(definition, artifacts, tmp_path / "two", 2) == []
+    (problem,) = _problems(definition, artifacts, tmp_path / "none", 0)
     assert problem.startswith("Train: InstanceCount 0: a training job needs a whole number of instances")
 
 
