@@ -1,6 +1,7 @@
 """The local Training executor under SageMaker's torch_distributed launcher: the training toolkit's own command and
-environment, the instance counts it refuses before any step, and the parameter that only a pipeline built with
-``--torch-distributed`` has. (A two-process Train step runs in the end-to-end chain of tests/test_local_pipeline.py.)
+environment, the instance counts it refuses before any step, the parameter that only a pipeline built with
+``--torch-distributed`` has, and that flag on `definition`. (A two-process Train step runs in the end-to-end chain
+of tests/test_local_pipeline.py; the definition's launcher and Debugger settings are in tests/test_pipeline.py.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_aws_cli import aws  # noqa: F401  (a fixture: moto, with region, role and bucket in the environment)
 
 from pipelines.local import containers
 
@@ -168,3 +170,16 @@ def test_training_instance_count_without_torch_distributed_is_refused_with_the_f
     assert "--param TrainingInstanceCount: TrainingInstanceCount is a parameter only of a pipeline built with " \
         "torch_distributed (--torch-distributed" in err.getvalue()  # fmt: skip
     assert not list(workdir.glob("run-*"))
+
+
+@pytest.mark.usefixtures("aws")
+def test_definition_takes_the_flag_as_local_does(tmp_path: Path) -> None:
+    from pipelines.run import main
+
+    output = tmp_path / "definition.json"
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        assert main(["definition", "--torch-distributed", "--output", str(output)]) == 0
+    definition = json.loads(output.read_text())
+    (train,) = [step for step in definition["Steps"] if step["Name"] == "Train"]
+    assert train["Arguments"]["ResourceConfig"]["InstanceCount"] == {"Get": "Parameters.TrainingInstanceCount"}
+    assert json.loads(train["Arguments"]["HyperParameters"]["sagemaker_torch_distributed_enabled"]) is True
