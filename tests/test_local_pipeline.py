@@ -336,9 +336,9 @@ def test_changed_parameter_reruns_training_and_the_new_version_awaits_approval(c
 
 
 def test_two_training_processes_write_the_artifact_and_metric_lines_of_one(changed_run: Run, first_run: Run) -> None:
-    """The changed run's Train step ran as SageMaker's torch_distributed launcher runs it, with two ranks: the same
-    artifact and the same metric lines as the first run's single process (its Evaluate step loaded the artifact
-    and predicted the test split; the approval test below serves it)."""
+    """The changed run's Train step ran as SageMaker's torch_distributed launcher runs it, with two ranks: an
+    artifact of the same files and metric lines of the same format as the first run's single process wrote (its
+    Evaluate step loaded the artifact and predicted the test split; the approval test below serves it)."""
     import torch
 
     from entrypoints import data, modeling
