@@ -77,6 +77,13 @@ def add_shape_arguments(parser: argparse.ArgumentParser, preset_help: str) -> No
         default=True,
         help="leave out SageMaker Debugger rules, hook and profiler (default: on)",
     )
+    parser.add_argument(
+        "--torch-distributed",
+        action="store_true",
+        help="run the final Train step under SageMaker's torch_distributed launcher (torchrun, one process per GPU) "
+        "on TrainingInstanceCount instances, a parameter this adds (--param TrainingInstanceCount=2); tuning "
+        "trials stay on one instance; that step then has no Debugger hook",
+    )
     deploy_infra.add_deploy_step_arguments(parser)
 
 
@@ -97,6 +104,7 @@ def options_from_args(args: argparse.Namespace, preset: str, **changes: Any) -> 
         options = preset_options(
             preset,
             debugger=args.debugger,
+            torch_distributed=args.torch_distributed,
             deploy_step=not args.skip_deploy_wiring,
             deploy_function_name=args.deploy_function_name,
             **changes,
@@ -623,6 +631,10 @@ def parameter_overrides(definition: dict[str, Any], overrides: Sequence[tuple[st
     for name, value in overrides:
         parameter = declared.get(name)
         if parameter is None:
+            from pipelines.pipeline import OPTIONAL_PARAMETERS, missing_parameter_hint
+
+            if name in OPTIONAL_PARAMETERS:
+                raise CommandError(f"--param {name}: {missing_parameter_hint(name)}")
             raise CommandError(f"--param {name}: no such pipeline parameter; the parameters are {', '.join(declared)}")
         kind = parameter.get("Type", "String")
         try:

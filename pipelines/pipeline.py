@@ -6,7 +6,9 @@ The DAG (steps joined through step properties only, so SageMaker infers every ed
       -> Preprocess     ProcessingStep   steps/preprocess.py          outputs train/ valid/ test/
       -> Tune           TuningStep       entrypoints/train.py         objective valid_accuracy (Maximize)
       -> Train          TrainingStep     entrypoints/train.py         best TunedHyperParameters, TrainingEpochs,
-                                                                      checkpoints, TensorBoard, Debugger rules
+                                                                      checkpoints, TensorBoard, Debugger rules;
+                                                                      with torch_distributed: torchrun on
+                                                                      TrainingInstanceCount instances
       -> Evaluate       ProcessingStep   steps/evaluate.py            evaluation.json (PropertyFile)
       -> CheckAccuracy  ConditionStep    accuracy >= AccuracyThreshold
             if true  -> Register       ModelStep (RegisterModel)  model package with the evaluation as ModelMetrics
@@ -17,12 +19,20 @@ The DAG (steps joined through step properties only, so SageMaker infers every ed
 
 Everything a run may change is a pipeline parameter (see ``PARAMETER_NAMES``); everything that changes the
 shape of the definition (Debugger on/off, tuning strategy, spot, KMS, VPC, network isolation, warm start, the
-Deploy step, the hyperparameters and ranges of a preset) is a field of ``PipelineOptions``; ``preset_options``
-gives the named presets ("default", "demo"). Building twice gives byte-identical definitions: job names are stable
-prefixes (``PipelineDefinitionConfig(use_custom_job_prefix=True)``), code goes to content-hashed S3 paths and
-no timestamp is written anywhere, so step caching works.
+Deploy step, torchrun for the final training, the hyperparameters and ranges of a preset) is a field of
+``PipelineOptions``; ``preset_options`` gives the named presets ("default", "demo"). Building twice gives
+byte-identical definitions: job names are stable prefixes (``PipelineDefinitionConfig(use_custom_job_prefix=True)``),
+code goes to content-hashed S3 paths and no timestamp is written anywhere, so step caching works.
 
 The same definition runs on SageMaker (``upsert``) and on one machine (``pipelines/local/executor.py``).
+
+**Several processes and instances** (``torch_distributed``): the final Train step gets SageMaker's
+``torch_distributed`` launcher and the ``TrainingInstanceCount`` parameter; the training toolkit then starts
+``torchrun`` on every instance with one process per GPU (one per instance on CPU instances). Tuning trials stay
+single-instance, single-process. SageMaker Debugger is not available to a job that combines a distributed
+launcher with checkpoints ("Considerations for Amazon SageMaker Debugger"), so such a Train step has no Debugger
+hook and none of the rules that read the hook's tensors; the profiler and its ProfilerReport rule, which need no
+hook, stay on. Without the option the Train step runs on one instance, hook included.
 
 The SageMaker SDK is imported here at module level: import this module lazily from the CLI.
 """
@@ -164,6 +174,9 @@ class PipelineOptions:
             at training size, as in the demo), instead of train.py's crop of the preprocessed images.
         deploy_step: end the accuracy branch with the Deploy LambdaStep (off: the DAG ends at Register).
         deploy_function_name: the deploy Lambda the Deploy step invokes (``upsert`` creates it under this name).
+        torch_distributed: the final Train step runs under SageMaker's ``torch_distributed`` launcher (torchrun,
+            one process per GPU) on ``TrainingInstanceCount`` instances, a parameter declared only with this
+            option; its Debugger hook and tensor rules are off (see the module docstring).
     """
 
     pipeline_name: str = config.PIPELINE_NAME
@@ -195,12 +208,16 @@ class PipelineOptions:
     train_at_image_size: bool = False
     deploy_step: bool = True
     deploy_function_name: str = config.DEPLOY_FUNCTION_NAME
+    torch_distributed: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option and what to do instead."""
-        unknown = sorted(set(self.parameter_defaults) - set(PARAMETER_NAMES))
+        unknown = sorted(set(self.parameter_defaults) - set(PARAMETER_NAMES) - set(OPTIONAL_PARAMETERS))
         if unknown:
             raise ValueError(f"no pipeline parameter named {', '.join(unknown)}; the parameters are {PARAMETER_NAMES}")
+        for name in self.parameter_defaults:
+            if name in OPTIONAL_PARAMETERS and not getattr(self, OPTIONAL_PARAMETERS[name]):
+                raise ValueError(missing_parameter_hint(name))
         for name in PARAMETER_HYPERPARAMETERS:
             if name not in self.hyperparameters:
                 raise ValueError(f"the hyperparameters need {name!r} (the default of its pipeline parameter)")
@@ -272,6 +289,7 @@ class PipelineParameters:
     processing_instance_type: ParameterString
     processing_instance_count: ParameterInteger
     training_instance_type: ParameterString
+    training_instance_count: ParameterInteger | None  # declared with torch_distributed only
     image_size: ParameterInteger
     valid_fraction: ParameterFloat
     test_fraction: ParameterFloat
@@ -285,7 +303,7 @@ class PipelineParameters:
     model_package_group_name: ParameterString
 
     def as_list(self) -> list[ParameterString | ParameterInteger | ParameterFloat]:
-        return [getattr(self, name) for name in self.__dataclass_fields__]
+        return [getattr(self, name) for name in self.__dataclass_fields__ if getattr(self, name) is not None]
 
 
 def parameter_defaults(options: PipelineOptions, bucket: str) -> dict[str, Any]:
@@ -295,6 +313,7 @@ def parameter_defaults(options: PipelineOptions, bucket: str) -> dict[str, Any]:
         "ProcessingInstanceType": options.processing_instance_type,
         "ProcessingInstanceCount": 1,
         "TrainingInstanceType": options.training_instance_type,
+        "TrainingInstanceCount": 1,
         "ImageSize": config.IMAGE_SIZE,
         "ValidFraction": config.VALID_FRACTION,
         "TestFraction": config.TEST_FRACTION,
@@ -337,6 +356,7 @@ def make_parameters(options: PipelineOptions, bucket: str) -> PipelineParameters
         processing_instance_type=string("ProcessingInstanceType"),
         processing_instance_count=integer("ProcessingInstanceCount"),
         training_instance_type=string("TrainingInstanceType"),
+        training_instance_count=integer("TrainingInstanceCount") if options.torch_distributed else None,
         image_size=integer("ImageSize"),
         valid_fraction=number("ValidFraction"),
         test_fraction=number("TestFraction"),
@@ -368,6 +388,17 @@ PARAMETER_NAMES = (
     "ModelApprovalStatus",
     "ModelPackageGroupName",
 )
+# Parameters declared only when the option named is on (a parameter that no step reads is refused).
+OPTIONAL_PARAMETERS = {"TrainingInstanceCount": "torch_distributed"}
+
+
+def missing_parameter_hint(name: str) -> str:
+    """Why a definition has no parameter ``name`` that some other build of the pipeline has, and how to get it."""
+    option = OPTIONAL_PARAMETERS[name]
+    return (
+        f"{name} is a parameter only of a pipeline built with {option} "
+        f"(--{option.replace('_', '-')} for definition, upsert and local)"
+    )
 
 
 def sdk_parameter_ranges(
@@ -491,11 +522,12 @@ def upload_code_artifacts(boto_session: Any, artifacts: CodeArtifacts, kms_key: 
     return uris
 
 
-class _SingleNodePyTorch(PyTorch):
-    """The PyTorch estimator, keeping the Debugger hook next to checkpointing on one instance.
+class _TrainStepPyTorch(PyTorch):
+    """The PyTorch estimator of the Train step, keeping the Debugger hook next to checkpointing on one instance.
 
     The SDK drops the hook whenever checkpointing is on and ``distribution`` is set, and it always sets
-    ``distribution`` to ``{}``; SMDebug's limitation is about distributed jobs only, and ours are single-node.
+    ``distribution`` to ``{}``; SMDebug's limitation is about distributed jobs only, so a single-node Train keeps
+    its hook. A ``torch_distributed`` Train is given no hook in the first place (``_debugger_settings``).
     It also writes the hook's collections in a fixed order, one per name (the SDK keeps them in a set, whose
     order changes from one Python process to the next, and may list a name twice with different settings).
     """
@@ -592,16 +624,24 @@ def _execution_s3(bucket: str, pipeline_name: str, *parts: str) -> Join:
 
 
 def _debugger_settings(options: PipelineOptions, bucket: str) -> dict[str, Any]:
-    """Estimator keyword arguments for Debugger: rules + hook + profiler, or all off."""
+    """Estimator keyword arguments for Debugger: rules + hook + profiler, or all off.
+
+    A ``torch_distributed`` Train keeps only what works without the hook: SageMaker offers no Debugger hook to a
+    job with a distributed launcher and checkpoints, and the tensor rules read nothing but the hook's tensors.
+    """
     if not options.debugger:
         return {"debugger_hook_config": False, "disable_profiler": True}
     debug_uri = _s3(bucket, options.pipeline_name, "debugger")
+    profiler = ProfilerConfig(s3_output_path=debug_uri, system_monitor_interval_millis=500)
+    profiler_rules = [ProfilerRule.sagemaker(rule_configs.ProfilerReport())]
+    if options.torch_distributed:
+        return {"rules": profiler_rules, "debugger_hook_config": False, "profiler_config": profiler}
     rules = [
         Rule.sagemaker(rule_configs.loss_not_decreasing()),
         Rule.sagemaker(rule_configs.overfit()),
         Rule.sagemaker(rule_configs.vanishing_gradient()),
         Rule.sagemaker(rule_configs.poor_weight_initialization()),
-        ProfilerRule.sagemaker(rule_configs.ProfilerReport()),
+        *profiler_rules,
     ]
     hook = DebuggerHookConfig(
         s3_output_path=debug_uri,
@@ -611,7 +651,6 @@ def _debugger_settings(options: PipelineOptions, bucket: str) -> dict[str, Any]:
             CollectionConfig(name="weights", parameters={"save_interval": "50"}),
         ],
     )
-    profiler = ProfilerConfig(s3_output_path=debug_uri, system_monitor_interval_millis=500)
     return {"rules": rules, "debugger_hook_config": hook, "profiler_config": profiler}
 
 
@@ -736,8 +775,8 @@ def get_pipeline(
         "py_version": config.PYTHON_VERSION,
         "role": role,
         "instance_type": params.training_instance_type,
-        # One instance: train.py is single-node, and a parameterised count would make the SDK drop the
-        # Debugger hook (it cannot tell at build time that the job is not distributed).
+        # One instance for the trials; the Train step's count is TrainingInstanceCount with torch_distributed
+        # only: a parameterised count makes the SDK drop the Debugger hook, which a single-node Train keeps.
         "instance_count": 1,
         "image_uri": framework_image_uri(region, "training", options.training_instance_type),
         "metric_definitions": config.METRIC_DEFINITIONS,
@@ -805,8 +844,15 @@ def get_pipeline(
     # --- Train -------------------------------------------------------------------------------------------------
     best_job = step_tune.properties.BestTrainingJob
     tuned = {key: best_job.TunedHyperParameters[key] for key in tuned_names}
-    training_estimator = _SingleNodePyTorch(
-        **estimator_common,
+    distributed: dict[str, Any] = {}
+    if options.torch_distributed:
+        # torchrun on every instance, one process per GPU (one per CPU instance); the trials stay single-node.
+        distributed = {
+            "instance_count": params.training_instance_count,
+            "distribution": {"torch_distributed": {"enabled": True}},
+        }
+    training_estimator = _TrainStepPyTorch(
+        **{**estimator_common, **distributed},
         output_path=_s3(bucket, name, "training"),
         # Keyed by the best trial: a cached Tune gives the same path (same cache key), a new Tune a new one,
         # so a job never resumes from another configuration's checkpoints.
@@ -823,7 +869,8 @@ def get_pipeline(
     step_train = TrainingStep(
         name=STEP_TRAIN,
         display_name="Train final model",
-        description="Train with the best trial's hyperparameters for TrainingEpochs epochs.",
+        description="Train with the best trial's hyperparameters for TrainingEpochs epochs"
+        + (" under torchrun on TrainingInstanceCount instances." if options.torch_distributed else "."),
         step_args=training_estimator.fit(inputs=channels),
         cache_config=cache,
         retry_policies=_retry_policies(job=True),

@@ -4,8 +4,9 @@ the local endpoint; then the cache, the awaiting-approval path, approval through
 Fail branch.
 
 The runs share one workdir (module-scoped fixtures, in order): the first run (ModelApprovalStatus=Approved:
-deployed), the same run again (every job step cached), a run with a changed parameter (Train and Evaluate re-run,
-Preprocess and Tune cached; the new version awaits approval) and a run whose accuracy threshold cannot be met.
+deployed), the same run again (every job step cached), a run with a changed parameter and the Train step under
+torchrun with two processes (Train and Evaluate re-run, Preprocess and Tune cached; the new version awaits approval)
+and a run whose accuracy threshold cannot be met.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import base64
 import contextlib
 import io
 import json
+import re
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -105,14 +107,18 @@ def cached_run(first_run: Run, workdir: Path, data: Path) -> Run:
     return _local(workdir, data, "--threshold", "0", *_same_as_first())
 
 
+# The changed run's Train step: SageMaker's torch_distributed launcher on two (CPU) instances, here two processes.
+TWO_PROCESSES = ("--torch-distributed", "--param", "TrainingInstanceCount=2")
+
+
 @pytest.fixture(scope="module")
 def changed_run(cached_run: Run, workdir: Path, data: Path) -> Run:
-    return _local(workdir, data, "--threshold", "0", *_same_as_first("--epochs", "2"))
+    return _local(workdir, data, "--threshold", "0", *_same_as_first("--epochs", "2", *TWO_PROCESSES))
 
 
 @pytest.fixture(scope="module")
 def failed_run(changed_run: Run, workdir: Path, data: Path) -> Run:
-    return _local(workdir, data, "--threshold", "1.01", *_same_as_first("--epochs", "2"))
+    return _local(workdir, data, "--threshold", "1.01", *_same_as_first("--epochs", "2", *TWO_PROCESSES))
 
 
 def _images(folder: Path) -> list[Path]:
@@ -327,6 +333,56 @@ def test_changed_parameter_reruns_training_and_the_new_version_awaits_approval(c
     assert changed_run.output("Deploy", "model_package_arn") == packages[1]["ModelPackageArn"]
     assert endpoint.status(workdir.resolve(), config.LOCAL_ENDPOINT_NAME)["ModelPackageVersion"] == 1
     assert "local-models --approve 2" in changed_run.stdout
+
+
+def test_two_training_processes_write_the_artifact_and_metric_lines_of_one(changed_run: Run, first_run: Run) -> None:
+    """The changed run's Train step ran as SageMaker's torch_distributed launcher runs it, with two ranks: an
+    artifact of the same files and metric lines of the same format as the first run's single process wrote (its
+    Evaluate step loaded the artifact and predicted the test split; the approval test below serves it)."""
+    import torch
+
+    from entrypoints import data, modeling
+
+    train = changed_run.folder / "train"
+    log = (train / "log.txt").read_text()
+    assert "-m torch.distributed.run --nnodes 1 --nproc_per_node 2 --standalone train.py --architecture" in log
+    assert "processes 2 (gloo" in log and "Debugger: hook off with 2 processes" in log
+    assert any("one torchrun of 2 processes" in note for note in changed_run.step("Train")["Local"]["Notes"])
+    # The first run's epoch-1 checkpoint is restored (the same best trial, so the same checkpoint URI). It is
+    # these settings' own if the global batch is the same: a batch larger than the 40 images gives 40 either way.
+    first_log = (first_run.folder / "train/log.txt").read_text()
+    global_batch = [int(re.search(r"global batch (\d+)", text).group(1)) for text in (first_log, log)]
+    rows = contract.parse_metrics(log)
+    if global_batch[0] == global_batch[1]:  # both ranks resume it, with new random streams
+        assert re.search(r"resumed from \S+/checkpoint-\S+-epoch-0001\.pt: 1 of 2 epochs done", log)
+        assert "the checkpoint holds the random state of 1 processes, this run has 2: reseeded" in log
+        assert [row["epoch"] for row in rows] == [2]
+    else:
+        assert "starting fresh" in log and "is another run's checkpoint" in log
+        assert [row["epoch"] for row in rows] == [1, 2]
+    for definition in config.METRIC_DEFINITIONS:  # rank 0 alone prints them, in the single process's format
+        pattern = re.compile(definition["Regex"])
+        assert len([line for line in log.splitlines() if pattern.search(line)]) == len(rows), definition["Name"]
+    lines = [line for text in (log, first_log) for line in text.splitlines() if line.startswith("epoch=")]
+    assert {re.sub(r"=\S+", "=N", line) for line in lines} == {"epoch=N train_loss=N valid_loss=N valid_accuracy=N"}
+
+    def members(run: Run) -> set[str]:
+        with tarfile.open(run.folder / "train/output/model.tar.gz") as archive:
+            return set(archive.getnames())
+
+    assert members(changed_run) == members(first_run)
+    model_dir = train / "opt/ml/model"
+    assert json.loads((model_dir / contract.HYPERPARAMETERS_FILE).read_text())["processes"] == 2
+    model, model_config = modeling.load_model(model_dir)  # weights_only, as the serving handlers load it
+    assert model_config.architecture == PARAMETERS["Architecture"]
+    test_split = first_run.folder / "preprocess/opt/ml/processing/output/test"
+    samples = data.scan_channel(test_split, model_config.class_names).samples
+    image, _ = data.ImageDataset(samples, model_config.input_size, model_config.resize_size, train=False)[0]
+    with torch.no_grad():
+        logits = model.eval()(data.BatchNormalizer(model_config.mean, model_config.std)(image.unsqueeze(0)))
+    assert logits.shape == (1, len(demo_data.CLASS_NAMES)) and torch.isfinite(logits).all()
+    report = changed_run.folder / "evaluate/opt/ml/processing/evaluation" / contract.EVALUATION_FILE
+    assert 0.0 <= json.loads(report.read_text())["multiclass_classification_metrics"]["accuracy"]["value"] <= 1.0
 
 
 def test_approving_the_new_version_deploys_it_through_the_deploy_function(

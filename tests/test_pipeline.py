@@ -34,6 +34,7 @@ ALL_OPTIONS = {
     "security_group_ids": ("sg-0123456789abcdef0",),
     "network_isolation": True,
     "weights_uri": "s3://weights-bucket/resnet50.pth",
+    "torch_distributed": True,
 }
 
 
@@ -71,12 +72,13 @@ def offline_aws() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def built() -> dict[str, Any]:
     """Definitions built once per module under moto: default, twice (determinism), no Debugger, all options, no
-    Deploy step, the demo preset."""
+    Deploy step, the demo preset, torchrun for the final training."""
     with offline_aws() as s3:
         return {
             "default": _build(),
             "again": _build(),
             "no_debugger": _build(debugger=False),
+            "distributed": _build(torch_distributed=True),
             "all_options": _build(**ALL_OPTIONS),
             "no_deploy": _build(deploy_step=False),
             "demo": _build("demo"),
@@ -384,6 +386,53 @@ def test_debugger_rules_hook_and_profiler_behind_one_switch(built: dict[str, Any
     assert "DebugHookConfig" not in tune and "DebugRuleConfigurations" not in tune
 
 
+def test_torch_distributed_launches_the_final_training_only_on_training_instance_count(
+    built: dict[str, Any],
+) -> None:
+    default, distributed = _steps(built["default"]), _steps(built["distributed"])
+    train = distributed["Train"]["Arguments"]
+    assert _decode(train["HyperParameters"]["sagemaker_torch_distributed_enabled"]) is True
+    assert train["ResourceConfig"]["InstanceCount"] == {"Get": "Parameters.TrainingInstanceCount"}
+    (count,) = [p for p in built["distributed"]["Parameters"] if p["Name"] == "TrainingInstanceCount"]
+    assert count == {"Name": "TrainingInstanceCount", "Type": "Integer", "DefaultValue": 1}
+    # the trials stay single-instance, single-process: the Tune step is the default one, byte for byte
+    trial = distributed["Tune"]["Arguments"]["TrainingJobDefinition"]
+    assert trial["HyperParameterTuningResourceConfig"]["InstanceCount"] == 1
+    assert not [key for key in trial["StaticHyperParameters"] if "distributed" in key]
+    for name in set(distributed) - {"Train"}:
+        assert json.dumps(distributed[name], sort_keys=True) == json.dumps(default[name], sort_keys=True), name
+
+    # No Debugger hook (SageMaker has none for a distributed job with checkpoints), so none of the rules that
+    # read its tensors; the profiler and its report need no hook and stay.
+    assert "DebugHookConfig" not in train and "DebugRuleConfigurations" not in train
+    assert [rule["RuleConfigurationName"] for rule in train["ProfilerRuleConfigurations"]] == ["ProfilerReport"]
+    assert train["ProfilerConfig"]["DisableProfiler"] is False
+    assert "torchrun" in distributed["Train"]["Description"]
+    # ...and nothing else of the Train step differs from the single-instance one
+    single = default["Train"]["Arguments"]
+    debugger = ("DebugHookConfig", "DebugRuleConfigurations", "ProfilerRuleConfigurations")
+    for key in set(single) | set(train):
+        if key in ("HyperParameters", "ResourceConfig", *debugger):
+            continue
+        assert train.get(key) == single.get(key), key
+    launcher = {"sagemaker_torch_distributed_enabled", "sagemaker_instance_type"}
+    assert set(train["HyperParameters"]) - set(single["HyperParameters"]) == launcher
+    assert {**train["ResourceConfig"], "InstanceCount": 1} == single["ResourceConfig"]
+
+    # without the option: one instance, no such parameter, the Debugger hook kept next to the checkpoints
+    assert single["ResourceConfig"]["InstanceCount"] == 1 and "DebugHookConfig" in single
+    assert "TrainingInstanceCount" not in {p["Name"] for p in built["default"]["Parameters"]}
+
+
+def test_training_instance_count_belongs_to_torch_distributed() -> None:
+    from pipelines.pipeline import preset_options
+
+    hint = r"TrainingInstanceCount is a parameter only of a pipeline built with torch_distributed \(--torch-distributed"
+    with pytest.raises(ValueError, match=hint):
+        preset_options(parameter_defaults={"TrainingInstanceCount": 2}).validate()
+    preset_options(torch_distributed=True, parameter_defaults={"TrainingInstanceCount": 2}).validate()
+
+
 # --- evaluation, condition, fail -------------------------------------------------------------------------------
 
 
@@ -552,7 +601,7 @@ def test_definition_command_is_offline_and_stable_across_processes(built: dict[s
 def test_job_arguments_match_sagemaker_api_shapes(built: dict[str, Any]) -> None:
     from pipelines.pipeline import STEP_API_OPERATIONS, check_definition
 
-    for variant in ("default", "no_debugger", "all_options", "no_deploy", "demo"):
+    for variant in ("default", "no_debugger", "all_options", "no_deploy", "demo", "distributed"):
         assert check_definition(built[variant]) == [], variant
     checked_types = {step["Type"] for step in _steps(built["default"]).values()} & set(STEP_API_OPERATIONS)
     assert checked_types == {"Processing", "Training", "Tuning", "RegisterModel"}

@@ -193,6 +193,7 @@ def run_local(args: argparse.Namespace) -> int:
         parameters=local_parameters(args),
         hyperparameters=dict(args.hyperparameters),
         debugger=args.debugger,
+        torch_distributed=args.torch_distributed,
         deploy_step=not args.skip_deploy_wiring,
         deploy_function_name=args.deploy_function_name,
         model_package_group=args.group,

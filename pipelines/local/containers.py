@@ -12,7 +12,9 @@ The script runs as a subprocess the way the container starts it:
   ``/opt/ml/input/data/<channel>``, the ``SM_*`` environment the toolkit exports, and
   ``python train.py --key value ...`` with the decoded hyperparameters in sorted order, ``sagemaker_*`` and
   ``_tuning_objective_metric`` left out as the toolkit leaves them out. The model folder is packed into a
-  deterministic ``model.tar.gz`` afterwards, as SageMaker uploads it.
+  deterministic ``model.tar.gz`` afterwards, as SageMaker uploads it. With ``sagemaker_torch_distributed_enabled``
+  the toolkit's ``TorchDistributedRunner`` command instead: ``torchrun --nnodes 1 --nproc_per_node <N> train.py
+  ...``, where N is every instance's processes together (one per CPU instance), all on this machine as one host.
 
 Scripts only ever see paths under the job root; arguments written with container paths (``/opt/ml/...``) are
 mapped to the job root, so the pipeline's arguments are written once, the way the SageMaker steps pass them.
@@ -48,10 +50,58 @@ TOOLKIT_PARAMETERS = frozenset(
         "sagemaker_job_name",
         "default_user_module_name",
         "_tuning_objective_metric",
+        "sagemaker_s3_output",
     }
 )
 TOOLKIT_PREFIX = "sagemaker_"
 TUNING_METRIC_PARAMETER = "_tuning_objective_metric"
+# The toolkit's launcher switches (sagemaker_training.environment); torch_distributed is the one run here.
+TORCH_DISTRIBUTED_PARAMETER = "sagemaker_torch_distributed_enabled"
+PROCESSES_PER_HOST_PARAMETER = "sagemaker_mpi_num_of_processes_per_host"
+OTHER_LAUNCHER_PARAMETERS = (
+    "sagemaker_mpi_enabled",
+    "sagemaker_parameter_server_enabled",
+    "sagemaker_distributed_dataparallel_enabled",
+    "sagemaker_pytorch_ddp_enabled",
+    "sagemaker_pytorch_xla_multi_worker_enabled",
+    "sagemaker_multi_worker_mirrored_strategy_enabled",
+)
+INSTANCE_GROUP = "homogeneousCluster"
+CHANNEL_CONFIG = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+INSTANCE_TYPE = "local"  # as SageMaker's local mode writes it: the instance type says nothing about this machine
+NETWORK_INTERFACE = "eth0"
+FRAMEWORK_MODULE = "sagemaker_pytorch_container.training:main"  # the PyTorch training image's SAGEMAKER_TRAINING_MODULE
+# The training environment's fields the toolkit exports one by one as SM_<NAME> (Environment.to_env_vars).
+TOOLKIT_EXPORTED = (
+    "hosts",
+    "network_interface_name",
+    "user_entry_point",
+    "resource_config",
+    "input_data_config",
+    "output_data_dir",
+    "current_host",
+    "current_instance_type",
+    "current_instance_group",
+    "current_instance_group_hosts",
+    "instance_groups",
+    "instance_groups_dict",
+    "distribution_instance_groups",
+    "is_hetero",
+    "module_name",
+    "log_level",
+    "framework_module",
+    "input_dir",
+    "input_config_dir",
+    "output_dir",
+    "num_cpus",
+    "num_gpus",
+    "num_neurons",
+    "model_dir",
+    "module_dir",
+    "output_intermediate_dir",
+)
+# The training toolkit's runners start `torchrun`; here it is this Python's torch.distributed.run module.
+TORCHRUN = ("-m", "torch.distributed.run")
 
 LineCallback = Callable[[str], None]
 
@@ -293,7 +343,49 @@ def hyperparameter_flags(decoded: Mapping[str, object]) -> list[str]:
 
 
 def _env_value(value: object) -> str:
+    """``sagemaker_training.mapping.to_env_vars``' formatting of a value."""
+    if value is None:
+        return ""
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def split_hyperparameters(hyperparameters: Mapping[str, str]) -> tuple[dict[str, object], dict[str, object]]:
+    """(the toolkit's own, the script's): decoded as the toolkit decodes them."""
+    decoded = {key: decode_hyperparameter(value) for key, value in hyperparameters.items()}
+    toolkit = {k: v for k, v in decoded.items() if k in TOOLKIT_PARAMETERS or k.startswith(TOOLKIT_PREFIX)}
+    return toolkit, {k: v for k, v in decoded.items() if k not in toolkit}
+
+
+def torch_distributed(hyperparameters: Mapping[str, str]) -> bool:
+    """The toolkit's TorchDistributedRunner starts the script (``distribution={"torch_distributed": ...}``)."""
+    return bool(split_hyperparameters(hyperparameters)[0].get(TORCH_DISTRIBUTED_PARAMETER))
+
+
+def ranks(hyperparameters: Mapping[str, str], instance_count: int) -> int:
+    """The job's processes. torchrun starts ``sagemaker_mpi_num_of_processes_per_host`` processes on every
+    instance, by default one per GPU, or one on an instance without GPUs, as every instance is here; the ranks of
+    all the instances run on this machine as one host's. A job without a launcher is one process."""
+    if not torch_distributed(hyperparameters):
+        return 1
+    per_host = split_hyperparameters(hyperparameters)[0].get(PROCESSES_PER_HOST_PARAMETER) or 1
+    return instance_count * int(per_host)
+
+
+def launch_problem(hyperparameters: Mapping[str, str], instance_count: object) -> str | None:
+    """Why a training job with these hyperparameters and ``ResourceConfig.InstanceCount`` cannot run here."""
+    toolkit, _ = split_hyperparameters(hyperparameters)
+    others = [name for name in OTHER_LAUNCHER_PARAMETERS if toolkit.get(name)]
+    if others:
+        return f"{others[0]}: of the training toolkit's launchers only torch_distributed runs locally"
+    if isinstance(instance_count, bool) or not isinstance(instance_count, int) or instance_count < 1:
+        return f"InstanceCount {instance_count!r}: a training job needs a whole number of instances, at least 1"
+    if instance_count > 1 and not toolkit.get(TORCH_DISTRIBUTED_PARAMETER):
+        return (
+            f"InstanceCount {instance_count} with no distribution launcher: SageMaker would run the script on "
+            "each instance as an unrelated single-process job; give the estimator "
+            "distribution={'torch_distributed': {'enabled': True}} (the pipeline's --torch-distributed)"
+        )
+    return None
 
 
 @dataclass
@@ -316,51 +408,76 @@ class TrainingJob:
     extra_arguments: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     restore: dict[str, Path] = field(default_factory=dict)  # container folder -> files put there before the start
+    instance_count: int = 1  # ResourceConfig.InstanceCount
 
     @property
     def model_tarball(self) -> Path:
         return self.root / "output" / "model.tar.gz"
 
+    @property
+    def torch_distributed(self) -> bool:
+        return torch_distributed(self.hyperparameters)
+
+    @property
+    def processes(self) -> int:
+        return ranks(self.hyperparameters, self.instance_count)
+
+    def command(self, arguments: Sequence[str]) -> list[str]:
+        """``python train.py <arguments>``, or under torch_distributed the toolkit's ``torchrun --nnodes 1
+        --nproc_per_node <N> train.py <arguments>``. ``--standalone`` gives torchrun's rendezvous a free port:
+        a container has a network of its own, this machine may have another torchrun on the default port."""
+        if not self.torch_distributed:
+            return [sys.executable, self.entry_point, *arguments]
+        launcher = ["--nnodes", "1", "--nproc_per_node", str(self.processes), "--standalone"]
+        return [sys.executable, *TORCHRUN, *launcher, self.entry_point, *arguments]
+
     def environment(self) -> tuple[dict[str, str], list[str]]:
-        """The ``SM_*`` variables and the script's arguments, as the training toolkit computes them."""
+        """The ``SM_*`` variables and the script's arguments, as the training toolkit computes them
+        (``sagemaker_training.environment.Environment.to_env_vars``) from the job's config files."""
         opt = self.root / "opt/ml"
-        decoded = {key: decode_hyperparameter(value) for key, value in self.hyperparameters.items()}
-        toolkit = {k: v for k, v in decoded.items() if k in TOOLKIT_PARAMETERS or k.startswith(TOOLKIT_PREFIX)}
-        user = {k: v for k, v in decoded.items() if k not in toolkit}
+        toolkit, user = split_hyperparameters(self.hyperparameters)
         arguments = hyperparameter_flags(user)
         channels = sorted(self.channels)
-        input_data_config = {
-            name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
-            for name in channels
+        # With a launcher the toolkit counts the instance group among the distribution groups.
+        distribution_groups = [INSTANCE_GROUP] if self.torch_distributed else []
+        group = {"instance_group_name": INSTANCE_GROUP, "instance_type": INSTANCE_TYPE, "hosts": [HOST]}
+        resource_config = {
+            "current_host": HOST,
+            "current_instance_type": INSTANCE_TYPE,
+            "current_group_name": INSTANCE_GROUP,
+            "hosts": [HOST],
+            "instance_groups": [group],
+            "network_interface_name": NETWORK_INTERFACE,
         }
-        resource_config = {"current_host": HOST, "hosts": [HOST], "network_interface_name": "eth0"}
-        module_name = Path(self.entry_point).stem
         training_env: dict[str, object] = {
-            "additional_framework_parameters": {k: v for k, v in toolkit.items() if k != TUNING_METRIC_PARAMETER},
+            "additional_framework_parameters": {k: v for k, v in toolkit.items() if k not in TOOLKIT_PARAMETERS},
             "channel_input_dirs": {name: str(opt / "input/data" / name) for name in channels},
             "current_host": HOST,
-            "current_instance_group": "homogeneousCluster",
+            "current_instance_group": INSTANCE_GROUP,
             "current_instance_group_hosts": [HOST],
-            "current_instance_type": "local",
-            "distribution_hosts": [],
-            "distribution_instance_groups": [],
-            "framework_module": "sagemaker_pytorch_container.training:main",
+            "current_instance_type": INSTANCE_TYPE,
+            "distribution_hosts": [HOST] if distribution_groups else [],
+            "distribution_instance_groups": distribution_groups,
+            "framework_module": FRAMEWORK_MODULE,
             "hosts": [HOST],
             "hyperparameters": user,
             "input_config_dir": str(opt / "input/config"),
-            "input_data_config": input_data_config,
+            "input_data_config": {name: dict(CHANNEL_CONFIG) for name in channels},
             "input_dir": str(opt / "input"),
-            "instance_groups": ["homogeneousCluster"],
+            "instance_groups": [INSTANCE_GROUP],
+            "instance_groups_dict": {INSTANCE_GROUP: group},
             "is_hetero": False,
             "is_master": True,
             "is_modelparallel_enabled": None,
+            "is_smddpmprun_installed": False,
+            "is_smddprun_installed": False,
             "job_name": self.job_name,
-            "log_level": 20,
+            "log_level": toolkit.get("sagemaker_container_log_level", 20),
             "master_hostname": HOST,
             "model_dir": str(opt / "model"),
-            "module_dir": str(opt / "code"),
-            "module_name": module_name,
-            "network_interface_name": "eth0",
+            "module_dir": toolkit.get("sagemaker_submit_directory", str(opt / "code")),  # the code's S3 URI, if any
+            "module_name": Path(self.entry_point).stem,
+            "network_interface_name": NETWORK_INTERFACE,
             "num_cpus": self.cpus,
             "num_gpus": 0,
             "num_neurons": 0,
@@ -368,23 +485,31 @@ class TrainingJob:
             "output_dir": str(opt / "output"),
             "output_intermediate_dir": str(opt / "output/intermediate"),
             "resource_config": resource_config,
+            "topology": [],
             "user_entry_point": self.entry_point,
         }
-        env = {f"SM_{key.upper()}": _env_value(value) for key, value in training_env.items()}
-        env["SM_TRAINING_ENV"] = json.dumps(training_env, sort_keys=True, separators=(",", ":"))
-        env["SM_HPS"] = json.dumps(user, sort_keys=True, separators=(",", ":"))
-        env["SM_USER_ARGS"] = json.dumps(arguments, separators=(",", ":"))
-        env["SM_CHANNELS"] = json.dumps(channels, separators=(",", ":"))
-        env["SM_NUM_CPUS"] = str(self.cpus)
-        for name in channels:
-            env[f"SM_CHANNEL_{name.upper()}"] = str(opt / "input/data" / name)
-        for key, value in user.items():
-            env[f"SM_HP_{key.upper()}"] = _env_value(value)
+        exported = {key: training_env[key] for key in TOOLKIT_EXPORTED}
+        exported.update(
+            hps=user,
+            framework_params=training_env["additional_framework_parameters"],
+            channels=channels,
+            training_env=training_env,
+            user_args=arguments,
+            **{f"channel_{name}": str(opt / "input/data" / name) for name in channels},
+            **{f"hp_{key}": value for key, value in user.items()},
+        )
+        env = {f"SM_{key.upper()}": _env_value(value) for key, value in exported.items()}
         env["TRAINING_JOB_NAME"] = self.job_name
+        env["SAGEMAKER_TRAINING_MODULE"] = FRAMEWORK_MODULE
         env["SAGEMAKER_REGION"] = ""
+        if self.torch_distributed:  # what TorchDistributedRunner._setup exports for NCCL (gloo, on CPUs, ignores them)
+            env.update(NCCL_SOCKET_IFNAME=NETWORK_INTERFACE, NCCL_PROTO="simple")
         return env, arguments
 
     def run(self, on_line: LineCallback | None = None) -> JobResult:
+        problem = launch_problem(self.hyperparameters, self.instance_count)
+        if problem:
+            raise JobError(self.job_name, problem, None)
         opt = self.root / "opt/ml"
         fsutil.remove_path(self.root / "opt")
         fsutil.remove_path(self.root / "output")
@@ -400,16 +525,12 @@ class TrainingJob:
         fsutil.write_json_atomic(config_dir / "hyperparameters.json", self.hyperparameters)
         fsutil.write_json_atomic(config_dir / "resourceconfig.json", json.loads(env["SM_RESOURCE_CONFIG"]))
         fsutil.write_json_atomic(config_dir / "inputdataconfig.json", json.loads(env["SM_INPUT_DATA_CONFIG"]))
-        command = [
-            sys.executable,
-            self.entry_point,
-            *arguments,
-            *(map_container_argument(self.root, argument) for argument in self.extra_arguments),
-        ]
-        log_path = self.root / "log.txt"
-        full_env = base_environment(
-            {**_thread_environment(self.cpus), **_temporary_folder(self.root), **self.env, **env}
+        command = self.command(
+            [*arguments, *(map_container_argument(self.root, argument) for argument in self.extra_arguments)]
         )
+        log_path = self.root / "log.txt"
+        threads = _thread_environment(self.cpus // self.processes)  # the processes share the job's cores
+        full_env = base_environment({**threads, **_temporary_folder(self.root), **self.env, **env})
         try:
             duration = run_logged(
                 command, cwd=opt / "code", env=full_env, log_path=log_path, job_name=self.job_name, on_line=on_line

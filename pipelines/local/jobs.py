@@ -218,6 +218,12 @@ def _training_inputs_keyed(request: dict[str, Any], hyperparameters_key: str, co
     return keyed
 
 
+def _instance_count(request: dict[str, Any]) -> Any:
+    """A training job's InstanceCount (a tuning trial's comes from the tuning job's resource config)."""
+    resources = request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig") or {}
+    return resources.get("InstanceCount", 1)
+
+
 def _check_training(
     name: str, request: dict[str, Any], hyperparameters_key: str, execution: LocalExecution
 ) -> list[str]:
@@ -236,10 +242,11 @@ def _check_training(
             problems.append(f"{name}: channel {channel.get('ChannelName')!r} is not an S3 data source")
         elif missing := execution.missing_object(source.get("S3Uri")):
             problems.append(f"{name}: channel {channel.get('ChannelName')!r}: {missing}")
-    resources = request.get("ResourceConfig") or request.get("HyperParameterTuningResourceConfig") or {}
-    count = resources.get("InstanceCount", 1)
-    if not is_expression(count) and count != 1:
-        problems.append(f"{name}: InstanceCount {count}: the local executor runs one training instance")
+    count = execution.known_before_the_run(_instance_count(request))
+    launch = {key: value for key, value in hyperparameters.items() if not is_expression(value)}
+    problem = containers.launch_problem(launch, count) if count is not None else None
+    if problem:
+        problems.append(f"{name}: {problem}")
     return problems
 
 
@@ -288,6 +295,7 @@ def run_training_job(
             "MPLCONFIGDIR": str(root / "mplconfig"),
         },
         restore=restore,
+        instance_count=_instance_count(request),
     )
     try:
         result = job.run(on_line)
@@ -377,10 +385,19 @@ class TrainingExecutor(StepExecutor):
         rules = [rule["RuleConfigurationName"] for key in DEBUGGER_RULES for rule in arguments.get(key, [])]
         notes = [f"not evaluated locally: {', '.join(skipped)} ({', '.join(rules) or 'no rules'})"] if skipped else []
         final = ", ".join(f"{m['MetricName']}={m['Value']:.4f}" for m in properties["FinalMetricDataList"])
+        launcher = ""
+        if containers.torch_distributed(properties["HyperParameters"]):
+            count = _instance_count(arguments)
+            processes = containers.ranks(properties["HyperParameters"], count)
+            launcher = f"; torchrun, {processes} processes"
+            notes.append(
+                f"torch_distributed: InstanceCount {count} ran as one torchrun of {processes} processes on this "
+                "machine (one host, gloo on CPUs)"
+            )
         return StepResult(
             properties=properties,
             metadata={"TrainingJob": {"Arn": properties["TrainingJobArn"]}},
-            detail=f"{job_name}; {final}" + ("; Debugger rules not evaluated locally" if skipped else ""),
+            detail=f"{job_name}; {final}{launcher}" + ("; Debugger rules not evaluated locally" if skipped else ""),
             outputs=written,
             notes=notes,
         )

@@ -58,6 +58,7 @@ class LocalRunOptions:
     parameters: list[tuple[str, str]] = field(default_factory=list)  # Name=Value, checked as `start --param`
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # --hp: fixed for every job
     debugger: bool = True
+    torch_distributed: bool = False  # the Train step under torchrun (--param TrainingInstanceCount=N processes)
     deploy_step: bool = True
     deploy_function_name: str = config.DEPLOY_FUNCTION_NAME
     model_package_group: str = config.MODEL_PACKAGE_GROUP
@@ -102,6 +103,7 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
     pipeline_options = preset_options(
         options.resolved_preset,
         debugger=options.debugger,
+        torch_distributed=options.torch_distributed,
         deploy_step=options.deploy_step,
         deploy_function_name=options.deploy_function_name,
         model_package_group=options.model_package_group,
