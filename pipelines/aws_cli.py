@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines import config, images
+from pipelines import config, images, validation
 from pipelines.run import CommandError
 
 TERMINAL_EXECUTION_STATUSES = ("Succeeded", "Failed", "Stopped")
@@ -434,7 +434,10 @@ def build_from_args(args: argparse.Namespace, boto_session: Any, offline: bool) 
             raise CommandError(str(error)) from error
         definition = pipeline.definition()
     if args.check:
-        problems = check_definition(definition)
+        parsed = json.loads(definition)
+        problems = check_definition(parsed)
+        values = validation.parameter_values(parsed, [])
+        problems += validation.run_problems(parsed, values, dict(args.hyperparameters), local=False)
         if problems:
             for problem in problems:
                 print(f"definition problem: {problem}", file=sys.stderr)
@@ -716,6 +719,12 @@ def cmd_start(args: argparse.Namespace) -> int:
         "PipelineName": args.pipeline_name,
         "PipelineParameters": parameter_overrides(definition, args.params),
     }
+    values = validation.parameter_values(definition, request["PipelineParameters"])
+    problems = validation.parameter_problems(definition, values) + validation.script_argument_problems(
+        definition, values, {}, local=False
+    )
+    if problems:
+        raise CommandError(f"the run's values are refused, nothing was started: {'; '.join(problems)}")
     if args.display_name:
         request["PipelineExecutionDisplayName"] = args.display_name
     execution_arn = sagemaker_client.start_pipeline_execution(**request)["PipelineExecutionArn"]
