@@ -198,7 +198,8 @@ LOCAL_TRAINING_EXTRA_ARGUMENTS: tuple[str, ...] = ("--workers", "0")
 # Workdir state that several commands change (registry, endpoint records, the deploy function's records, step
 # cache): each change holds <workdir>/.lock; a command that finds it held waits this long, saying who holds it.
 LOCAL_LOCK_WAIT_SECONDS = 900.0  # longer than a Ray endpoint's start (pipelines/local/endpoint.py)
-# SIGINT/SIGTERM/SIGHUP to `local`: each job's process group gets SIGTERM, then SIGKILL after this grace.
+# SIGINT/SIGTERM/SIGHUP to `local`, or a job's main process ending: what is left of each job gets SIGTERM, then
+# SIGKILL after this grace.
 LOCAL_STOP_GRACE_SECONDS = 5.0
 
 # --- rules every value is checked against before anything runs (pipelines/validation.py applies them) -------------

@@ -346,9 +346,7 @@ def test_unmet_threshold_runs_the_fail_step_with_its_message(failed_run: Run, fi
     accuracy = accuracy["multiclass_classification_metrics"]["accuracy"]["value"]
     message = failed_run.stderr
     # the Fail step's ErrorMessage, evaluated: the accuracy (JsonGet) and the AccuracyThreshold parameter
-    assert (
-        f"step AccuracyBelowThreshold failed: Test accuracy {accuracy} is below the AccuracyThreshold 1.0" in message
-    )
+    assert f"step AccuracyBelowThreshold failed: Test accuracy {accuracy} is below the AccuracyThreshold 1.0" in message
     assert str(failed_run.folder) in message  # the run folder is kept and named
     assert failed_run.record["PipelineExecutionStatus"] == "Failed"
     assert failed_run.step("CheckAccuracy")["Metadata"] == {"Condition": {"Outcome": "False"}}

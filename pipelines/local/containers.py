@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines import config
 from pipelines.local import fsutil, processes
 
 CONTAINER_ROOT = "/opt/ml"
@@ -45,7 +46,6 @@ CONTAINER_PYTHONS = ("python3", "python")  # the image's interpreter: this proce
 PROCESSING_WORKDIR = "/opt/ml/processing"
 HOST = "algo-1"
 LOG_TAIL_LINES = 25
-STOP_GRACE_SECONDS = 5.0  # SIGTERM, then SIGKILL: what is left of a job once its main process has ended
 # Hyperparameters the training toolkit keeps for itself: never passed to the script as flags.
 TOOLKIT_PARAMETERS = frozenset(
     {
@@ -104,6 +104,7 @@ class JobProcesses:
         self._lock = threading.Lock()
         self._running: dict[int, subprocess.Popen] = {}
         self.stopping: str | None = None  # why no job may start now (e.g. "the run was stopped by SIGTERM")
+        self.signal_name: str | None = None  # the signal that stopped them
 
     def start(self, command: Sequence[str], **popen: object) -> subprocess.Popen:
         with self._lock:
@@ -119,11 +120,11 @@ class JobProcesses:
             self._running.pop(process.pid, None)
         stop_job(process, grace_seconds)
 
-    def stop_all(self, reason: str, grace_seconds: float) -> list[int]:
+    def stop_all(self, signal_name: str, grace_seconds: float) -> list[int]:
         """Keep new jobs from starting, SIGTERM every running job's process tree now and SIGKILL what is left of it
         after ``grace_seconds`` (in a thread: this returns at once, so a signal handler may call it)."""
         with self._lock:
-            self.stopping = reason
+            self.stopping, self.signal_name = f"the run was stopped by {signal_name}", signal_name
             running = list(self._running.values())
         trees = {process.pid: _tree(process.pid) for process in running}
         for pids in trees.values():
@@ -133,7 +134,7 @@ class JobProcesses:
 
     def allow(self) -> None:
         with self._lock:
-            self.stopping = None
+            self.stopping = self.signal_name = None
 
 
 JOBS = JobProcesses()
@@ -254,8 +255,9 @@ def run_logged(
                 bufsize=1,
             )
         except OSError as error:  # the one place child processes start: a missing program is reported here
-            stopped = signal.SIGTERM.name if JOBS.stopping else None
-            raise JobError(job_name, f"could not start {command[0]}: {error}", log_path, signal_name=stopped) from error
+            raise JobError(
+                job_name, f"could not start {command[0]}: {error}", log_path, signal_name=JOBS.signal_name
+            ) from error
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -267,7 +269,7 @@ def run_logged(
                     on_line(stripped)
             returncode = process.wait()
         finally:  # ended or interrupted: leave no process of the job behind
-            JOBS.finish(process, STOP_GRACE_SECONDS)
+            JOBS.finish(process, config.LOCAL_STOP_GRACE_SECONDS)
     duration = time.perf_counter() - started
     if returncode != 0:
         signal_name = signal_of(returncode)

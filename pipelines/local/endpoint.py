@@ -80,7 +80,7 @@ def record_problem(data: Any) -> str | None:
         return "it is not a JSON object"
     for key, kind in (("pid", int), ("url", str), ("ModelPackageArn", str), ("ModelPackageVersion", int)):
         if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
-            return f"its {key} is missing or not a {kind.__name__}"
+            return f"its {key} is missing or not {'a number' if kind is int else 'text'}"
     if data["pid"] < 1 or not data["url"].startswith("http://"):
         return "its pid or url is not one of a local server"
     return None

@@ -143,7 +143,10 @@ class LocalModelRegistry:
                         fsutil.write_json_atomic(self.path, data)
                     return package, False
             version = max((p["ModelPackageVersion"] for p in packages), default=0) + 1
-            folder = fsutil.contained(self.workdir, self.workdir / ARTIFACTS_DIR / group / str(version))
+            try:
+                folder = fsutil.contained(self.workdir, self.workdir / ARTIFACTS_DIR / group / str(version))
+            except fsutil.OutsideWorkdir as error:
+                raise RegistryError(str(error)) from error
             stored = {uri: fsutil.link_tree(path, folder / path.name).resolve().as_uri() for uri, path in files.items()}
             now = _now()
             package = {

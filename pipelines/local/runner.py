@@ -64,10 +64,10 @@ def stopped_by_signals(grace_seconds: float = config.LOCAL_STOP_GRACE_SECONDS) -
 
     def on_signal(number: int, _frame: Any) -> None:
         if received:  # impatient: no more grace
-            containers.JOBS.stop_all(f"the run was stopped by {received[0]}", 0.0)
+            containers.JOBS.stop_all(received[0], 0.0)
             return
         received.append(signal.Signals(number).name)
-        containers.JOBS.stop_all(f"the run was stopped by {received[0]}", grace_seconds)
+        containers.JOBS.stop_all(received[0], grace_seconds)
         raise RunStopped(received[0])
 
     containers.JOBS.allow()
