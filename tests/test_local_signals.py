@@ -1,7 +1,8 @@
-"""A real `local` run stopped from outside: SIGTERM during Tune, and SIGINT to the runner's PID alone (not its
-process group) during Train after a trial was killed. Every job process ends within seconds, the run is recorded
-Stopped, and a tuning step with a trial ended by a signal is never cached. (The mechanism on its own, with a job
-whose worker sits in a session of its own and ignores SIGTERM, is in test_local_guards.py.)"""
+"""A real `local` run stopped from outside, by a signal to the runner's PID alone (not its process group): SIGINT
+or SIGTERM during Tune, and SIGHUP during Train after a trial was killed with SIGKILL. Every job process ends
+within seconds, the run is recorded Stopped, and a tuning step with a trial ended by a signal is never cached.
+(The mechanism on its own, with a job whose worker sits in a session of its own and ignores SIGTERM, is in
+test_local_guards.py.)"""
 
 from __future__ import annotations
 
@@ -80,8 +81,9 @@ def _cached_steps(workdir: Path) -> set[str]:
     return {json.loads(path.read_text())["step"] for path in (workdir / "cache").glob("*.json")}
 
 
-def test_sigterm_during_tune_stops_every_trial_within_seconds_and_marks_the_run_stopped(
-    tmp_path: Path, data: Path
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_tune_stops_every_trial_within_seconds_and_marks_the_run_stopped(
+    tmp_path: Path, data: Path, number: signal.Signals
 ) -> None:
     workdir = (tmp_path / "runs").resolve()
     runner = _start(workdir, data, "--trials", "2", "--parallel", "2", "--tuning-epochs", "500")
@@ -90,14 +92,14 @@ def test_sigterm_during_tune_stops_every_trial_within_seconds_and_marks_the_run_
     _wait("two running trials", lambda: all(_jobs(trial) for trial in trials), runner)
     jobs = [pid for trial in trials for pid in _jobs(trial)]
 
-    seconds = _stop(runner, signal.SIGTERM, jobs)
+    seconds = _stop(runner, number, jobs)
 
     assert seconds < STOP_WITHIN_SECONDS, seconds
-    assert runner.returncode == 128 + signal.SIGTERM
+    assert runner.returncode == 128 + number
     log = (tmp_path / "local.log").read_text()
-    assert f"stopped by SIGTERM: every job process was stopped; run-0001 is marked Stopped ({run})" in log
+    assert f"stopped by {number.name}: every job process was stopped; run-0001 is marked Stopped ({run})" in log
     record, steps = _record(run)
-    assert record["PipelineExecutionStatus"] == "Stopped" and record["StoppedBy"] == "SIGTERM"
+    assert record["PipelineExecutionStatus"] == "Stopped" and record["StoppedBy"] == number.name
     assert steps["Preprocess"]["StepStatus"] == "Succeeded" and steps["Tune"]["StepStatus"] == "Stopped"
     assert _cached_steps(workdir) == {"Preprocess"}
     status = subprocess.run(
@@ -108,7 +110,7 @@ def test_sigterm_during_tune_stops_every_trial_within_seconds_and_marks_the_run_
     assert "status    Stopped" in status.stdout and f"{'Tune':<24} Stopped" in status.stdout
 
 
-def test_a_trial_killed_from_outside_is_never_cached_and_sigint_stops_the_training_job(
+def test_a_trial_killed_from_outside_is_never_cached_and_sighup_stops_the_training_job(
     tmp_path: Path, data: Path
 ) -> None:
     workdir = (tmp_path / "runs").resolve()
@@ -120,12 +122,12 @@ def test_a_trial_killed_from_outside_is_never_cached_and_sigint_stops_the_traini
         os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer, or a user's kill -9, would
     _wait("the training job", lambda: _jobs(run / "train"), runner)
 
-    seconds = _stop(runner, signal.SIGINT, _jobs(run / "train"))  # to the runner's PID, not its process group
+    seconds = _stop(runner, signal.SIGHUP, _jobs(run / "train"))  # the terminal closed
 
     assert seconds < STOP_WITHIN_SECONDS, seconds
-    assert runner.returncode == 128 + signal.SIGINT
+    assert runner.returncode == 128 + signal.SIGHUP
     record, steps = _record(run)
-    assert record["PipelineExecutionStatus"] == "Stopped" and record["StoppedBy"] == "SIGINT"
+    assert record["PipelineExecutionStatus"] == "Stopped" and record["StoppedBy"] == "SIGHUP"
     assert steps["Train"]["StepStatus"] == "Stopped"
     tune = steps["Tune"]
     assert tune["StepStatus"] == "Succeeded"  # the other trial finished: the run went on, as SageMaker's would
