@@ -258,7 +258,7 @@ class LocalPipeline:
         loading.join()  # the scripts' modules, imported while the definition was built
         problems += validation.run_problems(definition, values, self.options.hyperparameters, local=True)
         if problems:
-            raise InvalidOptions(problems)
+            raise InvalidOptions(list(dict.fromkeys(problems)))  # a name given twice (flag, parameter) once
 
     def _run(self) -> dict[str, Any]:
         from pipelines.aws_cli import parameter_overrides
