@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from pipelines import config
@@ -339,12 +341,12 @@ def _check_processing_arguments(module: Any, parser: Any, parsed: Any) -> None:
 
 
 def _step_checks(
-    step: dict[str, Any], parameters: Mapping[str, Any], fixed: Mapping[str, Any], local_flags: list[str] | None
+    step: dict[str, Any], parameters: Mapping[str, Any], fixed: Mapping[str, Any], local: bool
 ) -> tuple[str, list[list[str]], dict[str, str], Callable[[Any, Any, Any], None] | None] | None:
     """(script, its argument lists to parse, flag -> origin, cross-check) of a job step; None for other steps.
 
-    A tuning step gets one list per value at the ends of its ranges. ``local_flags``: what the local executor
-    adds to a training job (the job runs here, so train.py's cross-checks that read the machine run too).
+    A tuning step gets one list per value at the ends of its ranges. ``local``: the job runs here, with the local
+    executor's flags, so train.py's cross-checks that read the machine (the device, a weights file) run too.
     """
     from pipelines.local.containers import hyperparameter_flags
 
@@ -362,48 +364,82 @@ def _step_checks(
     ranges = _range_values(arguments.get("HyperParameterTuningJobConfig", {}).get("ParameterRanges", {}))
     origins.update({f"--{name}": f"the tuner's range of {name}" for name in ranges})
     count = max((len(values) for values in ranges.values()), default=1)
+    extra = list(config.LOCAL_TRAINING_EXTRA_ARGUMENTS) if local else []
     runs = [
-        hyperparameter_flags({**known, **{k: v[min(i, len(v) - 1)] for k, v in ranges.items()}}) + (local_flags or [])
+        hyperparameter_flags({**known, **{k: v[min(i, len(v) - 1)] for k, v in ranges.items()}}) + extra
         for i in range(count)
     ]
-    return script, runs, origins, _check_training_settings if local_flags is not None else None
+    return script, runs, origins, _check_training_settings if local else None
+
+
+def _acceptance_mark(folder: Path | None, script: str, runs: list[list[str]], local: bool) -> Path | None:
+    """Where the mark that ``script``'s code accepted ``runs`` is kept: named by that code's content and the lists."""
+    if folder is None:
+        return None
+    from pipelines.local import fsutil
+
+    spec = importlib.util.find_spec(SCRIPT_MODULES[script])
+    code = Path(str(spec.origin)).parent if spec is not None else None
+    if code is None or not code.is_dir():
+        return None
+    return folder / fsutil.json_hash(
+        {"code": fsutil.content_hash(code), "script": script, "runs": runs, "local": local}
+    )
 
 
 def script_argument_problems(
-    definition: dict[str, Any], parameters: Mapping[str, Any], fixed: Mapping[str, Any], local: bool
+    definition: dict[str, Any],
+    parameters: Mapping[str, Any],
+    fixed: Mapping[str, Any],
+    local: bool,
+    accepted: Path | None = None,
 ) -> list[str]:
-    """Every job step's arguments known before the run, refused by the script's own parser and checks, if at all."""
+    """Every job step's arguments known before the run, refused by the script's own parser and checks, if at all.
+
+    ``accepted``: a folder of marks, one per argument lists the same script code accepted before; those are not
+    parsed again, so a run with nothing changed does not import the scripts (train.py brings torch: seconds).
+    """
     from pipelines.pipeline import iter_steps
 
     refusals: dict[str, list[str]] = {}  # "<script> refuses <what>" -> the steps it refuses it in
     with tempfile.TemporaryDirectory(prefix="channel-") as channel:
-        local_flags = [*config.LOCAL_TRAINING_EXTRA_ARGUMENTS, "--train-dir", channel, "--valid-dir", channel]
         for step in iter_steps(definition):
-            checks = _step_checks(step, parameters, fixed, local_flags if local else None)
+            checks = _step_checks(step, parameters, fixed, local)
             if checks is None or checks[0] not in SCRIPT_MODULES:
                 continue
             script, runs, origins, cross_check = checks
+            mark = _acceptance_mark(accepted, script, runs, local)
+            if mark is not None and mark.exists():
+                continue
             module = importlib.import_module(SCRIPT_MODULES[script])
-            for flags in runs:
-                for problem in _parse_all(module, flags, origins, cross_check):
-                    steps = refusals.setdefault(f"{script} refuses {problem}", [])
-                    if step["Name"] not in steps:
-                        steps.append(step["Name"])
+            channels = (
+                ["--train-dir", channel, "--valid-dir", channel] if cross_check is _check_training_settings else []
+            )
+            found = [
+                problem for flags in runs for problem in _parse_all(module, flags + channels, origins, cross_check)
+            ]
+            for problem in found:
+                steps = refusals.setdefault(f"{script} refuses {problem}", [])
+                if step["Name"] not in steps:
+                    steps.append(step["Name"])
+            if not found and mark is not None:  # an empty file, made whole or not at all
+                mark.parent.mkdir(parents=True, exist_ok=True)
+                mark.touch()
     return [f"{', '.join(steps)}: {refusal}" for refusal, steps in refusals.items()]
 
 
-def preload_scripts() -> None:
-    """Import the scripts' modules (train.py brings torch: seconds), e.g. in a thread while the definition builds."""
-    for module in SCRIPT_MODULES.values():
-        importlib.import_module(module)
-
-
 def run_problems(
-    definition: dict[str, Any], parameters: Mapping[str, Any], fixed: Mapping[str, Any], *, local: bool
+    definition: dict[str, Any],
+    parameters: Mapping[str, Any],
+    fixed: Mapping[str, Any],
+    *,
+    local: bool,
+    accepted: Path | None = None,
 ) -> list[str]:
-    """Everything wrong with this run's values, before anything runs (an empty list: nothing)."""
+    """Everything wrong with this run's values, before anything runs (an empty list: nothing); ``accepted``: see
+    :func:`script_argument_problems`."""
     problems = parameter_problems(definition, parameters)
     problems += fixed_hyperparameter_problems(definition, fixed, local)
     if not problems:  # a refused parameter would be refused again, less clearly, by the script it reaches
-        problems += script_argument_problems(definition, parameters, fixed, local)
+        problems += script_argument_problems(definition, parameters, fixed, local, accepted)
     return problems

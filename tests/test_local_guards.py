@@ -432,3 +432,23 @@ def test_values_that_could_only_fail_late_are_refused_before_anything_runs(tmp_p
     for message in script_level.values():
         assert message in err, (message, err)
     assert not workdir.exists() or not list(workdir.glob("run-*"))
+
+
+def test_arguments_a_script_accepted_are_not_parsed_again_until_they_or_the_code_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.local.runner import LocalRunOptions, build_definition
+
+    definition = build_definition(LocalRunOptions(preset="demo"))[0]
+    values = validation.parameter_values(definition, [])
+    marks = tmp_path / "accepted"
+    assert validation.script_argument_problems(definition, values, {}, True, marks) == []
+    assert len(list(marks.iterdir())) == 4  # Preprocess, Tune, Train, Evaluate
+    parsed: list[list[str]] = []
+    real = validation._parse_all
+    monkeypatch.setattr(validation, "_parse_all", lambda *args: parsed.append(args[1]) or real(*args))
+    assert validation.script_argument_problems(definition, values, {}, True, marks) == []
+    assert parsed == []  # nothing changed: nothing parsed, train.py (torch) not needed
+    changed = {**values, "TuningEpochs": 0}
+    assert validation.script_argument_problems(definition, changed, {}, True, marks)  # a new value: checked
+    assert parsed and len(list(marks.iterdir())) == 4  # and a refused one leaves no mark

@@ -33,7 +33,7 @@ from typing import Any
 from entrypoints import contract
 from pipelines import config, validation
 from pipelines.local import containers, endpoint, fsutil, processes
-from pipelines.local.cache import StepCache
+from pipelines.local.cache import CACHE_DIR, StepCache
 from pipelines.local.console import Console
 from pipelines.local.executor import DEFINITION_FILE, LocalExecution, RunStopped, StepExecutor
 from pipelines.local.objectstore import ObjectStore
@@ -80,6 +80,7 @@ def stopped_by_signals(grace_seconds: float = config.LOCAL_STOP_GRACE_SECONDS) -
 
 
 DEMO_SOURCE = "built-in demo (scikit-learn digits)"
+ACCEPTED_ARGUMENTS_DIR = "accepted-arguments"  # marks of job arguments the scripts' parsers accepted (validation)
 
 
 def available_cpus() -> int:
@@ -112,16 +113,6 @@ class LocalRunOptions:
     @property
     def resolved_preset(self) -> str:
         return self.preset or ("demo" if self.data is None else "default")
-
-
-def _quietly(function: Any) -> Any:
-    """``function`` for a background thread: a failure there is left to the main thread's own import to raise."""
-
-    def run() -> None:
-        with contextlib.suppress(Exception):
-            function()
-
-    return run
 
 
 def new_run_folder(workdir: Path) -> tuple[str, Path]:
@@ -242,7 +233,7 @@ class LocalPipeline:
         with stopped_by_signals():
             return self._run()
 
-    def _checked_values(self, definition: dict[str, Any], overrides: list[dict[str, str]], loading: Any) -> None:
+    def _checked_values(self, definition: dict[str, Any], overrides: list[dict[str, str]]) -> None:
         """Every value of the run against the rules the scripts, SageMaker and the config hold (InvalidOptions)."""
         values = validation.parameter_values(definition, overrides)
         problems = []
@@ -255,8 +246,10 @@ class LocalPipeline:
                 validation.check_name(kind, name)
             except ValueError as error:
                 problems.append(str(error))
-        loading.join()  # the scripts' modules, imported while the definition was built
-        problems += validation.run_problems(definition, values, self.options.hyperparameters, local=True)
+        accepted = self.workdir / CACHE_DIR / ACCEPTED_ARGUMENTS_DIR  # what an earlier run checked already
+        problems += validation.run_problems(
+            definition, values, self.options.hyperparameters, local=True, accepted=accepted
+        )
         if problems:
             raise InvalidOptions(list(dict.fromkeys(problems)))  # a name given twice (flag, parameter) once
 
@@ -268,14 +261,12 @@ class LocalPipeline:
             LocalModelRegistry(self.workdir).check()
         except RegistryError as error:
             raise InvalidOptions([str(error)]) from error
-        loading = threading.Thread(target=_quietly(validation.preload_scripts), daemon=True)
-        loading.start()
         try:
             definition, artifacts, pipeline_options = build_definition(self.options)
         except ValueError as error:  # before the run folder: a refused option leaves nothing behind
             raise InvalidOptions([str(error)]) from error
         overrides = parameter_overrides(definition, self.options.parameters)
-        self._checked_values(definition, overrides, loading)
+        self._checked_values(definition, overrides)
         self.run_id, self.run_dir = new_run_folder(self.workdir)
         self.console.write(f"Local pipeline {self.run_id} in {self.run_dir}")
         fsutil.write_json_atomic(self.run_dir / DEFINITION_FILE, definition)
