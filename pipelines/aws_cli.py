@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from entrypoints.contract import accuracy_from_report
-from pipelines import config, images
+from pipelines import config, images, validation
 from pipelines.errors import CommandError
 
 TERMINAL_EXECUTION_STATUSES = ("Succeeded", "Failed", "Stopped")
@@ -136,9 +136,13 @@ def add_hidden_alias(parser: argparse.ArgumentParser, alias: str, dest: str, **k
 def add_model_package_group_argument(
     parser: argparse.ArgumentParser, help_text: str, dest: str = "model_package_group"
 ) -> None:
-    """``--model-package-group`` (the one name of the group on every command; ``--group`` still works)."""
-    parser.add_argument("--model-package-group", dest=dest, default=config.MODEL_PACKAGE_GROUP, help=help_text)
-    add_hidden_alias(parser, "--group", dest)
+    """``--model-package-group`` (the one name of the group on every command; ``--group`` still works), checked
+    against SageMaker's pattern for the name, since it also names local folders."""
+    group_name = validation.name_argument("model package group")
+    parser.add_argument(
+        "--model-package-group", dest=dest, type=group_name, default=config.MODEL_PACKAGE_GROUP, help=help_text
+    )
+    add_hidden_alias(parser, "--group", dest, type=group_name)
 
 
 def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -451,7 +455,10 @@ def build_from_args(args: argparse.Namespace, boto_session: Any, offline: bool) 
             raise CommandError(str(error)) from error
         definition = pipeline.definition()
     if args.check:
-        problems = check_definition(definition)
+        parsed = json.loads(definition)
+        problems = check_definition(parsed)
+        values = validation.parameter_values(parsed, [])
+        problems += validation.run_problems(parsed, values, dict(args.hyperparameters), local=False)
         if problems:
             for problem in problems:
                 print(f"definition problem: {problem}", file=sys.stderr)
@@ -737,6 +744,12 @@ def cmd_start(args: argparse.Namespace) -> int:
         "PipelineName": args.pipeline_name,
         "PipelineParameters": parameter_overrides(definition, args.params),
     }
+    values = validation.parameter_values(definition, request["PipelineParameters"])
+    problems = validation.parameter_problems(definition, values) + validation.script_argument_problems(
+        definition, values, {}, local=False
+    )
+    if problems:
+        raise CommandError(f"the run's values are refused, nothing was started: {'; '.join(problems)}")
     if args.display_name:
         request["PipelineExecutionDisplayName"] = args.display_name
     execution_arn = sagemaker_client.start_pipeline_execution(**request)["PipelineExecutionArn"]

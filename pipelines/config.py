@@ -194,3 +194,36 @@ LOCAL_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT_ID}:role/local-pipeline"
 # Flags the local executor adds to each training job after the hyperparameters (the jobs share this machine's
 # cores, where on SageMaker each has an instance of its own).
 LOCAL_TRAINING_EXTRA_ARGUMENTS: tuple[str, ...] = ("--workers", "0")
+# Workdir state that several commands change (registry, endpoint records, the deploy function's records, step
+# cache): each change holds <workdir>/.lock; a command that finds it held waits this long, saying who holds it.
+LOCAL_LOCK_WAIT_SECONDS = 900.0  # longer than a Ray endpoint's start (pipelines/local/endpoint.py)
+# SIGINT/SIGTERM/SIGHUP to `local`, or a job's main process ending: what is left of each job gets SIGTERM, then
+# SIGKILL after this grace.
+LOCAL_STOP_GRACE_SECONDS = 5.0
+
+# --- rules every value is checked against before anything runs (pipelines/validation.py applies them) -------------
+# SageMaker's own name patterns (botocore's service model; a test keeps them equal) for the names that become folder
+# and file names in the workdir: an endpoint's record and model folders, a model package group's registry folder.
+SAGEMAKER_NAME_PATTERNS: dict[str, tuple[str, str]] = {  # kind -> (SageMaker's shape, its pattern; 1-63 chars)
+    "endpoint": ("EndpointName", r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"),
+    "model package group": ("EntityName", r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"),
+}
+# Bounds of pipeline parameters that no script's parser and no SageMaker API shape holds (those are checked with
+# the script's own parser and botocore's shapes): name -> (lowest, highest, why), both ends allowed.
+PARAMETER_BOUNDS: dict[str, tuple[float, float, str]] = {
+    "AccuracyThreshold": (0.0, 1.0, "the test accuracy is a fraction: above 1 nothing registers, below 0 all do"),
+    "ImageSize": (8, 2048, "8 px is the digits' own size, 2048 beyond any size torchvision's weights were trained at"),
+}
+LOCAL_PORT_RANGE = (0, 65535)  # --port of local endpoints; 0: any free port
+# Flags of entrypoints/train.py that the container contract sets (channels and output folders from SM_*, the
+# checkpoint and TensorBoard folders from the job's configs): never hyperparameters (--hp), since a value there
+# would move the job's outputs away from where SageMaker collects them.
+CONTAINER_MANAGED_TRAINING_FLAGS = (
+    "train-dir",
+    "valid-dir",
+    "weights-dir",
+    "model-dir",
+    "output-data-dir",
+    "checkpoint-dir",
+    "tensorboard-dir",
+)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoints import contract
-from pipelines import config
+from pipelines import config, validation
 from pipelines.errors import CommandError
 from pipelines.local.predict import content_type_of
 
@@ -265,7 +265,12 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument("--model", type=Path, default=None, help="the served model.tar.gz or folder (default: found)")
     parser.add_argument("--region", default=None, help="AWS region of --endpoint-name (default: AWS_REGION)")
     parser.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help="the local workdir")
-    parser.add_argument("--name", default=config.LOCAL_ENDPOINT_NAME, help="the local endpoint's name")
+    parser.add_argument(
+        "--name",
+        type=validation.name_argument("endpoint"),
+        default=config.LOCAL_ENDPOINT_NAME,
+        help="the local endpoint",
+    )
     parser.add_argument(
         "--rollback",
         action="store_true",
@@ -291,7 +296,13 @@ def run_endpoint_test(args: argparse.Namespace) -> int:
             raise CommandError(str(error)) from error
     print_report(report, args.json)
     if not report.ok and args.rollback and record is not None:
-        print(rollback_local(args.workdir.resolve(), args.name, record, report.summary()), file=sys.stderr)
+        from pipelines.local.endpoint import EndpointError
+        from pipelines.local.registry import RegistryError
+
+        try:
+            print(rollback_local(args.workdir.resolve(), args.name, record, report.summary()), file=sys.stderr)
+        except (RegistryError, EndpointError) as error:
+            raise CommandError(f"no rollback: {error}") from error
     return 0 if report.ok else 1
 
 
@@ -324,7 +335,10 @@ def _resolve(args: argparse.Namespace, scratch: Path) -> tuple[dict | None, Invo
     else:
         from pipelines.local import endpoint
 
-        record = endpoint.status(args.workdir.resolve(), args.name)
+        try:
+            record = endpoint.status(args.workdir.resolve(), args.name)
+        except endpoint.EndpointError as error:
+            raise SmokeTestError(str(error)) from error
         if record is None or record["EndpointStatus"] != "InService":
             raise SmokeTestError(f"no local endpoint {args.name} is serving in {args.workdir}: pass --endpoint URL")
         invoke, model = url_invoker(record["url"]), args.model or Path(record["model_dir"])

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from pipelines.errors import CommandError
@@ -37,17 +39,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that a command unwinds and cleans up."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def _interrupt(number: int, _frame: object) -> None:
+    raise Interrupted(signal.Signals(number).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handled = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
+    previous = {number: signal.signal(number, _interrupt) for number in handled}
     try:
         result = args.func(args)
     except CommandError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # what the command started (an endpoint's server, a job) it stopped
+        name = getattr(stop, "signal_name", "SIGINT")
+        print(f"interrupted by {name}", file=sys.stderr)
+        return 128 + signal.Signals[name].value
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return int(result or 0)
 
 

@@ -962,18 +962,15 @@ def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def preprocess(
-    input_path: Path,
-    output_dir: Path,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    valid_fraction: float = DEFAULT_VALID_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    seed: int = DEFAULT_SEED,
+def check_options(
+    image_size: int,
+    valid_fraction: float,
+    test_fraction: float,
     workers: int = 1,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     jpeg_quality: int = DEFAULT_JPEG_QUALITY,
-) -> dict[str, Any]:
-    """Turn ``input_path`` into ``output_dir/{train,valid,test}``; returns the manifest."""
+) -> None:
+    """The values' own rules, as a PreprocessError naming the flag (the local pipeline checks a run's with this)."""
     if image_size < 1:
         raise PreprocessError(f"--image-size must be at least 1, got {image_size}")
     if not (0 <= valid_fraction < 1 and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1):
@@ -987,6 +984,28 @@ def preprocess(
         raise PreprocessError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
     if workers < 1:
         raise PreprocessError(f"--workers must be at least 1, got {workers}")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """:func:`check_options` of parsed flags."""
+    check_options(
+        args.image_size, args.valid_fraction, args.test_fraction, args.workers, args.max_image_pixels, args.jpeg_quality
+    )
+
+
+def preprocess(
+    input_path: Path,
+    output_dir: Path,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    valid_fraction: float = DEFAULT_VALID_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    seed: int = DEFAULT_SEED,
+    workers: int = 1,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+) -> dict[str, Any]:
+    """Turn ``input_path`` into ``output_dir/{train,valid,test}``; returns the manifest."""
+    check_options(image_size, valid_fraction, test_fraction, workers, max_image_pixels, jpeg_quality)
     kind, source_path = resolve_input(input_path)
     output_dir = output_dir.absolute()
     if kind == "folder" and output_dir.resolve().is_relative_to(source_path.resolve()):

@@ -145,6 +145,11 @@ _PROTOCOL_ERRORS = {
         400,
         "bad_length",
     ),
+    "content length in digits that are not ASCII": (
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\nab",
+        400,
+        "bad_length",
+    ),
     "negative content length": (
         b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
         400,

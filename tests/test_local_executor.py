@@ -244,12 +244,13 @@ def _execution(definition: dict[str, Any], workdir: Path) -> Any:
     from pipelines.local.cache import StepCache
     from pipelines.local.console import Console
     from pipelines.local.executor import LocalExecution
-    from pipelines.local.runner import LocalRunOptions, step_executors, typed_parameters
+    from pipelines.local.runner import LocalRunOptions, step_executors
+    from pipelines.validation import parameter_values
 
     return LocalExecution(
         definition,
         executors=step_executors(LocalRunOptions(), workdir, registry.LocalModelRegistry(workdir)),
-        parameters=typed_parameters(definition, []),
+        parameters=parameter_values(definition, []),
         run_dir=workdir / "run-0001",
         store=objectstore.ObjectStore(workdir),
         cache=StepCache(workdir),

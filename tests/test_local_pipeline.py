@@ -118,7 +118,7 @@ def changed_run(cached_run: Run, workdir: Path, data: Path) -> Run:
 
 @pytest.fixture(scope="module")
 def failed_run(changed_run: Run, workdir: Path, data: Path) -> Run:
-    return _local(workdir, data, "--threshold", "1.01", *_same_as_first("--epochs", "2", *TWO_PROCESSES))
+    return _local(workdir, data, "--threshold", "1", *_same_as_first("--epochs", "2", *TWO_PROCESSES))
 
 
 def _images(folder: Path) -> list[Path]:
@@ -402,9 +402,7 @@ def test_unmet_threshold_runs_the_fail_step_with_its_message(failed_run: Run, fi
     accuracy = accuracy["multiclass_classification_metrics"]["accuracy"]["value"]
     message = failed_run.stderr
     # the Fail step's ErrorMessage, evaluated: the accuracy (JsonGet) and the AccuracyThreshold parameter
-    assert (
-        f"step AccuracyBelowThreshold failed: Test accuracy {accuracy} is below the AccuracyThreshold 1.01" in message
-    )
+    assert f"step AccuracyBelowThreshold failed: Test accuracy {accuracy} is below the AccuracyThreshold 1.0" in message
     assert str(failed_run.folder) in message  # the run folder is kept and named
     assert failed_run.record["PipelineExecutionStatus"] == "Failed"
     assert failed_run.step("CheckAccuracy")["Metadata"] == {"Condition": {"Outcome": "False"}}

@@ -262,7 +262,7 @@ def test_registry_versions_fields_and_approval(tmp_path: Path) -> None:
     ]
     with pytest.raises(registry.RegistryError, match="no version 9"):
         local.update_approval("Group", 9, "Approved")
-    with pytest.raises(registry.RegistryError, match="not a valid name"):
+    with pytest.raises(registry.RegistryError, match="is not a SageMaker EntityName"):
         local.register({**request, "ModelPackageGroupName": "../escape"}, files)
     with pytest.raises(registry.RegistryError, match="no model package"):
         local.by_arn("arn:aws:sagemaker:local:000000000000:model-package/group/7")

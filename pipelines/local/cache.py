@@ -14,7 +14,9 @@ key is the hash of
 Entries live in ``<workdir>/cache/<key>.json`` and point at the outputs of the run that made them (paths
 relative to the workdir: the run folder's and the object store's). A hit is used only while those outputs
 still exist; the new run's step folder then gets hard links to the run-folder ones, so every run folder is
-complete on its own.
+complete on its own. An entry that cannot be read whole, or whose outputs lie outside the workdir, is a miss,
+reported as such (the step runs and writes its entry anew). A step result marked not cacheable (a tuning step
+with a trial ended by a signal) is never stored.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ import datetime as dt
 import importlib.metadata
 import platform
 import re
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pipelines import config
 from pipelines.local import fsutil
 
 CACHE_DIR = "cache"
@@ -56,13 +61,38 @@ class CacheEntry:
         return {name: workdir / relative for name, relative in self.outputs.items()}
 
 
-class StepCache:
-    """Lookup and store of step results in a workdir; ``enabled=False`` looks nothing up but still stores."""
+_RESULT_KEYS = frozenset({"properties", "metadata", "detail", "summary", "notes", "outcome"})
 
-    def __init__(self, workdir: Path, enabled: bool = True) -> None:
+
+def entry_problem(data: Any, key: str, workdir: Path) -> str | None:
+    """What keeps ``data`` from being the cache entry ``key`` of ``workdir`` (None: it is one)."""
+    names = {item.name for item in fields(CacheEntry)}
+    if not isinstance(data, dict) or set(data) != names:
+        return f"it does not hold the fields of a cache entry ({', '.join(sorted(names))})"
+    if data["key"] != key or not isinstance(data["result"], dict) or not set(data["result"]) <= _RESULT_KEYS:
+        return "its key or its step result is not this entry's"
+    if not isinstance(data["outputs"], dict) or not all(isinstance(v, str) for v in data["outputs"].values()):
+        return "its outputs are not paths"
+    try:
+        dt.datetime.fromisoformat(data["created"])
+        for relative in data["outputs"].values():
+            fsutil.contained(workdir, workdir / relative)
+    except (TypeError, ValueError) as error:
+        return str(error)
+    return None
+
+
+class StepCache:
+    """Lookup and store of step results in a workdir; ``enabled=False`` looks nothing up but still stores.
+
+    ``report`` gets one line for each entry found damaged (standard error by default).
+    """
+
+    def __init__(self, workdir: Path, enabled: bool = True, report: Callable[[str], None] | None = None) -> None:
         self.workdir = workdir
         self.enabled = enabled
         self.folder = workdir / CACHE_DIR
+        self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
 
     @staticmethod
     def key(step: str, parts: dict[str, Any]) -> str:
@@ -71,8 +101,13 @@ class StepCache:
     def lookup(self, key: str, expire_after: str | None = None) -> CacheEntry | None:
         if not self.enabled:
             return None
-        data = fsutil.read_json(self.folder / f"{key}.json")
-        if not data:
+        path = self.folder / f"{key}.json"
+        try:
+            data = fsutil.read_state(path, lambda found: entry_problem(found, key, self.workdir), "counted as a miss")
+        except fsutil.StateFileError as error:
+            self.report(f"cache entry {error}: the step runs and its entry is written anew")
+            return None
+        if data is None:
             return None
         entry = CacheEntry(**data)
         if expire_after and _now() - dt.datetime.fromisoformat(entry.created) > parse_duration(expire_after):
@@ -92,7 +127,8 @@ class StepCache:
             result=result,
             created=_now().isoformat(timespec="seconds"),
         )
-        fsutil.write_json_atomic(self.folder / f"{key}.json", entry.__dict__)
+        with fsutil.workdir_lock(self.workdir, f"caching {step}", config.LOCAL_LOCK_WAIT_SECONDS):
+            fsutil.write_json_atomic(fsutil.contained(self.workdir, self.folder / f"{key}.json"), entry.__dict__)
         return entry
 
 

@@ -1,9 +1,14 @@
-"""Commands of the local pipeline: ``local``, ``predict``, ``endpoint``, ``local-models``.
+"""Commands of the local pipeline: ``local``, ``local-status``, ``predict``, ``endpoint``, ``local-models``.
 
     python -m pipelines.run local [--data PATH] [--preset demo] [--param Name=Value] [--approve] ...
+    python -m pipelines.run local-status [RUN | --all] [--workdir runs]
     python -m pipelines.run predict IMAGE [IMAGE ...] [--endpoint URL | --endpoint-name NAME]
     python -m pipelines.run endpoint status|start|stop [--workdir runs]
     python -m pipelines.run local-models [--approve VERSION | --reject VERSION]
+
+Every flag is checked as it is read, by the rules of :mod:`pipelines.validation` (names that become paths
+against SageMaker's patterns, ports, the bounds of the shorthand parameters), and a state file that cannot be
+read (registry, endpoint record) gives one line naming it and what to do.
 
 Nothing here imports torch, boto3 or the SageMaker SDK at start: ``local`` begins at once and the steps'
 scripts import what they need in their own processes.
@@ -13,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from pipelines import config
+from pipelines import config, validation
 from pipelines.aws_cli import add_model_package_group_argument, add_param_argument, add_shape_arguments
 from pipelines.errors import CommandError
 
@@ -46,6 +52,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _workdir(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file: pass a folder")
+    return path
+
+
+ENDPOINT_NAME = validation.name_argument("endpoint")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     workdir_help = "folder of runs, step cache, local model registry and endpoints"
 
@@ -58,7 +74,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "endpoint. Without --data it runs the demo preset on the built-in demo data (scikit-learn's digits).",
     )
     local.add_argument("--data", type=Path, default=None, help="archive or folder of images (default: built-in demo)")
-    local.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
+    local.add_argument("--workdir", type=_workdir, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
     add_shape_arguments(
         local,
         "builder options: 'demo' (a small CNN from random weights on small images, config.DEMO_*) or 'default' "
@@ -80,11 +96,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     conveniences.add_argument("--parallel", type=_positive_int, default=None, help="--param MaxParallelTuningJobs=N")
     conveniences.add_argument("--tuning-epochs", type=_positive_int, default=None, help="--param TuningEpochs=N")
     conveniences.add_argument("--epochs", type=_positive_int, default=None, help="--param TrainingEpochs=N")
-    conveniences.add_argument("--image-size", type=_positive_int, default=None, help="--param ImageSize=N")
-    conveniences.add_argument("--threshold", type=float, default=None, help="--param AccuracyThreshold=X")
+    conveniences.add_argument(
+        "--image-size", type=validation.parameter_argument("ImageSize", int), default=None, help="--param ImageSize=N"
+    )
+    conveniences.add_argument(
+        "--threshold",
+        type=validation.parameter_argument("AccuracyThreshold", float),
+        default=None,
+        help="--param AccuracyThreshold=X",
+    )
     local.add_argument("--no-cache", dest="cache", action="store_false", help="run every step, reuse nothing")
-    local.add_argument("--endpoint-name", default=config.LOCAL_ENDPOINT_NAME, help="name of the local endpoint")
-    local.add_argument("--port", type=int, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint")
+    local.add_argument("--endpoint-name", type=ENDPOINT_NAME, default=config.LOCAL_ENDPOINT_NAME, help="local endpoint")
+    local.add_argument(
+        "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint"
+    )
     local.add_argument(
         "--ray",
         action="store_true",
@@ -110,7 +135,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--top-k", type=_positive_int, default=None, help="classes per image (default: the endpoint's)"
     )
-    predict.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
+    predict.add_argument("--workdir", type=_workdir, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
     predict.add_argument("--json", action="store_true", help="print the endpoint's JSON answer as is")
     predict.set_defaults(func=run_predict)
 
@@ -120,13 +145,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="The local endpoint is a background server process recorded in <workdir>/endpoints/.",
     )
     endpoint.add_argument("action", choices=("status", "start", "stop"), help="what to do")
-    endpoint.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
-    endpoint.add_argument("--name", default=config.LOCAL_ENDPOINT_NAME, help="endpoint name")
+    endpoint.add_argument("--workdir", type=_workdir, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
+    endpoint.add_argument("--name", type=ENDPOINT_NAME, default=config.LOCAL_ENDPOINT_NAME, help="endpoint name")
     add_model_package_group_argument(endpoint, "model package group (start)", dest="group")
     endpoint.add_argument(
         "--version", type=_positive_int, default=None, help="version to serve (start; default: the newest approved)"
     )
-    endpoint.add_argument("--port", type=int, default=config.LOCAL_ENDPOINT_PORT, help="port (start)")
+    endpoint.add_argument(
+        "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port (start)"
+    )
     endpoint.add_argument(
         "--ray",
         action="store_true",
@@ -140,20 +167,36 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="The local model registry (<workdir>/model-registry.json). Approving a version deploys it to "
         "the local endpoint, as the deploy Lambda does on SageMaker.",
     )
-    models.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
+    models.add_argument("--workdir", type=_workdir, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
     add_model_package_group_argument(models, "model package group", dest="group")
     decision = models.add_mutually_exclusive_group()
     decision.add_argument("--approve", type=_positive_int, metavar="VERSION", default=None, help="approve and deploy")
     decision.add_argument("--reject", type=_positive_int, metavar="VERSION", default=None, help="reject a version")
     models.add_argument("--no-deploy", action="store_true", help="approve without deploying")
-    models.add_argument("--endpoint-name", default=config.LOCAL_ENDPOINT_NAME, help="endpoint to deploy to")
-    models.add_argument("--port", type=int, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint")
+    models.add_argument(
+        "--endpoint-name", type=ENDPOINT_NAME, default=config.LOCAL_ENDPOINT_NAME, help="endpoint to deploy to"
+    )
+    models.add_argument(
+        "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint"
+    )
     models.add_argument(
         "--ray",
         action="store_true",
         help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
     )
     models.set_defaults(func=run_models)
+
+    runs = subparsers.add_parser(
+        "local-status",
+        help="show the local runs of a workdir and their steps",
+        description="Like `status` for the runs of `local`: the newest run (or RUN) with its steps, or every run "
+        "with --all, read from <workdir>/run-NNNN/run.json. A run left Executing by a process that has gone "
+        "(killed, or its machine restarted) shows as 'Stopped (process gone)'.",
+    )
+    runs.add_argument("run", nargs="?", default=None, help="run ID, e.g. run-0003 (default: the newest)")
+    runs.add_argument("--all", action="store_true", help="one line per run")
+    runs.add_argument("--workdir", type=_workdir, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
+    runs.set_defaults(func=run_status)
 
 
 # --- local --------------------------------------------------------------------------------------------------------
@@ -179,13 +222,11 @@ def run_local(args: argparse.Namespace) -> int:
 
     _quiet_sdk()  # the definition is built with the SDK: keep its import-time chatter off the terminal
     from pipelines.local.console import Console
-    from pipelines.local.executor import DefinitionInvalid, PipelineFailed
+    from pipelines.local.executor import DefinitionInvalid, PipelineFailed, RunStopped
     from pipelines.local.runner import InvalidOptions, LocalPipeline, LocalRunOptions
 
     if args.data is not None and not args.data.exists():
         raise CommandError(f"--data {args.data} does not exist: pass an archive (.zip, .tar.gz) or a folder of images")
-    if args.workdir.exists() and not args.workdir.is_dir():
-        raise CommandError(f"--workdir {args.workdir} is a file: pass a folder")
     options = LocalRunOptions(
         workdir=args.workdir,
         data=args.data,
@@ -208,7 +249,15 @@ def run_local(args: argparse.Namespace) -> int:
     try:
         record = pipeline.run()
     except InvalidOptions as error:
-        raise CommandError(str(error)) from error
+        if len(error.problems) > 1:
+            for problem in error.problems:
+                print(f"refused: {problem}", file=sys.stderr)
+            raise CommandError(f"{len(error.problems)} values refused (listed above); nothing ran") from error
+        raise CommandError(f"{error}; nothing ran") from error
+    except RunStopped as stop:
+        where = f"{pipeline.run_id} is marked Stopped ({pipeline.run_dir})" if pipeline.run_id else "no run started"
+        print(f"stopped by {stop.signal_name}: every job process was stopped; {where}", file=sys.stderr)
+        return 128 + signal.Signals[stop.signal_name].value
     except DefinitionInvalid as invalid:
         for problem in invalid.problems:
             print(f"definition problem: {problem}", file=sys.stderr)
@@ -298,7 +347,7 @@ def run_predict(args: argparse.Namespace) -> int:
                     )
                 url = record["url"]
             response = predict.invoke_url(url, body, content_type)
-    except predict.PredictError as error:
+    except (predict.PredictError, local_endpoint.EndpointError) as error:
         raise CommandError(str(error)) from error
     if args.json:
         print(json.dumps(response, indent=2))
@@ -312,48 +361,58 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_endpoint(args: argparse.Namespace) -> int:
     from pipelines.local import endpoint as local_endpoint
+    from pipelines.local import fsutil
     from pipelines.local.registry import LocalModelRegistry, RegistryError
 
     workdir = args.workdir.resolve()
-    if args.action == "status":
-        record = local_endpoint.status(workdir, args.name)
-        if record is None:
-            print(f"{args.name}: not deployed (no record in {workdir / local_endpoint.ENDPOINTS_DIR})")
-            return 0
-        print(
-            f"{args.name}: {record['EndpointStatus']} at {record['url']} (pid {record['pid']}), serving "
-            f"{record['ModelPackageArn']}; log {record['log']}"
-        )
-        return 0
-    if args.action == "stop":
-        record = local_endpoint.stop(workdir, args.name)
-        print(f"{args.name}: stopped (pid {record['pid']})" if record else f"{args.name}: was not running")
-        return 0
-    registry = LocalModelRegistry(workdir)
     try:
-        package = registry.describe(args.group, args.version) if args.version else registry.latest_approved(args.group)
-    except RegistryError as error:
+        if args.action == "status":
+            return _print_endpoint(workdir, args.name)
+        if args.action == "stop":
+            record = local_endpoint.stop(workdir, args.name)
+            _print_stopped(args.name, record)
+            return 0
+        registry = LocalModelRegistry(workdir)
+        version = args.version
+        package = registry.describe(args.group, version) if version else registry.latest_approved(args.group)
+        if package is None:
+            raise CommandError(f"{args.group} has no approved version: approve one with 'local-models --approve N'")
+        if package["ModelApprovalStatus"] != "Approved":
+            raise CommandError(
+                f"version {package['ModelPackageVersion']} is {package['ModelApprovalStatus']}: approve it first "
+                f"('python -m pipelines.run local-models --approve {package['ModelPackageVersion']}')"
+            )
+        record = local_endpoint.deploy(workdir, args.name, package, port=args.port, ray=args.ray)
+    except (RegistryError, local_endpoint.EndpointError, fsutil.WorkdirBusy, fsutil.OutsideWorkdir) as error:
         raise CommandError(str(error)) from error
-    if package is None:
-        raise CommandError(f"{args.group} has no approved version: approve one with 'local-models --approve N'")
-    if package["ModelApprovalStatus"] != "Approved":
-        raise CommandError(
-            f"version {package['ModelPackageVersion']} is {package['ModelApprovalStatus']}: approve it first "
-            f"('python -m pipelines.run local-models --approve {package['ModelPackageVersion']}')"
-        )
-    return _deploy(workdir, args.name, package, args.port, args.ray)
+    state = "already serving (nothing changed)" if record.get("unchanged") else "serving"
+    print(f"{args.name}: {state} version {package['ModelPackageVersion']} at {record['url']} (pid {record['pid']})")
+    return 0
 
 
-def _deploy(workdir: Path, name: str, package: dict[str, Any], port: int, ray: bool = False) -> int:
+def _print_endpoint(workdir: Path, name: str) -> int:
     from pipelines.local import endpoint as local_endpoint
 
-    try:
-        record = local_endpoint.deploy(workdir, name, package, port=port, ray=ray)
-    except local_endpoint.EndpointError as error:
-        raise CommandError(str(error)) from error
-    state = "already serving" if record.get("unchanged") else "serving"
-    print(f"{name}: {state} version {package['ModelPackageVersion']} at {record['url']} (pid {record['pid']})")
+    record = local_endpoint.status(workdir, name)
+    if record is None:
+        print(f"{name}: not deployed (no record in {workdir / local_endpoint.ENDPOINTS_DIR})")
+        return 0
+    print(
+        f"{name}: {record['EndpointStatus']} at {record['url']} (pid {record['pid']}), serving "
+        f"{record['ModelPackageArn']}; log {record.get('log', '?')}"
+    )
     return 0
+
+
+def _print_stopped(name: str, record: dict[str, Any] | None) -> None:
+    if record is None:
+        print(f"{name}: was not running")
+    elif record.get("damaged"):
+        found = ", ".join(map(str, record["stopped_pids"])) or "none"
+        print(f"{record['damaged']}\n{name}: stopped what was found of it (processes: {found}); record set aside as "
+              f"{record['set_aside']}")  # fmt: skip
+    else:
+        print(f"{name}: stopped (pid {record['pid']})")
 
 
 # --- local-models --------------------------------------------------------------------------------------------------
@@ -373,17 +432,17 @@ def _deploy_on_approval(workdir: Path, registry: Any, args: argparse.Namespace, 
         ray=args.ray,
     )
     log_path = workdir / local_endpoint.ENDPOINTS_DIR / f"{args.endpoint_name}-deploy-function.log"
-    try:
-        answer = function(deploy_function.approval_event(package), log_path)
-    except local_endpoint.EndpointError as error:
-        raise CommandError(str(error)) from error
+    answer = function(deploy_function.approval_event(package), log_path)
     state = local_endpoint.status(workdir, args.endpoint_name)
     where = f" at {state['url']} (pid {state['pid']})" if state and state["EndpointStatus"] == "InService" else ""
-    print(f"{args.endpoint_name}: {answer['action']}, version {package['ModelPackageVersion']}{where}")
+    action = "unchanged (it already serves this version)" if answer["action"] == "unchanged" else answer["action"]
+    print(f"{args.endpoint_name}: {action}, version {package['ModelPackageVersion']}{where}")
     return 0
 
 
 def run_models(args: argparse.Namespace) -> int:
+    from pipelines.local import endpoint as local_endpoint
+    from pipelines.local import fsutil
     from pipelines.local.registry import LocalModelRegistry, RegistryError, accuracy_of
 
     workdir = args.workdir.resolve()
@@ -399,9 +458,9 @@ def run_models(args: argparse.Namespace) -> int:
             package = registry.update_approval(args.group, args.reject, "Rejected", "rejected with local-models")
             print(f"{package['ModelPackageArn']}: Rejected")
             return 0
-    except RegistryError as error:
+        packages = registry.list_model_packages(args.group)
+    except (RegistryError, local_endpoint.EndpointError, fsutil.WorkdirBusy, fsutil.OutsideWorkdir) as error:
         raise CommandError(str(error)) from error
-    packages = registry.list_model_packages(args.group)
     if not packages:
         print(f"{args.group}: no versions in {registry.path}")
         return 0
@@ -411,4 +470,21 @@ def run_models(args: argparse.Namespace) -> int:
             f"{package['ModelPackageVersion']:>7}  {package['ModelApprovalStatus']:<22} {accuracy_of(package):>8}  "
             f"{package['CustomerMetadataProperties'].get('run', '?'):<9} {package['CreationTime']}"
         )
+    return 0
+
+
+# --- local-status --------------------------------------------------------------------------------------------------
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from pipelines.local import runs
+
+    workdir = args.workdir.resolve()
+    try:
+        if args.all:
+            print("\n".join(runs.summary_lines(workdir)) or f"no runs in {workdir}")
+            return 0
+        print("\n".join(runs.detail_lines(workdir, args.run)))
+    except runs.RunNotFound as error:
+        raise CommandError(str(error)) from error
     return 0

@@ -18,21 +18,30 @@ The script runs as a subprocess the way the container starts it:
 
 Scripts only ever see paths under the job root; arguments written with container paths (``/opt/ml/...``) are
 mapped to the job root, so the pipeline's arguments are written once, the way the SageMaker steps pass them.
+
+Every job process starts in a session of its own (:func:`run_logged`, the one place they start), so stopping a
+job reaches all it started: its process group, and every process below it (a launcher's workers in sessions of
+their own included). :func:`stop_jobs` stops them all at once (SIGTERM, SIGKILL after a grace period) and keeps
+new ones from starting: what the runner does on SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.local import fsutil
+from pipelines import config
+from pipelines.local import fsutil, processes
 
 CONTAINER_ROOT = "/opt/ml"
 CONTAINER_PYTHONS = ("python3", "python")  # the image's interpreter: this process's Python here
@@ -107,13 +116,123 @@ LineCallback = Callable[[str], None]
 
 
 class JobError(Exception):
-    """A job's script exited non-zero (or could not start): names the job, the log and its last lines."""
+    """A job's script exited non-zero (or could not start): names the job, the log and its last lines.
 
-    def __init__(self, job_name: str, message: str, log_path: Path | None, tail: Sequence[str] = ()) -> None:
+    ``signal_name`` is the signal that ended it (SIGKILL, or SIGTERM/SIGINT where the script exits 128+N on it
+    as its handlers do), or None: a job ended by a signal says nothing about its hyperparameters.
+    """
+
+    def __init__(
+        self,
+        job_name: str,
+        message: str,
+        log_path: Path | None,
+        tail: Sequence[str] = (),
+        signal_name: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.job_name = job_name
         self.log_path = log_path
         self.tail = list(tail)
+        self.signal_name = signal_name
+
+
+def signal_of(returncode: int) -> str | None:
+    """The signal behind an exit status: -N (killed by N), or 128+N (exited on N), for the stopping signals."""
+    number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return None
+    return name if returncode < 0 or number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL) else None
+
+
+class JobProcesses:
+    """The job processes running now (each its session's leader), and whether new ones may start."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, subprocess.Popen] = {}
+        self.stopping: str | None = None  # why no job may start now (e.g. "the run was stopped by SIGTERM")
+        self.signal_name: str | None = None  # the signal that stopped them
+
+    def start(self, command: Sequence[str], **popen: object) -> subprocess.Popen:
+        with self._lock:
+            if self.stopping:
+                raise OSError(f"not started: {self.stopping}")
+            process = subprocess.Popen(list(command), start_new_session=True, **popen)  # type: ignore[call-overload]
+            self._running[process.pid] = process
+            return process
+
+    def finish(self, process: subprocess.Popen, grace_seconds: float) -> None:
+        """Stop what is left of a job whose main process ended or whose caller gave up on it."""
+        with self._lock:
+            self._running.pop(process.pid, None)
+        stop_job(process, grace_seconds)
+
+    def stop_all(self, signal_name: str, grace_seconds: float) -> list[int]:
+        """Keep new jobs from starting, SIGTERM every running job's process tree now and SIGKILL what is left of it
+        after ``grace_seconds`` (in a thread: this returns at once, so a signal handler may call it)."""
+        with self._lock:
+            self.stopping, self.signal_name = f"the run was stopped by {signal_name}", signal_name
+            running = list(self._running.values())
+        trees = {process.pid: _tree(process.pid) for process in running}
+        for pids in trees.values():
+            _signal_all(pids, signal.SIGTERM)
+        threading.Thread(target=_kill_later, args=(trees, grace_seconds), daemon=True).start()
+        return sorted(pid for pids in trees.values() for pid in pids)
+
+    def allow(self) -> None:
+        with self._lock:
+            self.stopping = self.signal_name = None
+
+
+JOBS = JobProcesses()
+
+
+def stop_job(process: subprocess.Popen, grace_seconds: float) -> None:
+    """SIGTERM to the job's process group and every process below it, SIGKILL after ``grace_seconds``."""
+    tree = _tree(process.pid)
+    if process.poll() is None or len(tree) > 1:
+        _signal_all(tree, signal.SIGTERM)
+        _kill_later({process.pid: tree}, grace_seconds)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_seconds)
+
+
+def _tree(pid: int) -> list[int]:
+    """The job's leader first, then its session's processes and every live process below it."""
+    members = processes.session_members(pid) if processes.is_alive(pid) or _group_alive(pid) else []
+    return [pid, *sorted({*members, *processes.descendants(pid)} - {pid})]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _signal_all(pids: Sequence[int], number: int) -> None:
+    leader = pids[0] if pids else None
+    with contextlib.suppress(OSError):
+        if leader is not None:
+            os.killpg(leader, number)  # the leader's group: the job and what it forked
+    for pid in pids:
+        if processes.is_alive(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, number)
+
+
+def _kill_later(trees: Mapping[int, list[int]], grace_seconds: float) -> None:
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline and any(processes.is_alive(p) for pids in trees.values() for p in pids):
+        time.sleep(0.05)
+    for leader, pids in trees.items():
+        left = sorted({*pids, *processes.descendants(leader)})
+        if any(processes.is_alive(pid) for pid in left) or _group_alive(leader):
+            _signal_all([leader, *left], signal.SIGKILL)
 
 
 @dataclass
@@ -173,8 +292,8 @@ def run_logged(
         log.write(f"$ {' '.join(command)}\n# cwd: {cwd}\n")
         log.flush()
         try:
-            process = subprocess.Popen(
-                list(command),
+            process = JOBS.start(
+                command,
                 cwd=cwd,
                 env=dict(env),
                 stdout=subprocess.PIPE,
@@ -186,7 +305,9 @@ def run_logged(
                 bufsize=1,
             )
         except OSError as error:  # the one place child processes start: a missing program is reported here
-            raise JobError(job_name, f"could not start {command[0]}: {error}", log_path) from error
+            raise JobError(
+                job_name, f"could not start {command[0]}: {error}", log_path, signal_name=JOBS.signal_name
+            ) from error
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -197,18 +318,15 @@ def run_logged(
                 if on_line is not None:
                     on_line(stripped)
             returncode = process.wait()
-        finally:
-            if process.poll() is None:  # interrupted: do not leave a training process behind
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        finally:  # ended or interrupted: leave no process of the job behind
+            JOBS.finish(process, config.LOCAL_STOP_GRACE_SECONDS)
     duration = time.perf_counter() - started
     if returncode != 0:
-        reason = "killed by a signal" if returncode < 0 else f"exit status {returncode}"
-        raise JobError(job_name, f"{reason}", log_path, list(tail))
+        signal_name = signal_of(returncode)
+        reason = f"exit status {returncode}" + (f" ({signal_name})" if signal_name else "")
+        if returncode < 0:
+            reason = f"killed by {signal_name}"
+        raise JobError(job_name, reason, log_path, list(tail), signal_name)
     return duration
 
 

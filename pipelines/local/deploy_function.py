@@ -14,12 +14,17 @@ client. That stand-in answers the calls the handler makes:
 
 Missing resources are answered with the ``ValidationException`` "Could not find ..." SageMaker sends, as a
 botocore ``ClientError``, so the handler's own error handling runs.
+
+Each invocation holds the workdir's lock from the first call to the last, so two approvals at once deploy one
+after the other and the second finds the endpoint already on its config ("unchanged"). The records file is
+derived state: a damaged one is reported, set aside, and its models and configs are made again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -50,10 +55,16 @@ class LocalSageMaker:
         self.state_path = workdir / STATE_FILE
 
     def _state(self) -> dict[str, Any]:
-        return fsutil.read_json(self.state_path) or {"Models": {}, "EndpointConfigs": {}, "Endpoints": {}}
+        try:
+            state = fsutil.read_state(self.state_path, _state_problem, "set aside; its models and configs are remade")
+        except fsutil.StateFileError as error:
+            aside = fsutil.set_aside(self.state_path)
+            print(f"{error} ({aside})", file=sys.stderr, flush=True)
+            state = None
+        return state or {"Models": {}, "EndpointConfigs": {}, "Endpoints": {}}
 
     def _save(self, kind: str, name: str, value: dict[str, Any]) -> None:
-        with fsutil.locked(self.state_path):
+        with fsutil.workdir_lock(self.workdir, f"recording {kind[:-1]} {name}", config.LOCAL_LOCK_WAIT_SECONDS):
             state = self._state()
             state[kind][name] = value
             fsutil.write_json_atomic(self.state_path, state)
@@ -87,7 +98,10 @@ class LocalSageMaker:
 
     def describe_endpoint(self, EndpointName: str) -> dict[str, Any]:
         known = self._state()["Endpoints"].get(EndpointName)
-        running = endpoint.status(self.workdir, EndpointName)
+        try:
+            running = endpoint.status(self.workdir, EndpointName)
+        except endpoint.DamagedRecord:  # CreateEndpoint stops what it finds of it and starts it anew
+            running = None
         if known is None or running is None or running["EndpointStatus"] != "InService":
             raise _not_found("DescribeEndpoint", f'endpoint "{EndpointName}"')
         return {**known, "EndpointStatus": "InService", "url": running["url"]}
@@ -106,6 +120,13 @@ class LocalSageMaker:
         package = self.describe_model_package(model["PrimaryContainer"]["ModelPackageName"])
         endpoint.deploy(self.workdir, endpoint_name, package, port=self.port, ray=self.ray)
         self._save("Endpoints", endpoint_name, {"EndpointName": endpoint_name, "EndpointConfigName": config_name})
+
+
+def _state_problem(state: Any) -> str | None:
+    kinds = ("Models", "EndpointConfigs", "Endpoints")
+    if not isinstance(state, dict) or not all(isinstance(state.get(kind), dict) for kind in kinds):
+        return f"it does not hold the {', '.join(kinds)} objects"
+    return None
 
 
 def function_environment(model_package_group: str, endpoint_name: str) -> dict[str, str]:
@@ -149,7 +170,8 @@ def deploy_function(
     clients = deploy.DeployClients(sagemaker=LocalSageMaker(workdir, registry, port, ray))
 
     def invoke(event: Any, log_path: Path) -> Mapping[str, Any]:
-        with function_log(log_path):
+        purpose = f"the deploy function's run for endpoint {endpoint_name}"
+        with fsutil.workdir_lock(workdir, purpose, config.LOCAL_LOCK_WAIT_SECONDS), function_log(log_path):
             # the local endpoint is never busy (it starts before create/update returns): nothing to wait for
             return deploy.invoke(event, settings, clients, deadline=time.monotonic())
 

@@ -7,6 +7,12 @@ session, so it outlives the command that started it. The server runs the artifac
 process (the light host, the default), or with ``ray=True`` on a local Ray cluster started the way AWS's Ray
 Serve container starts one. ``<workdir>/endpoints/<name>.json`` records its pid, URL, host, model package and
 log file; ``python -m pipelines.run endpoint stop`` ends it and every process it started, by process ID.
+
+The name is a SageMaker endpoint name (never a path), and every path made from it is proven to lie inside the
+workdir before anything is written or deleted. Deploys and stops hold the workdir's lock, so two at once run one
+after the other: the second deploy of the version already served changes nothing and says so. A damaged record
+is reported; stopping then finds the endpoint's servers by the model folder they serve (their command line names
+it), stops them and sets the record aside.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pipelines import config, validation
 from pipelines.local import fsutil, processes
 from pipelines.local.registry import model_data_path
 
@@ -40,19 +47,52 @@ class EndpointError(Exception):
     """The endpoint could not start (the message carries the server log's last lines) or be found."""
 
 
+class DamagedRecord(EndpointError):
+    """The endpoint's record cannot be read as one: the message names it and what to do."""
+
+
+def _checked_name(name: str) -> str:
+    try:
+        return validation.check_name("endpoint", name)
+    except ValueError as error:
+        raise EndpointError(str(error)) from error
+
+
+def _inside(workdir: Path, path: Path) -> Path:
+    try:
+        return fsutil.contained(workdir, path)
+    except fsutil.OutsideWorkdir as error:
+        raise EndpointError(str(error)) from error
+
+
 def record_path(workdir: Path, name: str) -> Path:
-    return workdir / ENDPOINTS_DIR / f"{name}.json"
+    return _inside(workdir, workdir / ENDPOINTS_DIR / f"{_checked_name(name)}.json")
+
+
+def endpoint_folder(workdir: Path, name: str) -> Path:
+    """``<workdir>/endpoints/<name>``: the model folders, logs and ready files of the endpoint's servers."""
+    return _inside(workdir, workdir / ENDPOINTS_DIR / _checked_name(name))
+
+
+def record_problem(data: Any) -> str | None:
+    """What keeps ``data`` from being an endpoint record, or None."""
+    if not isinstance(data, dict):
+        return "it is not a JSON object"
+    for key, kind in (("pid", int), ("url", str), ("ModelPackageArn", str), ("ModelPackageVersion", int)):
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            return f"its {key} is missing or not {'a number' if kind is int else 'text'}"
+    if data["pid"] < 1 or not data["url"].startswith("http://"):
+        return "its pid or url is not one of a local server"
+    return None
 
 
 def read_record(workdir: Path, name: str) -> dict[str, Any] | None:
-    return fsutil.read_json(record_path(workdir, name))
-
-
-def list_records(workdir: Path) -> list[dict[str, Any]]:
-    folder = workdir / ENDPOINTS_DIR
-    if not folder.is_dir():
-        return []
-    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    """The endpoint's record, None without one; DamagedRecord if it cannot be read as one."""
+    remedy = f"'python -m pipelines.run endpoint stop --name {name}' stops what it finds of the endpoint"
+    try:
+        return fsutil.read_state(record_path(workdir, name), record_problem, remedy)
+    except fsutil.StateFileError as error:
+        raise DamagedRecord(str(error)) from error
 
 
 def _is_our_server(pid: int) -> bool:
@@ -86,17 +126,30 @@ def status(workdir: Path, name: str) -> dict[str, Any] | None:
     return record
 
 
-def stop(workdir: Path, name: str) -> dict[str, Any] | None:
-    """Stop the endpoint's server and every process it started; remove its record.
+def _lock(workdir: Path, purpose: str) -> Any:
+    return fsutil.workdir_lock(workdir, purpose, config.LOCAL_LOCK_WAIT_SECONDS)
 
-    The server gets SIGTERM (it shuts its app down, a Ray host its cluster too), then SIGKILL after a grace
-    period. Whatever is left of its session (the server runs as a session leader, so the session ID is its
-    PID) is then stopped by PID: nothing is found or signalled by name.
-    """
-    record = read_record(workdir, name)
-    if record is None:
-        return None
-    pid = int(record["pid"])
+
+def servers_of(workdir: Path, name: str) -> list[int]:
+    """PIDs of the live servers serving a model folder of this endpoint (read from /proc: no record needed)."""
+    folder = endpoint_folder(workdir, name).resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not _is_our_server(int(entry.name)):
+            continue
+        try:
+            arguments = Path(entry, "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        model_dir = arguments[arguments.index("--model-dir") + 1] if "--model-dir" in arguments[:-1] else ""
+        if model_dir and Path(model_dir).resolve().is_relative_to(folder):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _stop_server(pid: int, session: bool) -> list[int]:
+    """SIGTERM (the server shuts its app down, a Ray host its cluster too), SIGKILL after a grace period; then
+    whatever is left of its session, by PID. Returns the PIDs of the session's other processes stopped."""
     if _is_our_server(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -107,10 +160,36 @@ def stop(workdir: Path, name: str) -> dict[str, Any] | None:
     child = _children.pop(pid, None)
     if child is not None:
         child.wait(timeout=STOP_TIMEOUT_S)
-    if record.get("session") == pid:  # recorded only for servers started as session leaders
-        record["stopped_pids"] = processes.terminate(processes.session_members(pid), STOP_TIMEOUT_S / 3)
-    record_path(workdir, name).unlink(missing_ok=True)
-    return record
+    return processes.terminate(processes.session_members(pid), STOP_TIMEOUT_S / 3) if session else []
+
+
+def stop(workdir: Path, name: str) -> dict[str, Any] | None:
+    """Stop the endpoint's server and every process it started; remove its record.
+
+    The server leads its own session, so the session ID is its PID: whatever is left of the session is stopped
+    by PID, nothing is found or signalled by name. With a damaged record, the servers of the endpoint's model
+    folders are stopped instead, and the record is set aside (``<name>.json.damaged-<time>``) with ``damaged``
+    saying so.
+    """
+    with _lock(workdir, f"stopping endpoint {name}"):
+        try:
+            record = read_record(workdir, name)
+        except DamagedRecord as error:
+            return _stop_unrecorded(workdir, name, str(error))
+        if record is None:
+            return None
+        pid = int(record["pid"])
+        record["stopped_pids"] = _stop_server(pid, session=record.get("session") == pid)
+        record_path(workdir, name).unlink(missing_ok=True)
+        return record
+
+
+def _stop_unrecorded(workdir: Path, name: str, damage: str) -> dict[str, Any]:
+    pids = servers_of(workdir, name)
+    stopped = [pid for server in pids for pid in [server, *_stop_server(server, session=True)]]
+    aside = fsutil.set_aside(record_path(workdir, name))
+    return {"EndpointName": name, "pid": pids[0] if pids else None, "stopped_pids": stopped, "damaged": damage,
+            "set_aside": str(aside)}  # fmt: skip
 
 
 def deploy(
@@ -127,26 +206,55 @@ def deploy(
 
     ``ray`` runs the artifact's app on a local Ray cluster (the container's ``ray start`` / ``serve start`` /
     ``serve run``), else in the server's own process. A busy ``port`` gives way to a free one (the record says
-    which). Re-deploying the package an endpoint already serves, on the same host, leaves it running.
+    which). Re-deploying the package an endpoint already serves, on the same host, leaves it running and says so
+    (``unchanged``). A damaged record is reported on standard error and replaced, after its servers are stopped.
     """
-    current = status(workdir, name)
-    if (
-        current
-        and current["EndpointStatus"] == "InService"
-        and current["ModelPackageArn"] == package["ModelPackageArn"]
-        and current.get("host", "light") == ("ray" if ray else "light")
-    ):
-        current["unchanged"] = True
-        return current
-    version = package["ModelPackageVersion"]
-    folder = workdir / ENDPOINTS_DIR / name / str(version)
-    model_dir = folder / "model"
-    fsutil.remove_path(folder)
-    fsutil.safe_extract_tarball(model_data_path(package), model_dir)
-    if current is not None:
-        stop(workdir, name)
-    ready_file = folder / "ready.json"
-    log_path = folder / "server.log"
+    with _lock(workdir, f"deploying version {package['ModelPackageVersion']} to endpoint {name}"):
+        try:
+            current = status(workdir, name)
+        except DamagedRecord as error:
+            stopped = _stop_unrecorded(workdir, name, str(error))
+            print(f"{error}: stopped its servers {stopped['stopped_pids']} and set it aside as {stopped['set_aside']}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            current = None
+        if (
+            current
+            and current["EndpointStatus"] == "InService"
+            and current["ModelPackageArn"] == package["ModelPackageArn"]
+            and current.get("host", "light") == ("ray" if ray else "light")
+        ):
+            current["unchanged"] = True
+            return current
+        version = package["ModelPackageVersion"]
+        folder = _inside(workdir, endpoint_folder(workdir, name) / str(version))
+        fsutil.remove_path(folder)
+        fsutil.safe_extract_tarball(model_data_path(package), folder / "model")
+        if current is not None:
+            stop(workdir, name)
+        process = _start_server(folder, package, host, port, threads, ray)
+        ready = _wait_until_ready(process, folder, name, RAY_START_TIMEOUT_S if ray else START_TIMEOUT_S)
+        record = {
+            "EndpointName": name,
+            "url": ready["url"],
+            "port": ready["port"],
+            "pid": process.pid,
+            "session": process.pid,  # the server is its session's leader: stop() ends the session's processes
+            "host": "ray" if ray else "light",
+            "ModelPackageArn": package["ModelPackageArn"],
+            "ModelPackageGroupName": package["ModelPackageGroupName"],
+            "ModelPackageVersion": version,
+            "model_dir": str(folder / "model"),
+            "log": str(folder / "server.log"),
+            "CreationTime": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        fsutil.write_json_atomic(record_path(workdir, name), record)
+        record["EndpointStatus"] = "InService"
+        return record
+
+
+def _start_server(
+    folder: Path, package: dict[str, Any], host: str, port: int, threads: int | None, ray: bool
+) -> subprocess.Popen:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SM_", "SAGEMAKER_", "PYTHONPATH"))}
     env.update(package["InferenceSpecification"]["Containers"][0].get("Environment", {}))
     env["PYTHONUNBUFFERED"] = "1"
@@ -159,17 +267,17 @@ def deploy(
         "-m",
         SERVER_MODULE,
         "--model-dir",
-        str(model_dir),
+        str(folder / "model"),
         "--host",
         host,
         "--port",
         str(port),
         "--port-fallback",
         "--ready-file",
-        str(ready_file),
+        str(folder / "ready.json"),
         *(["--ray"] if ray else []),
     ]
-    with log_path.open("w") as log:
+    with (folder / "server.log").open("w") as log:
         process = subprocess.Popen(
             command,
             cwd=folder,
@@ -180,40 +288,23 @@ def deploy(
             start_new_session=True,  # outlives this command and its terminal's Ctrl-C
         )
     _children[process.pid] = process
-    timeout = RAY_START_TIMEOUT_S if ray else START_TIMEOUT_S
+    return process
+
+
+def _wait_until_ready(process: subprocess.Popen, folder: Path, name: str, timeout: float) -> dict[str, Any]:
+    """The server's ready file once it serves. If it exits, does not get ready in time, or this command is
+    interrupted meanwhile, the server and its session are stopped: no server is left without a record."""
+    ready_file, log_path = folder / "ready.json", folder / "server.log"
     deadline = time.monotonic() + timeout
-    while not ready_file.is_file():
-        if process.poll() is not None:
-            _children.pop(process.pid, None)
-            processes.terminate(processes.session_members(process.pid), STOP_TIMEOUT_S / 3)
-            tail = "\n".join(fsutil.tail_lines(log_path, 15))
-            raise EndpointError(f"endpoint {name} exited while starting (status {process.returncode}):\n{tail}")
-        if time.monotonic() > deadline:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            _children.pop(process.pid, None)
-            processes.terminate(processes.session_members(process.pid), STOP_TIMEOUT_S / 3)
-            raise EndpointError(f"endpoint {name} did not become ready in {timeout:.0f} s; see {log_path}")
-        time.sleep(0.05)
-    ready = json.loads(ready_file.read_text())
-    record = {
-        "EndpointName": name,
-        "url": ready["url"],
-        "port": ready["port"],
-        "pid": process.pid,
-        "session": process.pid,  # the server is its session's leader: stop() ends the session's processes
-        "host": "ray" if ray else "light",
-        "ModelPackageArn": package["ModelPackageArn"],
-        "ModelPackageGroupName": package["ModelPackageGroupName"],
-        "ModelPackageVersion": version,
-        "model_dir": str(model_dir),
-        "log": str(log_path),
-        "CreationTime": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    fsutil.write_json_atomic(record_path(workdir, name), record)
-    record["EndpointStatus"] = "InService"
-    return record
+    try:
+        while not ready_file.is_file():
+            if process.poll() is not None:
+                tail = "\n".join(fsutil.tail_lines(log_path, 15))
+                raise EndpointError(f"endpoint {name} exited while starting (status {process.returncode}):\n{tail}")
+            if time.monotonic() > deadline:
+                raise EndpointError(f"endpoint {name} did not become ready in {timeout:.0f} s; see {log_path}")
+            time.sleep(0.05)
+        return json.loads(ready_file.read_text())
+    except BaseException:
+        _stop_server(process.pid, session=True)
+        raise

@@ -36,6 +36,7 @@ from pipelines.local.cache import StepCache
 from pipelines.local.console import Console
 from pipelines.local.expressions import ExpressionError, Scope
 from pipelines.local.objectstore import ObjectStore, ObjectStoreError
+from pipelines.local.runs import RUN_RECORD
 from pipelines.pipeline import (
     check_definition,
     iter_references,
@@ -45,7 +46,6 @@ from pipelines.pipeline import (
     step_dependencies,
 )
 
-RUN_RECORD = "run.json"
 DEFINITION_FILE = "definition.json"
 
 
@@ -60,10 +60,21 @@ class DefinitionInvalid(Exception):
 class StepFailure(Exception):
     """Raised by a step executor: the step failed for the reason given (with its log, if it has one)."""
 
-    def __init__(self, reason: str, log_path: Path | None = None, tail: list[str] | None = None) -> None:
+    def __init__(
+        self, reason: str, log_path: Path | None = None, tail: list[str] | None = None, signal_name: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.log_path = log_path
         self.tail = tail or []
+        self.signal_name = signal_name  # the signal that ended the step's job, if one did
+
+
+class RunStopped(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT, SIGTERM, SIGHUP): every job was stopped, the run marked Stopped."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
 class PipelineFailed(Exception):
@@ -88,6 +99,7 @@ class StepResult:
     summary: dict[str, Any] = field(default_factory=dict)  # merged into the run record's Summary
     notes: list[str] = field(default_factory=list)  # what the local run leaves out (Debugger rules, ...)
     outcome: bool | None = None  # a condition's
+    cacheable: bool = True  # False: a result a later run must not reuse (a trial was ended by a signal)
 
     def cached_form(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("properties", "metadata", "detail", "summary", "notes", "outcome")}
@@ -270,8 +282,9 @@ class LocalExecution:
             self.record["FailureReason"] = str(failure)
             self.write_record("Failed")
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             self._mark_executing("Stopped")
+            self.record["StoppedBy"] = getattr(stop, "signal_name", "SIGINT")
             self.write_record("Stopped")
             raise
         except Exception as error:  # recorded, then raised as it is: run.json never says Executing after exit
@@ -326,7 +339,8 @@ class LocalExecution:
         entry = self.cache.lookup(key, cache_config.get("ExpireAfter"))
         if entry is None:
             result = executor.run(context)
-            self.cache.store(key, context.name, self.run_id, result.outputs, result.cached_form())
+            if result.cacheable:
+                self.cache.store(key, context.name, self.run_id, result.outputs, result.cached_form())
             return result
         old_run = self.workdir / entry.run_id
         outputs = {}

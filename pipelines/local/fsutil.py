@@ -1,4 +1,5 @@
-"""Files: content hashes for step caching, cheap copies of step outputs, deterministic tarballs, atomic JSON."""
+"""Files: content hashes for step caching, cheap copies of step outputs, deterministic tarballs, atomic JSON, and
+the workdir's guards: paths proven inside it, state files read whole or reported damaged, and its lock."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
+import sys
 import tarfile
-import tempfile
+import threading
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +171,22 @@ def safe_extract_tarball(tarball: Path, destination: Path) -> Path:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON so a reader never sees half a file (temporary file in the same folder, then rename)."""
+    """Write JSON so a reader never sees half a file (temporary file in the same folder, then rename).
+
+    The file is created as any file the user writes is (mode 0666 less the umask), and an interrupted write
+    leaves neither a partial file nor its temporary behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(value, stream, indent=2, sort_keys=False, default=str)
-        stream.write("\n")
-    os.replace(temporary, path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never through a link
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            json.dump(value, stream, indent=2, sort_keys=False, default=str)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -182,18 +195,126 @@ def read_json(path: Path, default: Any = None) -> Any:
     return json.loads(path.read_text())
 
 
+# --- the workdir's guards ---------------------------------------------------------------------------------------
+
+
+class OutsideWorkdir(ValueError):
+    """A path that, with its links resolved, leads outside the folder it must stay in: nothing was written there."""
+
+
+def contained(root: Path, path: Path) -> Path:
+    """``path`` itself, once proven to lie inside ``root`` with every symbolic link on the way resolved."""
+    resolved, base = path.resolve(), root.resolve()
+    if not resolved.is_relative_to(base):
+        raise OutsideWorkdir(
+            f"{path} leads to {resolved}, outside {base}: refusing to write or delete there (a name that is a "
+            "path, or a link inside the folder pointing out of it)"
+        )
+    return path
+
+
+class StateFileError(Exception):
+    """A state file of the workdir that cannot be read as what it must be. Nothing was written to it."""
+
+
+def read_state(path: Path, check: Callable[[Any], str | None] | None = None, remedy: str = "") -> Any:
+    """A JSON state file read whole and checked (``check`` returns what is wrong, or None); None if it is absent.
+
+    Raises :class:`StateFileError` naming the file, what is wrong and ``remedy`` (what the user can do).
+    """
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        if not path.is_file():
+            raise ValueError("it is not a regular file")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        problem = check(data) if check is not None else None
+    except json.JSONDecodeError as error:
+        problem = f"it is not complete JSON ({error.msg} at line {error.lineno} column {error.colno})"
+    except UnicodeDecodeError:
+        problem = "it is not UTF-8 text"
+    except OSError as error:
+        problem = f"it cannot be read ({error.strerror})"
+    except ValueError as error:
+        problem = str(error)
+    if problem:
+        raise StateFileError(f"{path} is damaged: {problem}; {remedy or 'move it aside'}")
+    return data
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged state file to ``<name>.damaged-<time>`` beside it (kept to inspect); returns the new path."""
+    target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
+    path.rename(target)
+    return target
+
+
+LOCK_FILE = ".lock"
+_held: dict[Path, list[Any]] = {}  # workdir -> [depth, open lock file, threading.RLock]
+_held_guard = threading.Lock()
+
+
+class WorkdirBusy(Exception):
+    """Another command kept the workdir's lock longer than a command waits."""
+
+
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path``.lock for read-modify-write of a shared JSON file (registry, cache index)."""
+def workdir_lock(workdir: Path, purpose: str, wait_seconds: float) -> Iterator[None]:
+    """The workdir's exclusive lock, for a change of its shared state (registry, endpoint records, cache).
+
+    Held by one command at a time (``flock`` on ``<workdir>/.lock``, released by the kernel if the process dies),
+    and re-entrant within a process: a deploy that registers holds it once. A command that finds it held says
+    who holds it (pid and purpose, written in the file) and waits up to ``wait_seconds``.
+    """
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    key = workdir.resolve()
+    with _held_guard:
+        slot = _held.setdefault(key, [0, None, threading.RLock()])
+    with slot[2]:  # one thread of this process at a time
+        if slot[0] == 0:
+            key.mkdir(parents=True, exist_ok=True)
+            handle = open(key / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+            try:
+                _acquire(handle, key, purpose, wait_seconds, fcntl)
+            except BaseException:
+                handle.close()
+                raise
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} ({purpose})\n")
+            handle.flush()
+            slot[1] = handle
+        slot[0] += 1
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            slot[0] -= 1
+            if slot[0] == 0:
+                handle, slot[1] = slot[1], None
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+
+
+def _acquire(handle: Any, workdir: Path, purpose: str, wait_seconds: float, fcntl: Any) -> None:
+    deadline = time.monotonic() + wait_seconds
+    said = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        holder = (workdir / LOCK_FILE).read_text(errors="replace").strip() or "another command"
+        if time.monotonic() > deadline:
+            raise WorkdirBusy(
+                f"{workdir} is locked by {holder} for more than {wait_seconds:.0f} s, so {purpose} did not "
+                "start: try again once that command has finished"
+            )
+        if not said:
+            print(f"waiting for {holder} to finish with {workdir} before {purpose}", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.1)
 
 
 def tail_lines(path: Path, count: int = 20) -> list[str]:

@@ -44,7 +44,7 @@ def _arn(context: StepContext, kind: str, name: str) -> str:
 
 
 def _job_error(error: containers.JobError) -> StepFailure:
-    return StepFailure(str(error), error.log_path, error.tail)
+    return StepFailure(str(error), error.log_path, error.tail, signal_name=error.signal_name)
 
 
 def _decoded(value: Any) -> Any:
@@ -471,7 +471,9 @@ class TuningExecutor(StepExecutor):
             except StepFailure as failure:
                 last = next((line for line in reversed(failure.tail) if line.strip()), "")
                 reason = f"{failure}: {last.strip()}" if last else str(failure)
-                return tuning.TrialOutcome(job_name, tuned, None, "Failed", reason, time.perf_counter() - started)
+                return tuning.TrialOutcome(
+                    job_name, tuned, None, "Failed", reason, time.perf_counter() - started, failure.signal_name
+                )
             final = {m["MetricName"]: m["Value"] for m in properties["FinalMetricDataList"]}
             if objective["MetricName"] not in final:
                 reason = f"no {objective['MetricName']} in the log (the metric regex found nothing)"
@@ -518,6 +520,9 @@ class TuningExecutor(StepExecutor):
         detail = f"{len(outcomes)} trials, {at_once} at a time; best {best.name} {metric}={best.objective:.4f}"
         if failed:
             detail += f"; {len(failed)} failed ({failed[0].name}: {failed[0].failure_reason})"
+        stopped = [outcome for outcome in failed if outcome.signal]
+        if stopped:  # its result would have been different: never reused by a later run
+            detail += f"; not cached: {', '.join(f'{o.name} ended by {o.signal}' for o in stopped)}"
         job_config = context.arguments["HyperParameterTuningJobConfig"]
         strategy, stopping = job_config.get("Strategy", "Bayesian"), job_config.get("TrainingJobEarlyStoppingType")
         notes = [
@@ -547,4 +552,5 @@ class TuningExecutor(StepExecutor):
             detail=detail,
             outputs=written,
             summary={"best_trial": best.name, "tuned_hyperparameters": best.tuned},
+            cacheable=not stopped,
         )

@@ -45,7 +45,10 @@ class ObjectStore:
 
     def path(self, uri: str) -> Path:
         bucket, key = split_uri(uri)
-        return self.root / bucket / key if key else self.root / bucket
+        try:  # a link inside the store may not lead out of it
+            return fsutil.contained(self.root, self.root / bucket / key if key else self.root / bucket)
+        except fsutil.OutsideWorkdir as error:
+            raise ObjectStoreError(f"{uri}: {error}") from error
 
     def exists(self, uri: str) -> bool:
         return self.path(uri).exists()

@@ -1,4 +1,5 @@
-"""Processes of a local endpoint: every one it starts shares the endpoint server's session, and is stopped by PID.
+"""Processes: those of a local endpoint (every one it starts shares the server's session, and is stopped by PID),
+and what names a process in a record (PID, host, start time) so that a later command can tell it has gone.
 
 The endpoint server runs as a session leader (``start_new_session``), so its session ID is its PID and every
 process it starts (Ray's daemons included, which ``ray start`` detaches from their parent) keeps that session.
@@ -96,3 +97,30 @@ def reap_children() -> None:
             return
         if pid == 0:
             return
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, /proc's field 22): with the PID, it names one process."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[19]) if fields is not None and fields[0] not in ("Z", "X") else None
+    except (IndexError, ValueError):
+        return None
+
+
+def identity(pid: int | None = None) -> dict[str, object]:
+    """What names this process (or ``pid``) in a record: its PID, host and start time."""
+    import socket
+
+    pid = os.getpid() if pid is None else pid
+    return {"Pid": pid, "Host": socket.gethostname(), "StartTicks": start_ticks(pid)}
+
+
+def is_running(identity: dict[str, object]) -> bool | None:
+    """Whether the process an :func:`identity` names still runs; None when that cannot be told from this host."""
+    import socket
+
+    if identity.get("Host") != socket.gethostname() or not isinstance(identity.get("Pid"), int):
+        return None
+    pid = int(identity["Pid"])  # type: ignore[arg-type]
+    return is_alive(pid) and start_ticks(pid) == identity.get("StartTicks")

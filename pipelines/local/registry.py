@@ -9,6 +9,10 @@ Every file the request names (the model's ``ModelDataUrl``, the ``ModelMetrics``
 ``<workdir>/registry/<group>/<version>/`` and named by a ``file://`` URI there, so a version outlives the run and
 the object store it came from. Registering the same model bytes again (a fully cached re-run) returns the
 existing version instead of adding a copy (approving it if the new request says Approved).
+
+The file is the registry's only record, so it is never rewritten from a damaged copy: it is read whole and checked
+(:meth:`LocalModelRegistry.check`) before anything uses it, and a damaged one stops every command with one line
+naming it and what to do. Changes hold the workdir's lock.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines import config
+from pipelines import config, validation
 from pipelines.local import fsutil
 
 REGISTRY_FILE = "model-registry.json"
@@ -29,7 +33,13 @@ APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
 
 
 class RegistryError(Exception):
-    """A registry request that cannot be served (unknown group or version, bad status)."""
+    """A registry request that cannot be served (unknown group or version, bad status), or a damaged registry."""
+
+
+DAMAGED_REMEDY = (
+    "restore it from a copy, or move it aside to start an empty registry (the versions' files stay in "
+    f"{ARTIFACTS_DIR}/); nothing was changed"
+)
 
 
 def _now() -> str:
@@ -51,7 +61,15 @@ class LocalModelRegistry:
 
     # --- reading ----------------------------------------------------------------------------------------------
     def _load(self) -> dict[str, Any]:
-        return fsutil.read_json(self.path, default=None) or {"ModelPackageGroups": {}}
+        try:
+            data = fsutil.read_state(self.path, registry_problem, DAMAGED_REMEDY)
+        except fsutil.StateFileError as error:
+            raise RegistryError(str(error)) from error
+        return {"ModelPackageGroups": {}} if data is None else data
+
+    def check(self) -> None:
+        """Read and check the whole file (RegistryError naming it and what to do, if it is damaged)."""
+        self._load()
 
     def groups(self) -> list[dict[str, Any]]:
         return [
@@ -104,8 +122,10 @@ class LocalModelRegistry:
         names (at least the first container's ``ModelDataUrl``). Returns (package, created).
         """
         group = request.get("ModelPackageGroupName")
-        if not isinstance(group, str) or not fsutil.is_safe_name(group):
-            raise RegistryError(f"model package group {group!r} is not a valid name (letters, digits, hyphens)")
+        try:
+            validation.check_name("model package group", group)
+        except ValueError as error:
+            raise RegistryError(str(error)) from error
         status = request.get("ModelApprovalStatus", config.APPROVAL_STATUS)
         if status not in APPROVAL_STATUSES:
             raise RegistryError(f"approval status {status!r} is not one of {', '.join(APPROVAL_STATUSES)}")
@@ -113,7 +133,7 @@ class LocalModelRegistry:
         if model_uri not in files:
             raise RegistryError(f"the model {model_uri} has no local file")
         model_sha256 = fsutil.file_sha256(files[model_uri])
-        with fsutil.locked(self.path):
+        with self._locked(f"registering a version of {group}"):
             data = self._load()
             packages = self._group(data, group)["ModelPackages"]
             for package in packages:
@@ -123,7 +143,10 @@ class LocalModelRegistry:
                         fsutil.write_json_atomic(self.path, data)
                     return package, False
             version = max((p["ModelPackageVersion"] for p in packages), default=0) + 1
-            folder = self.workdir / ARTIFACTS_DIR / group / str(version)
+            try:
+                folder = fsutil.contained(self.workdir, self.workdir / ARTIFACTS_DIR / group / str(version))
+            except fsutil.OutsideWorkdir as error:
+                raise RegistryError(str(error)) from error
             stored = {uri: fsutil.link_tree(path, folder / path.name).resolve().as_uri() for uri, path in files.items()}
             now = _now()
             package = {
@@ -144,6 +167,9 @@ class LocalModelRegistry:
             packages.append(package)
             fsutil.write_json_atomic(self.path, data)
         return package, True
+
+    def _locked(self, purpose: str) -> Any:
+        return fsutil.workdir_lock(self.workdir, purpose, config.LOCAL_LOCK_WAIT_SECONDS)
 
     @staticmethod
     def _group(data: dict[str, Any], group: str) -> dict[str, Any]:
@@ -170,7 +196,7 @@ class LocalModelRegistry:
         """``UpdateModelPackage(ModelApprovalStatus=...)``."""
         if status not in APPROVAL_STATUSES:
             raise RegistryError(f"approval status {status!r} is not one of {', '.join(APPROVAL_STATUSES)}")
-        with fsutil.locked(self.path):
+        with self._locked(f"setting version {version} of {group} {status}"):
             data = self._load()
             group_data = data["ModelPackageGroups"].get(group)
             if not group_data:
@@ -181,6 +207,50 @@ class LocalModelRegistry:
                     fsutil.write_json_atomic(self.path, data)
                     return package
         raise RegistryError(f"{group!r} has no version {version}")
+
+
+def registry_problem(data: Any) -> str | None:
+    """What is wrong with the registry file's content (its shape, names, versions, ARNs), or None."""
+    groups = data.get("ModelPackageGroups") if isinstance(data, dict) else None
+    if not isinstance(groups, dict):
+        return "it holds no ModelPackageGroups object"
+    for name, group in groups.items():
+        try:
+            validation.check_name("model package group", name)
+        except ValueError as error:
+            return str(error)
+        if not isinstance(group, dict) or group.get("ModelPackageGroupName") != name:
+            return f"group {name!r} is not a model package group of that name"
+        packages = group.get("ModelPackages")
+        if not isinstance(packages, list):
+            return f"group {name!r} has no ModelPackages list"
+        seen: set[int] = set()
+        for index, package in enumerate(packages, start=1):
+            problem = _package_problem(name, package, seen)
+            if problem:
+                return f"group {name!r}, package {index}: {problem}"
+    return None
+
+
+def _package_problem(group: str, package: Any, seen: set[int]) -> str | None:
+    if not isinstance(package, dict):
+        return "not an object"
+    version = package.get("ModelPackageVersion")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version in seen:
+        return f"ModelPackageVersion {version!r} is not a new version number"
+    seen.add(version)
+    if package.get("ModelPackageArn") != package_arn(group, version) or package.get("ModelPackageGroupName") != group:
+        return f"version {version}: its ARN or group name is not this group's"
+    if package.get("ModelApprovalStatus") not in APPROVAL_STATUSES:
+        return f"version {version}: ModelApprovalStatus {package.get('ModelApprovalStatus')!r} is not a status"
+    specification = package.get("InferenceSpecification")
+    containers = specification.get("Containers") if isinstance(specification, dict) else None
+    first = containers[0] if isinstance(containers, list) and containers else None
+    if not isinstance(first, dict) or not str(first.get("ModelDataUrl", "")).startswith("file://"):
+        return f"version {version}: no file:// ModelDataUrl in its first container"
+    if not isinstance(package.get("CustomerMetadataProperties"), dict):
+        return f"version {version}: CustomerMetadataProperties is not an object"
+    return None
 
 
 def model_data_path(package: dict[str, Any]) -> Path:

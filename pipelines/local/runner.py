@@ -8,37 +8,79 @@ runner puts them in the local object store, and the input data under a run-speci
 The executor (:mod:`.executor`) does the rest, from the definition alone.
 
 Each run gets ``<workdir>/run-NNNN/``: ``definition.json`` (exactly what ran), ``run.json`` (the run and its steps,
-shaped like DescribePipelineExecution and ListPipelineExecutionSteps), and a folder per step.
+shaped like DescribePipelineExecution and ListPipelineExecutionSteps, with the process that runs it), and a folder
+per step.
+
+Before the run folder exists, the registry is read and checked, and every value of the run is checked against the
+rules of :mod:`pipelines.validation`: a refused value leaves nothing behind. While it runs, SIGINT, SIGTERM and
+SIGHUP stop every job within seconds (:data:`containers.JOBS`) and the run ends ``Stopped``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
-import re
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from entrypoints import contract
-from pipelines import config
-from pipelines.local import endpoint, fsutil
-from pipelines.local.cache import StepCache
+from pipelines import config, validation
+from pipelines.local import containers, endpoint, fsutil, processes
+from pipelines.local.cache import CACHE_DIR, StepCache
 from pipelines.local.console import Console
-from pipelines.local.executor import DEFINITION_FILE, LocalExecution, StepExecutor
+from pipelines.local.executor import DEFINITION_FILE, LocalExecution, RunStopped, StepExecutor
 from pipelines.local.objectstore import ObjectStore
-from pipelines.local.registry import LocalModelRegistry
-
-RUN_PATTERN = re.compile(r"^run-(\d{4,})$")
+from pipelines.local.registry import LocalModelRegistry, RegistryError
+from pipelines.local.runs import RUN_ID
 
 
 class InvalidOptions(Exception):
-    """Builder options the pipeline refuses (the message says which and why); nothing was started."""
+    """Options or values the pipeline refuses (``problems`` says which and why); nothing was started."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stopped_by_signals(grace_seconds: float = config.LOCAL_STOP_GRACE_SECONDS) -> Iterator[None]:
+    """While inside, SIGINT, SIGTERM and SIGHUP stop every job (SIGTERM to each job's processes, SIGKILL after
+    ``grace_seconds``; no new job starts) and raise :class:`RunStopped`, so the run unwinds and is recorded
+    Stopped. A second signal kills what is left at once. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[str] = []
+
+    def on_signal(number: int, _frame: Any) -> None:
+        if received:  # impatient: no more grace
+            containers.JOBS.stop_all(received[0], 0.0)
+            return
+        received.append(signal.Signals(number).name)
+        containers.JOBS.stop_all(received[0], grace_seconds)
+        raise RunStopped(received[0])
+
+    containers.JOBS.allow()
+    previous = {number: signal.signal(number, on_signal) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 DEMO_SOURCE = "built-in demo (scikit-learn digits)"
+ACCEPTED_ARGUMENTS_DIR = "accepted-arguments"  # marks of job arguments the scripts' parsers accepted (validation)
 
 
 def available_cpus() -> int:
@@ -77,7 +119,7 @@ class LocalRunOptions:
 def new_run_folder(workdir: Path) -> tuple[str, Path]:
     """``run-0001``, ``run-0002``, ...: the next free number (created here, so two runs never share one)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for p in workdir.iterdir() if (m := RUN_PATTERN.match(p.name))]
+    numbers = [int(m.group(1)) for p in workdir.iterdir() if (m := RUN_ID.fullmatch(p.name))]
     number = max(numbers, default=0) + 1
     while True:
         run_id = f"run-{number:04d}"
@@ -121,17 +163,6 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
         )
         definition = json.loads(pipeline.definition())
     return definition, code_artifacts(config.LOCAL_BUCKET, pipeline_options.pipeline_name), pipeline_options
-
-
-def typed_parameters(definition: dict[str, Any], overrides: list[dict[str, str]]) -> dict[str, Any]:
-    """Every declared parameter's value for this run (defaults, then overrides), typed as declared."""
-    convert = {"Integer": int, "Float": float, "Boolean": lambda text: str(text).lower() == "true"}
-    given = {item["Name"]: item["Value"] for item in overrides}
-    values = {}
-    for parameter in definition.get("Parameters", []):
-        value = given.get(parameter["Name"], parameter.get("DefaultValue"))
-        values[parameter["Name"]] = convert.get(parameter.get("Type", "String"), str)(value)
-    return values
 
 
 def step_executors(options: LocalRunOptions, workdir: Path, registry: LocalModelRegistry) -> dict[str, StepExecutor]:
@@ -201,14 +232,43 @@ class LocalPipeline:
         return prefix
 
     def run(self) -> dict[str, Any]:
+        with stopped_by_signals():
+            return self._run()
+
+    def _checked_values(self, definition: dict[str, Any], overrides: list[dict[str, str]]) -> None:
+        """Every value of the run against the rules the scripts, SageMaker and the config hold (InvalidOptions)."""
+        values = validation.parameter_values(definition, overrides)
+        problems = []
+        for kind, name in (
+            ("endpoint", self.options.endpoint_name),
+            ("model package group", self.options.model_package_group),
+            ("model package group", values.get("ModelPackageGroupName", self.options.model_package_group)),
+        ):
+            try:
+                validation.check_name(kind, name)
+            except ValueError as error:
+                problems.append(str(error))
+        accepted = self.workdir / CACHE_DIR / ACCEPTED_ARGUMENTS_DIR  # what an earlier run checked already
+        problems += validation.run_problems(
+            definition, values, self.options.hyperparameters, local=True, accepted=accepted
+        )
+        if problems:
+            raise InvalidOptions(list(dict.fromkeys(problems)))  # a name given twice (flag, parameter) once
+
+    def _run(self) -> dict[str, Any]:
         from pipelines.aws_cli import parameter_overrides
 
         started = time.perf_counter()
+        try:  # the registry first: a damaged one stops the run before any work
+            LocalModelRegistry(self.workdir).check()
+        except RegistryError as error:
+            raise InvalidOptions([str(error)]) from error
         try:
             definition, artifacts, pipeline_options = build_definition(self.options)
         except ValueError as error:  # before the run folder: a refused option leaves nothing behind
-            raise InvalidOptions(str(error)) from error
+            raise InvalidOptions([str(error)]) from error
         overrides = parameter_overrides(definition, self.options.parameters)
+        self._checked_values(definition, overrides)
         self.run_id, self.run_dir = new_run_folder(self.workdir)
         self.console.write(f"Local pipeline {self.run_id} in {self.run_dir}")
         fsutil.write_json_atomic(self.run_dir / DEFINITION_FILE, definition)
@@ -216,7 +276,7 @@ class LocalPipeline:
         for artifact in artifacts.all():  # what upsert uploads before a run
             store.put_bytes(artifact.s3_uri, artifact.body)
         given = {item["Name"] for item in overrides}
-        parameters = typed_parameters(definition, overrides)
+        parameters = validation.parameter_values(definition, overrides)
         source = "--param InputDataUri" if "InputDataUri" in given else str(self.options.data or DEMO_SOURCE)
         if "InputDataUri" not in given:
             uri = self._data_input(store, pipeline_options.pipeline_name, int(parameters.get("ImageSize", 32)))
@@ -236,7 +296,7 @@ class LocalPipeline:
             parameters=parameters,
             run_dir=self.run_dir,
             store=store,
-            cache=StepCache(self.workdir, enabled=self.options.cache),
+            cache=StepCache(self.workdir, enabled=self.options.cache, report=self.console.write),
             console=self.console,
             execution_variables=self._execution_variables(name),
             region=config.LOCAL_REGION,
@@ -252,6 +312,7 @@ class LocalPipeline:
                 "Preset": self.options.resolved_preset,
                 "Data": source,
                 "PipelineParameters": [{"Name": k, "Value": str(v)} for k, v in parameters.items()],
+                "Process": processes.identity(),  # status output tells a run whose process has gone
             },
         )
         try:
@@ -292,6 +353,9 @@ class LocalPipeline:
                 summary["confusion_matrix"] = str(picture) if picture.is_file() else None
         for answer in summary.get("lambda", {}).values():
             if answer.get("action") in ("created", "updated", "unchanged"):
-                state = endpoint.status(self.workdir, str(answer.get("endpoint_name")))
+                try:
+                    state = endpoint.status(self.workdir, str(answer.get("endpoint_name")))
+                except endpoint.EndpointError:  # reported by `endpoint status`; the summary goes on without it
+                    state = None
                 if state is not None and state["EndpointStatus"] == "InService":
                     summary["endpoint"] = {"name": answer["endpoint_name"], "url": state["url"]}

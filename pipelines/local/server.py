@@ -35,6 +35,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -334,7 +335,7 @@ def make_handler(backend: Backend) -> type[BaseHTTPRequestHandler]:
             if declared is None:
                 self._send(error_answer(411, "send the body with a Content-Length header (chunked is not read)"), True)
                 return None
-            if not declared.strip().isdigit():
+            if not re.fullmatch(r"[0-9]+", declared.strip()):  # ASCII digits: str.isdigit takes "²", int() does not
                 self._send(error_answer(400, f"Content-Length {declared!r} is not a byte count", "bad_length"), True)
                 return None
             length = int(declared)

@@ -117,6 +117,7 @@ class TrialOutcome:
     status: str  # Completed | Failed
     failure_reason: str | None = None
     duration_s: float = 0.0
+    signal: str | None = None  # the signal that ended a failed trial (a stop from outside, not its values)
 
 
 def best_trial(outcomes: list[TrialOutcome], objective_type: str = "Maximize") -> TrialOutcome | None:

@@ -1,0 +1,91 @@
+"""The local runs of a workdir as ``local-status`` shows them, read from each run folder's ``run.json``.
+
+A run records the process that runs it (PID, host, start time). A run whose record still says ``Executing`` while
+that process has gone (killed with SIGKILL, out of memory, a restarted machine) can never finish: it shows as
+``Stopped (process gone)``, and so do its steps that were executing. The record itself is left as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pipelines.local import fsutil, processes
+
+RUN_RECORD = "run.json"  # in each run folder: the run and its steps, shaped like DescribePipelineExecution
+RUN_ID = re.compile(r"run-(\d{4,})")  # run-0001, run-0002, ...
+PROCESS_GONE = "Stopped (process gone)"
+
+
+class RunNotFound(Exception):
+    """No such run in the workdir (or no run at all); the message says which runs there are."""
+
+
+def run_folders(workdir: Path) -> list[Path]:
+    if not workdir.is_dir():
+        return []
+    return sorted(path for path in workdir.iterdir() if RUN_ID.fullmatch(path.name) and path.is_dir())
+
+
+def read_run(folder: Path) -> dict[str, Any]:
+    """The run's record; a placeholder record whose status says what is wrong when it cannot be read."""
+    try:
+        record = fsutil.read_state(
+            folder / RUN_RECORD, lambda data: None if isinstance(data, dict) else "it is not a JSON object"
+        )
+    except fsutil.StateFileError as error:
+        return {"RunId": folder.name, "PipelineExecutionStatus": "Unknown", "FailureReason": str(error)}
+    if record is None:
+        return {"RunId": folder.name, "PipelineExecutionStatus": "Unknown", "FailureReason": "no run.json yet"}
+    return record
+
+
+def shown_status(record: dict[str, Any]) -> str:
+    """The run's status as it stands: Executing only while the process that runs it is still there."""
+    status = str(record.get("PipelineExecutionStatus", "Unknown"))
+    process = record.get("Process")
+    if status != "Executing" or not isinstance(process, dict):
+        return status
+    running = processes.is_running(process)
+    if running is None:
+        return f"Executing (on {process.get('Host')}, pid {process.get('Pid')}: cannot tell from here)"
+    return status if running else PROCESS_GONE
+
+
+def summary_lines(workdir: Path) -> list[str]:
+    """One line per run: ID, status, start, the last step reached."""
+    lines = []
+    for folder in run_folders(workdir):
+        record = read_run(folder)
+        steps = record.get("PipelineExecutionSteps") or [{}]
+        last = f"{steps[-1].get('StepName', '-')} {steps[-1].get('StepStatus', '')}".strip()
+        lines.append(f"{folder.name}  {shown_status(record):<24} {record.get('StartTime', '?'):<26} {last}")
+    return lines
+
+
+def detail_lines(workdir: Path, run_id: str | None) -> list[str]:
+    """What ``status`` prints for a SageMaker execution, for one local run (the newest without ``run_id``)."""
+    from pipelines.aws_cli import _format_step
+
+    folders = {folder.name: folder for folder in run_folders(workdir)}
+    if not folders:
+        raise RunNotFound(f"no runs in {workdir}: start one with 'python -m pipelines.run local'")
+    if run_id is not None and (not RUN_ID.fullmatch(run_id) or run_id not in folders):
+        raise RunNotFound(f"no run {run_id!r} in {workdir}; the runs are {', '.join(folders)}")
+    folder = folders[run_id or max(folders)]
+    record = read_run(folder)
+    status = shown_status(record)
+    lines = [f"run       {folder.name} ({folder})", f"status    {status}"]
+    if record.get("StartTime"):
+        lines.append(f"started   {record['StartTime']}")
+    for key in ("FailureReason", "StoppedBy"):
+        if record.get(key):
+            lines.append(f"{'reason' if key == 'FailureReason' else 'stopped':<9} {record[key]}")
+    steps = record.get("PipelineExecutionSteps") or []
+    lines.append("steps:" if steps else "steps:    none started")
+    for step in steps:
+        if status == PROCESS_GONE and step.get("StepStatus") == "Executing":
+            step = {**step, "StepStatus": PROCESS_GONE}
+        lines.append(f"  {_format_step(step)}")
+    return lines
