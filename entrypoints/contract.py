@@ -31,6 +31,13 @@ RAY_SERVE_CONFIG_FILE = "config.yaml"
 RAY_SERVE_CONFIG_TEMPLATE = "ray_serve_config.yaml"  # entrypoints/ name of config.yaml
 RAY_SERVE_MODULE_FILE = "deployment.py"
 RAY_SERVE_APP_NAME = "image-classifier"
+# What the evaluation step adds to the artifact it registers (the served artifact): the precision it chose after
+# scoring fp32 and int8 on the test split (and why), the statically quantised network when int8 was built, and,
+# when it ships ONNX Runtime for an image that lacks it, the wheels under code/ that code/requirements.txt names.
+SERVING_DECISION_FILE = "serving.json"
+INT8_MODEL_FILE = "model.int8.onnx"
+WHEELS_DIR = "wheels"  # <model>/code/wheels: installed by code/requirements.txt with no package index
+PRECISIONS = ("fp32", "int8")
 
 # --- image preprocessing shared by training, evaluation and serving ----------------------------------------
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,6 +118,13 @@ ENV_MODEL_SERVER_WORKERS = "SAGEMAKER_MODEL_SERVER_WORKERS"  # the toolkit's own
 ENV_SERVE_REPLICAS = "INFERENCE_REPLICAS"  # default: one per GPU, else one per 4 vCPUs
 ENV_SERVE_MAX_ONGOING_REQUESTS = "INFERENCE_MAX_ONGOING_REQUESTS"  # default: 2 x threads per replica, at least 4
 ENV_SERVE_MODEL_DIR = "SM_MODEL_DIR"  # where deployment.py finds the model; default: the folder it lies in
+ENV_INFERENCE_PRECISION = "INFERENCE_PRECISION"  # auto (default: the artifact's serving.json) | fp32 | int8
+# Dynamic batching of single-image requests in a replica: up to this many images per forward (1 turns it off),
+# a request waiting at most this long for others to join it.
+ENV_SERVE_MAX_BATCH_SIZE = "INFERENCE_MAX_BATCH_SIZE"
+ENV_SERVE_BATCH_WAIT_MS = "INFERENCE_BATCH_WAIT_MS"
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_BATCH_WAIT_MS = 5.0
 
 
 # --- the machine ---------------------------------------------------------------------------------------------------

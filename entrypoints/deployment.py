@@ -14,7 +14,9 @@ the traceback going to the log only. ``GET`` at the route answers 200 with the m
 
 Sizing (:func:`serving_plan`) comes from the model's environment, else from the instance's CPUs and GPUs:
 ``INFERENCE_REPLICAS`` (one per GPU, else one per 4 vCPUs), ``INFERENCE_NUM_THREADS`` per replica (the vCPUs
-shared among replicas) and ``INFERENCE_MAX_ONGOING_REQUESTS`` per replica (twice the threads, at least 4).
+shared among replicas), ``INFERENCE_MAX_ONGOING_REQUESTS`` per replica (twice the threads, at least 4 and at
+least a batch), and dynamic batching of single-image requests: ``INFERENCE_MAX_BATCH_SIZE`` images per forward
+(default 8; 1 turns it off) and ``INFERENCE_BATCH_WAIT_MS``, the longest a request waits for others (default 5).
 
 The same class runs without Ray in the project's light local endpoint (:func:`build_replica`). Runs on the Ray
 image's Python 3.13; imports only the standard library, PIL, the handlers and (in :func:`build_app`) Ray.
@@ -23,6 +25,8 @@ image's Python 3.13; imports only the standard library, PIL, the handlers and (i
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import io
 import json
 import logging
@@ -71,6 +75,8 @@ class ServingPlan:
     threads: int  # intra-op threads of the network, and threads that decode images
     max_ongoing_requests: int
     gpus_per_replica: float = 0.0
+    max_batch_size: int = contract.DEFAULT_MAX_BATCH_SIZE  # single-image requests per forward; 1: no batching
+    batch_wait_ms: float = contract.DEFAULT_BATCH_WAIT_MS  # longest a request waits for others to join it
 
 
 def _env_count(environ: Mapping[str, str], name: str) -> int | None:
@@ -82,15 +88,95 @@ def _env_count(environ: Mapping[str, str], name: str) -> int | None:
     return int(value)
 
 
+def _env_milliseconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        milliseconds = float(value)
+    except ValueError:
+        milliseconds = -1.0
+    if not 0 <= milliseconds <= 1000:
+        raise ValueError(f"{name}={value!r} must be a number of milliseconds from 0 to 1000 (or unset for the default)")
+    return milliseconds
+
+
 def serving_plan(cpus: int, gpus: int = 0, environ: Mapping[str, str] | None = None) -> ServingPlan:
-    """Replicas, threads and requests per replica: the environment's values, else sized for the instance."""
+    """Replicas, threads, requests and batching per replica: the environment's values, else sized for the instance.
+
+    A replica takes at least as many requests at once as it batches, so that a batch can fill.
+    """
     environ = os.environ if environ is None else environ
     cpus = max(1, cpus)
     replicas = _env_count(environ, contract.ENV_SERVE_REPLICAS) or (gpus or max(1, cpus // CPUS_PER_REPLICA))
     threads = _env_count(environ, contract.ENV_INFERENCE_THREADS) or max(1, cpus // replicas)
-    ongoing = _env_count(environ, contract.ENV_SERVE_MAX_ONGOING_REQUESTS) or max(4, 2 * threads)
+    batch = _env_count(environ, contract.ENV_SERVE_MAX_BATCH_SIZE) or contract.DEFAULT_MAX_BATCH_SIZE
+    wait_ms = _env_milliseconds(environ, contract.ENV_SERVE_BATCH_WAIT_MS, contract.DEFAULT_BATCH_WAIT_MS)
+    ongoing = _env_count(environ, contract.ENV_SERVE_MAX_ONGOING_REQUESTS) or max(4, 2 * threads, batch)
     gpus_per_replica = min(1.0, gpus / replicas) if gpus else 0.0
-    return ServingPlan(replicas, threads, ongoing, gpus_per_replica)
+    return ServingPlan(replicas, threads, ongoing, gpus_per_replica, batch, wait_ms)
+
+
+@dataclass
+class _Waiting:
+    item: Any
+    future: asyncio.Future
+    arrived: float
+
+
+class MicroBatcher:
+    """Ray Serve's ``@serve.batch`` rule, for the light host that runs the replica without Ray.
+
+    ``await batcher(item)`` queues one item; ``function(items) -> results`` (a coroutine) runs on up to
+    ``max_batch_size`` of them once the batch is full or the first has waited ``wait_s``, and each caller gets its
+    own result (an exception in ``function`` goes to every caller of that batch). One batch runs at a time: items
+    that arrive meanwhile form the next one, which starts as soon as the first is done if its wait is over.
+    """
+
+    def __init__(self, function: Any, max_batch_size: int, wait_s: float) -> None:
+        self.function, self.max_batch_size, self.wait_s = function, max_batch_size, wait_s
+        self._waiting: list[_Waiting] = []
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def __call__(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._run())
+        self._waiting.append(_Waiting(item, loop.create_future(), loop.time()))
+        assert self._arrived is not None
+        self._arrived.set()
+        return await self._waiting[-1].future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._arrived is not None
+        while True:
+            if not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = self._waiting[0].arrived + self.wait_s
+            while len(self._waiting) < self.max_batch_size and loop.time() < deadline:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+            batch = [entry for entry in self._waiting[: self.max_batch_size] if not entry.future.done()]
+            del self._waiting[: self.max_batch_size]
+            if not batch:
+                continue
+            try:
+                results = list(await self.function([entry.item for entry in batch]))
+                if len(results) != len(batch):
+                    raise RuntimeError(f"the batch function gave {len(results)} results for {len(batch)} items")
+            except Exception as error:  # the batch's failure is each of its callers'
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(error)
+                continue
+            for entry, result in zip(batch, results, strict=True):
+                if not entry.future.done():
+                    entry.future.set_result(result)
 
 
 def resolve_model_dir(model_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -106,9 +192,22 @@ def resolve_model_dir(model_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 class ImageClassifier:
-    """One replica of the endpoint: the model loaded once, requests through the artifact's handlers."""
+    """One replica of the endpoint: the model loaded once, requests through the artifact's handlers.
 
-    def __init__(self, model_dir: str | None = None, threads: int | None = None) -> None:
+    Single-image requests that arrive together share a forward (dynamic batching, ``max_batch_size`` > 1): under
+    Ray with ``@serve.batch``, in the light host with :class:`MicroBatcher`, the same two settings either way.
+    A request alone in the replica skips the wait. Decoding comes first, per request, so a bad image is refused
+    with its own 4xx before it could join a batch; the batch's forward answers each request with its own row.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | None = None,
+        threads: int | None = None,
+        max_batch_size: int = 1,
+        batch_wait_ms: float = 0.0,
+        ray_batching: bool = False,
+    ) -> None:
         self.model_dir = resolve_model_dir(model_dir)
         if threads:  # model_fn sizes the runtime from it
             os.environ[contract.ENV_INFERENCE_THREADS] = str(threads)
@@ -116,8 +215,28 @@ class ImageClassifier:
         workers = threads or inference.inference_threads()
         self._decode_pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode")
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")  # one forward at a time
+        self.max_batch_size, self.batch_wait_ms = max(1, max_batch_size), batch_wait_ms
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # forwards of batched requests, by size
+        self._requests = 0  # requests between arrival and answer: one alone does not wait for company
+        self._batch: Any = None
+        if self.max_batch_size > 1:
+            if ray_batching:
+                from ray import serve
+
+                batch = serve.batch(max_batch_size=self.max_batch_size, batch_wait_timeout_s=batch_wait_ms / 1000)
+                self._batch = batch(self._forward_batch)
+            else:
+                self._batch = MicroBatcher(self._forward_batch, self.max_batch_size, batch_wait_ms / 1000)
         self._warm_up()
-        logger.info("replica ready: %s, %s runtime, %d decode threads", self.model_dir, self.model.runtime, workers)
+        logger.info(
+            "replica ready: %s, %s (%s runtime), %d decode threads, batches of up to %d images waiting %g ms",
+            self.model_dir,
+            self.model.precision,
+            self.model.runtime,
+            workers,
+            self.max_batch_size,
+            batch_wait_ms,
+        )
 
     def _warm_up(self) -> None:
         """One request through every handler, so the first client does not pay for lazy initialisation."""
@@ -126,11 +245,15 @@ class ImageClassifier:
         Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, "PNG")
         data = inference.input_fn(buffer.getvalue(), "image/png")
         inference.output_fn(inference.predict_fn(data, self.model), JSON_CONTENT_TYPE)
+        if self.max_batch_size > 1:  # and the largest batch, whose buffers the runtime sizes on first use
+            self.model.probabilities(np.repeat(data.images, self.max_batch_size, axis=0))
 
     def health(self) -> Reply:
         config = self.model.config
         body = {"status": "Healthy", "architecture": config.architecture, "classes": config.num_classes}
-        return Reply(200, json.dumps({**body, "runtime": self.model.runtime}).encode("utf-8"))
+        serving = {"runtime": self.model.runtime, "precision": self.model.precision}
+        batching = {"max_batch_size": self.max_batch_size, "batch_wait_ms": self.batch_wait_ms}
+        return Reply(200, json.dumps({**body, **serving, **batching}).encode("utf-8"))
 
     async def handle(self, method: str, body: bytes, content_type: str | None, accept: str | None) -> Reply:
         """Answer one request (the adapter has applied its defaults to the headers)."""
@@ -143,6 +266,7 @@ class ImageClassifier:
         if len(body) > contract.MAX_PAYLOAD_BYTES:
             return too_large_reply(len(body))
         loop = asyncio.get_running_loop()
+        self._requests += 1
         try:
             data = await loop.run_in_executor(self._decode_pool, inference.input_fn, body, content_type)
             prediction = await self._predict(loop, data)
@@ -153,9 +277,21 @@ class ImageClassifier:
         except Exception as error:  # a bug or a broken model: the client gets a 500, the replica goes on
             logger.exception("request failed")
             return error_reply(500, f"the model server failed on this request: {error}", "internal_error")
+        finally:
+            self._requests -= 1
         return Reply(200, response.encode("utf-8") if isinstance(response, str) else bytes(response), response_type)
 
+    async def _forward_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """One forward for the images of several requests: each gets its own row of probabilities back."""
+        loop = asyncio.get_running_loop()
+        probabilities = await loop.run_in_executor(self._model_pool, self.model.probabilities, np.stack(images))
+        self.batch_sizes[len(images)] += 1
+        return list(probabilities)
+
     async def _predict(self, loop: asyncio.AbstractEventLoop, data: inference.Batch) -> inference.Prediction:
+        if self._batch is not None and len(data.images) == 1 and self._requests > 1:
+            probabilities = await self._batch(data.images[0])
+            return inference.top_k_prediction(probabilities[np.newaxis], data.top_k, self.model.class_names)
         chunks = []
         for start in range(0, len(data.images), PREDICT_CHUNK_IMAGES):
             chunk = inference.Batch(data.images[start : start + PREDICT_CHUNK_IMAGES], data.top_k)
@@ -216,7 +352,13 @@ def build_app(args: Mapping[str, Any] | None = None) -> Any:
         max_ongoing_requests=plan.max_ongoing_requests,
         ray_actor_options={"num_cpus": plan.threads, "num_gpus": plan.gpus_per_replica},
     )
-    return deployment.bind(model_dir=str(model_dir), threads=plan.threads)
+    return deployment.bind(
+        model_dir=str(model_dir),
+        threads=plan.threads,
+        max_batch_size=plan.max_batch_size,
+        batch_wait_ms=plan.batch_wait_ms,
+        ray_batching=True,
+    )
 
 
 def build_replica(args: Mapping[str, Any] | None = None) -> ImageClassifier:
@@ -224,4 +366,4 @@ def build_replica(args: Mapping[str, Any] | None = None) -> ImageClassifier:
     model_dir = _check_artifact(args)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     plan = serving_plan(cpus, 0, {**os.environ, contract.ENV_SERVE_REPLICAS: "1"})
-    return ImageClassifier(str(model_dir), threads=plan.threads)
+    return ImageClassifier(str(model_dir), plan.threads, plan.max_batch_size, plan.batch_wait_ms)

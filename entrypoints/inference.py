@@ -26,14 +26,16 @@ message and the worker goes on serving. Codes: ``unsupported_content_type`` (415
 (406), ``empty_body``, ``not_an_image``, ``truncated_image``, ``corrupt_image``, ``invalid_json``,
 ``invalid_request``, ``invalid_base64`` (400), ``image_too_large`` and ``batch_too_large`` (413).
 
-Speed (``bench/inference_bench.py`` measures it): the network is loaded once and run by the fastest runtime
-that gives the eager model's answers -- ONNX Runtime (exported in memory at load time when the image has
-``onnx`` and ``onnxruntime``), else a traced, frozen TorchScript module (what both serving images use as
-shipped: ``code/requirements.txt`` asks for nothing, so that an endpoint without a package index starts), else
-eager PyTorch; each candidate is checked against eager on a probe batch before it is used, and the log names
-the one chosen. Large JPEGs are decoded at 1/2, 1/4 or 1/8 size in the DCT domain (PIL ``draft``) when the
-reduced image still has ``INFERENCE_JPEG_DRAFT_FACTOR`` times the pixels the resize needs. Environment
-variables (names in ``contract``): ``INFERENCE_RUNTIME``, ``INFERENCE_NUM_THREADS``,
+Speed (``bench/inference_bench.py`` measures it): the network is loaded once, at the precision the artifact's
+evaluation chose (``serving.json``, written by the Evaluate step): int8 runs the statically quantised network
+(``model.int8.onnx``) with ONNX Runtime; fp32 runs the fastest runtime that gives the eager model's answers --
+ONNX Runtime (exported in memory at load time when the image has ``onnx`` and ``onnxruntime``), else a traced,
+frozen TorchScript module, else eager PyTorch; each fp32 candidate is checked against eager on a probe batch
+(within 1e-4), and the log names the one chosen. int8 is off on a GPU, and where onnxruntime is missing (AWS's
+Ray Serve image, unless the artifact ships its wheels in ``code/wheels``) the model serves fp32 and the log says
+why. Large JPEGs are decoded at 1/2, 1/4 or 1/8 size in the DCT domain (PIL ``draft``) when the reduced image still
+has ``INFERENCE_JPEG_DRAFT_FACTOR`` times the pixels the resize needs. Environment variables (names in
+``contract``): ``INFERENCE_PRECISION`` (auto, fp32, int8), ``INFERENCE_RUNTIME``, ``INFERENCE_NUM_THREADS``,
 ``INFERENCE_JPEG_DRAFT_FACTOR``.
 
 The same four functions serve on AWS's Ray Serve inference image: the artifact's ``deployment.py`` wraps them.
@@ -239,6 +241,8 @@ class ServingModel:
     runtime: str
     forward: Callable[[np.ndarray], np.ndarray] = field(repr=False)  # (N,3,S,S) float32 -> (N,C) logits
     preprocess: Preprocessor = field(repr=False)
+    precision: str = "fp32"
+    precision_reason: str = ""
 
     @property
     def class_names(self) -> list[str]:
@@ -246,6 +250,9 @@ class ServingModel:
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         return self.forward(np.ascontiguousarray(images, dtype=np.float32))
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return _softmax(self.logits(images))
 
 
 def _cpu_count() -> int:
@@ -290,9 +297,11 @@ def _torchscript_forward(model: torch.nn.Module, input_size: int) -> Callable[[n
     return forward
 
 
-def _onnxruntime_forward(model: torch.nn.Module, input_size: int, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime  # optional: select_runtime falls back when it is missing
+def export_onnx(model: torch.nn.Module, input_size: int) -> bytes:
+    """The network as an ONNX model (opset 17, dynamic batch): input ``input``, output ``logits``.
 
+    Used at load time for the fp32 ONNX Runtime and by the evaluation step, which quantises it to int8.
+    """
     example = torch.zeros(1, 3, input_size, input_size)
     buffer = io.BytesIO()
     options: dict[str, Any] = {}
@@ -310,20 +319,38 @@ def _onnxruntime_forward(model: torch.nn.Module, input_size: int, threads: int) 
             opset_version=17,
             **options,
         )
+    return buffer.getvalue()
+
+
+def onnxruntime_forward(
+    onnx_model: bytes | str | Path, input_size: int, threads: int, what: str = "the exported network"
+) -> Callable[[np.ndarray], np.ndarray]:
+    """An ONNX Runtime CPU session over ``onnx_model`` (bytes or a file), checked on a batch of two."""
+    import onnxruntime  # optional: the callers fall back when it is missing
+
     session_options = onnxruntime.SessionOptions()
     session_options.intra_op_num_threads = threads
     session_options.inter_op_num_threads = 1
     session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Workers that spin-wait between runs take the CPU that decoding threads beside them need (the replica decodes
+    # on the same vCPUs): without spinning, int8 ResNet-50 on a busy 2-core machine took 22 ms instead of 46.
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session_options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    source = str(onnx_model) if isinstance(onnx_model, Path) else onnx_model
     try:
-        session = onnxruntime.InferenceSession(buffer.getvalue(), session_options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(source, session_options, providers=["CPUExecutionProvider"])
         session.run(["logits"], {"input": np.zeros((2, 3, input_size, input_size), dtype=np.float32)})
     except Exception as error:  # onnxruntime's exception types derive from Exception only: make them RuntimeError
-        raise RuntimeError(f"onnxruntime cannot run the exported network: {error}") from error
+        raise RuntimeError(f"onnxruntime cannot run {what}: {error}") from error
 
     def forward(images: np.ndarray) -> np.ndarray:
         return session.run(["logits"], {"input": images})[0]
 
     return forward
+
+
+def _onnxruntime_forward(model: torch.nn.Module, input_size: int, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    return onnxruntime_forward(export_onnx(model, input_size), input_size, threads)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -388,26 +415,107 @@ def select_runtime(
 _LOADED: dict[str, ServingModel] = {}
 
 
-def load_serving_model(model_dir: str | Path) -> ServingModel:
-    """Load an artifact: weights without unpickling code, eval mode, fastest runtime with eager's answers."""
+def read_serving_decision(model_dir: str | Path) -> dict[str, Any]:
+    """The evaluation step's precision decision in the artifact (``serving.json``); fp32 for an artifact without."""
+    path = Path(model_dir) / contract.SERVING_DECISION_FILE
+    if not path.is_file():
+        return {"precision": "fp32", "reason": f"the artifact has no {contract.SERVING_DECISION_FILE} (not evaluated)"}
+    try:
+        decision = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error}): evaluate the model again") from None
+    if not isinstance(decision, dict) or decision.get("precision") not in contract.PRECISIONS:
+        raise ValueError(f"{path} names no precision of {', '.join(contract.PRECISIONS)}: evaluate the model again")
+    return decision
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: str  # one of contract.PRECISIONS
+    reason: str
+    insisted: bool = False  # asked for by name: loading fails where it cannot run, instead of falling back
+
+
+def choose_precision(model_dir: str | Path, requested: str | None = None) -> PrecisionChoice:
+    """``requested``, else ``INFERENCE_PRECISION``, else ``auto``: the artifact's decision (``serving.json``).
+
+    ``fp32`` is the switch that turns int8 off; ``int8`` insists; under ``auto`` int8 is off on a GPU, where
+    the fp32 network runs on the device instead.
+    """
+    if requested is None:
+        requested = os.environ.get(contract.ENV_INFERENCE_PRECISION, AUTO_RUNTIME).strip().lower() or AUTO_RUNTIME
+    if requested not in (AUTO_RUNTIME, *contract.PRECISIONS):
+        raise ValueError(
+            f"{contract.ENV_INFERENCE_PRECISION}={requested!r}: choose auto or one of {', '.join(contract.PRECISIONS)}"
+        )
+    if requested != AUTO_RUNTIME:
+        return PrecisionChoice(requested, f"{requested} was asked for ({contract.ENV_INFERENCE_PRECISION})", True)
+    decision = read_serving_decision(model_dir)
+    if decision["precision"] == "int8" and torch.cuda.is_available():
+        return PrecisionChoice("fp32", "int8 is off on GPU instances: the fp32 network runs on the GPU")
+    return PrecisionChoice(decision["precision"], str(decision.get("reason", "")))
+
+
+def _int8_forward(model_dir: Path, config: modeling.ModelConfig, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    path = model_dir / contract.INT8_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the artifact holds no int8 network")
+    forward = onnxruntime_forward(path, config.input_size, threads, what=str(path))
+    shape = forward(np.zeros((1, 3, config.input_size, config.input_size), dtype=np.float32)).shape
+    if shape != (1, config.num_classes):
+        raise RuntimeError(f"{path} answers {shape} for one image, not (1, {config.num_classes}): evaluate again")
+    return forward
+
+
+def load_serving_model(model_dir: str | Path, precision: str | None = None) -> ServingModel:
+    """Load an artifact: weights without unpickling code, eval mode, then the network at its chosen precision.
+
+    int8 runs the artifact's quantised network with ONNX Runtime; fp32 runs the fastest runtime with eager's
+    answers (:func:`select_runtime`). When the artifact chose int8 but it cannot run here (no onnxruntime: the
+    wheels in ``code/wheels`` were not installed), it serves fp32 and the log says why; ``precision="int8"``
+    (or ``INFERENCE_PRECISION=int8``) makes that an error instead.
+    """
+    model_dir = Path(model_dir)
     threads = inference_threads()
     if os.environ.get(contract.ENV_INFERENCE_THREADS) or os.environ.get(contract.ENV_MODEL_SERVER_WORKERS):
         torch.set_num_threads(threads)
-    model, config = modeling.load_model(Path(model_dir), device="cpu")
+    model, config = modeling.load_model(model_dir, device="cpu")
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    requested = os.environ.get(contract.ENV_INFERENCE_RUNTIME, AUTO_RUNTIME).strip().lower() or AUTO_RUNTIME
-    runtime, forward = select_runtime(model, config, requested, threads)
-    serving = ServingModel(config, runtime, forward, Preprocessor(config, jpeg_draft_factor_from_env()))
+    choice = choose_precision(model_dir, precision)
+    chosen, reason = choice.precision, choice.reason
+    runtime, forward = "", None
+    if chosen == "int8":
+        try:
+            runtime, forward = "onnxruntime-int8", _int8_forward(model_dir, config, threads)
+        except (ImportError, RuntimeError, OSError) as error:
+            cause = f"{type(error).__name__}: {error}"
+            if isinstance(error, ImportError):
+                cause = (
+                    f"onnxruntime is not installed ({error}); an artifact evaluated with a serving wheelhouse "
+                    f"installs it from {contract.CODE_DIR}/{contract.WHEELS_DIR} at start"
+                )
+            if choice.insisted:
+                raise RuntimeError(f"int8 was asked for but cannot run: {cause}") from error
+            reason = f"the evaluation chose int8, but it cannot run here: {cause}"
+            logger.warning("%s: serving fp32", reason)
+            chosen = "fp32"
+    if forward is None:
+        requested = os.environ.get(contract.ENV_INFERENCE_RUNTIME, AUTO_RUNTIME).strip().lower() or AUTO_RUNTIME
+        runtime, forward = select_runtime(model, config, requested, threads)
+    preprocess = Preprocessor(config, jpeg_draft_factor_from_env())
+    serving = ServingModel(config, runtime, forward, preprocess, precision=chosen, precision_reason=reason)
     serving.logits(np.zeros((1, 3, config.input_size, config.input_size), dtype=np.float32))  # warm up
     logger.info(
-        "loaded %s (%d classes) from %s with the %s runtime on %d threads",
+        "loaded %s (%d classes) from %s: %s with the %s runtime on %d threads (%s)",
         config.architecture,
         config.num_classes,
         model_dir,
+        chosen,
         runtime,
         threads,
+        reason,
     )
     return serving
 
@@ -430,10 +538,14 @@ def input_fn(request_body: bytes | bytearray | str | None, request_content_type:
 
 def predict_fn(data: Batch, model: ServingModel) -> Prediction:
     """Run the network on the batch and keep the ``top_k`` most probable classes of each image."""
-    probabilities = _softmax(model.logits(data.images))
-    k = min(data.top_k, probabilities.shape[1])
+    return top_k_prediction(model.probabilities(data.images), data.top_k, model.class_names)
+
+
+def top_k_prediction(probabilities: np.ndarray, top_k: int, class_names: list[str]) -> Prediction:
+    """The ``top_k`` most probable classes of each row of ``probabilities`` (ties: the lower index first)."""
+    k = min(top_k, probabilities.shape[1])
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return Prediction(order, np.take_along_axis(probabilities, order, axis=1), model.class_names)
+    return Prediction(order, np.take_along_axis(probabilities, order, axis=1), class_names)
 
 
 def output_fn(prediction: Prediction, accept: str | None) -> tuple[str, str]:

@@ -84,6 +84,14 @@ def add_shape_arguments(parser: argparse.ArgumentParser, preset_help: str) -> No
         "on TrainingInstanceCount instances, a parameter this adds (--param TrainingInstanceCount=2); tuning "
         "trials stay on one instance; that step then has no Debugger hook",
     )
+    parser.add_argument(
+        "--no-int8",
+        dest="int8_serving",
+        action="store_false",
+        default=True,
+        help="register fp32 only: Evaluate builds no int8 network (default: int8 is built, scored beside fp32 on the "
+        "test split and served when within a point of it; always off for GPU serving)",
+    )
     deploy_infra.add_deploy_step_arguments(parser)
 
 
@@ -105,6 +113,7 @@ def options_from_args(args: argparse.Namespace, preset: str, **changes: Any) -> 
             preset,
             debugger=args.debugger,
             torch_distributed=args.torch_distributed,
+            int8_serving=args.int8_serving,
             deploy_step=not args.skip_deploy_wiring,
             deploy_function_name=args.deploy_function_name,
             **changes,
@@ -211,6 +220,13 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated security group ids for every job (default: none; needs --subnets)",
     )
     add_hidden_alias(parser, "--security-groups", "security_group_ids", type=_comma_list)
+    parser.add_argument(
+        "--serving-wheels-uri",
+        default=None,
+        help="s3:// prefix of a serving wheelhouse (python -m pipelines.run wheelhouse): ONNX Runtime for the "
+        "evaluation job and, for int8, inside the registered artifact (default: none: int8 needs onnxruntime in "
+        "the evaluation image, and an image without it serves fp32)",
+    )
     parser.add_argument(
         "--network-isolation",
         action="store_true",
@@ -399,6 +415,7 @@ def pipeline_options(args: argparse.Namespace) -> Any:
         security_group_ids=tuple(args.security_group_ids),
         network_isolation=args.network_isolation,
         weights_uri=args.weights_uri,
+        serving_wheels_uri=args.serving_wheels_uri,
         input_data_uri=args.input_data_uri,
         cache_expire_after=config.CACHE_EXPIRE_AFTER if args.cache else None,
         **images.serving_options(args),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -102,6 +103,47 @@ def write_digits_archive(
             archive.writestr(info, data)
     os.replace(partial, path)
     return path
+
+
+def write_digit_splits(folder: Path, image_size: int = config.DEMO_IMAGE_SIZE) -> dict[str, Path]:
+    """The demo archive's splits as ``folder/{train,valid,test}/<class>/<image>`` with ``labels.json``: what the
+    Preprocess step makes of it (the images are already at size), for benches and tests that train without the
+    pipeline."""
+    archive = write_digits_archive(Path(folder) / "digits.zip", image_size)
+    splits = {}
+    with zipfile.ZipFile(archive) as source:
+        for name in source.namelist():
+            _, split, class_name, file_name = name.split("/")
+            target = Path(folder) / split / class_name / file_name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read(name))
+            splits[split] = Path(folder) / split
+    for path in splits.values():
+        (path / "labels.json").write_text(json.dumps(list(CLASS_NAMES)), encoding="utf-8")
+    return splits
+
+
+def photo_jpeg(data: bytes, size: tuple[int, int] = (1600, 1200), seed: int = 0) -> bytes:
+    """A small image as a camera photo of it: upscaled to the photo's height, centred on a canvas of its corner
+    colour (the paper a digit is written on), with a little film grain (sigma 3 grey levels), JPEG quality 90.
+
+    The centre crop of evaluation sees the same part of it as of the small image, so a model's answers on the two
+    compare (the reduced-size JPEG decoding of the serving handlers is judged this way).
+    """
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as small:
+        small = small.convert("RGB")
+        width, height = size
+        canvas = Image.new("RGB", size, small.getpixel((0, 0)))
+        square = small.resize((height * small.width // small.height, height), Image.Resampling.BICUBIC)
+        canvas.paste(square, ((width - square.width) // 2, 0))
+    grain = np.random.default_rng(seed).normal(0.0, 3.0, (height, width, 1))
+    pixels = np.clip(np.asarray(canvas, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def add_commands(subparsers: Any) -> None:

@@ -9,9 +9,11 @@ The DAG (steps joined through step properties only, so SageMaker infers every ed
                                                                       checkpoints, TensorBoard, Debugger rules;
                                                                       with torch_distributed: torchrun on
                                                                       TrainingInstanceCount instances
-      -> Evaluate       ProcessingStep   steps/evaluate.py            evaluation.json (PropertyFile)
+      -> Evaluate       ProcessingStep   steps/evaluate.py            evaluation.json (PropertyFile), and the
+                                                                      artifact to register: fp32, or int8 when
+                                                                      within a point of fp32 on the test split
       -> CheckAccuracy  ConditionStep    accuracy >= AccuracyThreshold
-            if true  -> Register       ModelStep (RegisterModel)  model package with the evaluation as ModelMetrics
+            if true  -> Register       ModelStep (RegisterModel)  Evaluate's artifact, the evaluation as ModelMetrics
                      -> Deploy         LambdaStep                 the deploy function (steps/deploy.py): starts
                                                                   the endpoint's create/update if the package is
                                                                   Approved, else returns awaiting-approval
@@ -97,6 +99,8 @@ from pipelines.config import (  # step names and container paths
     EVALUATE_MODEL_DIR,
     EVALUATE_OUTPUT_DIR,
     EVALUATE_TEST_DIR,
+    EVALUATE_VALID_DIR,
+    EVALUATE_WHEELS_DIR,
     OUTPUT_EVALUATION,
     PREPROCESS_INPUT_DIR,
     PREPROCESS_OUTPUT_DIR,
@@ -112,6 +116,7 @@ from pipelines.config import (  # step names and container paths
     HyperparameterRange,
 )
 from pipelines.iam import LAMBDA_FUNCTION_NAME, partition_for_region
+from steps import evaluate as evaluate_step_script
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,6 +170,11 @@ class PipelineOptions:
         serving_image / serving_image_uri / serving_instance_type: the registered model's container (see
             pipelines/images.py): Ray Serve (default) or the legacy PyTorch image, a URI that overrides it, and
             the instance type whose device (CPU or GPU) picks the image's build.
+        int8_serving: Evaluate builds an int8 network (calibrated on the validation split) and registers it for
+            serving when its test accuracy is within a point of fp32's (off: fp32 only; always off for GPU
+            serving instance types).
+        serving_wheels_uri: s3:// prefix of a serving wheelhouse (``python -m pipelines.run wheelhouse``): ONNX
+            Runtime for the evaluation container, and for the served artifact on an image that lacks it.
         hyperparameters: every flag of entrypoints/train.py the jobs get, keyed without "--". Those in
             ``hyperparameter_ranges`` are tuned (the final training takes the best trial's values); "architecture"
             and "epochs" give the defaults of the Architecture and TuningEpochs parameters; the rest are static.
@@ -200,6 +210,8 @@ class PipelineOptions:
     serving_image: str = config.SERVING_IMAGE
     serving_image_uri: str | None = None
     serving_instance_type: str = config.SERVING_INSTANCE_TYPE
+    int8_serving: bool = True
+    serving_wheels_uri: str | None = None
     hyperparameters: Mapping[str, Any] = field(default_factory=lambda: dict(config.DEFAULT_HYPERPARAMETERS))
     hyperparameter_ranges: Mapping[str, HyperparameterRange] = field(
         default_factory=lambda: dict(config.HYPERPARAMETER_RANGES)
@@ -245,6 +257,8 @@ class PipelineOptions:
             raise ValueError(f"weights URI must be an s3:// URI, got {self.weights_uri!r}")
         if self.input_data_uri is not None and not self.input_data_uri.startswith("s3://"):
             raise ValueError(f"input data URI must be an s3:// URI, got {self.input_data_uri!r}")
+        if self.serving_wheels_uri is not None and not self.serving_wheels_uri.startswith("s3://"):
+            raise ValueError(f"serving wheels URI must be an s3:// prefix, got {self.serving_wheels_uri!r}")
         if not LAMBDA_FUNCTION_NAME.fullmatch(self.deploy_function_name):
             raise ValueError(
                 f"deploy function name {self.deploy_function_name!r} is not a Lambda function name "
@@ -892,12 +906,29 @@ def get_pipeline(
     evaluation_report = PropertyFile(
         name=PROPERTY_FILE_EVALUATION, output_name=OUTPUT_EVALUATION, path=config.EVALUATION_FILE
     )
+    # Evaluate also builds the int8 network (calibrated on the validation split), scores it beside fp32, and writes
+    # the artifact Register registers: the trained one plus the precision it chose (and the int8 network if so).
+    evaluate_inputs = [
+        ProcessingInput(source=model_data, destination=EVALUATE_MODEL_DIR, input_name="model"),
+        ProcessingInput(source=split_uri["test"], destination=EVALUATE_TEST_DIR, input_name="test"),
+        ProcessingInput(source=split_uri["valid"], destination=EVALUATE_VALID_DIR, input_name="valid"),
+    ]
+    int8_arguments = [
+        "--valid-dir",
+        EVALUATE_VALID_DIR,
+        "--int8",
+        "on" if options.int8_serving else "off",
+        "--serving-device",
+        images.device_for(options.serving_instance_type),
+    ]
+    if options.serving_wheels_uri:
+        evaluate_inputs.append(
+            ProcessingInput(source=options.serving_wheels_uri, destination=EVALUATE_WHEELS_DIR, input_name="wheels")
+        )
+        int8_arguments += ["--wheels", EVALUATE_WHEELS_DIR]
     evaluate_args = evaluator.run(
         code=code.evaluate.s3_uri,
-        inputs=[
-            ProcessingInput(source=model_data, destination=EVALUATE_MODEL_DIR, input_name="model"),
-            ProcessingInput(source=split_uri["test"], destination=EVALUATE_TEST_DIR, input_name="test"),
-        ],
+        inputs=evaluate_inputs,
         outputs=[
             ProcessingOutput(
                 output_name=OUTPUT_EVALUATION,
@@ -912,13 +943,15 @@ def get_pipeline(
             EVALUATE_TEST_DIR,
             "--output-dir",
             EVALUATE_OUTPUT_DIR,
+            *int8_arguments,
         ],
         kms_key=options.kms_key,
     )
     step_evaluate = ProcessingStep(
         name=STEP_EVALUATE,
         display_name="Evaluate on the test split",
-        description="Accuracy, top-5, per-class metrics and the confusion matrix on the held-out test split.",
+        description="Accuracy, top-5, per-class metrics and the confusion matrix on the held-out test split; int8 "
+        "scored beside fp32 and served if within a point; writes the artifact to register.",
         step_args=evaluate_args,
         property_files=[evaluation_report],
         cache_config=cache,
@@ -930,9 +963,13 @@ def get_pipeline(
     )
 
     # --- Register ----------------------------------------------------------------------------------------------
-    # The artifact (written by train.py) serves on both images with no repack step: the Ray Serve image runs its
-    # config.yaml and deployment.py, the legacy PyTorch image its code/inference.py, found through
-    # SAGEMAKER_PROGRAM. No entry_point is given, so the SDK adds no _RepackModel step.
+    # The artifact registered is the one Evaluate scored and wrote beside its report: train.py's, plus the serving
+    # precision Evaluate chose (serving.json) and, for int8, the quantised network and its runtime's wheels, so the
+    # decision travels with the bytes (an offline check of the artifact answers as the endpoint does). It serves on
+    # both images with no repack step: the Ray Serve image runs its config.yaml and deployment.py, the legacy
+    # PyTorch image its code/inference.py, found through SAGEMAKER_PROGRAM. No entry_point is given, so the SDK
+    # adds no _RepackModel step.
+    served_model_data = Join(on="/", values=[evaluation_dir_uri, evaluate_step_script.SERVED_MODEL_ARCHIVE])
     serving_image = images.serving_image_uri(
         region, options.serving_instance_type, options.serving_image, options.serving_image_uri
     )
@@ -944,7 +981,7 @@ def get_pipeline(
     ]
     model = Model(
         image_uri=serving_image,
-        model_data=model_data,
+        model_data=served_model_data,
         role=role,
         env={
             "SAGEMAKER_PROGRAM": "inference.py",

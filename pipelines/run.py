@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "pipelines.bootstrap",  # bootstrap
     "pipelines.iam.cli",  # iam pipeline-policy | pipeline-trust-policy | deploy-policy | deploy-trust-policy
     "pipelines.demo_data",  # demo-data
+    "pipelines.wheelhouse",  # wheelhouse
 )
 
 

@@ -36,15 +36,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import gzip
 import importlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -53,8 +56,19 @@ import numpy as np
 
 DEFAULT_MODEL = "/opt/ml/processing/model"
 DEFAULT_TEST_DIR = "/opt/ml/processing/test"
+DEFAULT_VALID_DIR = "/opt/ml/processing/valid"
 DEFAULT_OUTPUT_DIR = "/opt/ml/processing/evaluation"
 DETAILS_FILE = "evaluation_details.json"
+# The artifact the step writes beside its reports, for the Register step: the one it evaluated (SageMaker's name).
+SERVED_MODEL_ARCHIVE = "model.tar.gz"
+# evaluation.json's section on the served precision (outside the model-quality section, which keeps its format).
+SERVING_SECTION = "serving"
+# Folders of a serving wheelhouse (``python -m pipelines.run wheelhouse``): wheels this step installs for itself
+# when the container lacks onnx/onnxruntime, and wheels (with their requirements.txt) for the serving image.
+WHEELS_FOR_EVALUATION = "evaluation"
+WHEELS_FOR_SERVING = "serving"
+# --calibration-method -> onnxruntime.quantization.CalibrationMethod
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 # Modules of the artifact's code/ folder; imported fresh from each artifact and put back afterwards.
 SERVING_MODULES = ("inference", "modeling", "transforms", "contract")
 TOP_K = 5
@@ -93,6 +107,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _points(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 100:
+        raise argparse.ArgumentTypeError(f"must be a number of accuracy points from 0 to 100, got {value}")
+    return number
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate a model artifact on the test split; write evaluation.json and confusion_matrix.png."
@@ -118,6 +139,50 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="image-decoding worker processes, 0 decodes in the main process (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsamples behind standard deviations")
+    group = parser.add_argument_group("int8 serving: built here, served only when the test split says it is good")
+    group.add_argument(
+        "--int8",
+        choices=("on", "off"),
+        default="on",
+        help="quantise the network to int8 (ONNX Runtime, static, calibrated on --valid-dir), score it beside fp32 "
+        "on the test split, and serve it when it passes the gate (default: %(default)s)",
+    )
+    group.add_argument(
+        "--serving-device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="what the endpoint runs on: int8 is off on GPU instances (default: %(default)s)",
+    )
+    group.add_argument(
+        "--valid-dir",
+        default=DEFAULT_VALID_DIR,
+        help="the validation split, whose images calibrate int8 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--calibration-images",
+        type=_positive_int,
+        default=200,
+        help="validation images that calibrate int8, taken from each class in turn (default: %(default)s)",
+    )
+    group.add_argument(
+        "--calibration-method",
+        choices=tuple(CALIBRATION_METHODS),
+        default="minmax",
+        help="how activation ranges are set from the calibration images (default: %(default)s)",
+    )
+    group.add_argument(
+        "--int8-max-drop",
+        type=_points,
+        default=1.0,
+        help="int8 is served only when its test accuracy is at most this many points below fp32's "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--wheels",
+        default=None,
+        help="a serving wheelhouse: its evaluation/ wheels are installed here when onnx or onnxruntime is missing, "
+        "its serving/ wheels ship in the served artifact (default: none)",
+    )
     return parser
 
 
@@ -194,10 +259,12 @@ def serving_code(model_dir: Path) -> Iterator[ModuleType]:
 # --- the test split ---------------------------------------------------------------------------------------------------
 
 
-def scan_test_split(test_dir: Path, class_names: Sequence[str], labels_file: str) -> tuple[list, list[dict]]:
-    """``[(path, class index)]`` for every file in a class folder, and the entries that are not test images."""
+def scan_test_split(
+    test_dir: Path, class_names: Sequence[str], labels_file: str, flag: str = "--test-dir"
+) -> tuple[list, list[dict]]:
+    """``[(path, class index)]`` for every file in a class folder, and the entries that are not images of it."""
     if not test_dir.is_dir():
-        raise EvaluationError(f"--test-dir {test_dir} does not exist or is not a folder")
+        raise EvaluationError(f"{flag} {test_dir} does not exist or is not a folder")
     labels_path = test_dir / labels_file
     if labels_path.is_file():
         try:
@@ -258,32 +325,34 @@ class TestImages:
 
 
 def predict_test_split(
-    serving: Any, dataset: TestImages, batch_size: int, workers: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """Run every readable image through the model: positions, labels, top-k indices, and the failures."""
+    servings: Mapping[str, Any], dataset: TestImages, batch_size: int, workers: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], list[tuple[int, str]]]:
+    """Run every readable image through each model (decoded once): positions, labels, top-k per model, failures."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    k = min(TOP_K, len(serving.config.class_names))
-    positions, labels, top = [], [], []
+    k = min(TOP_K, len(dataset.preprocess.config.class_names))
+    positions, labels = [], []
+    top: dict[str, list[np.ndarray]] = {name: [] for name in servings}
     failures: list[tuple[int, str]] = []
     total, done, next_report = len(dataset), 0, 0.0
     for images, batch_labels, batch_positions, errors in loader:
         readable = np.array([not error for error in errors], dtype=bool)
         failures += [(int(p), e) for p, e in zip(batch_positions.tolist(), errors, strict=True) if e]
         if readable.any():
-            logits = serving.logits(images.numpy()[readable])
-            order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-            top.append(order)
+            for name, serving in servings.items():
+                logits = serving.logits(images.numpy()[readable])
+                top[name].append(np.argsort(-logits, axis=1, kind="stable")[:, :k])
             labels.append(batch_labels.numpy()[readable])
             positions.append(batch_positions.numpy()[readable])
         done += len(errors)
         if done / total >= next_report or done == total:
             print(f"evaluated {done}/{total} images ({100 * done / total:.0f}%)", flush=True)
             next_report += 0.1
-    if not top:
-        return np.empty(0, int), np.empty(0, int), np.empty((0, k), int), failures
-    return np.concatenate(positions), np.concatenate(labels), np.concatenate(top), failures
+    if not labels:
+        return np.empty(0, int), np.empty(0, int), {name: np.empty((0, k), int) for name in servings}, failures
+    tops = {name: np.concatenate(parts) for name, parts in top.items()}
+    return np.concatenate(positions), np.concatenate(labels), tops, failures
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------------
@@ -382,6 +451,177 @@ def set_by_path(document: dict, dotted_path: str, value: Any) -> None:
     document[last] = value
 
 
+# --- int8: built from the artifact, calibrated on the validation split, served only if the test split agrees -----
+
+
+@dataclasses.dataclass
+class Int8Plan:
+    """The quantised network (``path``), or why there is none (``reason``), and how it was made."""
+
+    path: Path | None = None
+    reason: str = ""
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def quantization_tools(wheels: Path | None, scratch: Path) -> ModuleType:
+    """``onnxruntime.quantization``, installed from the wheelhouse's evaluation wheels when the image lacks it.
+
+    The SageMaker training image this step runs in has neither onnx nor onnxruntime, and the job may have no
+    network: the wheels come with the job (``--wheels``), installed with no index into a scratch folder.
+    """
+    try:
+        import onnx
+        import onnxruntime.quantization
+
+        return onnxruntime.quantization
+    except ImportError as error:
+        missing = error
+    folder = wheels / WHEELS_FOR_EVALUATION if wheels else None
+    found = sorted(folder.glob("*.whl")) if folder and folder.is_dir() else []
+    if not found:
+        raise EvaluationError(
+            f"onnx and onnxruntime are not installed here ({missing}) and no wheelhouse gives them: pass --wheels "
+            "(python -m pipelines.run wheelhouse builds one), or install them"
+        )
+    target = scratch / "site-packages"
+    command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--target", str(target)]
+    result = subprocess.run([*command, *map(str, found)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise EvaluationError(f"the wheels in {folder} do not install here: {result.stderr.strip()[-500:]}")
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime.quantization
+    except ImportError as error:
+        raise EvaluationError(f"the wheels in {folder} installed but do not import here: {error}") from error
+    print(f"int8: onnx and onnxruntime installed from {len(found)} wheels in {folder}")
+    return onnxruntime.quantization
+
+
+def calibration_samples(samples: Sequence[tuple[str, int]], count: int) -> list[tuple[str, int]]:
+    """Up to ``count`` samples, taken from each class in turn (sorted paths: the same choice every run)."""
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    queues = [sorted(group) for _, group in sorted(by_class.items())]
+    chosen: list[tuple[str, int]] = []
+    while len(chosen) < count and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def build_int8(
+    args: argparse.Namespace, inference: ModuleType, model_dir: Path, preprocess: Any, scratch: Path
+) -> Int8Plan:
+    """Quantise the artifact's network to int8 (static, QDQ, per-channel weights), or say why not."""
+    if args.int8 == "off":
+        return Int8Plan(reason="int8 is turned off (--int8 off)")
+    if args.serving_device == "gpu":
+        return Int8Plan(reason="int8 is off on GPU instances: the endpoint runs the fp32 network on its GPU")
+    if not all(hasattr(inference, name) for name in ("export_onnx", "choose_precision")):
+        return Int8Plan(reason="the artifact's serving code predates int8 serving: train the model again")
+    started = time.perf_counter()
+    try:
+        tools = quantization_tools(Path(args.wheels) if args.wheels else None, scratch)
+        class_names = list(preprocess.config.class_names)
+        samples, _ = scan_test_split(Path(args.valid_dir), class_names, inference.contract.LABELS_FILE, "--valid-dir")
+    except EvaluationError as error:
+        return Int8Plan(reason=f"int8 was not built: {error}")
+    calibration = TestImages(
+        calibration_samples(samples, args.calibration_images), preprocess, inference.InferenceError
+    )
+    images = [image for image, _, _, error in (calibration[i] for i in range(len(calibration))) if not error]
+    if not images:
+        return Int8Plan(reason=f"int8 was not built: none of the calibration images in {args.valid_dir} is readable")
+    network, config = inference.modeling.load_model(model_dir)
+    fp32_path, prepared_path = scratch / "int8" / "fp32.onnx", scratch / "int8" / "prepared.onnx"
+    fp32_path.parent.mkdir(parents=True, exist_ok=True)
+    fp32_path.write_bytes(inference.export_onnx(network, config.input_size))
+    tools.quant_pre_process(str(fp32_path), str(prepared_path), skip_symbolic_shape=True)
+
+    class Calibration(tools.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": np.stack(images[i : i + 16])} for i in range(0, len(images), 16)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    path = scratch / "int8" / inference.contract.INT8_MODEL_FILE
+    tools.quantize_static(
+        str(prepared_path),
+        str(path),
+        Calibration(),
+        quant_format=tools.QuantFormat.QDQ,
+        activation_type=tools.QuantType.QUInt8,
+        weight_type=tools.QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=getattr(tools.CalibrationMethod, CALIBRATION_METHODS[args.calibration_method]),
+    )
+    details = {
+        "calibration_images": len(images),
+        "calibration_method": args.calibration_method,
+        "calibration_split": str(args.valid_dir),
+        "bytes": path.stat().st_size,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    print(f"int8: quantised on {len(images)} validation images ({args.calibration_method}) in {details['seconds']} s")
+    return Int8Plan(path=path, details=details)
+
+
+def int8_gate(fp32_accuracy: float, int8_accuracy: float, max_drop_points: float) -> tuple[bool, str]:
+    """Serve int8 only when its test accuracy is at most ``max_drop_points`` below fp32's; the reason either way."""
+    drop = 100 * (fp32_accuracy - int8_accuracy)
+    verdict = f"int8 test accuracy {int8_accuracy:.4f} vs fp32 {fp32_accuracy:.4f}: {drop:+.2f} points of drop"
+    if drop <= max_drop_points + 1e-9:  # accuracies are ratios of counts: 0.90 - 0.89 is not exactly 0.01
+        return True, f"{verdict}, within the {max_drop_points:g}-point gate: int8 is served"
+    return False, f"{verdict}, over the {max_drop_points:g}-point gate: fp32 is served"
+
+
+def serving_wheels(wheels: str | None) -> tuple[list[Path], str]:
+    """The wheelhouse's serving wheels and the requirements lines that install them (none without a wheelhouse)."""
+    folder = Path(wheels) / WHEELS_FOR_SERVING if wheels else None
+    if folder is None or not (folder / "requirements.txt").is_file():
+        return [], ""
+    return sorted(folder.glob("*.whl")), (folder / "requirements.txt").read_text(encoding="utf-8")
+
+
+def write_served_artifact(
+    model_dir: Path, destination: Path, contract: ModuleType, decision: dict[str, Any], plan: Int8Plan, wheels: Any
+) -> None:
+    """The evaluated artifact plus the decision (``serving.json``) and, for int8, the network and its runtime."""
+    with tempfile.TemporaryDirectory(prefix="served-", dir=destination.parent) as scratch:
+        served = Path(scratch) / "model"
+        shutil.copytree(model_dir, served)
+        if decision["precision"] == "int8" and plan.path is not None:
+            shutil.copy2(plan.path, served / contract.INT8_MODEL_FILE)
+            wheel_files, requirements = wheels
+            if wheel_files:
+                (served / contract.CODE_DIR / contract.WHEELS_DIR).mkdir(exist_ok=True)
+                for wheel in wheel_files:
+                    shutil.copy2(wheel, served / contract.CODE_DIR / contract.WHEELS_DIR / wheel.name)
+                with open(served / contract.CODE_DIR / "requirements.txt", "a", encoding="utf-8") as file:
+                    file.write("\n" + requirements)
+        if hasattr(contract, "SERVING_DECISION_FILE"):  # serving code that reads it (older code serves fp32 anyway)
+            _write_json(served / contract.SERVING_DECISION_FILE, decision)
+        # Fixed times and owners, no name in the gzip header: the same evaluation gives the same bytes.
+        with (
+            open(destination, "wb") as raw,
+            gzip.GzipFile("", "wb", 6, raw, mtime=0) as packed,
+            tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as archive,
+        ):
+            for path in sorted(served.rglob("*")):
+                info = archive.gettarinfo(str(path), path.relative_to(served).as_posix())
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                if path.is_file():
+                    with open(path, "rb") as source:
+                        archive.addfile(info, source)
+                else:
+                    archive.addfile(info)
+
+
 # --- the picture ------------------------------------------------------------------------------------------------------
 
 
@@ -437,40 +677,109 @@ def _write_json(path: Path, document: dict) -> None:
     path.write_text(json.dumps(document, indent=2), encoding="utf-8")
 
 
+def load_models(
+    args: argparse.Namespace, inference: ModuleType, model_dir: Path, scratch: Path
+) -> tuple[dict[str, Any], Int8Plan]:
+    """The fp32 model as the endpoint loads it, and the int8 one beside it when it could be built."""
+    int8_capable = hasattr(inference, "choose_precision")
+    fp32 = (
+        inference.load_serving_model(model_dir, precision="fp32")
+        if int8_capable
+        else inference.load_serving_model(model_dir)
+    )
+    servings = {"fp32": fp32}
+    plan = build_int8(args, inference, model_dir, fp32.preprocess, scratch)
+    if plan.path is not None:
+        candidate = scratch / "int8-candidate"  # the artifact with the int8 network beside it, as it will be served
+        candidate.mkdir()
+        for entry in model_dir.iterdir():
+            (candidate / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        (candidate / inference.contract.INT8_MODEL_FILE).symlink_to(plan.path)
+        servings["int8"] = inference.load_serving_model(candidate, precision="int8")
+    else:
+        print(f"int8: {plan.reason}")
+    return servings, plan
+
+
+def serving_decision(
+    args: argparse.Namespace, contract: ModuleType, actual: np.ndarray, tops: Mapping[str, np.ndarray], plan: Int8Plan
+) -> dict[str, Any]:
+    """evaluation.json's ``serving`` section: both accuracies, the precision served, and why."""
+    fp32_accuracy = float(np.mean(tops["fp32"][:, 0] == actual))
+    decision: dict[str, Any] = {
+        "precision": "fp32",
+        "reason": plan.reason,
+        "fp32_accuracy": fp32_accuracy,
+        "int8_accuracy": None,
+        "int8_top1_agreement": None,
+        "max_accuracy_drop_points": args.int8_max_drop,
+    }
+    if "int8" in tops:
+        int8_accuracy = float(np.mean(tops["int8"][:, 0] == actual))
+        passed, reason = int8_gate(fp32_accuracy, int8_accuracy, args.int8_max_drop)
+        decision.update(
+            precision="int8" if passed else "fp32",
+            reason=reason,
+            int8_accuracy=int8_accuracy,
+            int8_top1_agreement=float(np.mean(tops["int8"][:, 0] == tops["fp32"][:, 0])),
+        )
+    if decision["precision"] == "int8":
+        wheels, _ = serving_wheels(args.wheels)
+        decision["int8_model"] = contract.INT8_MODEL_FILE
+        decision["runtime_wheels"] = [wheel.name for wheel in wheels]
+        if not wheels:
+            decision["note"] = (
+                "no onnxruntime wheels ship with the artifact: it serves int8 where onnxruntime is installed (the "
+                "local endpoint), and fp32 on an image without it (AWS's Ray Serve image), saying why; pass --wheels "
+                "a wheelhouse (python -m pipelines.run wheelhouse) to ship them"
+            )
+    return decision
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     require_matplotlib()
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
-    with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
-        model_dir = resolve_model_dir(Path(args.model), Path(scratch))
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch_name:
+        scratch = Path(scratch_name)
+        model_dir = resolve_model_dir(Path(args.model), scratch)
         with serving_code(model_dir) as inference:
             contract = inference.contract
             class_names = list(inference.modeling.read_model_config(model_dir).class_names)
             samples, skipped = scan_test_split(Path(args.test_dir), class_names, contract.LABELS_FILE)
             print(f"test split: {len(samples)} files in {len({label for _, label in samples})} class folders")
-            serving = inference.load_serving_model(model_dir)
-            print(f"model: {serving.config.architecture}, {len(class_names)} classes, runtime {serving.runtime}")
-            dataset = TestImages(samples, serving.preprocess, inference.InferenceError)
-            positions, actual, top, failures = predict_test_split(serving, dataset, args.batch_size, args.workers)
+            servings, plan = load_models(args, inference, model_dir, scratch)
+            runtimes = ", ".join(f"{name} on {serving.runtime}" for name, serving in servings.items())
+            print(f"model: {servings['fp32'].config.architecture}, {len(class_names)} classes, {runtimes}")
+            dataset = TestImages(samples, servings["fp32"].preprocess, inference.InferenceError)
+            positions, actual, tops, failures = predict_test_split(servings, dataset, args.batch_size, args.workers)
         unreadable = [{"path": samples[p][0], "reason": reason} for p, reason in failures]
         for entry in skipped + unreadable:
             print(f"skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
         if len(actual) == 0:
             raise EvaluationError(f"none of the {len(samples)} test images could be read; see the reasons above")
-        predicted = top[:, 0]
-        top_hit = (top == actual[:, None]).any(axis=1)
+        decision = serving_decision(args, contract, actual, tops, plan)
+        print(f"serving precision: {decision['precision']}: {decision['reason']}")
+        if "note" in decision:
+            print(f"note: {decision['note']}")
+        chosen = decision["precision"]
+        predicted = tops[chosen][:, 0]
+        top_hit = (tops[chosen] == actual[:, None]).any(axis=1)
         report = model_quality_report(actual, predicted, top_hit, class_names, args.seed)
         accuracy = report["multiclass_classification_metrics"]["accuracy"]["value"]
         set_by_path(report, contract.ACCURACY_JSON_PATH, accuracy)  # the path the ConditionStep reads
+        report[SERVING_SECTION] = decision
         matrix = confusion_matrix(actual, predicted, len(class_names))
         support = matrix.sum(axis=1)
         details = {
             "model": {
-                "architecture": serving.config.architecture,
+                "architecture": servings["fp32"].config.architecture,
                 "num_classes": len(class_names),
-                "runtime": serving.runtime,
+                "runtime": servings[chosen].runtime,
+                "precision": chosen,
                 "source": str(args.model),
             },
+            "int8": {"built": plan.path is not None, "reason": plan.reason, **plan.details},
             "test_dir": str(args.test_dir),
             "images_evaluated": len(actual),
             "images_skipped": len(unreadable),
@@ -487,11 +796,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".evaluation-", dir=output_dir))
         try:
-            title = f"Confusion matrix: accuracy {accuracy:.3f} on {len(actual)} images, {len(class_names)} classes"
+            title = (
+                f"Confusion matrix ({chosen}): accuracy {accuracy:.3f} on {len(actual)} images, "
+                f"{len(class_names)} classes"
+            )
             plot_confusion_matrix(matrix, class_names, title, staging / contract.CONFUSION_MATRIX_IMAGE)
             _write_json(staging / contract.EVALUATION_FILE, report)
             _write_json(staging / DETAILS_FILE, details)
-            for name in (contract.CONFUSION_MATRIX_IMAGE, DETAILS_FILE, contract.EVALUATION_FILE):
+            wheels = serving_wheels(args.wheels)
+            write_served_artifact(model_dir, staging / SERVED_MODEL_ARCHIVE, contract, decision, plan, wheels)
+            names = (SERVED_MODEL_ARCHIVE, contract.CONFUSION_MATRIX_IMAGE, DETAILS_FILE, contract.EVALUATION_FILE)
+            for name in names:  # evaluation.json last: whoever sees it finds the rest in place
                 os.replace(staging / name, output_dir / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -499,7 +814,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"accuracy={accuracy:.4f} top_5_accuracy={metrics['top_5_accuracy']['value']:.4f} "
         f"weighted_f1={metrics['weighted_f1']['value']:.4f} on {len(actual)} images "
-        f"({details['images_skipped']} skipped); wrote {output_dir / contract.EVALUATION_FILE}"
+        f"({details['images_skipped']} skipped, {chosen}); wrote {output_dir / contract.EVALUATION_FILE} and "
+        f"{output_dir / SERVED_MODEL_ARCHIVE}"
     )
     return report
 

@@ -94,11 +94,14 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_definition_writes_a_checked_definition(aws: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "out" / "definition.json"
-    code, _, err = _run(capsys, "definition", "--no-debugger", "--tuning-strategy", "Random", "-o", str(output))
+    int8 = ("--no-int8", "--serving-wheels-uri", "s3://wheels-bucket/wheelhouse/")
+    code, _, err = _run(capsys, "definition", "--no-debugger", "--tuning-strategy", "Random", *int8, "-o", str(output))
     assert code == 0, err
     definition = json.loads(output.read_text())
     steps = {step["Name"]: step for step in definition["Steps"]}
     assert "DebugRuleConfigurations" not in steps["Train"]["Arguments"]
+    evaluate_flags = steps["Evaluate"]["Arguments"]["AppSpecification"]["ContainerArguments"]
+    assert "--int8 off" in " ".join(evaluate_flags) and "--wheels" in evaluate_flags
     assert steps["Tune"]["Arguments"]["HyperParameterTuningJobConfig"]["Strategy"] == "Random"
     assert not list(tmp_path.rglob("*.tmp"))
     assert aws.client("s3").list_objects_v2(Bucket=BUCKET)["KeyCount"] == 0  # nothing uploaded

@@ -13,24 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from _evaluation import CLASSES, LOGITS, SPLIT, known_model, model_config, png
 from PIL import Image
 from sklearn import metrics as skm
 
-from entrypoints import contract, inference, modeling
+from entrypoints import contract, modeling
 from steps import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ["cat", "dog", "fox", "owl", "elk", "yak", "emu"]
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-# The logits the hand-set head gives for an image of each colour (one entry per class in CLASSES).
-LOGITS = {
-    "red": [10, 5, 4, 3, 2, 1, 0],  # cat
-    "green": [0, 10, 5, 4, 3, 2, 1],  # dog, with cat last: a cat in green is outside the top 5
-    "blue": [1, 5, 10, 4, 3, 2, 0],  # fox, dog second
-}
-# The test split: folder -> colours of its images. Expected: 5 of 7 right, 6 of 7 in the top 5.
-SPLIT = {"cat": ["red", "red", "green"], "dog": ["green", "blue"], "fox": ["blue", "blue"]}
 ACCURACY = 5 / 7
 TOP_5_ACCURACY = 6 / 7
 CONFUSION = {"cat": {"cat": 2, "dog": 1}, "dog": {"dog": 1, "fox": 1}, "fox": {"fox": 2}}
@@ -51,40 +41,10 @@ SCALARS = (
 )
 
 
-def _config() -> modeling.ModelConfig:
-    return modeling.ModelConfig("resnet18", len(CLASSES), CLASSES, input_size=32, resize_size=36)
-
-
-def _png(colour: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 36), COLOURS[colour]).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _known_model() -> torch.nn.Module:
-    """A random backbone whose head is solved so each colour's image gets exactly LOGITS[colour]."""
-    torch.manual_seed(0)
-    model = modeling.build_model(_config()).eval()
-    head = modeling.head_module(model, "resnet18")[-1]
-    preprocess = inference.Preprocessor(_config(), draft_factor=0)
-    images = torch.from_numpy(np.stack([preprocess(_png(c)) for c in COLOURS]))
-    model.fc = torch.nn.Identity()
-    with torch.no_grad():
-        features = model(images).double()  # (3, 512)
-    model.fc = torch.nn.Sequential(head)
-    targets = torch.tensor([LOGITS[c] for c in COLOURS], dtype=torch.float64)  # (3, 7)
-    with torch.no_grad():
-        head.weight.copy_((torch.linalg.pinv(features) @ targets).T.float())
-        head.bias.zero_()
-        achieved = model(images)
-    np.testing.assert_allclose(achieved.numpy(), targets.numpy(), atol=0.05)  # the head reproduces LOGITS
-    return model
-
-
 @pytest.fixture(scope="module")
 def model_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("model")
-    artifact = modeling.save_artifact(_known_model(), folder / "artifact", _config())
+    artifact = modeling.save_artifact(known_model(), folder / "artifact", model_config())
     archive = folder / "model.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(artifact.rglob("*")):
@@ -98,7 +58,7 @@ def test_split(tmp_path: Path) -> Path:
     for folder, colours in SPLIT.items():
         (split / folder).mkdir(parents=True)
         for i, colour in enumerate(colours):
-            (split / folder / f"{colour}_{i}.png").write_bytes(_png(colour))
+            (split / folder / f"{colour}_{i}.png").write_bytes(png(colour))
     (split / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (split / contract.LABELS_FILE).write_text(json.dumps(CLASSES))
     return split
@@ -137,7 +97,10 @@ def test_known_answers_and_the_model_quality_format(
     )
 
     report = json.loads((output / contract.EVALUATION_FILE).read_text())
-    assert list(report) == ["multiclass_classification_metrics"]
+    assert list(report) == ["multiclass_classification_metrics", evaluate.SERVING_SECTION]
+    serving = report[evaluate.SERVING_SECTION]  # no validation split here: fp32 only, and the reason
+    assert serving["precision"] == "fp32" and "--valid-dir" in serving["reason"]
+    assert serving["fp32_accuracy"] == pytest.approx(ACCURACY) and serving["int8_accuracy"] is None
     metrics = report["multiclass_classification_metrics"]
     assert _follow(report, contract.ACCURACY_JSON_PATH) == pytest.approx(ACCURACY)  # what the ConditionStep reads
     assert metrics["top_5_accuracy"]["value"] == pytest.approx(TOP_5_ACCURACY)
@@ -174,8 +137,12 @@ def test_known_answers_and_the_model_quality_format(
     with Image.open(output / contract.CONFUSION_MATRIX_IMAGE) as picture:
         assert picture.format == "PNG" and min(picture.size) > 500
     assert sorted(p.name for p in output.iterdir()) == sorted(
-        [contract.EVALUATION_FILE, contract.CONFUSION_MATRIX_IMAGE, evaluate.DETAILS_FILE]
+        [contract.EVALUATION_FILE, contract.CONFUSION_MATRIX_IMAGE, evaluate.DETAILS_FILE, "model.tar.gz"]
     )
+    with tarfile.open(output / evaluate.SERVED_MODEL_ARCHIVE) as served:  # the artifact Register registers
+        names = set(served.getnames())
+        assert {contract.WEIGHTS_FILE, "code/inference.py", contract.SERVING_DECISION_FILE} <= names
+        assert json.load(served.extractfile(contract.SERVING_DECISION_FILE)) == serving
 
 
 def test_runs_with_nothing_but_its_own_file_and_the_artifact(
@@ -221,7 +188,7 @@ def test_runs_with_nothing_but_its_own_file_and_the_artifact(
     )
     assert result.returncode == 0, result.stderr
     assert "entrypoints imported: False" in result.stdout
-    assert "runtime onnxruntime" in result.stdout
+    assert "fp32 on onnxruntime" in result.stdout
     report = json.loads((tmp_path / "out" / contract.EVALUATION_FILE).read_text())
     assert _follow(report, contract.ACCURACY_JSON_PATH) == pytest.approx(ACCURACY)
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr

@@ -207,7 +207,13 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
     assert package["ModelPackageVersion"] == 1
     assert package["ModelApprovalStatus"] == "Approved"
     assert package["ModelPackageArn"].endswith(":model-package/imageclassificationmodels/1")
-    assert registry.model_data_path(package).read_bytes() == model.read_bytes()
+    # ... of the artifact Evaluate scored: the trained one with the serving precision it chose
+    served = evaluation / "model.tar.gz"
+    assert registry.model_data_path(package).read_bytes() == served.read_bytes()
+    with tarfile.open(served) as archive:
+        assert names | {contract.SERVING_DECISION_FILE} <= set(archive.getnames())
+        decision = json.loads(archive.extractfile(contract.SERVING_DECISION_FILE).read())
+    assert decision == report["serving"] and decision["precision"] in contract.PRECISIONS
     assert registry.accuracy_of(package) == f"{accuracy:.4f}"
 
 

@@ -35,6 +35,8 @@ ALL_OPTIONS = {
     "network_isolation": True,
     "weights_uri": "s3://weights-bucket/resnet50.pth",
     "torch_distributed": True,
+    "int8_serving": False,
+    "serving_wheels_uri": "s3://wheels-bucket/wheelhouse/",
 }
 
 
@@ -132,11 +134,38 @@ def test_step_graph_and_edges(built: dict[str, Any]) -> None:
     assert graph["Train"] == {"Preprocess", "Tune"}
     assert graph["Evaluate"] == {"Preprocess", "Train"}
     assert graph["CheckAccuracy"] == {"Evaluate"}
-    assert graph[_register_name(definition)] >= {"CheckAccuracy", "Train", "Evaluate"}
+    assert graph[_register_name(definition)] == {"CheckAccuracy", "Evaluate"}  # it registers Evaluate's artifact
     assert graph[pipeline.STEP_FAIL] >= {"CheckAccuracy", "Evaluate"}
     assert graph["Deploy"] == {"CheckAccuracy", register}  # after Register, and only in the accuracy branch
     # Edges come from property references only (no explicit DependsOn).
     assert not any("DependsOn" in step for step in _steps(definition).values())
+
+
+def _evaluate_arguments(definition: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Evaluate's flags (``--name value`` pairs) and its inputs by name."""
+    arguments = _steps(definition)["Evaluate"]["Arguments"]
+    entrypoint = arguments["AppSpecification"]["ContainerArguments"]
+    flags = dict(zip(entrypoint[::2], entrypoint[1::2], strict=True))
+    return flags, {item["InputName"]: item for item in arguments["ProcessingInputs"]}
+
+
+def test_evaluate_builds_int8_from_the_validation_split_unless_turned_off_or_serving_on_gpu(
+    built: dict[str, Any],
+) -> None:
+    flags, inputs = _evaluate_arguments(built["default"])
+    assert flags["--int8"] == "on" and flags["--serving-device"] == "cpu"
+    assert flags["--valid-dir"] == inputs["valid"]["S3Input"]["LocalPath"] == config.EVALUATE_VALID_DIR
+    assert inputs["valid"]["S3Input"]["S3Uri"] == {
+        "Get": "Steps.Preprocess.ProcessingOutputConfig.Outputs['valid'].S3Output.S3Uri"
+    }
+    assert "--wheels" not in flags and "wheels" not in inputs
+    flags, inputs = _evaluate_arguments(built["all_options"])  # int8_serving=False, a wheelhouse
+    assert flags["--int8"] == "off"
+    assert flags["--wheels"] == inputs["wheels"]["S3Input"]["LocalPath"] == config.EVALUATE_WHEELS_DIR
+    assert inputs["wheels"]["S3Input"]["S3Uri"] == ALL_OPTIONS["serving_wheels_uri"]
+    with offline_aws():
+        gpu = _build(serving_instance_type="ml.g5.xlarge")
+    assert _evaluate_arguments(gpu)[0]["--serving-device"] == "gpu"
 
 
 def test_no_repack_step_and_registered_container(built: dict[str, Any]) -> None:
@@ -145,7 +174,9 @@ def test_no_repack_step_and_registered_container(built: dict[str, Any]) -> None:
     assert not [name for name, step in steps.items() if "Repack" in name or step["Type"] not in _KNOWN_TYPES]
     register = steps[_register_name(definition)]["Arguments"]
     (container,) = register["InferenceSpecification"]["Containers"]
-    assert container["ModelDataUrl"] == {"Get": "Steps.Train.ModelArtifacts.S3ModelArtifacts"}
+    evaluation_uri = {"Get": "Steps.Evaluate.ProcessingOutputConfig.Outputs['evaluation'].S3Output.S3Uri"}
+    # the artifact Evaluate scored and wrote beside its report, with the serving precision it chose
+    assert container["ModelDataUrl"] == {"Std:Join": {"On": "/", "Values": [evaluation_uri, "model.tar.gz"]}}
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
     assert container["Environment"]["SAGEMAKER_SUBMIT_DIRECTORY"] == "/opt/ml/model/code"
     assert container["Image"].endswith(f"/ray:{config.RAY_SERVE_IMAGE_TAG.format(device='cpu')}")  # Ray Serve

@@ -46,7 +46,7 @@ def render(built: dict[str, Any], *, all_options: bool = False, **overrides: Any
             kms_key=options["kms_key"],
             subnets=options["subnets"],
             security_group_ids=options["security_group_ids"],
-            extra_input_s3_uris=[options["weights_uri"]],
+            extra_input_s3_uris=[options["weights_uri"], options["serving_wheels_uri"]],
         )
     arguments.update(overrides)
     return iam.render_pipeline_role_policy(**arguments)
@@ -263,13 +263,14 @@ def _object_arn(uri: str) -> str:
 
 
 def test_every_s3_location_of_the_definition_is_reachable_and_only_those(built: dict[str, Any]) -> None:
-    bucket, weights = built["bucket"], built["options"]["weights_uri"]
+    bucket = built["bucket"]
+    read_only = (built["options"]["weights_uri"], built["options"]["serving_wheels_uri"])
     for variant, definition in built["definitions"].items():
         policy = render(built, all_options=variant == "all_options")
         uris = set(_s3_uris(definition, bucket))
         assert any("/checkpoints" in uri for uri in uris) and any("/tensorboard" in uri for uri in uris)
         for uri in uris:
-            if uri.startswith(weights):  # read-only, through --extra-input-s3-uri
+            if uri.startswith(read_only):  # read-only, through --extra-input-s3-uri
                 assert allowed(policy, "s3:GetObject", "arn:aws:s3:::" + uri.removeprefix("s3://"))
                 assert not allowed(policy, "s3:PutObject", "arn:aws:s3:::" + uri.removeprefix("s3://"))
                 continue
@@ -402,6 +403,7 @@ def test_command_prints_the_rendered_policy(built: dict[str, Any], capsys: pytes
         "--subnets", ",".join(options["subnets"]),
         "--security-group-ids", ",".join(options["security_group_ids"]),
         "--extra-input-s3-uri", options["weights_uri"],
+        "--extra-input-s3-uri", options["serving_wheels_uri"],
     ]  # fmt: skip
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out) == render(built, all_options=True)

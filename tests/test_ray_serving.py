@@ -12,11 +12,12 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from _http import exchange
-from _serving import HOSTILE_REQUESTS, JPEG, VALID_REQUESTS, make_artifact, package_for
+from _serving import HOSTILE_REQUESTS, JPEG, VALID_REQUESTS, encode, image, make_artifact, package_for
 
 from pipelines.local import endpoint, processes
 
@@ -77,6 +78,23 @@ def test_the_servers_own_errors_are_the_same_on_both_hosts(hosts) -> None:
     for method, path in (("GET", "/nope"), ("GET", "/invocations"), ("DELETE", "/invocations")):
         light, ray = _both(hosts, method, path)
         assert ray == light and 400 <= ray[0] < 500 and set(json.loads(ray[2])) == {"error", "code"}
+
+
+def test_a_burst_with_one_corrupt_image_fails_only_that_request_on_both_hosts(hosts) -> None:
+    """Single-image requests at once: Ray's ``@serve.batch`` (and the light host's batcher) group them."""
+    requests = [(encode(image(40 + 2 * i, 36, seed=200 + i), "PNG"), "image/png") for i in range(7)]
+    requests.insert(3, (JPEG[: len(JPEG) // 2], "image/jpeg"))
+    for name in ("light", "ray"):
+        url = hosts[name]["url"]
+        with ThreadPoolExecutor(len(requests)) as pool:
+            replies = list(
+                pool.map(lambda r: exchange(url, "POST", "/invocations", r[0], {"Content-Type": r[1]}), requests)
+            )
+        assert [reply[0] for reply in replies] == [200, 200, 200, 400, 200, 200, 200, 200], name
+        assert json.loads(replies[3][2])["code"] == "truncated_image"
+        assert len({reply[2] for reply in replies}) == len(requests)  # every request its own answer
+        health = json.loads(exchange(url, "GET", "/ping")[2])
+        assert (health["max_batch_size"], health["batch_wait_ms"]) == (8, 5.0), name  # the defaults, batching on
 
 
 def test_the_replica_survived_every_request(hosts) -> None:

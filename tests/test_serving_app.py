@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from _serving import HOSTILE_REQUESTS, JPEG, PNG, VALID_REQUESTS, b64, make_artifact
+from _serving import HOSTILE_REQUESTS, JPEG, PNG, VALID_REQUESTS, b64, encode, image, make_artifact
 
 from entrypoints import contract, deployment, inference
 
@@ -89,7 +89,7 @@ def test_requirements_install_with_no_package_index_reachable(artifact: Path, tm
 @pytest.mark.parametrize(
     ("instance", "cpus", "gpus", "expected"),
     [
-        ("ml.m5.large", 2, 0, (1, 2, 4, 0.0)),
+        ("ml.m5.large", 2, 0, (1, 2, 8, 0.0)),  # at least a batch (8) at once
         ("ml.m5.xlarge", 4, 0, (1, 4, 8, 0.0)),
         ("ml.c5.9xlarge", 36, 0, (9, 4, 8, 0.0)),
         ("ml.g4dn.xlarge", 4, 1, (1, 4, 8, 1.0)),
@@ -107,11 +107,17 @@ def test_the_serving_plan_takes_the_models_environment() -> None:
         contract.ENV_INFERENCE_THREADS: "1",
         contract.ENV_SERVE_MAX_ONGOING_REQUESTS: "16",
     }
-    assert deployment.serving_plan(8, 0, environ) == deployment.ServingPlan(3, 1, 16, 0.0)
+    assert deployment.serving_plan(8, 0, environ) == deployment.ServingPlan(3, 1, 16, 0.0, 8, 5.0)
+    batching = {contract.ENV_SERVE_MAX_BATCH_SIZE: "16", contract.ENV_SERVE_BATCH_WAIT_MS: "2.5"}
+    assert deployment.serving_plan(8, 0, {**environ, **batching}) == deployment.ServingPlan(3, 1, 16, 0.0, 16, 2.5)
+    assert deployment.serving_plan(2, 0, {contract.ENV_SERVE_MAX_BATCH_SIZE: "1"}).max_ongoing_requests == 4
     assert deployment.serving_plan(8, 2, {contract.ENV_SERVE_REPLICAS: "4"}).gpus_per_replica == 0.5
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ValueError, match=f"{contract.ENV_SERVE_REPLICAS}='{bad}' must be a positive integer"):
             deployment.serving_plan(8, 0, {contract.ENV_SERVE_REPLICAS: bad})
+    for bad in ("-1", "soon", "5000", "nan"):
+        with pytest.raises(ValueError, match=f"{contract.ENV_SERVE_BATCH_WAIT_MS}='{bad}' must be a number"):
+            deployment.serving_plan(8, 0, {contract.ENV_SERVE_BATCH_WAIT_MS: bad})
 
 
 # --- where the model is found -----------------------------------------------------------------------------------------
@@ -316,3 +322,106 @@ def test_predictions_are_the_handlers_probabilities(replica) -> None:
     logits = replica.model.logits(inference.input_fn(PNG, "image/png").images)
     probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     np.testing.assert_allclose([t["probability"] for t in top], np.sort(probabilities[0])[::-1][:5], atol=1e-6)
+
+
+# --- dynamic batching ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batching_replica(artifact: Path) -> Iterator[deployment.ImageClassifier]:
+    """A replica that batches up to 8 single-image requests, waiting up to 200 ms for them (long, to be sure)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(contract.ENV_INFERENCE_RUNTIME, raising=False)
+        yield deployment.ImageClassifier(str(artifact), threads=2, max_batch_size=8, batch_wait_ms=200)
+
+
+def _burst(replica: deployment.ImageClassifier, bodies: list[tuple[bytes, str]]) -> list[deployment.Reply]:
+    """Send every request at once, on one event loop (as concurrent clients reach one replica)."""
+
+    async def run() -> list[deployment.Reply]:
+        return await asyncio.gather(*(replica.handle("POST", body, kind, "application/json") for body, kind in bodies))
+
+    return list(asyncio.run(run()))
+
+
+def _pictures(count: int) -> list[bytes]:
+    return [encode(image(40 + 3 * i, 36, seed=100 + i), "PNG") for i in range(count)]
+
+
+def test_concurrent_single_image_requests_share_a_forward_and_each_gets_its_own_answer(batching_replica) -> None:
+    pictures = _pictures(6)
+    batching_replica.batch_sizes.clear()
+    replies = _burst(batching_replica, [(body, "image/png") for body in pictures])
+    assert batching_replica.batch_sizes == {6: 1}  # one forward for all six
+    for body, reply in zip(pictures, replies, strict=True):
+        alone = inference.predict_fn(inference.input_fn(body, "image/png"), batching_replica.model).to_dict()
+        answer = json.loads(reply.body)
+        assert reply.status == 200
+        assert [k["index"] for k in answer["predictions"][0]["top_k"]] == [
+            k["index"] for k in alone["predictions"][0]["top_k"]
+        ]
+        np.testing.assert_allclose(
+            [k["probability"] for k in answer["predictions"][0]["top_k"]],
+            [k["probability"] for k in alone["predictions"][0]["top_k"]],
+            atol=1e-5,
+        )
+
+
+def test_a_batch_holding_one_corrupt_image_answers_400_for_that_request_only(batching_replica) -> None:
+    pictures = _pictures(7)
+    corrupt = JPEG[: len(JPEG) // 2]
+    batching_replica.batch_sizes.clear()
+    replies = _burst(
+        batching_replica,
+        [(body, "image/png") for body in pictures[:3]]
+        + [(corrupt, "image/jpeg")]
+        + [(body, "image/png") for body in pictures[3:]],
+    )
+    statuses = [reply.status for reply in replies]
+    assert statuses == [200, 200, 200, 400, 200, 200, 200, 200]
+    assert json.loads(replies[3].body)["code"] == "truncated_image"
+    assert sum(size * count for size, count in batching_replica.batch_sizes.items()) == 7  # the others, batched
+    assert max(batching_replica.batch_sizes) > 1
+    assert len({reply.body for reply in replies}) == 8  # every request its own answer
+
+
+def test_a_lone_request_does_not_wait_for_company(batching_replica) -> None:
+    _handle(batching_replica, PNG, {"Content-Type": "image/png"})  # warm
+    started = time.perf_counter()
+    reply = _handle(batching_replica, PNG, {"Content-Type": "image/png"})
+    assert reply.status == 200 and time.perf_counter() - started < 0.2  # well under the 200 ms wait
+
+
+def test_batching_is_off_with_a_batch_size_of_one(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(contract.ENV_SERVE_MAX_BATCH_SIZE, "1")
+    monkeypatch.setenv(contract.ENV_INFERENCE_THREADS, "1")
+    replica = deployment.build_replica({"model_dir": str(artifact)})
+    replies = _burst(replica, [(body, "image/png") for body in _pictures(3)])
+    assert [reply.status for reply in replies] == [200] * 3 and not replica.batch_sizes
+    assert json.loads(replica.health().body)["max_batch_size"] == 1
+
+
+def test_the_batcher_waits_at_most_its_wait_runs_full_batches_at_once_and_shares_failures() -> None:
+    calls: list[list[int]] = []
+
+    async def double(items: list[int]) -> list[int]:
+        calls.append(items)
+        if -1 in items:
+            raise ValueError("the model broke")
+        return [2 * item for item in items]
+
+    batcher = deployment.MicroBatcher(double, max_batch_size=3, wait_s=0.15)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await batcher(1) == 2  # alone: runs when the wait is over
+        assert 0.15 <= loop.time() - started < 0.3
+        started = loop.time()
+        assert await asyncio.gather(batcher(1), batcher(2), batcher(3), batcher(4)) == [2, 4, 6, 8]
+        assert calls[1:] == [[1, 2, 3], [4]]  # full at three: no wait for the first batch
+        results = await asyncio.gather(batcher(5), batcher(-1), return_exceptions=True)
+        assert [type(result) for result in results] == [ValueError, ValueError]  # one forward, one failure
+        assert await batcher(6) == 12  # and the batcher goes on
+
+    asyncio.run(run())

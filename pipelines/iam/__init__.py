@@ -168,8 +168,8 @@ def render_pipeline_role_policy(
         role: the role's own ARN (for iam:PassRole on itself); default ``role/<role_name>`` in the account.
         kms_key: the KMS key given to ``upsert --kms-key``, as its ARN (keeps the Kms* statements).
         subnets / security_group_ids: the VPC settings given to ``upsert`` (keep the Vpc* statements).
-        extra_input_s3_uris: s3:// prefixes outside the pipeline's prefix that jobs read (an ``InputDataUri`` or
-            ``--weights-uri`` elsewhere); read-only, one statement set each.
+        extra_input_s3_uris: s3:// prefixes outside the pipeline's prefix that jobs read (an ``InputDataUri``,
+            ``--weights-uri`` or ``--serving-wheels-uri`` elsewhere); read-only, one statement set each.
         image_uris: the container images to allow pulling (default: :func:`pipeline_image_uris` of the region).
         partition: the ARN partition (default: the region's).
         serving_image / serving_image_uri / serving_instance_type: as given to ``upsert`` (its --serving-* flags).

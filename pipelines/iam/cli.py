@@ -119,8 +119,8 @@ def _add_pipeline_policy(documents: Any) -> None:
         "--extra-input-s3-uri",
         action="append",
         default=[],
-        help="an s3:// prefix outside s3://<bucket>/<pipeline>/ that jobs read, e.g. an InputDataUri or "
-        "--weights-uri elsewhere; repeat for more (default: none)",
+        help="an s3:// prefix outside s3://<bucket>/<pipeline>/ that jobs read, e.g. an InputDataUri, "
+        "--weights-uri or --serving-wheels-uri elsewhere; repeat for more (default: none)",
     )
     images.add_serving_arguments(policy)  # the serving image the model's role pulls, as upsert picks it
     policy.set_defaults(func=cmd_pipeline_policy)

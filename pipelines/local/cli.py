@@ -235,6 +235,7 @@ def run_local(args: argparse.Namespace) -> int:
         hyperparameters=dict(args.hyperparameters),
         debugger=args.debugger,
         torch_distributed=args.torch_distributed,
+        int8_serving=args.int8_serving,
         deploy_step=not args.skip_deploy_wiring,
         deploy_function_name=args.deploy_function_name,
         model_package_group=args.group,

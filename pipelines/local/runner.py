@@ -101,6 +101,7 @@ class LocalRunOptions:
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # --hp: fixed for every job
     debugger: bool = True
     torch_distributed: bool = False  # the Train step under torchrun (--param TrainingInstanceCount=N processes)
+    int8_serving: bool = True
     deploy_step: bool = True
     deploy_function_name: str = config.DEPLOY_FUNCTION_NAME
     model_package_group: str = config.MODEL_PACKAGE_GROUP
@@ -146,6 +147,7 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
         options.resolved_preset,
         debugger=options.debugger,
         torch_distributed=options.torch_distributed,
+        int8_serving=options.int8_serving,
         deploy_step=options.deploy_step,
         deploy_function_name=options.deploy_function_name,
         model_package_group=options.model_package_group,
