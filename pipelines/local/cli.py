@@ -63,8 +63,34 @@ ENDPOINT_NAME = validation.name_argument("endpoint")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    workdir_help = "folder of runs, step cache, local model registry and endpoints"
+    for add_command in (
+        _add_local_command,
+        _add_predict_command,
+        _add_endpoint_command,
+        _add_models_command,
+        _add_status_command,
+    ):
+        add_command(subparsers)
 
+
+def _add_workdir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workdir",
+        type=_workdir,
+        default=Path(config.LOCAL_WORKDIR),
+        help="folder of runs, step cache, local model registry and endpoints",
+    )
+
+
+def _add_ray_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
+    )
+
+
+def _add_local_command(subparsers: argparse._SubParsersAction) -> None:
     local = subparsers.add_parser(
         "local",
         help="run the pipeline's definition on this machine (no AWS, no Docker)",
@@ -74,7 +100,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "endpoint. Without --data it runs the demo preset on the built-in demo data (scikit-learn's digits).",
     )
     local.add_argument("--data", type=Path, default=None, help="archive or folder of images (default: built-in demo)")
-    local.add_argument("--workdir", type=_workdir, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
+    _add_workdir_argument(local)
     add_shape_arguments(
         local,
         "builder options: 'demo' (a small CNN from random weights on small images, config.DEMO_*) or 'default' "
@@ -110,17 +136,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument(
         "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint"
     )
-    local.add_argument(
-        "--ray",
-        action="store_true",
-        help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
-    )
+    _add_ray_argument(local)
     add_model_package_group_argument(
         local, "model package group: the ModelPackageGroupName default and the deploy function's group", dest="group"
     )
     local.add_argument("--quiet", action="store_true", help="print only the summary")
     local.set_defaults(func=run_local)
 
+
+def _add_predict_command(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser(
         "predict",
         help="send images to an endpoint and print the top classes",
@@ -135,17 +159,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--top-k", type=_positive_int, default=None, help="classes per image (default: the endpoint's)"
     )
-    predict.add_argument("--workdir", type=_workdir, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
+    _add_workdir_argument(predict)
     predict.add_argument("--json", action="store_true", help="print the endpoint's JSON answer as is")
     predict.set_defaults(func=run_predict)
 
+
+def _add_endpoint_command(subparsers: argparse._SubParsersAction) -> None:
     endpoint = subparsers.add_parser(
         "endpoint",
         help="start, stop or show the local endpoint",
         description="The local endpoint is a background server process recorded in <workdir>/endpoints/.",
     )
     endpoint.add_argument("action", choices=("status", "start", "stop"), help="what to do")
-    endpoint.add_argument("--workdir", type=_workdir, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
+    _add_workdir_argument(endpoint)
     endpoint.add_argument("--name", type=ENDPOINT_NAME, default=config.LOCAL_ENDPOINT_NAME, help="endpoint name")
     add_model_package_group_argument(endpoint, "model package group (start)", dest="group")
     endpoint.add_argument(
@@ -154,20 +180,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     endpoint.add_argument(
         "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port (start)"
     )
-    endpoint.add_argument(
-        "--ray",
-        action="store_true",
-        help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
-    )
+    _add_ray_argument(endpoint)
     endpoint.set_defaults(func=run_endpoint)
 
+
+def _add_models_command(subparsers: argparse._SubParsersAction) -> None:
     models = subparsers.add_parser(
         "local-models",
         help="list, approve or reject versions in the local model registry",
         description="The local model registry (<workdir>/model-registry.json). Approving a version deploys it to "
         "the local endpoint, as the deploy Lambda does on SageMaker.",
     )
-    models.add_argument("--workdir", type=_workdir, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
+    _add_workdir_argument(models)
     add_model_package_group_argument(models, "model package group", dest="group")
     decision = models.add_mutually_exclusive_group()
     decision.add_argument("--approve", type=_positive_int, metavar="VERSION", default=None, help="approve and deploy")
@@ -179,13 +203,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument(
         "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint"
     )
-    models.add_argument(
-        "--ray",
-        action="store_true",
-        help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
-    )
+    _add_ray_argument(models)
     models.set_defaults(func=run_models)
 
+
+def _add_status_command(subparsers: argparse._SubParsersAction) -> None:
     runs = subparsers.add_parser(
         "local-status",
         help="show the local runs of a workdir and their steps",
@@ -195,7 +217,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     runs.add_argument("run", nargs="?", default=None, help="run ID, e.g. run-0003 (default: the newest)")
     runs.add_argument("--all", action="store_true", help="one line per run")
-    runs.add_argument("--workdir", type=_workdir, default=Path(config.LOCAL_WORKDIR), help=workdir_help)
+    _add_workdir_argument(runs)
     runs.set_defaults(func=run_status)
 
 
