@@ -3,16 +3,19 @@
 Why it is fast (``bench/train_bench.py`` measures it against the notebooks' ``ImageFolder`` + PIL +
 per-image transforms):
 
-- JPEGs decode with libjpeg-turbo straight into uint8 tensors (``torchvision.io``); a JPEG much larger than
+- Training JPEGs decode with libjpeg-turbo straight into uint8 tensors (``torchvision.io``); a JPEG much larger than
   the crop it feeds is decoded at 1/2, 1/4 or 1/8 size in the DCT domain (PIL's ``draft``) before anything
   else touches it.
 - The random crop is cut from the decoded tensor first and only that region is resized (uint8, antialiased),
   so no full-size float image is ever made per sample.
-- Validation crops are evaluation's and serving's own: ``transforms.resize_crop`` on the image PIL decodes
-  (a large JPEG at reduced size), so the validation accuracy is measured on what the deployed model sees.
 - Samples stay uint8 through the workers, the collate and the pinned copy (4x less memory traffic than
   float); conversion and normalisation happen once per batch on the training device (:class:`BatchNormalizer`).
 - Worker processes sized to the CPUs, persistent across epochs, pinned memory when a GPU is used.
+
+Validation crops are not cut that way: they are evaluation's and serving's own, ``transforms.resize_crop`` on
+the image PIL decodes (:func:`load_eval_crop`), so the validation accuracy is measured on the pixels the deployed
+model is given. PIL's resize of the whole image costs about twice the crop-first tensor resize on photo-sized
+images; that is the price of validation, Evaluate and serving giving the same tensor bit for bit.
 
 Augmentation randomness is a pure function of (seed, epoch, sample index): a run resumed from a checkpoint
 sees the same crops as an uninterrupted run, whatever the number of workers.
