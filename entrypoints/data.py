@@ -3,7 +3,7 @@
 Why it is fast (``bench/train_bench.py`` measures it against the notebooks' ``ImageFolder`` + PIL +
 per-image transforms):
 
-- JPEGs decode with libjpeg-turbo straight into uint8 tensors (``torchvision.io``); a JPEG much larger than
+- Training JPEGs decode with libjpeg-turbo straight into uint8 tensors (``torchvision.io``); a JPEG much larger than
   the crop it feeds is decoded at 1/2, 1/4 or 1/8 size in the DCT domain (PIL's ``draft``) before anything
   else touches it.
 - The random crop is cut from the decoded tensor first and only that region is resized (uint8, antialiased),
@@ -11,6 +11,11 @@ per-image transforms):
 - Samples stay uint8 through the workers, the collate and the pinned copy (4x less memory traffic than
   float); conversion and normalisation happen once per batch on the training device (:class:`BatchNormalizer`).
 - Worker processes sized to the CPUs, persistent across epochs, pinned memory when a GPU is used.
+
+Validation crops are not cut that way: they are evaluation's and serving's own, ``transforms.resize_crop`` on
+the image PIL decodes (:func:`load_eval_crop`), so the validation accuracy is measured on the pixels the deployed
+model is given. PIL's resize of the whole image costs about twice the crop-first tensor resize on photo-sized
+images; that is the price of validation, Evaluate and serving giving the same tensor bit for bit.
 
 Augmentation randomness is a pure function of (seed, epoch, sample index): a run resumed from a checkpoint
 sees the same crops as an uninterrupted run, whatever the number of workers.
@@ -42,12 +47,13 @@ except ImportError:  # pragma: no cover - a torchvision without image decoding: 
     decode_image = None
 
 try:  # works both as ``entrypoints.data`` and as a top-level module inside a container
-    from . import contract
+    from . import contract, transforms
 except ImportError:  # pragma: no cover - exercised inside containers
     import contract  # type: ignore[no-redef]
+    import transforms  # type: ignore[no-redef]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-# RandomResizedCrop's defaults (torchvision), so training augments exactly as transforms.train_transform does.
+# torchvision RandomResizedCrop's default scale and ratio: training's crops follow its rules.
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -209,25 +215,6 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def center_crop_box(width: int, height: int, input_size: int, resize_size: int) -> Box:
-    """The source region of ``Resize(resize_size)`` + ``CenterCrop(input_size)`` (``transforms.eval_transform``).
-
-    Computed with torchvision's own rounding (resized long side truncated, crop offsets rounded) so the
-    training pipeline's validation crops are the crops evaluation and serving make, to a fraction of a pixel.
-    """
-    if width <= height:
-        resized_w, resized_h = resize_size, int(resize_size * height / width)
-    else:
-        resized_w, resized_h = int(resize_size * width / height), resize_size
-    crop_w, crop_h = min(input_size, resized_w), min(input_size, resized_h)
-    left = round((resized_w - crop_w) / 2.0)
-    top = round((resized_h - crop_h) / 2.0)
-    scale_x, scale_y = width / resized_w, height / resized_h
-    w = max(1, min(width, round(crop_w * scale_x)))
-    h = max(1, min(height, round(crop_h * scale_y)))
-    return min(round(left * scale_x), width - w), min(round(top * scale_y), height - h), w, h
-
-
 # --- decoding -----------------------------------------------------------------------------------------------------
 
 
@@ -320,6 +307,22 @@ def load_crop(path: str, size: int, choose_box, flip: bool = False) -> torch.Ten
     return _resize(region, size).contiguous()
 
 
+def load_eval_crop(path: str, input_size: int, resize_size: int) -> torch.Tensor:
+    """Decode ``path`` with PIL and cut its evaluation crop (``transforms.resize_crop``): uint8 CHW RGB.
+
+    A JPEG with at least twice ``resize_size`` pixels on its short side is decoded at 1/2, 1/4 or 1/8 size in the
+    DCT domain (PIL ``draft``), keeping at least ``resize_size`` pixels there, so the resize still only shrinks.
+    That is the validation loader's own speed choice; serving keeps twice as many (``inference.Preprocessor``).
+    """
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (resize_size, resize_size))  # JPEG only; other formats ignore it
+            crop = transforms.resize_crop(image, input_size, resize_size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot decode image {path}: {error}; re-run the processing step to drop it") from error
+    return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))  # a copy: PIL's buffer is read-only
+
+
 # --- dataset, sampler, loader -------------------------------------------------------------------------------------
 
 
@@ -328,7 +331,7 @@ class ImageDataset(Dataset):
 
     ``train=True``: random resized crop + horizontal flip (unless ``horizontal_flip=False``), drawn from
     (seed, epoch, index).
-    ``train=False``: resize-short-side + centre crop, as ``transforms.eval_transform`` does.
+    ``train=False``: resize-short-side + centre crop, evaluation's and serving's crop (:func:`load_eval_crop`).
     """
 
     def __init__(
@@ -362,9 +365,7 @@ class ImageDataset(Dataset):
                 flip=rng.random() < 0.5 and self.horizontal_flip,  # drawn either way: the same crops follow
             )
         else:
-            image = load_crop(
-                path, self.input_size, lambda w, h: center_crop_box(w, h, self.input_size, self.resize_size)
-            )
+            image = load_eval_crop(path, self.input_size, self.resize_size)
         return image, label
 
 
@@ -441,8 +442,9 @@ def make_loader(
 class BatchNormalizer:
     """uint8 NCHW batch -> float, normalised with the model's mean/std, on ``device``, once per batch.
 
-    ``(x / 255 - mean) / std`` is one conversion copy and two in-place passes; with ``channels_last`` the copy
-    also lays the batch out NHWC, which tensor cores and oneDNN convolutions prefer.
+    ``x * scale - offset`` (``transforms.normalization``, serving's constants and operations) is one conversion
+    copy and two in-place passes; with ``channels_last`` the copy also lays the batch out NHWC, which tensor cores
+    and oneDNN convolutions prefer.
 
     ``reuse_output=True`` writes every batch into the same buffer (the next call overwrites the previous
     result). On a CPU that is five times faster: a fresh 38 MB float batch costs more in page faults than the
@@ -459,10 +461,9 @@ class BatchNormalizer:
         reuse_output: bool = False,
     ) -> None:
         self.device = torch.device(device)
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.scale = (1.0 / (255.0 * std_t)).to(self.device)
-        self.shift = (mean_t / std_t).to(self.device)
+        scale, offset = transforms.normalization(mean, std)
+        self.scale = torch.from_numpy(scale).view(1, -1, 1, 1).to(self.device)
+        self.shift = torch.from_numpy(offset).view(1, -1, 1, 1).to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.reuse_output = reuse_output
         self._buffer: torch.Tensor | None = None

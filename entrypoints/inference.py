@@ -142,7 +142,8 @@ class Prediction:
 
 @dataclass
 class Preprocessor:
-    """Image bytes -> ``(3, S, S)`` float32 array, exactly as :func:`transforms.eval_transform` would give.
+    """Image bytes -> ``(3, S, S)`` float32 array: serving's decoding, then evaluation's one preprocessing
+    (``transforms.resize_crop`` and ``transforms.normalization``, which training's validation runs too).
 
     Checks come before any pixel is decoded (format, size); a large JPEG is decoded at reduced size (see
     ``draft_factor``). Picklable, so evaluation can run it in DataLoader workers.
@@ -153,7 +154,7 @@ class Preprocessor:
     max_pixels: int = contract.MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
-        self._resize_crop = transforms.eval_resize_crop(self.config)
+        self._scale, self._offset = transforms.normalization(self.config.mean, self.config.std)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config, "draft_factor": self.draft_factor, "max_pixels": self.max_pixels}
@@ -163,11 +164,15 @@ class Preprocessor:
         self.__post_init__()
 
     def __call__(self, data: bytes, name: str = "the image") -> np.ndarray:
-        image = self.open(data, name)
-        return transforms.normalized_array(self._resize_crop(image), self.config)
+        return transforms.normalized_array(self.crop(data, name), self._scale, self._offset)
+
+    def crop(self, data: bytes, name: str = "the image") -> np.ndarray:
+        """Image bytes -> ``(S, S, 3)`` uint8 RGB: the centre crop :meth:`__call__` normalises."""
+        return transforms.resize_crop(self.open(data, name), self.config.input_size, self.config.resize_size)
 
     def open(self, data: bytes, name: str = "the image") -> Image.Image:
-        """Decode ``data`` into an RGB or L image small enough for the resize; refuse what is not an image."""
+        """Decode ``data`` (a large JPEG at reduced size), in its stored mode (``transforms.resize_crop``
+        converts it to RGB); refuse what is not an image."""
         if not data:
             raise InferenceError(f"{name} is empty: send the image bytes as the request body", code="empty_body")
         try:
@@ -203,8 +208,6 @@ class Preprocessor:
                 image.load()
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as error:
             raise _decode_error(name, error) from None
-        if image.mode not in ("RGB", "L"):  # palette, alpha, CMYK...: to RGB before resizing, as training did
-            image = image.convert("RGB")
         return image
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _notebook import eval_transform
 from _serving import huge_png_header
 from PIL import Image
 
-from entrypoints import contract, inference, modeling, transforms
+from entrypoints import contract, inference, modeling
 
 CLASSES = ["cat", "dog", "fox", "owl", "elk", "yak", "emu"]
 SERVING_MODULES = ("inference", "modeling", "transforms", "contract")
@@ -53,7 +54,7 @@ def _reference_probabilities(model: torch.nn.Module, body: bytes) -> np.ndarray:
     """What the notebooks' way gives: PIL open, eval_transform, eager model, softmax."""
     image = Image.open(io.BytesIO(body)).convert("RGB")
     with torch.no_grad():
-        return torch.softmax(model(transforms.eval_transform(_config())(image).unsqueeze(0)), dim=1)[0].numpy()
+        return torch.softmax(model(eval_transform(_config())(image).unsqueeze(0)), dim=1)[0].numpy()
 
 
 # --- the toolkit ------------------------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def test_handlers_work_without_the_toolkit(artifact: Path, reference_model: torc
 def test_preprocessing_equals_the_eval_transform(mode: str, size: tuple[int, int], fmt: str) -> None:
     body = _encode(_image(*size, mode=mode, seed=7), fmt)
     served = inference.Preprocessor(_config(), draft_factor=0)(body)
-    expected = transforms.eval_transform(_config())(Image.open(io.BytesIO(body)).convert("RGB")).numpy()
+    expected = eval_transform(_config())(Image.open(io.BytesIO(body)).convert("RGB")).numpy()
     assert served.shape == expected.shape == (3, 32, 32)
     np.testing.assert_allclose(served, expected, atol=1e-5)
 

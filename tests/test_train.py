@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from _notebook import eval_transform
 from _training import (  # noqa: F401 - one_torch_thread applies to every test here
     CLASSES,
     TRAIN_SCRIPT,
@@ -29,7 +30,7 @@ from _training import (  # noqa: F401 - one_torch_thread applies to every test h
 )
 from PIL import Image
 
-from entrypoints import contract, data, modeling, train, transforms
+from entrypoints import contract, data, modeling, train
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_artifact_loads_back_and_predicts_what_the_trained_model_predicted(chann
     assert config.class_names == list(CLASSES) == json.loads((channels[0] / contract.LABELS_FILE).read_text())
     assert (config.architecture, config.hidden_units, config.input_size) == ("resnet18", 16, 32)
 
-    preprocess = transforms.eval_transform(config)
+    preprocess = eval_transform(config)
     images = sorted((channels[1]).rglob("*.jpg"))
     batch = torch.stack([preprocess(Image.open(path).convert("RGB")) for path in images])
     with torch.no_grad():
@@ -373,7 +374,6 @@ def test_crops_follow_random_resized_crop_rules_and_are_reproducible() -> None:
         assert left >= 0 and top >= 0 and left + w <= 341 and top + h <= 256
         assert w * h >= 0.08 * 341 * 256 * 0.9 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
         assert data.random_resized_crop_box(341, 256, random.Random(seed)) == (left, top, w, h)
-    assert data.center_crop_box(341, 256, 224, 256) == (58, 16, 224, 224)
 
 
 def test_pipeline_matches_the_eval_transform_and_decodes_large_jpegs_reduced(tmp_path) -> None:
@@ -382,9 +382,8 @@ def test_pipeline_matches_the_eval_transform_and_decodes_large_jpegs_reduced(tmp
     path = tmp_path / "big.jpg"
     coarse.resize((1600, 1200), Image.BICUBIC).save(path, quality=92)
     config = modeling.ModelConfig("resnet18", 1, ["x"], input_size=64, resize_size=73)
-    reference = transforms.eval_transform(config)(Image.open(path).convert("RGB"))
-    box = data.center_crop_box(1600, 1200, 64, 73)
-    crop = data.load_crop(str(path), 64, lambda w, h: box)  # 1052 px -> 64: decoded at 1/8 in the DCT domain
+    reference = eval_transform(config)(Image.open(path).convert("RGB"))
+    crop = data.load_eval_crop(str(path), 64, 73)  # short side 1200 -> 73: decoded at 1/8 in the DCT domain
     assert crop.dtype == torch.uint8 and crop.shape == (3, 64, 64)
     normalize = data.BatchNormalizer(config.mean, config.std)
     difference = (normalize(crop.unsqueeze(0))[0] - reference).abs().mean().item()
