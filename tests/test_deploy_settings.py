@@ -1,8 +1,8 @@
 """The deploy settings table (``SETTINGS`` in steps/deploy.py) and everything made from it.
 
 One row per setting makes the DeploySettings fields, the flags of ``upsert``, ``deploy`` and ``iam deploy-policy``,
-the function's environment, its parsing and the settings table of docs/deployment.md. These tests take the settings from flags to the
-environment to the settings and back, with a bad value named at each hop.
+the function's environment, its parsing and the settings table of docs/deployment.md. These tests take the settings
+from flags to the environment to the settings and back, with a bad value named at each hop.
 """
 
 from __future__ import annotations

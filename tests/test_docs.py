@@ -6,6 +6,7 @@ README stays a short front page, and its quick-start commands are the ones CI (`
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -90,9 +91,12 @@ def test_every_relative_link_points_at_an_existing_file_and_heading(page: Path) 
             broken.append(f"{target}: leads outside the repository")
         elif not destination.exists():
             broken.append(f"{target}: no file {destination}")
-        elif fragment and destination.suffix == ".md":
-            if fragment not in heading_anchors(destination.read_text(encoding="utf-8")):
-                broken.append(f"{target}: {destination.name} has no heading with the anchor #{fragment}")
+        elif (
+            fragment
+            and destination.suffix == ".md"
+            and fragment not in heading_anchors(destination.read_text(encoding="utf-8"))
+        ):
+            broken.append(f"{target}: {destination.name} has no heading with the anchor #{fragment}")
     assert not broken, f"{page.relative_to(ROOT)} has broken links:\n" + "\n".join(broken)
 
 
@@ -156,10 +160,22 @@ def test_no_issue_numbers_or_paths_outside_the_repository() -> None:
 
 
 def test_heading_anchors_follow_github() -> None:
-    text = "# Training: `entrypoints/train.py`\n## Several processes: `torchrun`\n```\n# not a heading\n```\n## Tests\n## Tests\n"
+    text = (
+        "# Training: `entrypoints/train.py`\n## Several processes: `torchrun`\n"
+        "```\n# not a heading\n```\n## Tests\n## Tests\n"
+    )
     assert heading_anchors(text) == {
         "training-entrypointstrainpy",
         "several-processes-torchrun",
         "tests",
         "tests-1",
     }
+
+
+def test_the_cli_page_names_every_subcommand() -> None:
+    from pipelines.run import build_parser
+
+    subcommands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    cli_page = (DOCS / "cli.md").read_text(encoding="utf-8")
+    missing = [name for name in subcommands.choices if f"| `{name}" not in cli_page]
+    assert not missing, f"docs/cli.md has no row for: {missing}"
