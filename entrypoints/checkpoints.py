@@ -4,7 +4,7 @@ with the same key.
 A checkpoint's name carries the first 16 hex digits of the SHA-256 of its *fingerprint*: the hyperparameters
 that shape the weights (all but ``--epochs``), the global batch, and the data (``data.channel_fingerprint`` of
 both channels). So runs with other settings or other data never resume, overwrite or prune each other's files,
-even in one shared folder (a SageMaker job's ``checkpoint_s3_uri`` brings back every file it ever held).
+even in one folder they all use (a SageMaker job's ``checkpoint_s3_uri`` brings back every file it ever held).
 
 Files hold only tensors and plain values: they load with ``torch.load(weights_only=True)``. Shipped in the
 training ``source_dir``: imports only torch and the standard library.

@@ -602,7 +602,7 @@ def _check_deploy_settings(deploy_infra: Any, args: argparse.Namespace) -> None:
     if not (getattr(args, "deploy_role_arn", None) or os.environ.get(config.ENV_DEPLOY_ROLE_ARN)):
         raise CommandError(
             f"no role for the deploy Lambda: pass --deploy-role-arn or set {config.ENV_DEPLOY_ROLE_ARN} "
-            "(README: Deployment on approval), or pass --skip-deploy-wiring; nothing was changed"
+            "(docs/iam.md shows how to create it), or pass --skip-deploy-wiring; nothing was changed"
         )
     deploy_infra.settings_from_args(args, args.model_package_group, deploy_infra.execution_role_from_args(args))
 

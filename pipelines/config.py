@@ -25,7 +25,7 @@ ENDPOINT_NAME_PREFIX = deploy.SETTINGS_BY_NAME["resource_name_prefix"].default
 # --- deployment on approval (steps/deploy.py, wired by pipelines/deploy_infra.py) -------------------------------
 # The endpoint's settings (instance type, autoscaling, ...) and their defaults are rows of steps/deploy.py's
 # settings table; what is here is the function itself.
-ENV_DEPLOY_ROLE_ARN = "DEPLOY_LAMBDA_ROLE_ARN"  # the deploy Lambda's own role (see README: create it once)
+ENV_DEPLOY_ROLE_ARN = "DEPLOY_LAMBDA_ROLE_ARN"  # the deploy Lambda's own role (docs/iam.md: create it once)
 DEPLOY_RULE_TARGET_ID = "deploy-lambda"
 DEPLOY_LAMBDA_RUNTIME = "python3.12"
 DEPLOY_LAMBDA_TIMEOUT_SECONDS = 900  # the most Lambda allows: the handler may wait for a busy endpoint

@@ -9,8 +9,8 @@ each flag is named after the setting it fills, and goes through the same checks 
 the flags become the function's environment, which is parsed into the settings the function will see.
 
 The function's role is not created here (creating IAM roles needs more rights than deploying does): render
-its least-privilege policy with ``python -m pipelines.run iam deploy-policy`` and create the role once, as the
-README shows.
+its least-privilege policy with ``python -m pipelines.run iam deploy-policy`` and create the role once, as
+docs/iam.md shows.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def add_deploy_arguments(parser: argparse.ArgumentParser, *, with_step_arguments
         "--deploy-role-arn",
         default=None,
         help=f"IAM role of the deploy Lambda (default: ${config.ENV_DEPLOY_ROLE_ARN}); "
-        "create it with `python -m pipelines.run iam deploy-policy` as the README shows",
+        "create it with `python -m pipelines.run iam deploy-policy` as docs/iam.md shows",
     )
     group.add_argument(
         "--deploy-rule-name",
@@ -152,7 +152,7 @@ def settings_from_args(
 
 
 def settings_table_markdown() -> str:
-    """The settings table of the README's deployment section, made from steps/deploy.py's table."""
+    """The settings table of docs/deployment.md, made from steps/deploy.py's table."""
     lines = [
         "| flag | function's variable | type | default | what it sets |",
         "| --- | --- | --- | --- | --- |",
@@ -401,7 +401,7 @@ def upsert_from_args(args: argparse.Namespace, boto_session: Any, model_package_
     if not role_arn:
         raise CommandError(
             f"no role for the deploy Lambda: pass --deploy-role-arn or set {config.ENV_DEPLOY_ROLE_ARN} "
-            "(the README's 'Deployment on approval' section shows how to create it), "
+            "(docs/iam.md shows how to create it), "
             "or pass --skip-deploy-wiring"
         )
     execution_role_arn = execution_role_from_args(args)

@@ -132,7 +132,7 @@ def _policy_sources() -> dict[str, tuple[Any, tuple[str, ...]]]:
     return {
         "pipelines/iam/pipeline_role_policy.json": (
             iam.pipeline_role_policy_template(),
-            # KMS, VPC and extra inputs are upsert options the stack does not take (README: the pipeline role).
+            # KMS, VPC and extra inputs are upsert options the stack does not take (docs/iam.md: the pipeline role).
             (iam.KMS_SID_PREFIX, iam.VPC_SID_PREFIX, iam.EXTRA_INPUTS_SID_PREFIX),
         ),
         "pipelines/iam/pipeline_role_trust_policy.json": (iam.pipeline_role_trust_policy(), ()),

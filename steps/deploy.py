@@ -29,7 +29,7 @@ This file is zipped alone into the function: standard library and boto3 (in the 
 Its settings come from the function's environment, one variable per row of :data:`SETTINGS` (all strings, as
 Lambda passes them). That table is the only place a setting is written down: :class:`DeploySettings`, its
 parsing, the environment ``upsert`` gives the function, the command-line flags (``pipelines/deploy_infra.py``)
-and the settings table of the README are all made from it.
+and the settings table of docs/deployment.md are all made from it.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def session(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def deploy_role(session) -> str:
-    """The function's role, made the way the README says (the shipped trust policy)."""
+    """The function's role, made the way docs/iam.md says (the shipped trust policy)."""
     iam = session.client("iam")
     return iam.create_role(
         RoleName="imgclf-deploy-lambda", AssumeRolePolicyDocument=json.dumps(deploy_infra.trust_policy())

@@ -1,8 +1,8 @@
 """The deploy settings table (``SETTINGS`` in steps/deploy.py) and everything made from it.
 
 One row per setting makes the DeploySettings fields, the flags of ``upsert``, ``deploy`` and ``iam deploy-policy``,
-the function's environment, its parsing and the README's table. These tests take the settings from flags to the
-environment to the settings and back, with a bad value named at each hop.
+the function's environment, its parsing and the settings table of docs/deployment.md. These tests take the settings
+from flags to the environment to the settings and back, with a bad value named at each hop.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from steps import deploy
 
 GROUP = config.MODEL_PACKAGE_GROUP
 ROLE = "arn:aws:iam::123456789012:role/sagemaker-execution"
-README = Path(__file__).resolve().parents[1] / "README.md"
+DEPLOYMENT_DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
 TABLE_START = "<!-- deploy-settings-table: made from SETTINGS in steps/deploy.py -->"
 TABLE_END = "<!-- /deploy-settings-table -->"
 
@@ -219,13 +219,13 @@ def test_every_table_flag_is_on_each_command_that_sets_the_endpoint() -> None:
 # --- the documentation ----------------------------------------------------------------------------------------
 
 
-def test_readme_table_is_the_one_the_settings_make() -> None:
-    text = README.read_text(encoding="utf-8")
+def test_deployment_doc_table_is_the_one_the_settings_make() -> None:
+    text = DEPLOYMENT_DOC.read_text(encoding="utf-8")
     assert text.count(TABLE_START) == 1 and text.count(TABLE_END) == 1
     documented = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip("\n") + "\n"
     expected = deploy_infra.settings_table_markdown()
     assert documented == expected, (
-        f"the README's settings table is out of date; put this between the markers:\n{expected}"
+        f"the settings table of {DEPLOYMENT_DOC} is out of date; put this between the markers:\n{expected}"
     )
     for setting in deploy.SETTINGS:
         assert f"`{setting.env}`" in documented

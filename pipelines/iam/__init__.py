@@ -10,7 +10,7 @@ asked for, and names the container image repositories of the region (the AWS Dee
 registry is a different account in each region, so the template holds no account ID).
 
 ``python -m pipelines.run iam pipeline-policy`` prints the rendered policy, ``python -m pipelines.run iam
-pipeline-trust-policy`` the trust policy (sagemaker.amazonaws.com only). The README shows how to create the role
+pipeline-trust-policy`` the trust policy (sagemaker.amazonaws.com only). docs/iam.md shows how to create the role
 with both.
 """
 
