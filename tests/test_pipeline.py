@@ -89,7 +89,7 @@ def built() -> dict[str, Any]:
 
 
 def _steps(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from pipelines.pipeline import iter_steps
+    from pipelines.definition_check import iter_steps
 
     return {step["Name"]: step for step in iter_steps(definition)}
 
@@ -112,7 +112,7 @@ def _decode(value: str) -> Any:
 
 def test_step_graph_and_edges(built: dict[str, Any]) -> None:
     from pipelines import pipeline
-    from pipelines.pipeline import step_dependencies
+    from pipelines.definition_check import step_dependencies
 
     definition = built["default"]
     assert [(s["Name"], s["Type"]) for s in definition["Steps"]] == [
@@ -243,7 +243,8 @@ def test_deploy_function_name_and_account_come_from_the_builder_arguments() -> N
 
 
 def test_every_parameter_declared_typed_and_referenced(built: dict[str, Any]) -> None:
-    from pipelines.pipeline import PARAMETER_NAMES, iter_references
+    from pipelines.definition_check import iter_references
+    from pipelines.pipeline import PARAMETER_NAMES
 
     definition = built["default"]
     declared = {p["Name"]: p for p in definition["Parameters"]}
@@ -571,7 +572,7 @@ def test_building_twice_gives_identical_definitions_and_uploads_nothing(built: d
 
 
 def test_code_objects_are_content_addressed(built: dict[str, Any], tmp_path: Path) -> None:
-    from pipelines.pipeline import code_artifacts
+    from pipelines.packaging import code_artifacts
 
     artifacts = code_artifacts(BUCKET, config.PIPELINE_NAME)
     text = json.dumps(built["default"])
@@ -599,6 +600,43 @@ def test_code_objects_are_content_addressed(built: dict[str, Any], tmp_path: Pat
     # ...and any change of content gives a new path, so a cached step never runs old code.
     (copy_root / "entrypoints" / "train.py").write_text("print('changed')\n")
     assert code_artifacts(BUCKET, config.PIPELINE_NAME, copy_root).training.s3_uri != artifacts.training.s3_uri
+
+
+def test_code_object_addresses_and_bytes_are_pinned(tmp_path: Path) -> None:
+    """The code objects' URIs and archive bytes of a fixed tree, as they were before packaging shared fsutil's
+    file walk and tar entries: a change here moves every code URI (and so every cached step) of every pipeline."""
+    import hashlib
+
+    from pipelines.packaging import code_artifacts
+
+    files = {
+        "entrypoints/train.py": b"print('train')\n",
+        "entrypoints/b.py": b"B = 1\n",
+        "entrypoints/a/x.py": b"X = 2\n",
+        "entrypoints/a.py": b"A = 3\n",
+        "entrypoints/.hidden": b"not shipped",
+        "entrypoints/a/__pycache__/x.cpython-311.pyc": b"\0",
+        "steps/preprocess.py": b"P = 1\n",
+        "steps/evaluate.py": b"E = 1\n",
+    }
+    for name, body in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(body)
+    artifacts = code_artifacts("bucket", "Pipe", tmp_path)
+    pinned = {
+        "s3://bucket/Pipe/code/f1b1ad5d8513afc4fc3cef10cdf69828e3505b92c9794fc7abace43f522e3141/preprocess.py": (
+            "cbdc1da03a3dfe42fbad5ad88009bcbc2cd373ff54484639f89d6a2f0dc525f9"
+        ),
+        "s3://bucket/Pipe/code/93bdef4bef4f83c5517cc7b9c5afc0a62e9dea41c1d2f5c818a5f341bf3f5da6/evaluate.py": (
+            "95ce140a8b4c00a3b70da06601bee66543642ad255213036fd45fb40536b10f9"
+        ),
+        "s3://bucket/Pipe/code/2fc625f7f645bec6d1fd2c49a8f2461a34d4b646ab9a46ea3e9a4de5ed5ef434/sourcedir.tar.gz": (
+            "2430dbc88811b67ab9103908dafd1cce43152c1219cb0e30d4c8b50a8461c7f0"
+        ),
+    }
+    assert {item.s3_uri: hashlib.sha256(item.body).hexdigest() for item in artifacts.all()} == pinned
+    with tarfile.open(fileobj=io.BytesIO(artifacts.training.body), mode="r:gz") as archive:
+        assert archive.getnames() == ["a/x.py", "a.py", "b.py", "train.py"]
 
 
 def test_definition_command_is_offline_and_stable_across_processes(built: dict[str, Any], tmp_path: Path) -> None:
@@ -630,7 +668,7 @@ def test_definition_command_is_offline_and_stable_across_processes(built: dict[s
 
 
 def test_job_arguments_match_sagemaker_api_shapes(built: dict[str, Any]) -> None:
-    from pipelines.pipeline import STEP_API_OPERATIONS, check_definition
+    from pipelines.definition_check import STEP_API_OPERATIONS, check_definition
 
     for variant in ("default", "no_debugger", "all_options", "no_deploy", "demo", "distributed"):
         assert check_definition(built[variant]) == [], variant
@@ -740,7 +778,7 @@ def _mutations() -> list[tuple[str, Any, str]]:
 def test_checker_reports_what_sagemaker_would_refuse(
     built: dict[str, Any], case: str, mutate: Any, expected: str
 ) -> None:
-    from pipelines.pipeline import check_definition
+    from pipelines.definition_check import check_definition
 
     definition = copy.deepcopy(built["default"])
     mutate(definition)
