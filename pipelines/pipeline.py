@@ -86,6 +86,7 @@ from sagemaker.workflow.retry import (
 )
 from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep, TuningStep
 
+from entrypoints import train_args
 from pipelines import config, images
 from pipelines.config import (  # step names and container paths
     CHECKPOINT_LOCAL_PATH,
@@ -119,6 +120,15 @@ WEIGHTS_CHANNEL = "weights"
 
 # Hyperparameters that pipeline parameters fill (so they are neither static values nor tuned).
 PARAMETER_HYPERPARAMETERS = ("architecture", "epochs")
+
+
+def training_default(name: str) -> Any:
+    """train.py's default of a flag, keyed without "--" like the hyperparameters (read from its parser)."""
+    defaults = vars(train_args.get_args_parser().parse_args([]))
+    dest = name.replace("-", "_")
+    if dest not in defaults:
+        raise KeyError(f"entrypoints/train.py has no flag --{name}; see `python entrypoints/train.py --help`")
+    return defaults[dest]
 
 
 def framework_image_uri(region: str, scope: str, instance_type: str) -> str:
@@ -166,7 +176,8 @@ class PipelineOptions:
             serving instance types).
         serving_wheels_uri: s3:// prefix of a serving wheelhouse (``python -m pipelines.run wheelhouse``): ONNX
             Runtime for the evaluation container, and for the served artifact on an image that lacks it.
-        hyperparameters: every flag of entrypoints/train.py the jobs get, keyed without "--". Those in
+        hyperparameters: flags of entrypoints/train.py set for every job, keyed without "--"; a flag left out
+            keeps train.py's default (entrypoints/train_args.py, the one place those are written). Those in
             ``hyperparameter_ranges`` are tuned (the final training takes the best trial's values); "architecture"
             and "epochs" give the defaults of the Architecture and TuningEpochs parameters; the rest are static.
         hyperparameter_ranges: what the tuner searches.
@@ -203,7 +214,7 @@ class PipelineOptions:
     serving_instance_type: str = config.SERVING_INSTANCE_TYPE
     int8_serving: bool = True
     serving_wheels_uri: str | None = None
-    hyperparameters: Mapping[str, Any] = field(default_factory=lambda: dict(config.DEFAULT_HYPERPARAMETERS))
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     hyperparameter_ranges: Mapping[str, HyperparameterRange] = field(
         default_factory=lambda: dict(config.HYPERPARAMETER_RANGES)
     )
@@ -221,9 +232,6 @@ class PipelineOptions:
         for name in self.parameter_defaults:
             if name in OPTIONAL_PARAMETERS and not getattr(self, OPTIONAL_PARAMETERS[name]):
                 raise ValueError(missing_parameter_hint(name))
-        for name in PARAMETER_HYPERPARAMETERS:
-            if name not in self.hyperparameters:
-                raise ValueError(f"the hyperparameters need {name!r} (the default of its pipeline parameter)")
         fixed_and_tuned = sorted(set(PARAMETER_HYPERPARAMETERS) & set(self.hyperparameter_ranges))
         if fixed_and_tuned:
             raise ValueError(f"{', '.join(fixed_and_tuned)} is set by a pipeline parameter and cannot be tuned")
@@ -238,7 +246,7 @@ class PipelineOptions:
         if (
             self.network_isolation
             and not self.weights_uri
-            and str(self.hyperparameters.get("weights", "")).lower() not in ("none", "")
+            and str(self.hyperparameter("weights")).lower() not in ("none", "")
         ):
             raise ValueError(
                 "with network isolation the training job cannot download pretrained weights: "
@@ -256,6 +264,10 @@ class PipelineOptions:
                 "(1-64 letters, digits, hyphens or underscores)"
             )
 
+    def hyperparameter(self, name: str) -> Any:
+        """The value every job gets for a flag of train.py: the one set here, else train.py's default."""
+        return self.hyperparameters[name] if name in self.hyperparameters else training_default(name)
+
     def with_hyperparameters(self, overrides: Mapping[str, Any]) -> PipelineOptions:
         """These options with some hyperparameters fixed: a fixed one leaves the tuner's ranges."""
         return dataclasses.replace(
@@ -268,7 +280,7 @@ class PipelineOptions:
 def preset_options(preset: str = "default", **changes: Any) -> PipelineOptions:
     """The options of a named preset, with ``changes`` on top.
 
-    ``default`` is the production pipeline (config.DEFAULT_HYPERPARAMETERS, HYPERPARAMETER_RANGES and the
+    ``default`` is the production pipeline (train.py's defaults, config.HYPERPARAMETER_RANGES and the
     parameters' config defaults). ``demo`` trains a small CNN from random weights on small images in seconds
     per epoch on a CPU (config.DEMO_*): the local demo, or a cheap smoke test of the cloud setup.
     """
@@ -322,10 +334,10 @@ def parameter_defaults(options: PipelineOptions, bucket: str) -> dict[str, Any]:
         "ImageSize": config.IMAGE_SIZE,
         "ValidFraction": config.VALID_FRACTION,
         "TestFraction": config.TEST_FRACTION,
-        "Architecture": str(options.hyperparameters["architecture"]),
+        "Architecture": str(options.hyperparameter("architecture")),
         "MaxTuningJobs": config.MAX_TUNING_JOBS,
         "MaxParallelTuningJobs": config.MAX_PARALLEL_TUNING_JOBS,
-        "TuningEpochs": options.hyperparameters["epochs"],
+        "TuningEpochs": options.hyperparameter("epochs"),
         "TrainingEpochs": config.FINAL_TRAINING_EPOCHS,
         "AccuracyThreshold": config.ACCURACY_THRESHOLD,
         "ModelApprovalStatus": config.APPROVAL_STATUS,
@@ -760,7 +772,7 @@ def _tune_step(build: _Build, training: _TrainingJobs) -> TuningStep:
         early_stopping_type="Off" if strategy == "Hyperband" else "Auto",
         base_tuning_job_name=f"{build.prefix}-tune",
         warm_start_config=warm_start,
-        random_seed=int(options.hyperparameters.get("seed", config.DEFAULT_HYPERPARAMETERS["seed"])),
+        random_seed=int(options.hyperparameter("seed")),
     )
     return _StableTuningStep(
         name=STEP_TUNE,

@@ -88,6 +88,12 @@ def built() -> dict[str, Any]:
         }
 
 
+def training_default(name: str) -> Any:
+    from pipelines.pipeline import training_default as read_default
+
+    return read_default(name)
+
+
 def _steps(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
     from pipelines.definition_check import iter_steps
 
@@ -263,7 +269,8 @@ def test_every_parameter_declared_typed_and_referenced(built: dict[str, Any]) ->
     assert declared["AccuracyThreshold"]["Type"] == "Float"
     assert default("AccuracyThreshold") == config.ACCURACY_THRESHOLD
     assert default("TrainingEpochs") == config.FINAL_TRAINING_EPOCHS
-    assert default("TuningEpochs") == config.DEFAULT_HYPERPARAMETERS["epochs"]
+    assert default("TuningEpochs") == training_default("epochs")
+    assert default("Architecture") == training_default("architecture")
     assert default("ModelApprovalStatus") == "PendingManualApproval"
     assert declared["ModelApprovalStatus"]["EnumValues"] == list(config.APPROVAL_STATUSES)
     assert default("ModelPackageGroupName") == config.MODEL_PACKAGE_GROUP
@@ -300,6 +307,39 @@ def test_demo_preset_is_builder_options_of_the_same_pipeline(built: dict[str, An
     assert "input-size" not in _steps(default)["Train"]["Arguments"]["HyperParameters"]
     image = tune["TrainingJobDefinition"]["AlgorithmSpecification"]["TrainingImage"]
     assert f"pytorch-training:{config.TRAINING_FRAMEWORK_VERSION}-cpu-" in image  # CPU instance, CPU image
+
+
+def test_training_defaults_are_written_only_in_train_py(built: dict[str, Any]) -> None:
+    """Every hyperparameter a definition gives train.py is one of its flags, and is a pipeline parameter, tuned,
+    or a value other than train.py's default: a default written a second time in the pipeline would show here."""
+    from entrypoints import train_args
+
+    parser = train_args.get_args_parser()
+    defaults = vars(parser.parse_args([]))
+    parameter_set = {"architecture", "epochs", "input-size"}  # Architecture, *Epochs, ImageSize (demo)
+    checked = 0
+    for name in ("default", "demo", "all_options", "distributed"):
+        steps = _steps(built[name])
+        tune = steps["Tune"]["Arguments"]
+        ranges = tune["HyperParameterTuningJobConfig"]["ParameterRanges"]
+        tuned = {item["Name"] for kind in ranges.values() for item in kind}
+        for hyperparameters in (
+            tune["TrainingJobDefinition"]["StaticHyperParameters"],
+            steps["Train"]["Arguments"]["HyperParameters"],
+        ):
+            for key, value in hyperparameters.items():
+                if key.startswith("sagemaker_"):
+                    continue
+                dest = key.replace("-", "_")
+                assert dest in defaults, f"{name}: {key} is not a flag of entrypoints/train.py"
+                if key in parameter_set or key in tuned or isinstance(value, dict):
+                    continue
+                checked += 1
+                assert _decode(value) != defaults[dest], f"{name}: {key}={value} repeats train.py's default"
+    assert checked >= 3  # the demo's overrides (weights, trainable-blocks, horizontal-flip) were looked at
+    # the tuner's seed is train.py's --seed, read from the parser
+    seed = _steps(built["default"])["Tune"]["Arguments"]["HyperParameterTuningJobConfig"]["RandomSeed"]
+    assert seed == defaults["seed"]
 
 
 def test_fixed_hyperparameters_leave_the_search() -> None:
@@ -364,11 +404,9 @@ def test_tuning_ranges_objective_and_limits_match_config(built: dict[str, Any]) 
     static = definition["StaticHyperParameters"]
     assert static["epochs"] == {"Std:Join": {"On": "", "Values": [{"Get": "Parameters.TuningEpochs"}]}}
     assert static["architecture"] == {"Get": "Parameters.Architecture"}
-    for key, value in config.DEFAULT_HYPERPARAMETERS.items():
-        if key in config.HYPERPARAMETER_RANGES:
-            assert key not in static, f"{key} is tuned, so it must not also be static"
-        elif key not in ("epochs", "architecture"):
-            assert _decode(static[key]) == value, key
+    # the default preset sets nothing but its parameters: train.py's own defaults do the rest
+    assert {key for key in static if not key.startswith("sagemaker_")} == {"epochs", "architecture"}
+    assert not set(config.HYPERPARAMETER_RANGES) & set(static)
     assert "sagemaker_job_name" not in static  # a timestamp there would break determinism
     assert _decode(static["sagemaker_program"]) == "train.py"
     channels = [c["ChannelName"] for c in definition["InputDataConfig"]]
@@ -379,16 +417,13 @@ def test_training_takes_the_best_trials_hyperparameters_and_more_epochs(built: d
     train = _steps(built["default"])["Train"]["Arguments"]
     hyperparameters = train["HyperParameters"]
     user_keys = {key for key in hyperparameters if not key.startswith("sagemaker_")}
-    assert user_keys == set(config.DEFAULT_HYPERPARAMETERS)
+    assert user_keys == {"architecture", "epochs", *config.HYPERPARAMETER_RANGES}
     for key in config.HYPERPARAMETER_RANGES:
         assert hyperparameters[key] == {
             "Std:Join": {"On": "", "Values": [{"Get": f"Steps.Tune.BestTrainingJob.TunedHyperParameters['{key}']"}]}
         }, key
     assert hyperparameters["epochs"] == {"Std:Join": {"On": "", "Values": [{"Get": "Parameters.TrainingEpochs"}]}}
-    assert config.DEFAULT_HYPERPARAMETERS["epochs"] < config.FINAL_TRAINING_EPOCHS
-    for key, value in config.DEFAULT_HYPERPARAMETERS.items():
-        if key not in config.HYPERPARAMETER_RANGES and key not in ("epochs", "architecture"):
-            assert _decode(hyperparameters[key]) == value, key
+    assert training_default("epochs") < config.FINAL_TRAINING_EPOCHS
     assert train["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
     checkpoint_uri = train["CheckpointConfig"]["S3Uri"]["Std:Join"]["Values"]
     assert {"Get": "Steps.Tune.BestTrainingJob.TrainingJobName"} in checkpoint_uri
