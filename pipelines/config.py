@@ -46,6 +46,7 @@ DEPLOY_STEP_OUTPUTS = ("action", "endpoint_name", "model_package_arn")
 # Paths inside the containers (the defaults of steps/preprocess.py, steps/evaluate.py and entrypoints/train.py).
 PROCESSING_ROOT = "/opt/ml/processing"
 PREPROCESS_INPUT_DIR = f"{PROCESSING_ROOT}/input/data"
+PREPROCESS_CONTRACT_DIR = f"{PROCESSING_ROOT}/input/contract"  # contract.py, beside input/code/preprocess.py
 PREPROCESS_OUTPUT_DIR = f"{PROCESSING_ROOT}/output"
 EVALUATE_MODEL_DIR = f"{PROCESSING_ROOT}/model"
 EVALUATE_TEST_DIR = f"{PROCESSING_ROOT}/test"

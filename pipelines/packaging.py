@@ -26,14 +26,15 @@ class CodeArtifact:
 
 @dataclass(frozen=True)
 class CodeArtifacts:
-    """The code of the three jobs: the two processing scripts and the training ``sourcedir.tar.gz``."""
+    """The jobs' code: the processing scripts, the data contract beside them, the training ``sourcedir.tar.gz``."""
 
     preprocess: CodeArtifact
     evaluate: CodeArtifact
     training: CodeArtifact
+    contract: CodeArtifact  # entrypoints/contract.py, shipped beside the preprocessing script
 
     def all(self) -> list[CodeArtifact]:
-        return [self.preprocess, self.evaluate, self.training]
+        return [self.preprocess, self.evaluate, self.training, self.contract]
 
 
 def s3_uri(bucket: str, *parts: str) -> str:
@@ -74,12 +75,15 @@ def code_artifacts(bucket: str, pipeline_name: str, project_root: Path | None = 
         return CodeArtifact(s3_uri(bucket, pipeline_name, "code", _content_hash(files), file_name), body)
 
     scripts = {}
-    for script in ("preprocess.py", "evaluate.py"):
-        path = root / "steps" / script
+    for path in (
+        root / "steps" / "preprocess.py",
+        root / "steps" / "evaluate.py",
+        root / "entrypoints" / "contract.py",
+    ):
         if not path.is_file():
-            raise FileNotFoundError(f"pipeline step script {path} is missing")
-        files = [(script, path.read_bytes())]
-        scripts[script] = artifact(files, script, files[0][1])
+            raise FileNotFoundError(f"{path} is missing: the processing jobs run it")
+        files = [(path.name, path.read_bytes())]
+        scripts[path.name] = artifact(files, path.name, files[0][1])
     training_dir = root / "entrypoints"
     training_files = _source_files(training_dir)
     if "train.py" not in dict(training_files):
@@ -88,6 +92,7 @@ def code_artifacts(bucket: str, pipeline_name: str, project_root: Path | None = 
         preprocess=scripts["preprocess.py"],
         evaluate=scripts["evaluate.py"],
         training=artifact(training_files, "sourcedir.tar.gz", fsutil.tar_gz_bytes(training_files)),
+        contract=scripts["contract.py"],
     )
 
 

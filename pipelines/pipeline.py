@@ -96,6 +96,7 @@ from pipelines.config import (  # step names and container paths
     EVALUATE_VALID_DIR,
     EVALUATE_WHEELS_DIR,
     OUTPUT_EVALUATION,
+    PREPROCESS_CONTRACT_DIR,
     PREPROCESS_INPUT_DIR,
     PREPROCESS_OUTPUT_DIR,
     STEP_CHECK,
@@ -650,7 +651,13 @@ def _preprocess_step(build: _Build) -> ProcessingStep:
     params = build.params
     preprocess_args = _script_processor(build, "preprocess", params.processing_instance_count).run(
         code=build.code.preprocess.s3_uri,
-        inputs=[ProcessingInput(source=params.input_data_uri, destination=PREPROCESS_INPUT_DIR, input_name="data")],
+        inputs=[
+            ProcessingInput(source=params.input_data_uri, destination=PREPROCESS_INPUT_DIR, input_name="data"),
+            # contract.py beside the code input, where the script looks for it: one data contract, no copy
+            ProcessingInput(
+                source=build.code.contract.s3_uri, destination=PREPROCESS_CONTRACT_DIR, input_name="contract"
+            ),
+        ],
         outputs=[
             ProcessingOutput(
                 output_name=split,

@@ -653,6 +653,7 @@ def test_code_object_addresses_and_bytes_are_pinned(tmp_path: Path) -> None:
         "entrypoints/a/__pycache__/x.cpython-311.pyc": b"\0",
         "steps/preprocess.py": b"P = 1\n",
         "steps/evaluate.py": b"E = 1\n",
+        "entrypoints/contract.py": b"C = 1\n",
     }
     for name, body in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -665,13 +666,16 @@ def test_code_object_addresses_and_bytes_are_pinned(tmp_path: Path) -> None:
         "s3://bucket/Pipe/code/93bdef4bef4f83c5517cc7b9c5afc0a62e9dea41c1d2f5c818a5f341bf3f5da6/evaluate.py": (
             "95ce140a8b4c00a3b70da06601bee66543642ad255213036fd45fb40536b10f9"
         ),
-        "s3://bucket/Pipe/code/2fc625f7f645bec6d1fd2c49a8f2461a34d4b646ab9a46ea3e9a4de5ed5ef434/sourcedir.tar.gz": (
-            "2430dbc88811b67ab9103908dafd1cce43152c1219cb0e30d4c8b50a8461c7f0"
+        "s3://bucket/Pipe/code/d8be40bd282a1e071d16a7fb63dbfbc5865fb0120b236027027e910183dc36b8/sourcedir.tar.gz": (
+            "fdaab0471f02fa39acdc0725bedc5c1586d569bba33ac81a33d0c14cde4f10e7"
+        ),
+        "s3://bucket/Pipe/code/8f1c5eed234e4c8482f8321f1cf8bf4a7ecfe90ec3b8fa3e18a8468599b10868/contract.py": (
+            "287d7f1b076931fae11e7436824947f423fd129786d40059206218a90333de32"
         ),
     }
     assert {item.s3_uri: hashlib.sha256(item.body).hexdigest() for item in artifacts.all()} == pinned
     with tarfile.open(fileobj=io.BytesIO(artifacts.training.body), mode="r:gz") as archive:
-        assert archive.getnames() == ["a/x.py", "a.py", "b.py", "train.py"]
+        assert archive.getnames() == ["a/x.py", "a.py", "b.py", "contract.py", "train.py"]
 
 
 def test_definition_command_is_offline_and_stable_across_processes(built: dict[str, Any], tmp_path: Path) -> None:
