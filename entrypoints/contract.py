@@ -44,6 +44,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = 224  # the crop the network sees
 DEFAULT_RESIZE_SIZE = 256  # short side before the centre crop (and the processing step's default)
+TRAINABLE_ALL = "all"  # --trainable-blocks value that fine-tunes the whole backbone
 
 # --- metrics the training script logs, once per epoch -------------------------------------------------------
 OBJECTIVE_METRIC = "valid_accuracy"

@@ -62,8 +62,6 @@ ARCHITECTURES: dict[str, _Family] = {
     "convnext_tiny": _CONVNEXT,
 }
 
-TRAINABLE_ALL = "all"
-
 
 @dataclass
 class ModelConfig:
@@ -176,7 +174,7 @@ def head_module(model: nn.Module, arch: str) -> nn.Module:
 
 def parse_trainable_blocks(value: str | int) -> int | None:
     """``all`` -> None (everything trains); otherwise a non-negative count of last blocks that train."""
-    if isinstance(value, str) and value.strip().lower() == TRAINABLE_ALL:
+    if isinstance(value, str) and value.strip().lower() == contract.TRAINABLE_ALL:
         return None
     count = int(value)
     if count < 0:

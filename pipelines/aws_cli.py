@@ -460,7 +460,8 @@ def build_from_args(args: argparse.Namespace, boto_session: Any, offline: bool) 
     _quiet_sdk()
     from sagemaker.workflow.pipeline_context import PipelineSession
 
-    from pipelines.pipeline import check_definition, get_pipeline
+    from pipelines.definition_check import check_definition
+    from pipelines.pipeline import get_pipeline
 
     role, bucket = resolve_role(args), resolve_bucket(args)
     session = PipelineSession(boto_session=boto_session, default_bucket=bucket)
@@ -562,7 +563,7 @@ def _pipeline_exists(sagemaker_client: Any, name: str) -> bool:
 @_aws_errors
 def cmd_upsert(args: argparse.Namespace) -> int:
     """Create or update the pipeline, its model package group, its code objects and the deploy trigger."""
-    from pipelines.pipeline import code_artifacts, upload_code_artifacts
+    from pipelines.packaging import code_artifacts, upload_code_artifacts
 
     boto_session = make_boto_session(args)
     pipeline, _ = build_from_args(args, boto_session, offline=False)

@@ -46,6 +46,7 @@ DEPLOY_STEP_OUTPUTS = ("action", "endpoint_name", "model_package_arn")
 # Paths inside the containers (the defaults of steps/preprocess.py, steps/evaluate.py and entrypoints/train.py).
 PROCESSING_ROOT = "/opt/ml/processing"
 PREPROCESS_INPUT_DIR = f"{PROCESSING_ROOT}/input/data"
+PREPROCESS_CONTRACT_DIR = f"{PROCESSING_ROOT}/input/contract"  # contract.py, beside input/code/preprocess.py
 PREPROCESS_OUTPUT_DIR = f"{PROCESSING_ROOT}/output"
 EVALUATE_MODEL_DIR = f"{PROCESSING_ROOT}/model"
 EVALUATE_TEST_DIR = f"{PROCESSING_ROOT}/test"
@@ -94,24 +95,9 @@ SPLIT_SEED = 42
 OBJECTIVE_METRIC = contract.OBJECTIVE_METRIC
 METRIC_DEFINITIONS = contract.METRIC_DEFINITIONS
 
-# Hyperparameters of entrypoints/train.py, keyed by flag name without the leading "--". The tuning step
-# overrides the tuned ones with values from HYPERPARAMETER_RANGES.
-DEFAULT_HYPERPARAMETERS: dict[str, str | int | float] = {
-    "architecture": "resnet50",
-    "weights": "imagenet",
-    "epochs": 5,
-    "batch-size": 64,
-    "lr": 1e-3,
-    "optimizer": "adamw",
-    "weight-decay": 1e-4,
-    "eps": 1e-8,
-    "label-smoothing": 0.1,
-    "dropout": 0.2,
-    "hidden-units": 256,
-    "trainable-blocks": "1",
-    "scheduler": "cosine",
-    "seed": 42,
-}
+# Training defaults (epochs, batch size, learning rate, seed, ...) are written once, in entrypoints/train_args.py (the
+# parser of entrypoints/train.py); the pipeline passes only what it sets: the Architecture and TuningEpochs/
+# TrainingEpochs parameters, the tuned values of HYPERPARAMETER_RANGES, and a preset's overrides.
 FINAL_TRAINING_EPOCHS = 10  # the TrainingStep trains longer than each tuning trial
 
 
@@ -158,8 +144,7 @@ PRESETS = ("default", "demo")
 # --- the demo preset: seconds on a 2-core CPU, on scikit-learn's digits ------------------------------------------
 # A preset is a set of builder options (pipelines/pipeline.py: preset_options): `definition`, `upsert` and `local`
 # all take --preset demo, so the local demo runs the very definition a cheap cloud smoke test would upsert.
-DEMO_HYPERPARAMETERS: dict[str, str | int | float] = {
-    **DEFAULT_HYPERPARAMETERS,
+DEMO_HYPERPARAMETERS: dict[str, str | int | float] = {  # train.py's defaults otherwise
     "architecture": "resnet18",
     "weights": "none",
     "epochs": 4,  # each tuning trial (the TuningEpochs default)

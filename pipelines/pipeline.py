@@ -42,13 +42,6 @@ The SageMaker SDK is imported here at module level: import this module lazily fr
 from __future__ import annotations
 
 import dataclasses
-import functools
-import gzip
-import hashlib
-import io
-import json
-import re
-import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +86,7 @@ from sagemaker.workflow.retry import (
 )
 from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep, TuningStep
 
+from entrypoints import train_args
 from pipelines import config, images
 from pipelines.config import (  # step names and container paths
     CHECKPOINT_LOCAL_PATH,
@@ -102,6 +96,7 @@ from pipelines.config import (  # step names and container paths
     EVALUATE_VALID_DIR,
     EVALUATE_WHEELS_DIR,
     OUTPUT_EVALUATION,
+    PREPROCESS_CONTRACT_DIR,
     PREPROCESS_INPUT_DIR,
     PREPROCESS_OUTPUT_DIR,
     STEP_CHECK,
@@ -116,10 +111,8 @@ from pipelines.config import (  # step names and container paths
     HyperparameterRange,
 )
 from pipelines.iam import LAMBDA_FUNCTION_NAME, partition_for_region
+from pipelines.packaging import CodeArtifacts, code_artifacts, s3_uri
 from steps import evaluate as evaluate_step_script
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
 
 # The evaluation report's PropertyFile (read by the CheckAccuracy condition).
 PROPERTY_FILE_EVALUATION = "EvaluationReport"
@@ -128,6 +121,15 @@ WEIGHTS_CHANNEL = "weights"
 
 # Hyperparameters that pipeline parameters fill (so they are neither static values nor tuned).
 PARAMETER_HYPERPARAMETERS = ("architecture", "epochs")
+
+
+def training_default(name: str) -> Any:
+    """train.py's default of a flag, keyed without "--" like the hyperparameters (read from its parser)."""
+    defaults = vars(train_args.get_args_parser().parse_args([]))
+    dest = name.replace("-", "_")
+    if dest not in defaults:
+        raise KeyError(f"entrypoints/train.py has no flag --{name}; see `python entrypoints/train.py --help`")
+    return defaults[dest]
 
 
 def framework_image_uri(region: str, scope: str, instance_type: str) -> str:
@@ -175,7 +177,8 @@ class PipelineOptions:
             serving instance types).
         serving_wheels_uri: s3:// prefix of a serving wheelhouse (``python -m pipelines.run wheelhouse``): ONNX
             Runtime for the evaluation container, and for the served artifact on an image that lacks it.
-        hyperparameters: every flag of entrypoints/train.py the jobs get, keyed without "--". Those in
+        hyperparameters: flags of entrypoints/train.py set for every job, keyed without "--"; a flag left out
+            keeps train.py's default (entrypoints/train_args.py, the one place those are written). Those in
             ``hyperparameter_ranges`` are tuned (the final training takes the best trial's values); "architecture"
             and "epochs" give the defaults of the Architecture and TuningEpochs parameters; the rest are static.
         hyperparameter_ranges: what the tuner searches.
@@ -212,7 +215,7 @@ class PipelineOptions:
     serving_instance_type: str = config.SERVING_INSTANCE_TYPE
     int8_serving: bool = True
     serving_wheels_uri: str | None = None
-    hyperparameters: Mapping[str, Any] = field(default_factory=lambda: dict(config.DEFAULT_HYPERPARAMETERS))
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     hyperparameter_ranges: Mapping[str, HyperparameterRange] = field(
         default_factory=lambda: dict(config.HYPERPARAMETER_RANGES)
     )
@@ -230,9 +233,6 @@ class PipelineOptions:
         for name in self.parameter_defaults:
             if name in OPTIONAL_PARAMETERS and not getattr(self, OPTIONAL_PARAMETERS[name]):
                 raise ValueError(missing_parameter_hint(name))
-        for name in PARAMETER_HYPERPARAMETERS:
-            if name not in self.hyperparameters:
-                raise ValueError(f"the hyperparameters need {name!r} (the default of its pipeline parameter)")
         fixed_and_tuned = sorted(set(PARAMETER_HYPERPARAMETERS) & set(self.hyperparameter_ranges))
         if fixed_and_tuned:
             raise ValueError(f"{', '.join(fixed_and_tuned)} is set by a pipeline parameter and cannot be tuned")
@@ -247,7 +247,7 @@ class PipelineOptions:
         if (
             self.network_isolation
             and not self.weights_uri
-            and str(self.hyperparameters.get("weights", "")).lower() not in ("none", "")
+            and str(self.hyperparameter("weights")).lower() not in ("none", "")
         ):
             raise ValueError(
                 "with network isolation the training job cannot download pretrained weights: "
@@ -265,6 +265,10 @@ class PipelineOptions:
                 "(1-64 letters, digits, hyphens or underscores)"
             )
 
+    def hyperparameter(self, name: str) -> Any:
+        """The value every job gets for a flag of train.py: the one set here, else train.py's default."""
+        return self.hyperparameters[name] if name in self.hyperparameters else training_default(name)
+
     def with_hyperparameters(self, overrides: Mapping[str, Any]) -> PipelineOptions:
         """These options with some hyperparameters fixed: a fixed one leaves the tuner's ranges."""
         return dataclasses.replace(
@@ -277,7 +281,7 @@ class PipelineOptions:
 def preset_options(preset: str = "default", **changes: Any) -> PipelineOptions:
     """The options of a named preset, with ``changes`` on top.
 
-    ``default`` is the production pipeline (config.DEFAULT_HYPERPARAMETERS, HYPERPARAMETER_RANGES and the
+    ``default`` is the production pipeline (train.py's defaults, config.HYPERPARAMETER_RANGES and the
     parameters' config defaults). ``demo`` trains a small CNN from random weights on small images in seconds
     per epoch on a CPU (config.DEMO_*): the local demo, or a cheap smoke test of the cloud setup.
     """
@@ -331,10 +335,10 @@ def parameter_defaults(options: PipelineOptions, bucket: str) -> dict[str, Any]:
         "ImageSize": config.IMAGE_SIZE,
         "ValidFraction": config.VALID_FRACTION,
         "TestFraction": config.TEST_FRACTION,
-        "Architecture": str(options.hyperparameters["architecture"]),
+        "Architecture": str(options.hyperparameter("architecture")),
         "MaxTuningJobs": config.MAX_TUNING_JOBS,
         "MaxParallelTuningJobs": config.MAX_PARALLEL_TUNING_JOBS,
-        "TuningEpochs": options.hyperparameters["epochs"],
+        "TuningEpochs": options.hyperparameter("epochs"),
         "TrainingEpochs": config.FINAL_TRAINING_EPOCHS,
         "AccuracyThreshold": config.ACCURACY_THRESHOLD,
         "ModelApprovalStatus": config.APPROVAL_STATUS,
@@ -432,110 +436,6 @@ def sdk_parameter_ranges(
     return ranges
 
 
-# Files never shipped to a container (and never part of a code hash): caches and hidden files.
-_EXCLUDED_DIRS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
-_EXCLUDED_SUFFIXES = (".pyc", ".pyo")
-
-
-@dataclass(frozen=True)
-class CodeArtifact:
-    """One code object the pipeline's jobs read from S3, addressed by the hash of its content."""
-
-    s3_uri: str
-    body: bytes
-
-
-@dataclass(frozen=True)
-class CodeArtifacts:
-    """The code of the three jobs: the two processing scripts and the training ``sourcedir.tar.gz``."""
-
-    preprocess: CodeArtifact
-    evaluate: CodeArtifact
-    training: CodeArtifact
-
-    def all(self) -> list[CodeArtifact]:
-        return [self.preprocess, self.evaluate, self.training]
-
-
-def _source_files(directory: Path) -> list[tuple[str, bytes]]:
-    """(relative POSIX path, content) of every shipped file under directory, sorted."""
-    files = []
-    for path in sorted(directory.rglob("*")):
-        relative = path.relative_to(directory)
-        if any(part in _EXCLUDED_DIRS or part.startswith(".") for part in relative.parts):
-            continue
-        if path.is_file() and not path.name.endswith(_EXCLUDED_SUFFIXES):
-            files.append((relative.as_posix(), path.read_bytes()))
-    return files
-
-
-def _content_hash(files: list[tuple[str, bytes]]) -> str:
-    """SHA-256 over relative names and contents: the same on every machine and checkout folder.
-
-    (The SDK's own code hash includes the absolute path of the checkout, which changes with every CodeBuild
-    run, and the bytes of __pycache__, which change whenever tests run; either would defeat step caching.)
-    """
-    digest = hashlib.sha256()
-    for name, body in files:
-        digest.update(name.encode())
-        digest.update(b"\0")
-        digest.update(hashlib.sha256(body).digest())
-    return digest.hexdigest()
-
-
-def _deterministic_tar_gz(files: list[tuple[str, bytes]]) -> bytes:
-    """A .tar.gz with fixed times, owners and modes, so the same files give the same bytes."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, body in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(body)
-            info.mode = 0o644
-            info.mtime = 0
-            archive.addfile(info, io.BytesIO(body))
-    return gzip.compress(raw.getvalue(), compresslevel=9, mtime=0)
-
-
-def code_artifacts(bucket: str, pipeline_name: str, project_root: Path | None = None) -> CodeArtifacts:
-    """The code objects, at ``s3://<bucket>/<pipeline_name>/code/<content hash>/<file>``.
-
-    Pure: reads local files only. ``upload_code_artifacts`` puts them in S3 (``upsert`` does that).
-    """
-    root = Path(project_root) if project_root else PROJECT_ROOT
-
-    def artifact(files: list[tuple[str, bytes]], file_name: str, body: bytes) -> CodeArtifact:
-        return CodeArtifact(_s3(bucket, pipeline_name, "code", _content_hash(files), file_name), body)
-
-    scripts = {}
-    for script in ("preprocess.py", "evaluate.py"):
-        path = root / "steps" / script
-        if not path.is_file():
-            raise FileNotFoundError(f"pipeline step script {path} is missing")
-        files = [(script, path.read_bytes())]
-        scripts[script] = artifact(files, script, files[0][1])
-    training_dir = root / "entrypoints"
-    training_files = _source_files(training_dir)
-    if "train.py" not in dict(training_files):
-        raise FileNotFoundError(f"training entry point {training_dir / 'train.py'} is missing")
-    return CodeArtifacts(
-        preprocess=scripts["preprocess.py"],
-        evaluate=scripts["evaluate.py"],
-        training=artifact(training_files, "sourcedir.tar.gz", _deterministic_tar_gz(training_files)),
-    )
-
-
-def upload_code_artifacts(boto_session: Any, artifacts: CodeArtifacts, kms_key: str | None = None) -> list[str]:
-    """Put the code objects in S3 (idempotent: same content, same key). Returns their URIs."""
-    s3 = boto_session.client("s3")
-    extra: dict[str, str] = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else {}
-    uris = []
-    for item in artifacts.all():
-        bucket, _, key = item.s3_uri.removeprefix("s3://").partition("/")
-        s3.put_object(Bucket=bucket, Key=key, Body=item.body, **extra)
-        uris.append(item.s3_uri)
-    return uris
-
-
 class _TrainStepPyTorch(PyTorch):
     """The PyTorch estimator of the Train step, keeping the Debugger hook next to checkpointing on one instance.
 
@@ -628,10 +528,6 @@ def _retry_policies(job: bool) -> list:
     return policies
 
 
-def _s3(bucket: str, *parts: str) -> str:
-    return "s3://" + "/".join([bucket, *(part.strip("/") for part in parts)])
-
-
 def _execution_s3(bucket: str, pipeline_name: str, *parts: str) -> Join:
     """An S3 URI unique to each execution (outputs are not part of the cache key, so caching still works)."""
     return Join(on="/", values=["s3:/", bucket, pipeline_name, ExecutionVariables.PIPELINE_EXECUTION_ID, *parts])
@@ -645,7 +541,7 @@ def _debugger_settings(options: PipelineOptions, bucket: str) -> dict[str, Any]:
     """
     if not options.debugger:
         return {"debugger_hook_config": False, "disable_profiler": True}
-    debug_uri = _s3(bucket, options.pipeline_name, "debugger")
+    debug_uri = s3_uri(bucket, options.pipeline_name, "debugger")
     profiler = ProfilerConfig(s3_output_path=debug_uri, system_monitor_interval_millis=500)
     profiler_rules = [ProfilerRule.sagemaker(rule_configs.ProfilerReport())]
     if options.torch_distributed:
@@ -668,81 +564,105 @@ def _debugger_settings(options: PipelineOptions, bucket: str) -> dict[str, Any]:
     return {"rules": rules, "debugger_hook_config": hook, "profiler_config": profiler}
 
 
-def get_pipeline(
-    sagemaker_session: PipelineSession,
+@dataclass(frozen=True)
+class _Build:
+    """What every step's builder reads: the builder's arguments, the parameters and the job settings derived once."""
+
+    session: PipelineSession
+    role: str
+    bucket: str
+    region: str
+    account_id: str
+    options: PipelineOptions
+    params: PipelineParameters
+    code: CodeArtifacts
+    cache: CacheConfig | None
+    vpc: dict[str, list[str]]
+    kms: dict[str, str]
+    network_config: NetworkConfig | None
+    processing_image: str
+
+    @property
+    def name(self) -> str:
+        return self.options.pipeline_name
+
+    @property
+    def prefix(self) -> str:
+        return self.options.base_job_prefix
+
+
+def _build_settings(
+    session: PipelineSession,
     role: str,
-    bucket: str | None = None,
-    options: PipelineOptions | None = None,
-    project_root: Path | None = None,
-    account_id: str | None = None,
-) -> Pipeline:
-    """Build the pipeline. Pure: with ``bucket`` given it makes no AWS call and uploads nothing.
-
-    The code objects the definition names are put in S3 by ``upload_code_artifacts(code_artifacts(...))``
-    (the CLI's ``upsert`` does that before creating or updating the pipeline).
-
-    Args:
-        sagemaker_session: a PipelineSession (its region picks the container images).
-        role: the execution role ARN every job runs as.
-        bucket: the artifact bucket (default: the session's default bucket).
-        options: the switches that shape the definition (see PipelineOptions).
-        project_root: the folder holding entrypoints/ and steps/ (default: this project).
-        account_id: the account of the deploy Lambda the Deploy step invokes (default: the role's account).
-
-    Returns:
-        The Pipeline; ``pipeline.definition()`` is its JSON.
-    """
-    options = options or PipelineOptions()
-    options.validate()
-    bucket = bucket or sagemaker_session.default_bucket()
-    code = code_artifacts(bucket, options.pipeline_name, project_root)
-    region = sagemaker_session.boto_region_name
-    account_id = account_id or account_of_role(role)
-    params = make_parameters(options, bucket)
-    name = options.pipeline_name
-    prefix = options.base_job_prefix
-    cache = (
-        CacheConfig(enable_caching=True, expire_after=options.cache_expire_after)
-        if options.cache_expire_after
-        else None
-    )
+    bucket: str,
+    options: PipelineOptions,
+    project_root: Path | None,
+    account_id: str | None,
+) -> _Build:
     vpc = (
         {"subnets": list(options.subnets), "security_group_ids": list(options.security_group_ids)}
         if options.subnets
         else {}
     )
-    kms = {"volume_kms_key": options.kms_key, "output_kms_key": options.kms_key} if options.kms_key else {}
-
-    # --- Preprocess -------------------------------------------------------------------------------------------
-    processing_image = framework_image_uri(region, "training", options.processing_instance_type)
-    network_config = (
-        NetworkConfig(
-            enable_network_isolation=options.network_isolation,
-            security_group_ids=vpc.get("security_group_ids"),
-            subnets=vpc.get("subnets"),
-        )
-        if vpc or options.network_isolation
-        else None
-    )
-    preprocessor = ScriptProcessor(
-        image_uri=processing_image,
-        command=["python3"],
+    return _Build(
+        session=session,
         role=role,
-        instance_type=params.processing_instance_type,
-        instance_count=params.processing_instance_count,
-        base_job_name=f"{prefix}-preprocess",
-        sagemaker_session=sagemaker_session,
-        network_config=network_config,
-        **kms,
+        bucket=bucket,
+        region=session.boto_region_name,
+        account_id=account_id or account_of_role(role),
+        options=options,
+        params=make_parameters(options, bucket),
+        code=code_artifacts(bucket, options.pipeline_name, project_root),
+        cache=(
+            CacheConfig(enable_caching=True, expire_after=options.cache_expire_after)
+            if options.cache_expire_after
+            else None
+        ),
+        vpc=vpc,
+        kms={"volume_kms_key": options.kms_key, "output_kms_key": options.kms_key} if options.kms_key else {},
+        network_config=(
+            NetworkConfig(
+                enable_network_isolation=options.network_isolation,
+                security_group_ids=vpc.get("security_group_ids"),
+                subnets=vpc.get("subnets"),
+            )
+            if vpc or options.network_isolation
+            else None
+        ),
+        processing_image=framework_image_uri(session.boto_region_name, "training", options.processing_instance_type),
     )
-    preprocess_args = preprocessor.run(
-        code=code.preprocess.s3_uri,
-        inputs=[ProcessingInput(source=params.input_data_uri, destination=PREPROCESS_INPUT_DIR, input_name="data")],
+
+
+def _script_processor(build: _Build, job: str, instance_count: Any) -> ScriptProcessor:
+    return ScriptProcessor(
+        image_uri=build.processing_image,
+        command=["python3"],
+        role=build.role,
+        instance_type=build.params.processing_instance_type,
+        instance_count=instance_count,
+        base_job_name=f"{build.prefix}-{job}",
+        sagemaker_session=build.session,
+        network_config=build.network_config,
+        **build.kms,
+    )
+
+
+def _preprocess_step(build: _Build) -> ProcessingStep:
+    params = build.params
+    preprocess_args = _script_processor(build, "preprocess", params.processing_instance_count).run(
+        code=build.code.preprocess.s3_uri,
+        inputs=[
+            ProcessingInput(source=params.input_data_uri, destination=PREPROCESS_INPUT_DIR, input_name="data"),
+            # contract.py beside the code input, where the script looks for it: one data contract, no copy
+            ProcessingInput(
+                source=build.code.contract.s3_uri, destination=PREPROCESS_CONTRACT_DIR, input_name="contract"
+            ),
+        ],
         outputs=[
             ProcessingOutput(
                 output_name=split,
                 source=f"{PREPROCESS_OUTPUT_DIR}/{split}",
-                destination=_execution_s3(bucket, name, STEP_PREPROCESS, split),
+                destination=_execution_s3(build.bucket, build.name, STEP_PREPROCESS, split),
             )
             for split in config.SPLITS
         ],
@@ -760,47 +680,59 @@ def get_pipeline(
             "--seed",
             str(config.SPLIT_SEED),
         ],
-        kms_key=options.kms_key,
+        kms_key=build.options.kms_key,
     )
-    step_preprocess = ProcessingStep(
+    return ProcessingStep(
         name=STEP_PREPROCESS,
         display_name="Preprocess images",
         description="Validate, deduplicate, resize and split the input images into train/valid/test ImageFolders.",
         step_args=preprocess_args,
-        cache_config=cache,
+        cache_config=build.cache,
         retry_policies=_retry_policies(job=True),
     )
-    split_uri = {
-        split: step_preprocess.properties.ProcessingOutputConfig.Outputs[split].S3Output.S3Uri
-        for split in config.SPLITS
-    }
 
-    # --- shared training settings ----------------------------------------------------------------------------
+
+def _split_uri(step_preprocess: ProcessingStep, split: str) -> Any:
+    """The S3 URI of one split Preprocess wrote (a property of the step, so the edge is inferred)."""
+    return step_preprocess.properties.ProcessingOutputConfig.Outputs[split].S3Output.S3Uri
+
+
+@dataclass(frozen=True)
+class _TrainingJobs:
+    """What the tuning trials and the final training share: channels, estimator settings, static hyperparameters."""
+
+    channels: dict[str, TrainingInput]
+    estimator: dict[str, Any]
+    static_hyperparameters: dict[str, Any]
+    tuned_names: tuple[str, ...]
+
+
+def _training_jobs(build: _Build, step_preprocess: ProcessingStep) -> _TrainingJobs:
+    options, params = build.options, build.params
     channels: dict[str, TrainingInput] = {
-        "train": TrainingInput(s3_data=split_uri["train"]),
-        "valid": TrainingInput(s3_data=split_uri["valid"]),
+        split: TrainingInput(s3_data=_split_uri(step_preprocess, split)) for split in ("train", "valid")
     }
     if options.weights_uri:
         channels[WEIGHTS_CHANNEL] = TrainingInput(s3_data=options.weights_uri)
-    estimator_common: dict[str, Any] = {
+    estimator: dict[str, Any] = {
         "entry_point": "train.py",
-        "source_dir": code.training.s3_uri,
+        "source_dir": build.code.training.s3_uri,
         "framework_version": config.TRAINING_FRAMEWORK_VERSION,
         "py_version": config.PYTHON_VERSION,
-        "role": role,
+        "role": build.role,
         "instance_type": params.training_instance_type,
         # One instance for the trials; the Train step's count is TrainingInstanceCount with torch_distributed
         # only: a parameterised count makes the SDK drop the Debugger hook, which a single-node Train keeps.
         "instance_count": 1,
-        "image_uri": framework_image_uri(region, "training", options.training_instance_type),
+        "image_uri": framework_image_uri(build.region, "training", options.training_instance_type),
         "metric_definitions": config.METRIC_DEFINITIONS,
-        "sagemaker_session": sagemaker_session,
+        "sagemaker_session": build.session,
         "enable_network_isolation": options.network_isolation,
         "use_spot_instances": options.use_spot_instances,
         "max_run": options.max_runtime_seconds,
         "max_wait": options.max_wait_seconds if options.use_spot_instances else None,
-        "subnets": vpc.get("subnets"),
-        "security_group_ids": vpc.get("security_group_ids"),
+        "subnets": build.vpc.get("subnets"),
+        "security_group_ids": build.vpc.get("security_group_ids"),
         "volume_kms_key": options.kms_key,
         "output_kms_key": options.kms_key,
         "environment": {"PYTHONUNBUFFERED": "1"},
@@ -814,14 +746,17 @@ def get_pipeline(
     static_hyperparameters["architecture"] = params.architecture
     if options.train_at_image_size:
         static_hyperparameters["input-size"] = params.image_size
+    return _TrainingJobs(channels, estimator, static_hyperparameters, tuned_names)
 
-    # --- Tune --------------------------------------------------------------------------------------------------
+
+def _tune_step(build: _Build, training: _TrainingJobs) -> TuningStep:
+    options, params = build.options, build.params
     tuning_estimator = PyTorch(
-        **estimator_common,
-        output_path=_s3(bucket, name, "tuning"),
+        **training.estimator,
+        output_path=s3_uri(build.bucket, build.name, "tuning"),
         checkpoint_s3_uri=None,
-        hyperparameters={**static_hyperparameters, "epochs": params.tuning_epochs},
-        base_job_name=f"{prefix}-trial",
+        hyperparameters={**training.static_hyperparameters, "epochs": params.tuning_epochs},
+        base_job_name=f"{build.prefix}-trial",
         debugger_hook_config=False,
         disable_profiler=True,
     )
@@ -842,22 +777,24 @@ def get_pipeline(
         max_parallel_jobs=params.max_parallel_tuning_jobs,
         # Hyperband stops poor trials itself; SageMaker requires early stopping Off with it.
         early_stopping_type="Off" if strategy == "Hyperband" else "Auto",
-        base_tuning_job_name=f"{prefix}-tune",
+        base_tuning_job_name=f"{build.prefix}-tune",
         warm_start_config=warm_start,
-        random_seed=int(options.hyperparameters.get("seed", config.DEFAULT_HYPERPARAMETERS["seed"])),
+        random_seed=int(options.hyperparameter("seed")),
     )
-    step_tune = _StableTuningStep(
+    return _StableTuningStep(
         name=STEP_TUNE,
         display_name="Tune hyperparameters",
-        description=f"{strategy} search over {', '.join(tuned_names)}; objective {config.OBJECTIVE_METRIC}.",
-        step_args=tuner.fit(inputs=channels),
-        cache_config=cache,
+        description=f"{strategy} search over {', '.join(training.tuned_names)}; objective {config.OBJECTIVE_METRIC}.",
+        step_args=tuner.fit(inputs=training.channels),
+        cache_config=build.cache,
         retry_policies=_retry_policies(job=True),
     )
 
-    # --- Train -------------------------------------------------------------------------------------------------
+
+def _train_step(build: _Build, training: _TrainingJobs, step_tune: TuningStep) -> TrainingStep:
+    options, params = build.options, build.params
     best_job = step_tune.properties.BestTrainingJob
-    tuned = {key: best_job.TunedHyperParameters[key] for key in tuned_names}
+    tuned = {key: best_job.TunedHyperParameters[key] for key in training.tuned_names}
     distributed: dict[str, Any] = {}
     if options.torch_distributed:
         # torchrun on every instance, one process per GPU (one per CPU instance); the trials stay single-node.
@@ -866,52 +803,47 @@ def get_pipeline(
             "distribution": {"torch_distributed": {"enabled": True}},
         }
     training_estimator = _TrainStepPyTorch(
-        **{**estimator_common, **distributed},
-        output_path=_s3(bucket, name, "training"),
+        **{**training.estimator, **distributed},
+        output_path=s3_uri(build.bucket, build.name, "training"),
         # Keyed by the best trial: a cached Tune gives the same path (same cache key), a new Tune a new one,
         # so a job never resumes from another configuration's checkpoints.
-        checkpoint_s3_uri=Join(on="/", values=["s3:/", bucket, name, "checkpoints", best_job.TrainingJobName]),
+        checkpoint_s3_uri=Join(
+            on="/", values=["s3:/", build.bucket, build.name, "checkpoints", best_job.TrainingJobName]
+        ),
         checkpoint_local_path=CHECKPOINT_LOCAL_PATH,
-        hyperparameters={**static_hyperparameters, **tuned, "epochs": params.training_epochs},
-        base_job_name=f"{prefix}-train",
+        hyperparameters={**training.static_hyperparameters, **tuned, "epochs": params.training_epochs},
+        base_job_name=f"{build.prefix}-train",
         tensorboard_output_config=TensorBoardOutputConfig(
-            s3_output_path=_s3(bucket, name, "tensorboard"),
+            s3_output_path=s3_uri(build.bucket, build.name, "tensorboard"),
             container_local_output_path=TENSORBOARD_LOCAL_PATH,
         ),
-        **_debugger_settings(options, bucket),
+        **_debugger_settings(options, build.bucket),
     )
-    step_train = TrainingStep(
+    return TrainingStep(
         name=STEP_TRAIN,
         display_name="Train final model",
         description="Train with the best trial's hyperparameters for TrainingEpochs epochs"
         + (" under torchrun on TrainingInstanceCount instances." if options.torch_distributed else "."),
-        step_args=training_estimator.fit(inputs=channels),
-        cache_config=cache,
+        step_args=training_estimator.fit(inputs=training.channels),
+        cache_config=build.cache,
         retry_policies=_retry_policies(job=True),
     )
-    model_data = step_train.properties.ModelArtifacts.S3ModelArtifacts
 
-    # --- Evaluate ----------------------------------------------------------------------------------------------
-    evaluator = ScriptProcessor(
-        image_uri=processing_image,
-        command=["python3"],
-        role=role,
-        instance_type=params.processing_instance_type,
-        instance_count=1,
-        base_job_name=f"{prefix}-evaluate",
-        sagemaker_session=sagemaker_session,
-        network_config=network_config,
-        **kms,
-    )
-    evaluation_report = PropertyFile(
-        name=PROPERTY_FILE_EVALUATION, output_name=OUTPUT_EVALUATION, path=config.EVALUATION_FILE
-    )
-    # Evaluate also builds the int8 network (calibrated on the validation split), scores it beside fp32, and writes
-    # the artifact Register registers: the trained one plus the precision it chose (and the int8 network if so).
+
+def _evaluate_step(build: _Build, step_train: TrainingStep, step_preprocess: ProcessingStep) -> ProcessingStep:
+    """Evaluate also builds the int8 network (calibrated on the validation split), scores it beside fp32, and
+    writes the artifact Register registers: the trained one plus the precision it chose (and the int8 network)."""
+    options = build.options
     evaluate_inputs = [
-        ProcessingInput(source=model_data, destination=EVALUATE_MODEL_DIR, input_name="model"),
-        ProcessingInput(source=split_uri["test"], destination=EVALUATE_TEST_DIR, input_name="test"),
-        ProcessingInput(source=split_uri["valid"], destination=EVALUATE_VALID_DIR, input_name="valid"),
+        ProcessingInput(
+            source=step_train.properties.ModelArtifacts.S3ModelArtifacts,
+            destination=EVALUATE_MODEL_DIR,
+            input_name="model",
+        ),
+        ProcessingInput(source=_split_uri(step_preprocess, "test"), destination=EVALUATE_TEST_DIR, input_name="test"),
+        ProcessingInput(
+            source=_split_uri(step_preprocess, "valid"), destination=EVALUATE_VALID_DIR, input_name="valid"
+        ),
     ]
     int8_arguments = [
         "--valid-dir",
@@ -926,14 +858,14 @@ def get_pipeline(
             ProcessingInput(source=options.serving_wheels_uri, destination=EVALUATE_WHEELS_DIR, input_name="wheels")
         )
         int8_arguments += ["--wheels", EVALUATE_WHEELS_DIR]
-    evaluate_args = evaluator.run(
-        code=code.evaluate.s3_uri,
+    evaluate_args = _script_processor(build, "evaluate", 1).run(
+        code=build.code.evaluate.s3_uri,
         inputs=evaluate_inputs,
         outputs=[
             ProcessingOutput(
                 output_name=OUTPUT_EVALUATION,
                 source=EVALUATE_OUTPUT_DIR,
-                destination=_execution_s3(bucket, name, STEP_EVALUATE, OUTPUT_EVALUATION),
+                destination=_execution_s3(build.bucket, build.name, STEP_EVALUATE, OUTPUT_EVALUATION),
             )
         ],
         arguments=[
@@ -947,32 +879,42 @@ def get_pipeline(
         ],
         kms_key=options.kms_key,
     )
-    step_evaluate = ProcessingStep(
+    return ProcessingStep(
         name=STEP_EVALUATE,
         display_name="Evaluate on the test split",
         description="Accuracy, top-5, per-class metrics and the confusion matrix on the held-out test split; int8 "
         "scored beside fp32 and served if within a point; writes the artifact to register.",
         step_args=evaluate_args,
-        property_files=[evaluation_report],
-        cache_config=cache,
+        property_files=[
+            PropertyFile(name=PROPERTY_FILE_EVALUATION, output_name=OUTPUT_EVALUATION, path=config.EVALUATION_FILE)
+        ],
+        cache_config=build.cache,
         retry_policies=_retry_policies(job=True),
     )
-    evaluation_dir_uri = step_evaluate.properties.ProcessingOutputConfig.Outputs[OUTPUT_EVALUATION].S3Output.S3Uri
-    accuracy = JsonGet(
-        step_name=step_evaluate.name, property_file=evaluation_report, json_path=config.ACCURACY_JSON_PATH
+
+
+def _evaluation_dir_uri(step_evaluate: ProcessingStep) -> Any:
+    return step_evaluate.properties.ProcessingOutputConfig.Outputs[OUTPUT_EVALUATION].S3Output.S3Uri
+
+
+def _accuracy(step_evaluate: ProcessingStep) -> JsonGet:
+    """The test accuracy in Evaluate's report (its PropertyFile)."""
+    return JsonGet(
+        step_name=step_evaluate.name,
+        property_file=step_evaluate.property_files[0],
+        json_path=config.ACCURACY_JSON_PATH,
     )
 
-    # --- Register ----------------------------------------------------------------------------------------------
-    # The artifact registered is the one Evaluate scored and wrote beside its report: train.py's, plus the serving
-    # precision Evaluate chose (serving.json) and, for int8, the quantised network and its runtime's wheels, so the
-    # decision travels with the bytes (an offline check of the artifact answers as the endpoint does). It serves on
-    # both images with no repack step: the Ray Serve image runs its config.yaml and deployment.py, the legacy
-    # PyTorch image its code/inference.py, found through SAGEMAKER_PROGRAM. No entry_point is given, so the SDK
-    # adds no _RepackModel step.
-    served_model_data = Join(on="/", values=[evaluation_dir_uri, evaluate_step_script.SERVED_MODEL_ARCHIVE])
-    serving_image = images.serving_image_uri(
-        region, options.serving_instance_type, options.serving_image, options.serving_image_uri
-    )
+
+def _register_step(build: _Build, step_evaluate: ProcessingStep) -> ModelStep:
+    """The artifact registered is the one Evaluate scored and wrote beside its report: train.py's, plus the serving
+    precision Evaluate chose (serving.json) and, for int8, the quantised network and its runtime's wheels, so the
+    decision travels with the bytes (an offline check of the artifact answers as the endpoint does). It serves on
+    both images with no repack step: the Ray Serve image runs its config.yaml and deployment.py, the legacy
+    PyTorch image its code/inference.py, found through SAGEMAKER_PROGRAM. No entry_point is given, so the SDK
+    adds no _RepackModel step."""
+    options, params = build.options, build.params
+    evaluation_dir_uri = _evaluation_dir_uri(step_evaluate)
     serving_device = images.device_for(options.serving_instance_type)
     serving_instances = [options.serving_instance_type] + [
         instance_type
@@ -980,16 +922,18 @@ def get_pipeline(
         if instance_type != options.serving_instance_type and images.device_for(instance_type) == serving_device
     ]
     model = Model(
-        image_uri=serving_image,
-        model_data=served_model_data,
-        role=role,
+        image_uri=images.serving_image_uri(
+            build.region, options.serving_instance_type, options.serving_image, options.serving_image_uri
+        ),
+        model_data=Join(on="/", values=[evaluation_dir_uri, evaluate_step_script.SERVED_MODEL_ARCHIVE]),
+        role=build.role,
         env={
             "SAGEMAKER_PROGRAM": "inference.py",
             "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
             "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
-            "SAGEMAKER_REGION": region,
+            "SAGEMAKER_REGION": build.region,
         },
-        sagemaker_session=sagemaker_session,
+        sagemaker_session=build.session,
         enable_network_isolation=options.network_isolation,
         vpc_config=(
             {"Subnets": list(options.subnets), "SecurityGroupIds": list(options.security_group_ids)}
@@ -998,12 +942,6 @@ def get_pipeline(
         ),
         model_kms_key=options.kms_key,
     )
-    model_metrics = ModelMetrics(
-        model_statistics=MetricsSource(
-            s3_uri=Join(on="/", values=[evaluation_dir_uri, config.EVALUATION_FILE]),
-            content_type="application/json",
-        )
-    )
     register_args = model.register(
         content_types=list(config.REQUEST_CONTENT_TYPES),
         response_types=list(config.RESPONSE_CONTENT_TYPES),
@@ -1011,14 +949,19 @@ def get_pipeline(
         transform_instances=list(config.TRANSFORM_INSTANCE_TYPES),
         model_package_group_name=params.model_package_group_name,
         approval_status=params.model_approval_status,
-        model_metrics=model_metrics,
+        model_metrics=ModelMetrics(
+            model_statistics=MetricsSource(
+                s3_uri=Join(on="/", values=[evaluation_dir_uri, config.EVALUATION_FILE]),
+                content_type="application/json",
+            )
+        ),
         description="Fine-tuned torchvision image classifier registered by the pipeline.",
         domain="COMPUTER_VISION",
         task="IMAGE_CLASSIFICATION",
         framework="PYTORCH",
         framework_version=images.framework_version(options.serving_image),
     )
-    step_register = ModelStep(
+    return ModelStep(
         name=STEP_REGISTER,
         display_name="Register model",
         description="Register the model package with its evaluation report as model metrics.",
@@ -1026,396 +969,95 @@ def get_pipeline(
         retry_policies=_retry_policies(job=False),
     )
 
-    # --- Deploy -------------------------------------------------------------------------------------------------
-    # The deploy function `upsert` creates (steps/deploy.py) gets the new package's ARN. It starts the endpoint's
-    # create or blue/green update if the package is Approved (the ModelApprovalStatus parameter: auto-deploy for
-    # a dev or staging account) and returns at once; otherwise it returns awaiting-approval and EventBridge
-    # brings the approval to the same function later.
-    deploy_steps: list[LambdaStep] = []
-    if options.deploy_step:
-        deploy_steps.append(
-            _InvokeOnlyLambdaStep(
-                name=STEP_DEPLOY,
-                display_name="Deploy if approved",
-                description="Start the endpoint's create or blue/green update if the new model package is Approved; "
-                "otherwise return awaiting-approval (approving it later deploys it through EventBridge).",
-                lambda_func=Lambda(
-                    function_arn=deploy_function_arn(region, account_id, options.deploy_function_name),
-                    session=sagemaker_session,
-                ),
-                inputs={"model_package_arn": step_register.properties.ModelPackageArn},
-                outputs=[
-                    LambdaOutput(output_name=name, output_type=LambdaOutputTypeEnum.String)
-                    for name in config.DEPLOY_STEP_OUTPUTS
-                ],
-            )
-        )
 
-    # --- CheckAccuracy / Fail ----------------------------------------------------------------------------------
+def _deploy_steps(build: _Build, step_register: ModelStep) -> list[LambdaStep]:
+    """The deploy function `upsert` creates (steps/deploy.py) gets the new package's ARN. It starts the endpoint's
+    create or blue/green update if the package is Approved (the ModelApprovalStatus parameter: auto-deploy for a
+    dev or staging account) and returns at once; otherwise it returns awaiting-approval and EventBridge brings the
+    approval to the same function later. None when the option is off."""
+    options = build.options
+    if not options.deploy_step:
+        return []
+    step_deploy = _InvokeOnlyLambdaStep(
+        name=STEP_DEPLOY,
+        display_name="Deploy if approved",
+        description="Start the endpoint's create or blue/green update if the new model package is Approved; "
+        "otherwise return awaiting-approval (approving it later deploys it through EventBridge).",
+        lambda_func=Lambda(
+            function_arn=deploy_function_arn(build.region, build.account_id, options.deploy_function_name),
+            session=build.session,
+        ),
+        inputs={"model_package_arn": step_register.properties.ModelPackageArn},
+        outputs=[
+            LambdaOutput(output_name=name, output_type=LambdaOutputTypeEnum.String)
+            for name in config.DEPLOY_STEP_OUTPUTS
+        ],
+    )
+    return [step_deploy]
+
+
+def _check_step(build: _Build, step_evaluate: ProcessingStep, if_steps: list[Any]) -> ConditionStep:
+    """CheckAccuracy: the accuracy branch if Evaluate's accuracy reaches the threshold, else the FailStep."""
+    accuracy = _accuracy(step_evaluate)
+    threshold = build.params.accuracy_threshold
     step_fail = FailStep(
         name=STEP_FAIL,
         display_name="Accuracy below threshold",
         description="Stop without registering: the model is not accurate enough.",
-        error_message=Join(
-            on=" ",
-            values=["Test accuracy", accuracy, "is below the AccuracyThreshold", params.accuracy_threshold],
-        ),
+        error_message=Join(on=" ", values=["Test accuracy", accuracy, "is below the AccuracyThreshold", threshold]),
     )
-    step_check = ConditionStep(
+    return ConditionStep(
         name=STEP_CHECK,
         display_name="Check accuracy",
         description=f"Register only if {config.ACCURACY_JSON_PATH} >= AccuracyThreshold.",
-        conditions=[ConditionGreaterThanOrEqualTo(left=accuracy, right=params.accuracy_threshold)],
-        if_steps=[step_register, *deploy_steps],
+        conditions=[ConditionGreaterThanOrEqualTo(left=accuracy, right=threshold)],
+        if_steps=if_steps,
         else_steps=[step_fail],
     )
 
+
+def get_pipeline(
+    sagemaker_session: PipelineSession,
+    role: str,
+    bucket: str | None = None,
+    options: PipelineOptions | None = None,
+    project_root: Path | None = None,
+    account_id: str | None = None,
+) -> Pipeline:
+    """Build the pipeline drawn in the module docstring. Pure: with ``bucket`` given it makes no AWS call and
+    uploads nothing.
+
+    The code objects the definition names are put in S3 by ``upload_code_artifacts(code_artifacts(...))``
+    (the CLI's ``upsert`` does that before creating or updating the pipeline). One builder per step; each reads
+    its upstream steps' properties only, so SageMaker infers every edge.
+
+    Args:
+        sagemaker_session: a PipelineSession (its region picks the container images).
+        role: the execution role ARN every job runs as.
+        bucket: the artifact bucket (default: the session's default bucket).
+        options: the switches that shape the definition (see PipelineOptions).
+        project_root: the folder holding entrypoints/ and steps/ (default: this project).
+        account_id: the account of the deploy Lambda the Deploy step invokes (default: the role's account).
+
+    Returns:
+        The Pipeline; ``pipeline.definition()`` is its JSON.
+    """
+    options = options or PipelineOptions()
+    options.validate()
+    build = _build_settings(
+        sagemaker_session, role, bucket or sagemaker_session.default_bucket(), options, project_root, account_id
+    )
+    step_preprocess = _preprocess_step(build)
+    training = _training_jobs(build, step_preprocess)
+    step_tune = _tune_step(build, training)
+    step_train = _train_step(build, training, step_tune)
+    step_evaluate = _evaluate_step(build, step_train, step_preprocess)
+    step_register = _register_step(build, step_evaluate)
+    step_check = _check_step(build, step_evaluate, [step_register, *_deploy_steps(build, step_register)])
     return Pipeline(
-        name=name,
-        parameters=params.as_list(),
+        name=options.pipeline_name,
+        parameters=build.params.as_list(),
         steps=[step_preprocess, step_tune, step_train, step_evaluate, step_check],
         sagemaker_session=sagemaker_session,
         pipeline_definition_config=PipelineDefinitionConfig(use_custom_job_prefix=True),
     )
-
-
-# --- checking a definition against SageMaker's own API shapes (offline) ----------------------------------------
-#
-# SageMaker validates a pipeline's job arguments only when a step runs, hours into an execution. These checks
-# read botocore's SageMaker service model instead, so a wrong member name, a missing required member, a bad
-# enum value or a reference to something that does not exist fails `definition`/`upsert` and the tests.
-
-# Step type -> (the API call its Arguments are the request of, the Describe call its properties come from).
-STEP_API_OPERATIONS = {
-    "Processing": ("CreateProcessingJob", "DescribeProcessingJob"),
-    "Training": ("CreateTrainingJob", "DescribeTrainingJob"),
-    "Tuning": ("CreateHyperParameterTuningJob", "DescribeHyperParameterTuningJob"),
-    "RegisterModel": ("CreateModelPackage", "DescribeModelPackage"),
-}
-# Job names the pipeline service fills in (the SDK leaves them out unless custom prefixes are on).
-SERVICE_FILLED_MEMBERS = {"ProcessingJobName", "TrainingJobName", "HyperParameterTuningJobName"}
-EXECUTION_VARIABLE_NAMES = {
-    "CurrentDateTime",
-    "StartDateTime",
-    "PipelineArn",
-    "PipelineName",
-    "PipelineExecutionArn",
-    "PipelineExecutionId",
-    "ProcessingJobName",
-    "TrainingJobName",
-}
-_PARAMETER_VALUE_TYPES = {"String": "string", "Integer": "integer", "Float": "float", "Boolean": "boolean"}
-_LAMBDA_OUTPUT_TYPES = _PARAMETER_VALUE_TYPES  # a LambdaOutput's OutputType takes the same four names
-# Which expression value types each botocore scalar type accepts ("any" = unknown until run time).
-_ACCEPTED_TYPES = {
-    "string": {"string", "any"},
-    "integer": {"integer", "any"},
-    "long": {"integer", "any"},
-    "float": {"float", "integer", "any"},
-    "double": {"float", "integer", "any"},
-    "boolean": {"boolean", "any"},
-}
-
-
-@functools.lru_cache(maxsize=1)
-def _sagemaker_service_model() -> Any:
-    """botocore's SageMaker API model (loading it takes a second: once per process)."""
-    import botocore.session
-
-    return botocore.session.get_session().get_service_model("sagemaker")
-
-
-def iter_steps(definition: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every step of a definition, the ones nested in condition branches included."""
-    found = []
-    pending = list(definition.get("Steps", []))
-    while pending:
-        step = pending.pop(0)
-        found.append(step)
-        if step.get("Type") == "Condition":
-            pending.extend(step["Arguments"].get("IfSteps", []))
-            pending.extend(step["Arguments"].get("ElseSteps", []))
-    return found
-
-
-def _is_expression(value: Any) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("Get", "Std:Join", "Std:JsonGet")
-
-
-def iter_references(value: Any) -> list[str]:
-    """All ``{"Get": ...}`` reference strings anywhere inside value."""
-    found = []
-    if isinstance(value, dict):
-        if set(value) == {"Get"} and isinstance(value["Get"], str):
-            return [value["Get"]]
-        for item in value.values():
-            found.extend(iter_references(item))
-    elif isinstance(value, list):
-        for item in value:
-            found.extend(iter_references(item))
-    return found
-
-
-def split_property_path(path: str) -> list[str | int]:
-    """Split a property path: ``A.B['x'].C[0]`` gives ``["A", "B", "x", "C", 0]``."""
-    tokens: list[str | int] = []
-    for match in re.finditer(r"([^.\[\]]+)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]", path):
-        name, index, quoted, double = match.groups()
-        if index is not None:
-            tokens.append(int(index))
-        else:
-            tokens.append(next(text for text in (name, quoted, double) if text is not None))
-    return tokens
-
-
-class DefinitionChecker:
-    """Checks a pipeline definition (as a dict) and collects problems as readable lines."""
-
-    def __init__(self, definition: dict[str, Any]) -> None:
-        self.definition = definition
-        self.model = _sagemaker_service_model()
-        self.steps = {step["Name"]: step for step in iter_steps(definition)}
-        self.parameters = {p["Name"]: p for p in definition.get("Parameters", [])}
-        self.problems: list[str] = []
-
-    # -- entry point --------------------------------------------------------------------------------------------
-    def check(self) -> list[str]:
-        names = [step["Name"] for step in iter_steps(self.definition)]
-        for name in {n for n in names if names.count(n) > 1}:
-            self.problems.append(f"step name {name!r} is used more than once")
-        for step in self.steps.values():
-            operations = STEP_API_OPERATIONS.get(step.get("Type"))
-            if operations:  # the shape walk checks every expression it meets, references included
-                shape = self.model.operation_model(operations[0]).input_shape
-                self._check_value(step.get("Arguments", {}), shape, f"{step['Name']}.Arguments", top_level=True)
-            else:
-                for reference in iter_references(own_arguments(step)):
-                    self._expression_type({"Get": reference}, f"{step['Name']}.Arguments")
-            for dependency in step.get("DependsOn", []):
-                if dependency not in self.steps:
-                    self.problems.append(f"{step['Name']} depends on unknown step {dependency!r}")
-            if step.get("Type") == "Lambda":
-                self._check_lambda_step(step)
-        used = {ref.split(".", 1)[1] for ref in iter_references(self.definition) if ref.startswith("Parameters.")}
-        for name in self.parameters:
-            if name not in used:
-                self.problems.append(f"parameter {name} is declared but never used")
-        self._check_acyclic()
-        return self.problems
-
-    def _check_lambda_step(self, step: dict[str, Any]) -> None:
-        arn = step.get("FunctionArn")
-        if not (isinstance(arn, str) and re.fullmatch(r"arn:aws[a-z-]*:lambda:[a-z0-9-]+:\d{12}:function:[\w-]+", arn)):
-            self.problems.append(f"{step['Name']}: FunctionArn {arn!r} is not the ARN of a Lambda function")
-        names = [output.get("OutputName") for output in step.get("OutputParameters", [])]
-        for name in {n for n in names if names.count(n) > 1}:
-            self.problems.append(f"{step['Name']}: output {name!r} is declared more than once")
-        for output in step.get("OutputParameters", []):
-            if output.get("OutputType") not in _LAMBDA_OUTPUT_TYPES:
-                self.problems.append(f"{step['Name']}: output {output.get('OutputName')!r} has an unknown type")
-
-    # -- shapes -------------------------------------------------------------------------------------------------
-    def _check_value(self, value: Any, shape: Any, where: str, top_level: bool = False) -> None:
-        kind = shape.type_name
-        if _is_expression(value):
-            value_type = self._expression_type(value, where)
-            if kind not in _ACCEPTED_TYPES:
-                self.problems.append(f"{where}: an expression cannot stand for a {kind} ({shape.name})")
-            elif value_type not in _ACCEPTED_TYPES[kind]:
-                wanted = {"integer": "an integer", "long": "an integer", "boolean": "true/false"}.get(kind, f"a {kind}")
-                self.problems.append(f"{where}: expression gives a {value_type} where {shape.name} needs {wanted}")
-            return
-        if kind == "structure":
-            if not isinstance(value, dict):
-                self.problems.append(f"{where}: expected an object ({shape.name}), got {type(value).__name__}")
-                return
-            for member in value:
-                if member not in shape.members:
-                    self.problems.append(f"{where}: unknown member {member!r} of {shape.name}")
-            for member in shape.required_members:
-                if member not in value and not (top_level and member in SERVICE_FILLED_MEMBERS):
-                    self.problems.append(f"{where}: missing required member {member!r} of {shape.name}")
-            for member, item in value.items():
-                if member in shape.members:
-                    self._check_value(item, shape.members[member], f"{where}.{member}")
-        elif kind == "list":
-            if not isinstance(value, list):
-                self.problems.append(f"{where}: expected a list ({shape.name}), got {type(value).__name__}")
-                return
-            self._check_size(len(value), shape, where)
-            for index, item in enumerate(value):
-                self._check_value(item, shape.member, f"{where}[{index}]")
-        elif kind == "map":
-            if not isinstance(value, dict):
-                self.problems.append(f"{where}: expected a map ({shape.name}), got {type(value).__name__}")
-                return
-            self._check_size(len(value), shape, where)
-            for key, item in value.items():
-                self._check_value(key, shape.key, f"{where}[key {key!r}]")
-                self._check_value(item, shape.value, f"{where}[{key!r}]")
-        elif kind == "string":
-            if not isinstance(value, str):
-                self.problems.append(f"{where}: expected a string ({shape.name}), got {value!r}")
-                return
-            if shape.enum and value not in shape.enum:
-                self.problems.append(f"{where}: {value!r} is not one of {shape.name}'s values {shape.enum}")
-            self._check_size(len(value), shape, where)
-            self._check_pattern(value, shape, where)
-        elif kind in ("integer", "long"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                self.problems.append(f"{where}: expected an integer ({shape.name}), got {value!r}")
-                return
-            self._check_size(value, shape, where)
-        elif kind in ("float", "double"):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                self.problems.append(f"{where}: expected a number ({shape.name}), got {value!r}")
-        elif kind == "boolean" and not isinstance(value, bool):
-            self.problems.append(f"{where}: expected true/false ({shape.name}), got {value!r}")
-        # timestamps and blobs do not occur in pipeline job arguments
-
-    def _check_size(self, size: int, shape: Any, where: str) -> None:
-        low, high = shape.metadata.get("min"), shape.metadata.get("max")
-        if low is not None and size < low:
-            self.problems.append(f"{where}: {size} is below the minimum {low} of {shape.name}")
-        if high is not None and size > high:
-            self.problems.append(f"{where}: {size} is above the maximum {high} of {shape.name}")
-
-    def _check_pattern(self, value: str, shape: Any, where: str) -> None:
-        pattern = shape.metadata.get("pattern")
-        if not pattern:
-            return
-        try:
-            compiled = re.compile(pattern)
-        except re.error:  # Java-only syntax (\p{L}, \uD800 ranges): checked by the service alone
-            return
-        if not compiled.fullmatch(value):
-            self.problems.append(f"{where}: {value!r} does not match {shape.name}'s pattern {pattern}")
-
-    # -- expressions and references -----------------------------------------------------------------------------
-    def _expression_type(self, expression: dict[str, Any], where: str) -> str:
-        ((function, body),) = expression.items()
-        if function == "Std:Join":
-            for item in body.get("Values", []):
-                if _is_expression(item):
-                    self._expression_type(item, where)
-            return "string"
-        if function == "Std:JsonGet":
-            self._expression_type(body.get("PropertyFile", {}), where)
-            return "any"
-        return self._reference_type(body, where)
-
-    def _reference_type(self, reference: str, where: str) -> str:
-        root, _, rest = reference.partition(".")
-        if root == "Parameters":
-            parameter = self.parameters.get(rest)
-            if parameter is None:
-                self.problems.append(f"{where}: reference {reference} names no declared parameter")
-                return "any"
-            return _PARAMETER_VALUE_TYPES.get(parameter["Type"], "any")
-        if root == "Execution":
-            if rest not in EXECUTION_VARIABLE_NAMES:
-                self.problems.append(f"{where}: reference {reference} names no execution variable")
-            return "string"
-        if root == "Steps":
-            step_name, _, path = rest.partition(".")
-            step = self.steps.get(step_name)
-            if step is None:
-                self.problems.append(f"{where}: reference {reference} names no step")
-                return "any"
-            return self._step_property_type(step, path, reference, where)
-        self.problems.append(f"{where}: reference {reference} is neither a parameter, a step nor an execution variable")
-        return "any"
-
-    def _step_property_type(self, step: dict[str, Any], path: str, reference: str, where: str) -> str:
-        tokens = split_property_path(path)
-        if tokens[:1] == ["PropertyFiles"]:
-            declared = {p["PropertyFileName"] for p in step.get("PropertyFiles", [])}
-            if len(tokens) != 2 or tokens[1] not in declared:
-                self.problems.append(f"{where}: reference {reference} names no property file of {step['Name']}")
-            return "any"
-        if step.get("Type") == "Lambda":
-            outputs = {o.get("OutputName"): o.get("OutputType") for o in step.get("OutputParameters", [])}
-            if len(tokens) != 2 or tokens[0] != "OutputParameters" or tokens[1] not in outputs:
-                self.problems.append(f"{where}: reference {reference} names no output of {step['Name']}")
-                return "any"
-            return _LAMBDA_OUTPUT_TYPES.get(outputs[tokens[1]], "any")
-        operations = STEP_API_OPERATIONS.get(step.get("Type"))
-        if operations is None:
-            self.problems.append(f"{where}: reference {reference}: a {step.get('Type')} step has no properties")
-            return "any"
-        shape = self.model.operation_model(operations[1]).output_shape
-        for position, token in enumerate(tokens):
-            if isinstance(token, int):
-                if shape.type_name != "list":
-                    self.problems.append(f"{where}: reference {reference}: {shape.name} is not a list")
-                    return "any"
-                shape = shape.member
-            elif shape.type_name == "structure":
-                if token not in shape.members:
-                    self.problems.append(f"{where}: reference {reference}: {shape.name} has no member {token!r}")
-                    return "any"
-                shape = shape.members[token]
-            elif shape.type_name == "map":
-                shape = shape.value
-            elif shape.type_name == "list":  # a list indexed by name: processing outputs by OutputName
-                if tokens[position - 1] == "Outputs" and step.get("Type") == "Processing":
-                    outputs = step["Arguments"].get("ProcessingOutputConfig", {}).get("Outputs", [])
-                    if token not in {output.get("OutputName") for output in outputs}:
-                        self.problems.append(f"{where}: reference {reference}: {step['Name']} has no output {token!r}")
-                shape = shape.member
-            else:
-                self.problems.append(f"{where}: reference {reference}: cannot index a {shape.type_name}")
-                return "any"
-        return {"integer": "integer", "long": "integer", "float": "float", "double": "float"}.get(
-            shape.type_name, "string" if shape.type_name in ("string", "timestamp") else "any"
-        )
-
-    def _check_acyclic(self) -> None:
-        graph = step_dependencies(self.definition)
-        state: dict[str, int] = {}
-
-        def visit(name: str, trail: list[str]) -> None:
-            if state.get(name) == 1:
-                self.problems.append(f"steps form a cycle: {' -> '.join([*trail, name])}")
-                return
-            if state.get(name) == 2:
-                return
-            state[name] = 1
-            for upstream in sorted(graph.get(name, ())):
-                visit(upstream, [*trail, name])
-            state[name] = 2
-
-        for name in sorted(graph):
-            visit(name, [])
-
-
-def own_arguments(step: dict[str, Any]) -> Any:
-    """A step's arguments without the steps nested in it (a condition's branches are steps of their own)."""
-    arguments = step.get("Arguments", {})
-    if step.get("Type") == "Condition":
-        return {key: value for key, value in arguments.items() if key not in ("IfSteps", "ElseSteps")}
-    return arguments
-
-
-def step_dependencies(definition: dict[str, Any]) -> dict[str, set[str]]:
-    """Step name -> the steps it waits for (property references, DependsOn, and the enclosing condition)."""
-    graph: dict[str, set[str]] = {}
-    for step in iter_steps(definition):
-        upstream = set(step.get("DependsOn", []))
-        for reference in iter_references(own_arguments(step)):
-            if reference.startswith("Steps."):
-                upstream.add(reference.split(".")[1])
-        upstream.discard(step["Name"])
-        graph.setdefault(step["Name"], set()).update(upstream)
-        if step.get("Type") == "Condition":
-            for branch in ("IfSteps", "ElseSteps"):
-                for nested in step["Arguments"].get(branch, []):
-                    graph.setdefault(nested["Name"], set()).add(step["Name"])
-    return graph
-
-
-def check_definition(definition: dict[str, Any] | str) -> list[str]:
-    """Problems found in a pipeline definition (dict or JSON text); an empty list means it passed."""
-
-    parsed = json.loads(definition) if isinstance(definition, str) else definition
-    return DefinitionChecker(parsed).check()

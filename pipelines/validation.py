@@ -101,7 +101,7 @@ def parameter_argument(name: str, kind: type) -> Callable[[str], int | float]:
 
 
 def _references(value: Any) -> list[str]:
-    from pipelines.pipeline import iter_references
+    from pipelines.definition_check import iter_references
 
     return iter_references(value)
 
@@ -147,7 +147,7 @@ def parameter_values(definition: dict[str, Any], overrides: list[dict[str, str]]
 
 def parameter_problems(definition: dict[str, Any], values: Mapping[str, Any]) -> list[str]:
     """Each parameter's value against config.PARAMETER_BOUNDS and SageMaker's API shapes where it lands."""
-    from pipelines.pipeline import check_definition
+    from pipelines.definition_check import check_definition
 
     problems = [problem for name, value in values.items() if (problem := bound_problem(name, value))]
     before = set(check_definition(definition))
@@ -176,7 +176,7 @@ def _shortened(problem: str, shown: int = 6) -> str:
 
 def _training_jobs(definition: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(step name, hyperparameters) of every training job the definition starts (a tuning step's static ones)."""
-    from pipelines.pipeline import iter_steps
+    from pipelines.definition_check import iter_steps
 
     for step in iter_steps(definition):
         arguments = step.get("Arguments", {})
@@ -399,7 +399,7 @@ def script_argument_problems(
     ``accepted``: a folder of marks, one per argument lists the same script code accepted before; those are not
     parsed again, so a run with nothing changed does not import the scripts (train.py brings torch: seconds).
     """
-    from pipelines.pipeline import iter_steps
+    from pipelines.definition_check import iter_steps
 
     refusals: dict[str, list[str]] = {}  # "<script> refuses <what>" -> the steps it refuses it in
     with tempfile.TemporaryDirectory(prefix="channel-") as channel:

@@ -21,7 +21,8 @@ size through ``Image.draft``), made upright (EXIF), converted to RGB and shrunk 
 identical files never sit in two splits. Archives that would write outside their folder, fewer than two classes,
 a class with no usable image and unknown layouts are refused with a one-line error and exit status 2.
 
-This file runs alone in a processing container: it imports only the standard library, numpy and PIL.
+In a processing container it imports the standard library, numpy and PIL, and ``contract.py`` (the data
+contract's names), which the Preprocess step ships as its ``contract`` input beside the code input.
 """
 
 from __future__ import annotations
@@ -59,15 +60,26 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Names of the data contract. They equal entrypoints/contract.py's LABELS_FILE, MANIFEST_FILE and SPLITS
-# (tests/test_preprocess.py checks); they are written here because this file is shipped alone.
-LABELS_FILE = "labels.json"
-MANIFEST_FILE = "manifest.json"
-SPLITS = ("train", "valid", "test")
+# The data contract (entrypoints/contract.py), never copied here. Imported as ``steps.preprocess``: the package's.
+# Run as a script: in a processing container, the Preprocess step's "contract" input, a folder beside the code
+# input (/opt/ml/processing/input/{code,contract}); in a checkout (``python steps/preprocess.py``), entrypoints/.
+if __package__:
+    from entrypoints import contract
+else:
+    _ROOT = Path(os.path.abspath(__file__)).parent.parent  # abspath: a linked script still finds its neighbours
+    for _folder in (_ROOT / "contract", _ROOT / "entrypoints"):
+        if (_folder / "contract.py").is_file():
+            sys.path.insert(0, str(_folder))
+            break
+    import contract  # type: ignore[no-redef]
+
+LABELS_FILE = contract.LABELS_FILE
+MANIFEST_FILE = contract.MANIFEST_FILE
+SPLITS = contract.SPLITS
 
 DEFAULT_INPUT = "/opt/ml/processing/input/data"
 DEFAULT_OUTPUT_DIR = "/opt/ml/processing/output"
-DEFAULT_IMAGE_SIZE = 256  # contract.DEFAULT_RESIZE_SIZE: the short side training resizes to before its crop
+DEFAULT_IMAGE_SIZE = contract.DEFAULT_RESIZE_SIZE  # the short side training resizes to before its crop
 DEFAULT_VALID_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.1
 DEFAULT_SEED = 42

@@ -133,7 +133,7 @@ def test_upsert_creates_then_updates(aws: Any, capsys: pytest.CaptureFixture[str
     sagemaker.describe_model_package_group(ModelPackageGroupName=config.MODEL_PACKAGE_GROUP)
 
     # The code objects the definition names are in S3, byte for byte.
-    from pipelines.pipeline import code_artifacts
+    from pipelines.packaging import code_artifacts
 
     s3 = aws.client("s3")
     for artifact in code_artifacts(BUCKET, config.PIPELINE_NAME).all():

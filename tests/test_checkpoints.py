@@ -14,7 +14,7 @@ import pytest
 import torch
 from _training import one_torch_thread, train_argv, write_split  # noqa: F401 - one thread for every test
 
-from entrypoints import checkpoints, contract, train
+from entrypoints import checkpoints, contract, train, train_args
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def _toolkit_env(monkeypatch: pytest.MonkeyPatch, base: Path | None, machine_bas
     for name in list(os.environ):
         if name.startswith(("SM_", "SAGEMAKER_")):
             monkeypatch.delenv(name)
-    monkeypatch.setattr(train, "SAGEMAKER_BASE_DIR", str(machine_base))  # no real /opt/ml is consulted
+    monkeypatch.setattr(train_args, "SAGEMAKER_BASE_DIR", str(machine_base))  # no real /opt/ml is consulted
     if base is not None:  # what the training toolkit exports for SAGEMAKER_BASE_DIR=<base>
         monkeypatch.setenv("SM_INPUT_DIR", str(base / "input"))
         monkeypatch.setenv("SM_INPUT_CONFIG_DIR", str(base / "input" / "config"))

@@ -139,7 +139,7 @@ def test_conditions(condition: dict[str, Any], outcome: bool, reading: str) -> N
 
 
 def _steps(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from pipelines.pipeline import iter_steps
+    from pipelines.definition_check import iter_steps
 
     return {step["Name"]: step for step in iter_steps(definition)}
 

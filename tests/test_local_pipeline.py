@@ -126,8 +126,8 @@ def _images(folder: Path) -> list[Path]:
 
 
 def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) -> None:
+    from pipelines.definition_check import iter_steps
     from pipelines.local.runner import LocalRunOptions, build_definition
-    from pipelines.pipeline import iter_steps
 
     assert first_run.code == 0, first_run.stderr
     assert first_run.folder.name == "run-0001"
@@ -230,7 +230,7 @@ def _references(value: Any, name: str, path: tuple = ()) -> list[tuple]:
 
 def _places(definition: dict, parameter: str) -> set[tuple]:
     """(step name, first key of its arguments, the key after it) of each place a parameter reaches."""
-    from pipelines.pipeline import iter_steps, own_arguments
+    from pipelines.definition_check import iter_steps, own_arguments
 
     return {
         (step["Name"], *path[:3])
@@ -401,7 +401,7 @@ def test_approving_the_new_version_deploys_it_through_the_deploy_function(
 
 
 def test_unmet_threshold_runs_the_fail_step_with_its_message(failed_run: Run, first_run: Run) -> None:
-    from pipelines.pipeline import iter_steps
+    from pipelines.definition_check import iter_steps
 
     assert failed_run.code == 1
     accuracy = json.loads((failed_run.folder / "evaluate/opt/ml/processing/evaluation/evaluation.json").read_text())

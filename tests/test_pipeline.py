@@ -88,8 +88,14 @@ def built() -> dict[str, Any]:
         }
 
 
+def training_default(name: str) -> Any:
+    from pipelines.pipeline import training_default as read_default
+
+    return read_default(name)
+
+
 def _steps(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from pipelines.pipeline import iter_steps
+    from pipelines.definition_check import iter_steps
 
     return {step["Name"]: step for step in iter_steps(definition)}
 
@@ -112,7 +118,7 @@ def _decode(value: str) -> Any:
 
 def test_step_graph_and_edges(built: dict[str, Any]) -> None:
     from pipelines import pipeline
-    from pipelines.pipeline import step_dependencies
+    from pipelines.definition_check import step_dependencies
 
     definition = built["default"]
     assert [(s["Name"], s["Type"]) for s in definition["Steps"]] == [
@@ -243,7 +249,8 @@ def test_deploy_function_name_and_account_come_from_the_builder_arguments() -> N
 
 
 def test_every_parameter_declared_typed_and_referenced(built: dict[str, Any]) -> None:
-    from pipelines.pipeline import PARAMETER_NAMES, iter_references
+    from pipelines.definition_check import iter_references
+    from pipelines.pipeline import PARAMETER_NAMES
 
     definition = built["default"]
     declared = {p["Name"]: p for p in definition["Parameters"]}
@@ -262,7 +269,8 @@ def test_every_parameter_declared_typed_and_referenced(built: dict[str, Any]) ->
     assert declared["AccuracyThreshold"]["Type"] == "Float"
     assert default("AccuracyThreshold") == config.ACCURACY_THRESHOLD
     assert default("TrainingEpochs") == config.FINAL_TRAINING_EPOCHS
-    assert default("TuningEpochs") == config.DEFAULT_HYPERPARAMETERS["epochs"]
+    assert default("TuningEpochs") == training_default("epochs")
+    assert default("Architecture") == training_default("architecture")
     assert default("ModelApprovalStatus") == "PendingManualApproval"
     assert declared["ModelApprovalStatus"]["EnumValues"] == list(config.APPROVAL_STATUSES)
     assert default("ModelPackageGroupName") == config.MODEL_PACKAGE_GROUP
@@ -299,6 +307,39 @@ def test_demo_preset_is_builder_options_of_the_same_pipeline(built: dict[str, An
     assert "input-size" not in _steps(default)["Train"]["Arguments"]["HyperParameters"]
     image = tune["TrainingJobDefinition"]["AlgorithmSpecification"]["TrainingImage"]
     assert f"pytorch-training:{config.TRAINING_FRAMEWORK_VERSION}-cpu-" in image  # CPU instance, CPU image
+
+
+def test_training_defaults_are_written_only_in_train_py(built: dict[str, Any]) -> None:
+    """Every hyperparameter a definition gives train.py is one of its flags, and is a pipeline parameter, tuned,
+    or a value other than train.py's default: a default written a second time in the pipeline would show here."""
+    from entrypoints import train_args
+
+    parser = train_args.get_args_parser()
+    defaults = vars(parser.parse_args([]))
+    parameter_set = {"architecture", "epochs", "input-size"}  # Architecture, *Epochs, ImageSize (demo)
+    checked = 0
+    for name in ("default", "demo", "all_options", "distributed"):
+        steps = _steps(built[name])
+        tune = steps["Tune"]["Arguments"]
+        ranges = tune["HyperParameterTuningJobConfig"]["ParameterRanges"]
+        tuned = {item["Name"] for kind in ranges.values() for item in kind}
+        for hyperparameters in (
+            tune["TrainingJobDefinition"]["StaticHyperParameters"],
+            steps["Train"]["Arguments"]["HyperParameters"],
+        ):
+            for key, value in hyperparameters.items():
+                if key.startswith("sagemaker_"):
+                    continue
+                dest = key.replace("-", "_")
+                assert dest in defaults, f"{name}: {key} is not a flag of entrypoints/train.py"
+                if key in parameter_set or key in tuned or isinstance(value, dict):
+                    continue
+                checked += 1
+                assert _decode(value) != defaults[dest], f"{name}: {key}={value} repeats train.py's default"
+    assert checked >= 3  # the demo's overrides (weights, trainable-blocks, horizontal-flip) were looked at
+    # the tuner's seed is train.py's --seed, read from the parser
+    seed = _steps(built["default"])["Tune"]["Arguments"]["HyperParameterTuningJobConfig"]["RandomSeed"]
+    assert seed == defaults["seed"]
 
 
 def test_fixed_hyperparameters_leave_the_search() -> None:
@@ -363,11 +404,9 @@ def test_tuning_ranges_objective_and_limits_match_config(built: dict[str, Any]) 
     static = definition["StaticHyperParameters"]
     assert static["epochs"] == {"Std:Join": {"On": "", "Values": [{"Get": "Parameters.TuningEpochs"}]}}
     assert static["architecture"] == {"Get": "Parameters.Architecture"}
-    for key, value in config.DEFAULT_HYPERPARAMETERS.items():
-        if key in config.HYPERPARAMETER_RANGES:
-            assert key not in static, f"{key} is tuned, so it must not also be static"
-        elif key not in ("epochs", "architecture"):
-            assert _decode(static[key]) == value, key
+    # the default preset sets nothing but its parameters: train.py's own defaults do the rest
+    assert {key for key in static if not key.startswith("sagemaker_")} == {"epochs", "architecture"}
+    assert not set(config.HYPERPARAMETER_RANGES) & set(static)
     assert "sagemaker_job_name" not in static  # a timestamp there would break determinism
     assert _decode(static["sagemaker_program"]) == "train.py"
     channels = [c["ChannelName"] for c in definition["InputDataConfig"]]
@@ -378,16 +417,13 @@ def test_training_takes_the_best_trials_hyperparameters_and_more_epochs(built: d
     train = _steps(built["default"])["Train"]["Arguments"]
     hyperparameters = train["HyperParameters"]
     user_keys = {key for key in hyperparameters if not key.startswith("sagemaker_")}
-    assert user_keys == set(config.DEFAULT_HYPERPARAMETERS)
+    assert user_keys == {"architecture", "epochs", *config.HYPERPARAMETER_RANGES}
     for key in config.HYPERPARAMETER_RANGES:
         assert hyperparameters[key] == {
             "Std:Join": {"On": "", "Values": [{"Get": f"Steps.Tune.BestTrainingJob.TunedHyperParameters['{key}']"}]}
         }, key
     assert hyperparameters["epochs"] == {"Std:Join": {"On": "", "Values": [{"Get": "Parameters.TrainingEpochs"}]}}
-    assert config.DEFAULT_HYPERPARAMETERS["epochs"] < config.FINAL_TRAINING_EPOCHS
-    for key, value in config.DEFAULT_HYPERPARAMETERS.items():
-        if key not in config.HYPERPARAMETER_RANGES and key not in ("epochs", "architecture"):
-            assert _decode(hyperparameters[key]) == value, key
+    assert training_default("epochs") < config.FINAL_TRAINING_EPOCHS
     assert train["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
     checkpoint_uri = train["CheckpointConfig"]["S3Uri"]["Std:Join"]["Values"]
     assert {"Get": "Steps.Tune.BestTrainingJob.TrainingJobName"} in checkpoint_uri
@@ -571,7 +607,7 @@ def test_building_twice_gives_identical_definitions_and_uploads_nothing(built: d
 
 
 def test_code_objects_are_content_addressed(built: dict[str, Any], tmp_path: Path) -> None:
-    from pipelines.pipeline import code_artifacts
+    from pipelines.packaging import code_artifacts
 
     artifacts = code_artifacts(BUCKET, config.PIPELINE_NAME)
     text = json.dumps(built["default"])
@@ -599,6 +635,47 @@ def test_code_objects_are_content_addressed(built: dict[str, Any], tmp_path: Pat
     # ...and any change of content gives a new path, so a cached step never runs old code.
     (copy_root / "entrypoints" / "train.py").write_text("print('changed')\n")
     assert code_artifacts(BUCKET, config.PIPELINE_NAME, copy_root).training.s3_uri != artifacts.training.s3_uri
+
+
+def test_code_object_addresses_and_bytes_are_pinned(tmp_path: Path) -> None:
+    """The code objects' URIs and archive bytes of a fixed tree, as they were before packaging shared fsutil's
+    file walk and tar entries: a change here moves every code URI (and so every cached step) of every pipeline."""
+    import hashlib
+
+    from pipelines.packaging import code_artifacts
+
+    files = {
+        "entrypoints/train.py": b"print('train')\n",
+        "entrypoints/b.py": b"B = 1\n",
+        "entrypoints/a/x.py": b"X = 2\n",
+        "entrypoints/a.py": b"A = 3\n",
+        "entrypoints/.hidden": b"not shipped",
+        "entrypoints/a/__pycache__/x.cpython-311.pyc": b"\0",
+        "steps/preprocess.py": b"P = 1\n",
+        "steps/evaluate.py": b"E = 1\n",
+        "entrypoints/contract.py": b"C = 1\n",
+    }
+    for name, body in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(body)
+    artifacts = code_artifacts("bucket", "Pipe", tmp_path)
+    pinned = {
+        "s3://bucket/Pipe/code/f1b1ad5d8513afc4fc3cef10cdf69828e3505b92c9794fc7abace43f522e3141/preprocess.py": (
+            "cbdc1da03a3dfe42fbad5ad88009bcbc2cd373ff54484639f89d6a2f0dc525f9"
+        ),
+        "s3://bucket/Pipe/code/93bdef4bef4f83c5517cc7b9c5afc0a62e9dea41c1d2f5c818a5f341bf3f5da6/evaluate.py": (
+            "95ce140a8b4c00a3b70da06601bee66543642ad255213036fd45fb40536b10f9"
+        ),
+        "s3://bucket/Pipe/code/d8be40bd282a1e071d16a7fb63dbfbc5865fb0120b236027027e910183dc36b8/sourcedir.tar.gz": (
+            "fdaab0471f02fa39acdc0725bedc5c1586d569bba33ac81a33d0c14cde4f10e7"
+        ),
+        "s3://bucket/Pipe/code/8f1c5eed234e4c8482f8321f1cf8bf4a7ecfe90ec3b8fa3e18a8468599b10868/contract.py": (
+            "287d7f1b076931fae11e7436824947f423fd129786d40059206218a90333de32"
+        ),
+    }
+    assert {item.s3_uri: hashlib.sha256(item.body).hexdigest() for item in artifacts.all()} == pinned
+    with tarfile.open(fileobj=io.BytesIO(artifacts.training.body), mode="r:gz") as archive:
+        assert archive.getnames() == ["a/x.py", "a.py", "b.py", "contract.py", "train.py"]
 
 
 def test_definition_command_is_offline_and_stable_across_processes(built: dict[str, Any], tmp_path: Path) -> None:
@@ -630,7 +707,7 @@ def test_definition_command_is_offline_and_stable_across_processes(built: dict[s
 
 
 def test_job_arguments_match_sagemaker_api_shapes(built: dict[str, Any]) -> None:
-    from pipelines.pipeline import STEP_API_OPERATIONS, check_definition
+    from pipelines.definition_check import STEP_API_OPERATIONS, check_definition
 
     for variant in ("default", "no_debugger", "all_options", "no_deploy", "demo", "distributed"):
         assert check_definition(built[variant]) == [], variant
@@ -740,7 +817,7 @@ def _mutations() -> list[tuple[str, Any, str]]:
 def test_checker_reports_what_sagemaker_would_refuse(
     built: dict[str, Any], case: str, mutate: Any, expected: str
 ) -> None:
-    from pipelines.pipeline import check_definition
+    from pipelines.definition_check import check_definition
 
     definition = copy.deepcopy(built["default"])
     mutate(definition)

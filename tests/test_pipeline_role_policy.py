@@ -133,7 +133,7 @@ def test_deploy_step_may_invoke_exactly_the_deploy_function(built: dict[str, Any
 
 
 def _iter_steps(definition: dict[str, Any]) -> list[dict[str, Any]]:
-    from pipelines.pipeline import iter_steps
+    from pipelines.definition_check import iter_steps
 
     return iter_steps(definition)
 
@@ -176,7 +176,7 @@ def _job_arns(step: dict[str, Any], region: str) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("variant", ["default", "all_options"])
 def test_every_sagemaker_call_of_the_built_pipeline_is_allowed(built: dict[str, Any], variant: str) -> None:
-    from pipelines.pipeline import STEP_API_OPERATIONS, iter_steps
+    from pipelines.definition_check import STEP_API_OPERATIONS, iter_steps
 
     definition = built["definitions"][variant]
     policy = render(built, all_options=variant == "all_options")

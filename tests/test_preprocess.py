@@ -92,11 +92,19 @@ def test_file_names_equal_the_contract():
     assert str(defaults["output_dir"]) == "/opt/ml/processing/output"
 
 
-def test_step_imports_nothing_of_the_project_and_runs_as_a_script(tmp_path):
-    """It is shipped alone to the processing container: copy it out of the repository and run it there."""
-    alone = tmp_path / "container"
-    alone.mkdir()
-    shutil.copy(REPO / "steps" / "preprocess.py", alone / "preprocess.py")
+def test_step_runs_as_a_script_with_the_contract_shipped_beside_it(tmp_path):
+    """In the processing container the script has contract.py as the step's "contract" input, beside its code
+    input: a name changed in contract.py (here the labels file) reaches the script, which keeps no copy."""
+    from pipelines import config
+
+    code_dir = tmp_path / "container" / "input" / "code"
+    contract_dir = tmp_path / "container" / "input" / Path(config.PREPROCESS_CONTRACT_DIR).name
+    code_dir.mkdir(parents=True)
+    contract_dir.mkdir()
+    shutil.copy(REPO / "steps" / "preprocess.py", code_dir / "preprocess.py")
+    shipped = (REPO / "entrypoints" / "contract.py").read_text()
+    assert 'LABELS_FILE = "labels.json"' in shipped
+    (contract_dir / "contract.py").write_text(shipped.replace('LABELS_FILE = "labels.json"', 'LABELS_FILE = "c.json"'))
     archive = write_zip(tmp_path / "dogs.zip", dog_entries())
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     completed = subprocess.run(
@@ -110,7 +118,7 @@ def test_step_imports_nothing_of_the_project_and_runs_as_a_script(tmp_path):
             "--workers",
             "2",
         ],
-        cwd=alone,
+        cwd=code_dir,
         env=env,
         capture_output=True,
         text=True,
@@ -118,6 +126,8 @@ def test_step_imports_nothing_of_the_project_and_runs_as_a_script(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     assert read_json(tmp_path / "out" / "train" / "manifest.json")["totals"] == {"train": 6, "valid": 2, "test": 2}
+    assert (tmp_path / "out" / "train" / "c.json").is_file()
+    assert not (tmp_path / "out" / "train" / "labels.json").exists()
     tree = ast.parse((REPO / "steps" / "preprocess.py").read_text())
     imported = {
         alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
@@ -126,7 +136,8 @@ def test_step_imports_nothing_of_the_project_and_runs_as_a_script(tmp_path):
         node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
     }
     optional = {"tqdm"}  # imported under try/except ImportError: a progress bar where it is installed
-    assert imported - set(sys.stdlib_module_names) - optional == {"numpy", "PIL"}
+    # the contract: shipped as contract.py in the container, entrypoints.contract in the repository
+    assert imported - set(sys.stdlib_module_names) - optional == {"numpy", "PIL", "contract", "entrypoints"}
 
 
 # --- layouts -------------------------------------------------------------------------------------------------------

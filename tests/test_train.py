@@ -112,9 +112,14 @@ def test_artifact_loads_back_and_predicts_what_the_trained_model_predicted(chann
         assert (model_dir / contract.CODE_DIR / name).is_file(), name
     assert (model_dir / contract.CODE_DIR / "requirements.txt").is_file()
     saved = json.loads((model_dir / contract.HYPERPARAMETERS_FILE).read_text())
-    from pipelines.config import DEFAULT_HYPERPARAMETERS
+    from pipelines import config
 
-    assert set(DEFAULT_HYPERPARAMETERS) <= set(saved)
+    # what the tuner searches, the pipeline parameters and the demo's overrides are all recorded, as flags
+    needed = {"architecture", "epochs", *config.HYPERPARAMETER_RANGES, *config.DEMO_HYPERPARAMETER_RANGES}
+    assert needed | set(config.DEMO_HYPERPARAMETERS) <= set(saved)
+    flags = vars(train.get_args_parser().parse_args([]))
+    worked_out = {"processes", "global-batch-size", "effective-lr"}  # what the run derived, beside its flags
+    assert all(key.replace("-", "_") in flags for key in set(saved) - worked_out), sorted(saved)
     assert (saved["hidden-units"], saved["trainable-blocks"], saved["epochs"]) == (16, "2", 2)
     torch.load(model_dir / contract.WEIGHTS_FILE, weights_only=True)  # no pickled code needed
 
@@ -254,7 +259,7 @@ def test_missing_channel_names_the_flag_and_the_environment_variable(tmp_path, c
 
 
 def test_tuner_strings_for_every_range_parse_to_typed_values() -> None:
-    from pipelines.config import DEFAULT_HYPERPARAMETERS, HYPERPARAMETER_RANGES
+    from pipelines.config import HYPERPARAMETER_RANGES
 
     parser = train.get_args_parser()
     for name, spec in HYPERPARAMETER_RANGES.items():
@@ -263,7 +268,7 @@ def test_tuner_strings_for_every_range_parse_to_typed_values() -> None:
             args = parser.parse_args([f"--{name}", value])
             parsed = getattr(args, name.replace("-", "_"))
             assert str(parsed) == value or float(parsed) == float(value), (name, value, parsed)
-    defaults = parser.parse_args([str(item) for k, v in DEFAULT_HYPERPARAMETERS.items() for item in (f"--{k}", v)])
+    defaults = parser.parse_args([])
     assert defaults.batch_size == 64 and isinstance(defaults.batch_size, int)
     assert defaults.trainable_blocks == "1" and defaults.lr == pytest.approx(1e-3)
     switches = parser.parse_args(["--amp", "False", "--channels-last", "--batch-size", "128.0"])

@@ -3,7 +3,7 @@
 It knows nothing of this project's DAG. It reads the definition:
 
 - **parameters**: the declared defaults, overridden by the run's values;
-- **order**: the step graph of the ``Get`` references and ``DependsOn`` lists (``pipeline.step_dependencies``);
+- **order**: the step graph of the ``Get`` references and ``DependsOn`` lists (``definition_check.step_dependencies``);
   a ConditionStep's outcome picks the branch that runs;
 - **steps**: one executor per step type (:mod:`.jobs` for Processing, Training and Tuning, :mod:`.control` for
   Condition, Fail, RegisterModel and Lambda), each reading only the step's ``Arguments``, resolved by
@@ -12,7 +12,7 @@ It knows nothing of this project's DAG. It reads the definition:
   their inputs (:mod:`.cache`); a hit reuses the earlier run's properties, as SageMaker does.
 
 A definition it cannot run fails before the first step (:class:`DefinitionInvalid`): the SageMaker API checks
-of ``pipeline.check_definition`` (unknown steps, parameters, property files and outputs, property paths the
+of ``definition_check.check_definition`` (unknown steps, parameters, property files and outputs, property paths the
 producing step's Describe response lacks), a step type with no local executor, a property the local executor of
 the producing step does not fill, and what each executor checks. Every message names the step and the reference.
 
@@ -31,13 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.local import fsutil
-from pipelines.local.cache import StepCache
-from pipelines.local.console import Console
-from pipelines.local.expressions import ExpressionError, Scope
-from pipelines.local.objectstore import ObjectStore, ObjectStoreError
-from pipelines.local.runs import RUN_RECORD
-from pipelines.pipeline import (
+from pipelines.definition_check import (
     check_definition,
     iter_references,
     iter_steps,
@@ -45,6 +39,12 @@ from pipelines.pipeline import (
     split_property_path,
     step_dependencies,
 )
+from pipelines.local import fsutil
+from pipelines.local.cache import StepCache
+from pipelines.local.console import Console
+from pipelines.local.expressions import ExpressionError, Scope
+from pipelines.local.objectstore import ObjectStore, ObjectStoreError
+from pipelines.local.runs import RUN_RECORD
 
 DEFINITION_FILE = "definition.json"
 

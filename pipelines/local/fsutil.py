@@ -35,8 +35,9 @@ def is_safe_name(name: str) -> bool:
     return isinstance(name, str) and bool(_SAFE_NAME.fullmatch(name))
 
 
-def _ignored(path: Path) -> bool:
-    return path.name in IGNORED_NAMES or path.suffix in (".pyc", ".pyo")
+def is_ignored_name(name: str) -> bool:
+    """A cache folder or file, or a compiled module: never shipped in code and never part of a content hash."""
+    return name in IGNORED_NAMES or Path(name).suffix in (".pyc", ".pyo")
 
 
 def file_sha256(path: Path) -> str:
@@ -47,14 +48,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def iter_files(root: Path) -> Iterator[Path]:
-    """Every file under ``root`` in a stable order (sorted relative paths), skipping caches."""
+def iter_files(root: Path, skip_hidden: bool = False) -> Iterator[Path]:
+    """Every file under ``root`` in a stable order (sorted relative paths), skipping caches.
+
+    ``skip_hidden`` also skips every file and folder whose name starts with a dot (code that is shipped).
+    """
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_NAMES)
+        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_NAMES and not (skip_hidden and d.startswith(".")))
         for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if not _ignored(path):
-                yield path
+            if not is_ignored_name(name) and not (skip_hidden and name.startswith(".")):
+                yield Path(dirpath) / name
 
 
 def _zip_content_hash(path: Path) -> str:
@@ -113,7 +116,7 @@ def link_tree(source: Path, destination: Path) -> Path:
 
 
 def _ignore_caches(_directory: str, names: list[str]) -> set[str]:
-    return {name for name in names if name in IGNORED_NAMES or name.endswith((".pyc", ".pyo"))}
+    return {name for name in names if is_ignored_name(name)}
 
 
 def remove_path(path: Path) -> None:
@@ -121,6 +124,30 @@ def remove_path(path: Path) -> None:
         path.unlink()
     elif path.is_dir():
         shutil.rmtree(path)
+
+
+def normalise_tar_entry(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """No time, owner or mode of the machine that packed it: the same contents give the same archive bytes."""
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o755 if info.isdir() else 0o644
+    return info
+
+
+def tar_gz_bytes(files: list[tuple[str, bytes]]) -> bytes:
+    """A .tar.gz of (relative POSIX name, content) pairs, in the order given, byte-identical for the same files.
+
+    Compressed in one piece by ``gzip.compress``, whose header names the OS as Unix (GzipFile's says unknown): the
+    code archive's bytes are what SageMaker downloads, so they stay as they have always been.
+    """
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, body in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            archive.addfile(normalise_tar_entry(info), io.BytesIO(body))
+    return gzip.compress(raw.getvalue(), compresslevel=9, mtime=0)
 
 
 def make_tarball(source_dir: Path, tarball: Path) -> Path:
@@ -140,13 +167,9 @@ def make_tarball(source_dir: Path, tarball: Path) -> Path:
         for dirpath, dirnames, filenames in os.walk(source_dir):
             dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_NAMES)
             entries.extend(Path(dirpath) / d for d in dirnames)
-            entries.extend(Path(dirpath) / f for f in sorted(filenames) if not _ignored(Path(f)))
+            entries.extend(Path(dirpath) / f for f in sorted(filenames) if not is_ignored_name(f))
         for path in sorted(entries, key=lambda p: p.relative_to(source_dir).as_posix()):
-            info = archive.gettarinfo(str(path), arcname=path.relative_to(source_dir).as_posix())
-            info.mtime = 0
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.mode = 0o755 if info.isdir() else 0o644
+            info = normalise_tar_entry(archive.gettarinfo(str(path), arcname=path.relative_to(source_dir).as_posix()))
             if info.isfile():
                 with path.open("rb") as handle:
                     archive.addfile(info, handle)

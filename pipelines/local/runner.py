@@ -141,7 +141,8 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
     import boto3
     from sagemaker.workflow.pipeline_context import PipelineSession
 
-    from pipelines.pipeline import code_artifacts, get_pipeline, preset_options
+    from pipelines.packaging import code_artifacts
+    from pipelines.pipeline import get_pipeline, preset_options
 
     pipeline_options = preset_options(
         options.resolved_preset,

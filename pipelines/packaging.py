@@ -1,0 +1,108 @@
+"""The pipeline's code objects: the two processing scripts and the training ``sourcedir.tar.gz``, named by content.
+
+``code_artifacts`` is pure (it reads local files); ``upload_code_artifacts`` puts the objects in S3 (``upsert``
+does that before creating or updating the pipeline); the local executor serves the same bytes under the same URIs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.local import fsutil
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class CodeArtifact:
+    """One code object the pipeline's jobs read from S3, addressed by the hash of its content."""
+
+    s3_uri: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class CodeArtifacts:
+    """The jobs' code: the processing scripts, the data contract beside them, the training ``sourcedir.tar.gz``."""
+
+    preprocess: CodeArtifact
+    evaluate: CodeArtifact
+    training: CodeArtifact
+    contract: CodeArtifact  # entrypoints/contract.py, shipped beside the preprocessing script
+
+    def all(self) -> list[CodeArtifact]:
+        return [self.preprocess, self.evaluate, self.training, self.contract]
+
+
+def s3_uri(bucket: str, *parts: str) -> str:
+    """``s3://bucket/part/part...``, each part stripped of its own slashes."""
+    return "s3://" + "/".join([bucket, *(part.strip("/") for part in parts)])
+
+
+def _source_files(directory: Path) -> list[tuple[str, bytes]]:
+    """(relative POSIX path, content) of every shipped file under directory (no caches, nothing hidden), sorted."""
+    paths = sorted(fsutil.iter_files(directory, skip_hidden=True), key=lambda path: path.relative_to(directory).parts)
+    return [(path.relative_to(directory).as_posix(), path.read_bytes()) for path in paths]
+
+
+def _content_hash(files: list[tuple[str, bytes]]) -> str:
+    """SHA-256 over relative names and contents: the same on every machine and checkout folder.
+
+    (The SDK's own code hash includes the absolute path of the checkout, which changes with every CodeBuild
+    run, and the bytes of __pycache__, which change whenever tests run; either would defeat step caching.)
+    It is the code objects' S3 address, so its formula stays as it is (``fsutil.content_hash``, the local cache
+    key of a folder, hashes files on disk differently): changing it would move every code URI in the definition.
+    """
+    digest = hashlib.sha256()
+    for name, body in files:
+        digest.update(name.encode())
+        digest.update(b"\0")
+        digest.update(hashlib.sha256(body).digest())
+    return digest.hexdigest()
+
+
+def code_artifacts(bucket: str, pipeline_name: str, project_root: Path | None = None) -> CodeArtifacts:
+    """The code objects, at ``s3://<bucket>/<pipeline_name>/code/<content hash>/<file>``.
+
+    Pure: reads local files only. ``upload_code_artifacts`` puts them in S3 (``upsert`` does that).
+    """
+    root = Path(project_root) if project_root else PROJECT_ROOT
+
+    def artifact(files: list[tuple[str, bytes]], file_name: str, body: bytes) -> CodeArtifact:
+        return CodeArtifact(s3_uri(bucket, pipeline_name, "code", _content_hash(files), file_name), body)
+
+    scripts = {}
+    for path in (
+        root / "steps" / "preprocess.py",
+        root / "steps" / "evaluate.py",
+        root / "entrypoints" / "contract.py",
+    ):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the processing jobs run it")
+        files = [(path.name, path.read_bytes())]
+        scripts[path.name] = artifact(files, path.name, files[0][1])
+    training_dir = root / "entrypoints"
+    training_files = _source_files(training_dir)
+    if "train.py" not in dict(training_files):
+        raise FileNotFoundError(f"training entry point {training_dir / 'train.py'} is missing")
+    return CodeArtifacts(
+        preprocess=scripts["preprocess.py"],
+        evaluate=scripts["evaluate.py"],
+        training=artifact(training_files, "sourcedir.tar.gz", fsutil.tar_gz_bytes(training_files)),
+        contract=scripts["contract.py"],
+    )
+
+
+def upload_code_artifacts(boto_session: Any, artifacts: CodeArtifacts, kms_key: str | None = None) -> list[str]:
+    """Put the code objects in S3 (idempotent: same content, same key). Returns their URIs."""
+    s3 = boto_session.client("s3")
+    extra: dict[str, str] = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else {}
+    uris = []
+    for item in artifacts.all():
+        bucket, _, key = item.s3_uri.removeprefix("s3://").partition("/")
+        s3.put_object(Bucket=bucket, Key=key, Body=item.body, **extra)
+        uris.append(item.s3_uri)
+    return uris
