@@ -137,6 +137,13 @@ def _add_pipeline_name(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tag_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--tag KEY=VALUE``, repeatable, into ``args.tags``."""
+    parser.add_argument(
+        "--tag", dest="tags", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def add_hidden_alias(parser: argparse.ArgumentParser, alias: str, dest: str, **kwargs: Any) -> None:
     """An older name of a flag, kept working but out of ``--help``: it fills ``dest`` as the flag does."""
     parser.add_argument(alias, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
@@ -276,15 +283,7 @@ def add_commands(subparsers: Any) -> None:
         "update the pipeline with tags, then create or update the deploy Lambda and its EventBridge rule.",
     )
     _add_build_arguments(parser)
-    parser.add_argument(
-        "--tag",
-        dest="tags",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"tag for the pipeline and the model package group, repeatable (always: {DEFAULT_TAGS})",
-    )
+    add_tag_argument(parser, f"tag for the pipeline and the model package group, repeatable (always: {DEFAULT_TAGS})")
     parser.add_argument(
         "--description", default=None, help="pipeline description (default: one naming the DAG and the group)"
     )

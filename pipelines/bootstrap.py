@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import cloudformation, config, stack_template
-from pipelines.aws_cli import _add_aws_arguments, _aws_errors, _key_value, make_boto_session, resolve_region
+from pipelines.aws_cli import _add_aws_arguments, _aws_errors, add_tag_argument, make_boto_session, resolve_region
 from pipelines.errors import CommandError
 
 STACK_NAME_SUFFIX = "-mlops"
@@ -56,15 +56,7 @@ def add_commands(subparsers: Any) -> None:
         "--stack-name", default=None, help=f"the stack's name (default: <project-name>{STACK_NAME_SUFFIX})"
     )
     _add_aws_arguments(parser)
-    parser.add_argument(
-        "--tag",
-        dest="tags",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="tag for the stack and every resource in it, repeatable (default: none)",
-    )
+    add_tag_argument(parser, "tag for the stack and every resource in it, repeatable (default: none)")
     parser.add_argument(
         "--no-execute",
         dest="execute",
