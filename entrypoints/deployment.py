@@ -364,6 +364,6 @@ def build_app(args: Mapping[str, Any] | None = None) -> Any:
 def build_replica(args: Mapping[str, Any] | None = None) -> ImageClassifier:
     """The same replica without Ray (the light local endpoint): one replica with every CPU."""
     model_dir = _check_artifact(args)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = contract.available_cpus()
     plan = serving_plan(cpus, 0, {**os.environ, contract.ENV_SERVE_REPLICAS: "1"})
     return ImageClassifier(str(model_dir), plan.threads, plan.max_batch_size, plan.batch_wait_ms)

@@ -258,13 +258,6 @@ class ServingModel:
         return _softmax(self.logits(images))
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def inference_threads() -> int:
     """Intra-op threads for this worker: the env setting, else CPUs shared among the server's workers."""
     value = os.environ.get(contract.ENV_INFERENCE_THREADS, "").strip()
@@ -274,7 +267,7 @@ def inference_threads() -> int:
         return int(value)
     workers = os.environ.get(contract.ENV_MODEL_SERVER_WORKERS, "").strip()
     if workers.isdigit() and int(workers) > 0:
-        return max(1, _cpu_count() // int(workers))
+        return max(1, contract.available_cpus() // int(workers))
     return max(1, torch.get_num_threads())
 
 

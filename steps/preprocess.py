@@ -1245,10 +1245,7 @@ def _write_splits(
 
 
 def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return contract.available_cpus()
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -347,7 +347,7 @@ def test_threads_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv(contract.ENV_INFERENCE_THREADS, "3")
     assert inference.inference_threads() == 3
     monkeypatch.delenv(contract.ENV_INFERENCE_THREADS)
-    monkeypatch.setattr(inference, "_cpu_count", lambda: 8)
+    monkeypatch.setattr(inference.contract, "available_cpus", lambda: 8)
     monkeypatch.setenv(contract.ENV_MODEL_SERVER_WORKERS, "4")
     assert inference.inference_threads() == 2
     monkeypatch.setenv(contract.ENV_INFERENCE_THREADS, "0")

@@ -132,7 +132,7 @@ class RayServeCluster:
         # Short, whatever TMPDIR says: Ray's socket paths below it must stay under 108 bytes.
         short_root = "/tmp" if os.path.isdir("/tmp") else None  # noqa: S108 - mkdtemp makes a private folder there
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir=short_root)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cpus = contract.available_cpus()
         command = [ray, "start", "--head", "--include-dashboard=False", f"--num-gpus={gpu_count()}"]
         command += [f"{flag}={port}" for flag, port in zip(RAY_PORT_FLAGS, ray_ports, strict=True)]
         command += ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", f"--temp-dir={self.temp_dir}"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import signal
 import threading
 import time
@@ -81,13 +80,6 @@ def stopped_by_signals(grace_seconds: float = config.LOCAL_STOP_GRACE_SECONDS) -
 
 DEMO_SOURCE = "built-in demo (scikit-learn digits)"
 ACCEPTED_ARGUMENTS_DIR = "accepted-arguments"  # marks of job arguments the scripts' parsers accepted (validation)
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 @dataclass
@@ -304,7 +296,7 @@ class LocalPipeline:
             execution_variables=self._execution_variables(name),
             region=config.LOCAL_REGION,
             account_id=config.LOCAL_ACCOUNT_ID,
-            cpus=self.options.cpus or available_cpus(),
+            cpus=self.options.cpus or contract.available_cpus(),
             record={
                 "RunId": self.run_id,
                 "PipelineArn": self._pipeline_arn(name),
