@@ -15,6 +15,7 @@ their subreaper), so they are all its descendants.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -64,16 +65,25 @@ def free_ports(count: int) -> list[int]:
             handle.close()
 
 
-def _tool(name: str) -> str:
-    """The ``ray`` / ``serve`` command of this interpreter's installation."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.is_file() else shutil.which(name)
-    if found is None:
+# The entry points of Ray's own `ray` and `serve` console scripts. Run through this interpreter, not found on
+# PATH: another package can install a script of the same name (sagemaker-pytorch-inference ships a `serve` too),
+# and which one wins depends on install order.
+_RAY_CLIS = {"ray": ("ray.scripts.scripts", "main"), "serve": ("ray.serve.scripts", "cli")}
+
+
+def _tool(name: str) -> list[str]:
+    """The command line that runs Ray's ``ray`` / ``serve`` CLI with this interpreter."""
+    module, function = _RAY_CLIS[name]
+    if importlib.util.find_spec("ray") is None:
         raise RayHostError(
             f"`{name}` is not installed: --ray needs ray[serve] (pip install -e '.[ray]', which pins the version "
             "of AWS's Ray Serve image), or serve without --ray"
         )
-    return found
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; from {module} import {function}; sys.argv[0] = {name!r}; sys.exit({function}())",
+    ]
 
 
 def gpu_count() -> int:
@@ -133,17 +143,17 @@ class RayServeCluster:
         short_root = "/tmp" if os.path.isdir("/tmp") else None  # noqa: S108 - mkdtemp makes a private folder there
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir=short_root)
         cpus = contract.available_cpus()
-        command = [ray, "start", "--head", "--include-dashboard=False", f"--num-gpus={gpu_count()}"]
+        command = [*ray, "start", "--head", "--include-dashboard=False", f"--num-gpus={gpu_count()}"]
         command += [f"{flag}={port}" for flag, port in zip(RAY_PORT_FLAGS, ray_ports, strict=True)]
         command += ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", f"--temp-dir={self.temp_dir}"]
         command += ["--min-worker-port=0", "--max-worker-port=0", f"--object-store-memory={OBJECT_STORE_BYTES}"]
         command += ["--disable-usage-stats"]
         self._run("ray start", command, environment, 180)
         self._run(
-            "serve start", [serve, "start", "--http-host=127.0.0.1", f"--http-port={http_port}"], environment, 180
+            "serve start", [*serve, "start", "--http-host=127.0.0.1", f"--http-port={http_port}"], environment, 180
         )
         print(f"[ray host] serve run {config}", file=sys.stderr, flush=True)
-        self.serve_run = subprocess.Popen([serve, "run", str(config)], env=environment, stdin=subprocess.DEVNULL)
+        self.serve_run = subprocess.Popen([*serve, "run", str(config)], env=environment, stdin=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{http_port}"
         self._wait_until_serving(url, should_stop)
         return url
