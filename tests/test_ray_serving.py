@@ -115,3 +115,23 @@ def test_stopping_ends_every_process_the_ray_endpoint_started(hosts, tmp_path: P
     assert not any(processes.is_alive(pid) for pid in before)
     assert endpoint.status(workdir, "ray-host") is None
     assert not endpoint.ping(record["url"], timeout=1)
+
+
+def test_the_ray_clis_are_rays_own_even_when_another_serve_script_comes_first(tmp_path, monkeypatch) -> None:
+    """sagemaker-pytorch-inference installs a `serve` script too; which one a fresh environment keeps depends on
+    install order. The host runs Ray's entry points through this interpreter, so a `serve` on PATH is never used."""
+    import subprocess
+    import sys
+
+    from pipelines.local import ray_host
+
+    impostor = tmp_path / "serve"
+    impostor.write_text("#!/bin/sh\necho not ray serve\nexit 3\n")
+    impostor.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    command = ray_host._tool("serve")
+    assert command[0] == sys.executable
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "not ray serve" not in result.stdout
+    assert {"run", "start", "shutdown"} <= set(result.stdout.split())  # Ray Serve's own subcommands
