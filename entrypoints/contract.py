@@ -30,7 +30,6 @@ SERVING_REQUIREMENTS_FILE = "requirements-serving.txt"  # copied as code/require
 RAY_SERVE_CONFIG_FILE = "config.yaml"
 RAY_SERVE_CONFIG_TEMPLATE = "ray_serve_config.yaml"  # entrypoints/ name of config.yaml
 RAY_SERVE_MODULE_FILE = "deployment.py"
-RAY_SERVE_APP_NAME = "image-classifier"
 # What the evaluation step adds to the artifact it registers (the served artifact): the precision it chose after
 # scoring fp32 and int8 on the test split (and why), the statically quantised network when int8 was built, and,
 # when it ships ONNX Runtime for an image that lacks it, the wheels under code/ that code/requirements.txt names.

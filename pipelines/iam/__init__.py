@@ -52,8 +52,6 @@ STATEMENTS_NEEDING_ANY_RESOURCE = {
         "ec2:DeleteNetworkInterfacePermission",
     ),
 }
-# Placeholders that stand for a list: a list item that is exactly one of these becomes the list's items.
-_LIST_PLACEHOLDERS = ("${EcrRepositoryArns}", "${SubnetArns}", "${SecurityGroupArns}")
 
 # SageMaker names (pipelines, job prefixes): letters, digits and single hyphens, so no IAM wildcard sneaks in.
 _SAGEMAKER_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
@@ -211,7 +209,7 @@ def render_pipeline_role_policy(
         "${PipelineRoleArn}": role,
         "${KmsKeyArn}": kms_key or "",
     }
-    lists = {
+    lists = {  # placeholders that stand for a list: a list item that is exactly one becomes the list's items
         "${EcrRepositoryArns}": sorted({ecr_repository_arn(image, partition) for image in images}),
         "${SubnetArns}": [f"{ec2_arn}:subnet/{subnet}" for subnet in subnets],
         "${SecurityGroupArns}": [f"{ec2_arn}:security-group/{group}" for group in security_group_ids],
