@@ -50,7 +50,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["pipelines", "pipelines.*", "steps", "entrypoints"]),
-    package_data={"entrypoints": ["*.txt", "*.yaml"], "steps": ["*.json", "*.txt"], "pipelines.iam": ["*.json"]},
+    package_data={"entrypoints": ["*.txt", "*.yaml"], "steps": ["*.json", "*.txt"], "pipelines.aws.iam": ["*.json"]},
     install_requires=RUNTIME_REQUIREMENTS,
     extras_require={"dev": DEV_REQUIREMENTS, "ray": RAY_REQUIREMENTS},
     entry_points={"console_scripts": ["image-pipeline=pipelines.run:main"]},

@@ -1,7 +1,7 @@
 """Latency of the local endpoint under load: idle bursts, then bursts beside slow clients and a large batch.
 
 Serves a ResNet-18 artifact (133 classes, 224 px input, random weights) on the local endpoint exactly as
-``local --approve`` does (a detached ``pipelines.local.server`` process; ``--ray`` for the Ray Serve host), then
+``local --approve`` does (a detached ``pipelines.serving.server`` process; ``--ray`` for the Ray Serve host), then
 sends, from 16 client threads, each request on a new connection:
 
 1. idle: 200 single-JPEG requests (640x480). Targets: p99 under 3x p50, and no request over 1 s.
@@ -41,7 +41,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from entrypoints import contract, modeling  # noqa: E402
-from pipelines.local import endpoint, fsutil  # noqa: E402
+from pipelines.serving import endpoint  # noqa: E402
+from pipelines.util import fsutil  # noqa: E402
 
 NUM_CLASSES = 133
 

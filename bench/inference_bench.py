@@ -329,7 +329,8 @@ def time_handlers(handlers: dict[str, Callable[[bytes], str]], images: list, rep
 def http_throughput(served: Path, folder: Path, images: list, rounds: int, requests: int) -> None:
     """Images per second and p50 through the light host at concurrency 1 and 8, batching on and off."""
     from bench.endpoint_load import post
-    from pipelines.local import endpoint, fsutil
+    from pipelines.serving import endpoint
+    from pipelines.util import fsutil
 
     tarball = fsutil.make_tarball(served, folder / "served.tar.gz")
     settings = {"batching on": {}, "batching off": {contract.ENV_SERVE_MAX_BATCH_SIZE: "1"}}
@@ -390,7 +391,7 @@ def demo_model(folder: Path, args: argparse.Namespace) -> tuple[Path, Path, Path
             raise SystemExit("--demo-model needs --demo-test-dir and --demo-valid-dir")
         artifact = args.demo_model
         if artifact.is_file():
-            from pipelines.local import fsutil
+            from pipelines.util import fsutil
 
             fsutil.safe_extract_tarball(artifact, folder / "demo-model")
             artifact = folder / "demo-model"

@@ -7,10 +7,8 @@ and are re-exported below, so every value is written down once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 from entrypoints import contract
+from pipelines.definition.hyperparameters import HyperparameterRange
 from steps import deploy
 
 # --- names (stable: no timestamps, so SageMaker step caching works) ------------------------------------------
@@ -22,7 +20,7 @@ DEPLOY_RULE_NAME = "imgclf-model-approved"
 # The deploy function's own default (its settings table in steps/deploy.py owns every endpoint setting).
 ENDPOINT_NAME_PREFIX = deploy.SETTINGS_BY_NAME["resource_name_prefix"].default
 
-# --- deployment on approval (steps/deploy.py, wired by pipelines/deploy_infra.py) -------------------------------
+# --- deployment on approval (steps/deploy.py, wired by pipelines/aws/deploy_infra.py) -------------------------------
 # The endpoint's settings (instance type, autoscaling, ...) and their defaults are rows of steps/deploy.py's
 # settings table; what is here is the function itself.
 ENV_DEPLOY_ROLE_ARN = "DEPLOY_LAMBDA_ROLE_ARN"  # the deploy Lambda's own role (docs/iam.md: create it once)
@@ -101,17 +99,6 @@ METRIC_DEFINITIONS = contract.METRIC_DEFINITIONS
 FINAL_TRAINING_EPOCHS = 10  # the TrainingStep trains longer than each tuning trial
 
 
-@dataclass(frozen=True)
-class HyperparameterRange:
-    """A tuning range in plain data: the pipeline turns it into SDK parameter ranges, the local tuner samples it."""
-
-    kind: Literal["continuous", "integer", "categorical"]
-    min_value: float | None = None
-    max_value: float | None = None
-    values: tuple[str, ...] = field(default_factory=tuple)
-    scaling: Literal["Auto", "Linear", "Logarithmic"] = "Auto"
-
-
 HYPERPARAMETER_RANGES: dict[str, HyperparameterRange] = {
     "lr": HyperparameterRange("continuous", 1e-5, 1e-2, scaling="Logarithmic"),
     "batch-size": HyperparameterRange("categorical", values=("32", "64", "128")),
@@ -181,20 +168,8 @@ LOCAL_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT_ID}:role/local-pipeline"
 # Flags the local executor adds to each training job after the hyperparameters (the jobs share this machine's
 # cores, where on SageMaker each has an instance of its own).
 LOCAL_TRAINING_EXTRA_ARGUMENTS: tuple[str, ...] = ("--workers", "0")
-# Workdir state that several commands change (registry, endpoint records, the deploy function's records, step
-# cache): each change holds <workdir>/.lock; a command that finds it held waits this long, saying who holds it.
-LOCAL_LOCK_WAIT_SECONDS = 900.0  # longer than a Ray endpoint's start (pipelines/local/endpoint.py)
-# SIGINT/SIGTERM/SIGHUP to `local`, or a job's main process ending: what is left of each job gets SIGTERM, then
-# SIGKILL after this grace.
-LOCAL_STOP_GRACE_SECONDS = 5.0
 
 # --- rules every value is checked against before anything runs (pipelines/validation.py applies them) -------------
-# SageMaker's own name patterns (botocore's service model; a test keeps them equal) for the names that become folder
-# and file names in the workdir: an endpoint's record and model folders, a model package group's registry folder.
-SAGEMAKER_NAME_PATTERNS: dict[str, tuple[str, str]] = {  # kind -> (SageMaker's shape, its pattern; 1-63 chars)
-    "endpoint": ("EndpointName", r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"),
-    "model package group": ("EntityName", r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"),
-}
 # Bounds of pipeline parameters that no script's parser and no SageMaker API shape holds (those are checked with
 # the script's own parser and botocore's shapes): name -> (lowest, highest, why), both ends allowed.
 PARAMETER_BOUNDS: dict[str, tuple[float, float, str]] = {

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines import config
-from pipelines.errors import CommandError
+from pipelines.util.errors import CommandError
 
 if TYPE_CHECKING:  # numpy and PIL load with the archive's writing, not with the command line
     import numpy as np

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.local import fsutil
+from pipelines.util import fsutil
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -110,7 +110,7 @@ from pipelines.config import (  # step names and container paths
     TENSORBOARD_LOCAL_PATH,
     HyperparameterRange,
 )
-from pipelines.iam import LAMBDA_FUNCTION_NAME, partition_for_region
+from pipelines.definition.names import LAMBDA_FUNCTION_NAME, partition_for_region
 from pipelines.packaging import CodeArtifacts, code_artifacts, s3_uri
 from steps import evaluate as evaluate_step_script
 

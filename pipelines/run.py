@@ -2,7 +2,7 @@
 
 Each group of commands lives in its own module and adds itself here through ``add_commands(subparsers)``;
 modules import the SageMaker SDK and boto3 lazily so ``local`` starts fast and works with no AWS account.
-A command reports a mistake its user can fix by raising :class:`pipelines.errors.CommandError`.
+A command reports a mistake its user can fix by raising :class:`pipelines.util.errors.CommandError`.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from pipelines.errors import CommandError
+from pipelines.util.errors import CommandError
 
 # Modules that contribute subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES = (
-    "pipelines.aws_cli",  # definition, upsert, start, status, models, approve, reject
-    "pipelines.deploy_cli",  # deploy
-    "pipelines.local.cli",  # local, predict, endpoint, local-models
-    "pipelines.endpoint_test",  # endpoint-test
-    "pipelines.bootstrap",  # bootstrap
-    "pipelines.iam.cli",  # iam pipeline-policy | pipeline-trust-policy | deploy-policy | deploy-trust-policy
+    "pipelines.cli.sagemaker",  # definition, upsert, start, status, models, approve, reject
+    "pipelines.cli.deploy",  # deploy
+    "pipelines.cli.local",  # local, predict, endpoint, local-models
+    "pipelines.cli.endpoint_test",  # endpoint-test
+    "pipelines.cli.bootstrap",  # bootstrap
+    "pipelines.cli.iam",  # iam pipeline-policy | pipeline-trust-policy | deploy-policy | deploy-trust-policy
     "pipelines.demo_data",  # demo-data
-    "pipelines.wheelhouse",  # wheelhouse
+    "pipelines.cli.wheelhouse",  # wheelhouse
 )
 
 

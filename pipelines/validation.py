@@ -1,8 +1,8 @@
 """The rules every value of a run is checked against before anything runs, in one place.
 
 - **Names that become paths** (an endpoint's, a model package group's) match SageMaker's own pattern for that kind
-  of resource (``config.SAGEMAKER_NAME_PATTERNS``), so a name is never a path.
-- **Pipeline parameters**: the type and allowed values the definition declares (``aws_cli.parameter_overrides``),
+  of resource (``definition.names.SAGEMAKER_NAME_PATTERNS``), so a name is never a path.
+- **Pipeline parameters**: the type and allowed values the definition declares (``parameter_overrides``),
   the bounds ``config.PARAMETER_BOUNDS`` holds, and SageMaker's API rules (botocore's shapes) at every place of the
   definition the value lands: ``MaxNumberOfTrainingJobs`` at least 1, an instance type SageMaker knows, ...
 - **Script arguments**: every job step's arguments, resolved with the run's values, parsed by that script's own
@@ -24,11 +24,12 @@ import importlib.util
 import json
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipelines import config
+from pipelines.util.errors import CommandError
 
 # The scripts the definition runs, by the file name its entrypoint names, and the module that is that file here.
 SCRIPT_MODULES = {"preprocess.py": "steps.preprocess", "evaluate.py": "steps.evaluate", "train.py": "entrypoints.train"}
@@ -36,27 +37,6 @@ TOOLKIT_PREFIX = "sagemaker_"  # hyperparameters the training toolkit keeps for 
 
 
 # --- names, ports and bounded values (also argparse types, so a flag is refused as it is read) -----------------------
-
-
-def check_name(kind: str, name: Any) -> str:
-    """``name`` if it is a valid SageMaker name of ``kind`` (see config.SAGEMAKER_NAME_PATTERNS), else ValueError."""
-    shape, pattern = config.SAGEMAKER_NAME_PATTERNS[kind]
-    if not isinstance(name, str) or not re.fullmatch(pattern, name):
-        raise ValueError(
-            f"{kind} name {name!r} is not a SageMaker {shape}: 1 to 63 letters, digits and hyphens, starting and "
-            "ending with a letter or digit (it names files in the workdir, so it may not be a path)"
-        )
-    return name
-
-
-def name_argument(kind: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        try:
-            return check_name(kind, text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
 
 
 def port_argument(text: str) -> int:
@@ -97,18 +77,48 @@ def parameter_argument(name: str, kind: type) -> Callable[[str], int | float]:
     return parse
 
 
+def parameter_overrides(definition: dict[str, Any], overrides: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """--param pairs checked against the pipeline's declared parameters (name, type, allowed values)."""
+    declared = {parameter["Name"]: parameter for parameter in definition.get("Parameters", [])}
+    checked: dict[str, str] = {}
+    for name, value in overrides:
+        parameter = declared.get(name)
+        if parameter is None:
+            from pipelines.pipeline import OPTIONAL_PARAMETERS, missing_parameter_hint
+
+            if name in OPTIONAL_PARAMETERS:
+                raise CommandError(f"--param {name}: {missing_parameter_hint(name)}")
+            raise CommandError(f"--param {name}: no such pipeline parameter; the parameters are {', '.join(declared)}")
+        kind = parameter.get("Type", "String")
+        try:
+            if kind == "Integer":
+                int(value)
+            elif kind == "Float":
+                float(value)
+        except ValueError as error:
+            wanted = "an integer" if kind == "Integer" else "a number"
+            raise CommandError(f"--param {name}={value}: {name} takes {wanted}") from error
+        if kind == "Boolean" and value.lower() not in ("true", "false"):
+            raise CommandError(f"--param {name}={value}: {name} takes true or false")
+        allowed = parameter.get("EnumValues")
+        if allowed and value not in allowed:
+            raise CommandError(f"--param {name}={value}: {name} takes one of {', '.join(allowed)}")
+        checked[name] = value
+    return [{"Name": name, "Value": value} for name, value in checked.items()]
+
+
 # --- the definition's values, resolved with the run's parameters --------------------------------------------------
 
 
 def _references(value: Any) -> list[str]:
-    from pipelines.definition_check import iter_references
+    from pipelines.definition.check import iter_references
 
     return iter_references(value)
 
 
 def _resolved(value: Any, parameters: Mapping[str, Any], only: str | None = None) -> Any:
     """``value`` with each expression that reads parameters alone (``only``: that one alone) evaluated."""
-    from pipelines.local.expressions import Scope, is_expression
+    from pipelines.definition.expressions import Scope, is_expression
 
     if is_expression(value):
         wanted = {f"Parameters.{only}"} if only else None
@@ -147,7 +157,7 @@ def parameter_values(definition: dict[str, Any], overrides: list[dict[str, str]]
 
 def parameter_problems(definition: dict[str, Any], values: Mapping[str, Any]) -> list[str]:
     """Each parameter's value against config.PARAMETER_BOUNDS and SageMaker's API shapes where it lands."""
-    from pipelines.definition_check import check_definition
+    from pipelines.definition.check import check_definition
 
     problems = [problem for name, value in values.items() if (problem := bound_problem(name, value))]
     before = set(check_definition(definition))
@@ -176,7 +186,7 @@ def _shortened(problem: str, shown: int = 6) -> str:
 
 def _training_jobs(definition: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(step name, hyperparameters) of every training job the definition starts (a tuning step's static ones)."""
-    from pipelines.definition_check import iter_steps
+    from pipelines.definition.check import iter_steps
 
     for step in iter_steps(definition):
         arguments = step.get("Arguments", {})
@@ -284,7 +294,7 @@ def _processing_arguments(step: dict[str, Any], parameters: Mapping[str, Any]) -
     script = str((app.get("ContainerEntrypoint") or [""])[-1]).rsplit("/", 1)[-1]
     arguments: list[str] = []
     origins: dict[str, str] = {}
-    from pipelines.local.expressions import as_text, is_expression
+    from pipelines.definition.expressions import as_text, is_expression
 
     for item in app.get("ContainerArguments", []):
         value = _resolved(item, parameters)
@@ -302,7 +312,7 @@ def _training_arguments(
     hyperparameters: Mapping[str, Any], parameters: Mapping[str, Any], fixed: Mapping[str, Any]
 ) -> tuple[str, dict[str, Any], dict[str, str]]:
     """(script, decoded hyperparameters known before the run, flag -> where its value comes from)."""
-    from pipelines.local.expressions import as_text, is_expression
+    from pipelines.definition.expressions import as_text, is_expression
 
     script = str(_decoded(hyperparameters.get("sagemaker_program", "")))
     known: dict[str, Any] = {}
@@ -348,7 +358,7 @@ def _step_checks(
     A tuning step gets one list per value at the ends of its ranges. ``local``: the job runs here, with the local
     executor's flags, so train.py's cross-checks that read the machine (the device, a weights file) run too.
     """
-    from pipelines.local.containers import hyperparameter_flags
+    from pipelines.definition.hyperparameters import hyperparameter_flags
 
     arguments = step.get("Arguments", {})
     if step.get("Type") == "Processing":
@@ -376,7 +386,7 @@ def _acceptance_mark(folder: Path | None, script: str, runs: list[list[str]], lo
     """Where the mark that ``script``'s code accepted ``runs`` is kept: named by that code's content and the lists."""
     if folder is None:
         return None
-    from pipelines.local import fsutil
+    from pipelines.util import fsutil
 
     spec = importlib.util.find_spec(SCRIPT_MODULES[script])
     code = Path(str(spec.origin)).parent if spec is not None else None
@@ -399,7 +409,7 @@ def script_argument_problems(
     ``accepted``: a folder of marks, one per argument lists the same script code accepted before; those are not
     parsed again, so a run with nothing changed does not import the scripts (train.py brings torch: seconds).
     """
-    from pipelines.definition_check import iter_steps
+    from pipelines.definition.check import iter_steps
 
     refusals: dict[str, list[str]] = {}  # "<script> refuses <what>" -> the steps it refuses it in
     with tempfile.TemporaryDirectory(prefix="channel-") as channel:

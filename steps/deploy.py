@@ -1,7 +1,7 @@
 """Deploy on approval: the Lambda handler that serves an approved model package from a SageMaker endpoint.
 
 EventBridge sends every "SageMaker Model Package State Change" event of the configured model package group
-whose status is Approved here (``pipelines/deploy_infra.py`` creates the rule, the function and its
+whose status is Approved here (``pipelines/aws/deploy_infra.py`` creates the rule, the function and its
 permission). The handler
 
 1. ignores (with a log line) any event that is not an approval of a package of ``MODEL_PACKAGE_GROUP_NAME``,
@@ -28,7 +28,7 @@ This file is zipped alone into the function: standard library and boto3 (in the 
 
 Its settings come from the function's environment, one variable per row of :data:`SETTINGS` (all strings, as
 Lambda passes them). That table is the only place a setting is written down: :class:`DeploySettings`, its
-parsing, the environment ``upsert`` gives the function, the command-line flags (``pipelines/deploy_infra.py``)
+parsing, the environment ``upsert`` gives the function, the command-line flags (``pipelines/aws/deploy_infra.py``)
 and the settings table of docs/deployment.md are all made from it.
 """
 

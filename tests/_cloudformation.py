@@ -365,10 +365,10 @@ def _define_models() -> None:
 
 
 def rendered_pipeline_role_policy(*, region: str, account_id: str, bucket: str, project: str, role_arn: str) -> Any:
-    """``pipelines.iam.render_pipeline_role_policy`` for the names the stack gives a project."""
+    """``pipelines.aws.iam.render_pipeline_role_policy`` for the names the stack gives a project."""
     import inspect
 
-    from pipelines import iam, stack_template
+    from pipelines.aws import iam, stack_template
 
     names = stack_template.names_for(project)
     options = {

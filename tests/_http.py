@@ -1,5 +1,5 @@
 """Raw HTTP clients for the endpoint tests: the status code and body, errors included (the product's client in
-pipelines/local/predict.py turns error statuses into exceptions, which is not what these tests read)."""
+pipelines/serving/predict.py turns error statuses into exceptions, which is not what these tests read)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from entrypoints import contract, modeling
-from pipelines.local import fsutil
+from pipelines.util import fsutil
 
 CLASSES = ["cat", "dog", "fox", "owl", "elk", "yak", "emu"]
 

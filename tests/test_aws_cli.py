@@ -312,7 +312,7 @@ class ScriptedExecution:
 def test_follow_execution_prints_changes_and_returns_the_final_status(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
-    from pipelines import aws_cli
+    from pipelines.cli import sagemaker as aws_cli
 
     monkeypatch.setattr(aws_cli, "_sleep", lambda seconds: None)
     fake = ScriptedExecution(
@@ -347,8 +347,8 @@ def test_follow_execution_prints_changes_and_returns_the_final_status(monkeypatc
 def test_follow_execution_gives_up_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
-    from pipelines import aws_cli
-    from pipelines.errors import CommandError
+    from pipelines.cli import sagemaker as aws_cli
+    from pipelines.util.errors import CommandError
 
     monkeypatch.setattr(aws_cli, "_sleep", lambda seconds: None)
     fake = ScriptedExecution([("Executing", [])])
@@ -360,7 +360,7 @@ def test_start_wait_and_status_against_moto(
     upserted: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """moto has no ListPipelineExecutionSteps: that one call is stubbed, everything else is moto's."""
-    from pipelines import aws_cli
+    from pipelines.cli import sagemaker as aws_cli
 
     asked: list[str] = []
 

@@ -18,7 +18,9 @@ import boto3
 import pytest
 from _cloudformation import patch_moto_cloudformation, rendered_pipeline_role_policy
 
-from pipelines import bootstrap, cloudformation, config, stack_template
+from pipelines import config
+from pipelines.aws import cloudformation, stack_template
+from pipelines.cli import bootstrap
 from pipelines.run import main
 
 REGION = "eu-west-1"
@@ -131,7 +133,7 @@ def test_bootstrap_creates_the_stack_and_a_second_run_changes_nothing(
         "main",
     )
 
-    # The pipeline role holds the policy pipelines.iam renders for this bucket, these names and this role.
+    # The pipeline role holds the policy pipelines.aws.iam renders for this bucket, these names and this role.
     role_arn = outputs["PipelineExecutionRoleArn"]
     granted = _role_policy(aws, role_arn)
     expected = rendered_pipeline_role_policy(
@@ -265,7 +267,7 @@ def test_the_builds_upsert_and_start_need_nothing_the_build_role_lacks(
     the stack sets on the CodeBuild project: every AWS call they make is an action the build role allows, the role
     allows nothing else without a reason, each role passed is one it may pass to that service, and the model
     package group the stack made is found, not made again."""
-    from pipelines import deploy_infra
+    from pipelines.aws import deploy_infra
 
     assert _run(capsys, *CREATE)[0] == 0
     # moto applies a bucket policy's Deny statements without their conditions, so the TLS-only policy would deny
@@ -556,7 +558,7 @@ def test_print_template_writes_the_complete_template_without_aws(
     code, out, _ = _run(capsys, "bootstrap", "--print-template")
     assert code == 0 and out == target.read_text()
     printed = stack_template.load_yaml(out)
-    assert "PolicyDocument" in json.dumps(printed) and "pipelines/iam" not in json.dumps(printed["Resources"])
+    assert "PolicyDocument" in json.dumps(printed) and "pipelines/aws/iam" not in json.dumps(printed["Resources"])
     # In a process of its own (the SDK logs to standard output when first imported), standard output is the
     # template alone, ready to be redirected to a file.
     import subprocess

@@ -87,7 +87,7 @@ def sagemaker(aws):
 
 @pytest.fixture
 def function_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The environment upsert gives the function (the defaults of pipelines.deploy_infra)."""
+    """The environment upsert gives the function (the defaults of pipelines.aws.deploy_infra)."""
     for name in ("ENDPOINT_NAME", "SERVERLESS_MEMORY_MB", "MIN_CAPACITY", "MAX_CAPACITY", "ROLLBACK_ALARM_NAMES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MODEL_PACKAGE_GROUP_NAME", GROUP)

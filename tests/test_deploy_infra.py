@@ -1,4 +1,4 @@
-"""The deploy wiring (pipelines/deploy_infra.py) under moto, and the IAM policy it ships.
+"""The deploy wiring (pipelines/aws/deploy_infra.py) under moto, and the IAM policy it ships.
 
 moto creates Lambda functions (it does not run them: the handler itself is tested in-process in
 tests/test_deploy.py), EventBridge rules whose patterns it evaluates on put_events, and SQS queues that show
@@ -21,9 +21,10 @@ import pytest
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 
-from pipelines import config, deploy_infra
-from pipelines.errors import CommandError
+from pipelines import config
+from pipelines.aws import deploy_infra
 from pipelines.run import main
+from pipelines.util.errors import CommandError
 from steps import deploy
 
 REGION = "us-east-1"

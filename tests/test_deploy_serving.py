@@ -11,7 +11,8 @@ import pytest
 import test_deploy
 from test_deploy import EXECUTION_ROLE, GROUP, REGION, approve
 
-from pipelines import config, deploy_cli, images
+from pipelines import config, images
+from pipelines.cli import deploy as deploy_cli
 from steps import deploy
 
 # The moto fixtures of the deploy Lambda's own tests.
@@ -118,7 +119,8 @@ def test_deploy_with_a_smoke_test_rolls_back_when_it_fails(
 ) -> None:
     import boto3
 
-    from pipelines import endpoint_test, run
+    from pipelines import run
+    from pipelines.cli import endpoint_test
 
     monkeypatch.setenv(config.ENV_ROLE_ARN, EXECUTION_ROLE)
     monkeypatch.setattr(boto3.session, "Session", lambda **_: aws)  # the session whose UpdateEndpoint is answered

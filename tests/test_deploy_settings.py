@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from pipelines import config, deploy_infra
-from pipelines.errors import CommandError
+from pipelines import config
+from pipelines.aws import deploy_infra
 from pipelines.run import build_parser
+from pipelines.util.errors import CommandError
 from steps import deploy
 
 GROUP = config.MODEL_PACKAGE_GROUP

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from _serving import CLASSES, encode, image, make_artifact
 
-from pipelines import endpoint_test, run
-from pipelines.local import registry, server
+from pipelines import run
+from pipelines.cli import endpoint_test
+from pipelines.local import registry
+from pipelines.serving import server
 
 
 class Tampering:
@@ -137,7 +139,7 @@ def test_what_it_needs_is_asked_for_clearly(served, capsys, tmp_path: Path) -> N
 def test_a_local_rollback_serves_the_previous_approved_version_and_rejects_the_tested_one(
     served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipelines.local import endpoint
+    from pipelines.serving import endpoint
 
     evaluation = tmp_path / "evaluation.json"
     evaluation.write_text("{}")

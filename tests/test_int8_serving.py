@@ -23,7 +23,7 @@ from _evaluation import GREYS, LOGITS, known_model, model_config, png, write_spl
 from PIL import Image
 
 from entrypoints import contract, deployment, inference, modeling
-from pipelines import wheelhouse
+from pipelines.cli import wheelhouse
 from steps import evaluate
 
 SPLIT = {"cat": ["light", "light"], "dog": ["white", "white"], "fox": ["dark"]}  # all right in fp32

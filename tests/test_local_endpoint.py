@@ -1,4 +1,4 @@
-"""The local endpoint's front end (pipelines/local/server.py): the Ray Serve container adapter's semantics, and
+"""The local endpoint's front end (pipelines/serving/server.py): the Ray Serve container adapter's semantics, and
 robustness under careless or hostile clients -- every client error a 4xx with {"error", "code"}, idle and slow
 connections cut, bursts of connections queued instead of dropped, the model loaded before /ping is green."""
 
@@ -16,7 +16,7 @@ from _http import exchange
 from _serving import HOSTILE_REQUESTS, JPEG, VALID_REQUESTS, make_artifact
 
 from entrypoints import contract
-from pipelines.local import server
+from pipelines.serving import server
 
 
 class RecordingBackend:

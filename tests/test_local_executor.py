@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from pipelines import config
+from pipelines.definition.expressions import ExpressionError, Scope
 from pipelines.local import cache, objectstore, registry
-from pipelines.local.expressions import ExpressionError, Scope
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_conditions(condition: dict[str, Any], outcome: bool, reading: str) -> N
 
 
 def _steps(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from pipelines.definition_check import iter_steps
+    from pipelines.definition.check import iter_steps
 
     return {step["Name"]: step for step in iter_steps(definition)}
 

@@ -31,8 +31,11 @@ from typing import Any
 import pytest
 
 from pipelines import config, validation
-from pipelines.local import cache, containers, endpoint, fsutil, processes, registry
+from pipelines.definition import names
+from pipelines.local import cache, containers, registry
 from pipelines.run import main
+from pipelines.serving import endpoint
+from pipelines.util import fsutil, processes
 
 GROUP = config.MODEL_PACKAGE_GROUP
 NAME = config.LOCAL_ENDPOINT_NAME
@@ -130,12 +133,12 @@ def test_the_name_patterns_are_sagemakers_own() -> None:
     }
     for kind, (operation, member) in shapes.items():
         shape = model.operation_model(operation).input_shape.members[member]
-        assert config.SAGEMAKER_NAME_PATTERNS[kind] == (shape.name, shape.metadata["pattern"])
+        assert names.SAGEMAKER_NAME_PATTERNS[kind] == (shape.name, shape.metadata["pattern"])
         assert shape.metadata["max"] == 63
-    assert validation.check_name("endpoint", "a" * 63) and validation.check_name("endpoint", "imgclf--local-2")
+    assert names.check_name("endpoint", "a" * 63) and names.check_name("endpoint", "imgclf--local-2")
     for bad in ("a" * 64, "-x", "x-", ".", "", "x\0y", "x y", "ümlaut"):
         with pytest.raises(ValueError, match="not a SageMaker EndpointName"):
-            validation.check_name("endpoint", bad)
+            names.check_name("endpoint", bad)
 
 
 # --- the workdir lock -------------------------------------------------------------------------------------------------
@@ -170,7 +173,7 @@ def test_a_command_that_finds_the_workdir_locked_waits_and_says_who_holds_it(tmp
     request = {"ModelPackageGroupName": GROUP, "InferenceSpecification": {"Containers": [{"ModelDataUrl": "s3://b/m"}]}}
     registry.LocalModelRegistry(workdir).register(request, {"s3://b/m": model})
     holds = (
-        "import time; from pathlib import Path; from pipelines.local import fsutil\n"
+        "import time; from pathlib import Path; from pipelines.util import fsutil\n"
         f"with fsutil.workdir_lock(Path({str(workdir)!r}), 'a long deploy', 60):\n"
         "    print('held', flush=True); time.sleep(3)"
     )

@@ -28,8 +28,10 @@ from PIL import Image
 
 from entrypoints import contract
 from pipelines import config, demo_data
-from pipelines.local import containers, endpoint, registry
+from pipelines.cli.local import accuracy_of
+from pipelines.local import containers, registry
 from pipelines.run import main
+from pipelines.serving import endpoint
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +128,7 @@ def _images(folder: Path) -> list[Path]:
 
 
 def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) -> None:
-    from pipelines.definition_check import iter_steps
+    from pipelines.definition.check import iter_steps
     from pipelines.local.runner import LocalRunOptions, build_definition
 
     assert first_run.code == 0, first_run.stderr
@@ -214,7 +216,7 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
         assert names | {contract.SERVING_DECISION_FILE} <= set(archive.getnames())
         decision = json.loads(archive.extractfile(contract.SERVING_DECISION_FILE).read())
     assert decision == report["serving"] and decision["precision"] in contract.PRECISIONS
-    assert registry.accuracy_of(package) == f"{accuracy:.4f}"
+    assert accuracy_of(package) == f"{accuracy:.4f}"
 
 
 def _references(value: Any, name: str, path: tuple = ()) -> list[tuple]:
@@ -230,7 +232,7 @@ def _references(value: Any, name: str, path: tuple = ()) -> list[tuple]:
 
 def _places(definition: dict, parameter: str) -> set[tuple]:
     """(step name, first key of its arguments, the key after it) of each place a parameter reaches."""
-    from pipelines.definition_check import iter_steps, own_arguments
+    from pipelines.definition.check import iter_steps, own_arguments
 
     return {
         (step["Name"], *path[:3])
@@ -401,7 +403,7 @@ def test_approving_the_new_version_deploys_it_through_the_deploy_function(
 
 
 def test_unmet_threshold_runs_the_fail_step_with_its_message(failed_run: Run, first_run: Run) -> None:
-    from pipelines.definition_check import iter_steps
+    from pipelines.definition.check import iter_steps
 
     assert failed_run.code == 1
     accuracy = json.loads((failed_run.folder / "evaluate/opt/ml/processing/evaluation/evaluation.json").read_text())

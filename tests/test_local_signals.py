@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import config, demo_data
-from pipelines.local import processes
+from pipelines import demo_data
+from pipelines.util import processes
 
 pytestmark = pytest.mark.slow
 
 # Long enough that a job is always running when the signal comes.
 SMALL = ["--preset", "demo", "--image-size", "16", "--param", "Architecture=mobilenet_v3_small", "--port", "0"]
 # The grace a job gets after SIGTERM, and what process start-up and teardown may add on a loaded machine.
-STOP_WITHIN_SECONDS = config.LOCAL_STOP_GRACE_SECONDS + 10
+STOP_WITHIN_SECONDS = processes.STOP_GRACE_SECONDS + 10
 
 
 @pytest.fixture(scope="module")

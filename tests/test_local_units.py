@@ -15,11 +15,12 @@ import pytest
 
 from entrypoints import contract
 from pipelines import config
+from pipelines.cli.local import accuracy_of
 from pipelines.config import HyperparameterRange
-from pipelines.local import cache, containers, fsutil, registry, tuning
+from pipelines.local import cache, containers, registry, tuning
 
 # --- tuning -------------------------------------------------------------------------------------------------------
-
+from pipelines.util import fsutil
 
 # ParameterRanges as the SDK writes them into a tuning step (categorical values JSON-encoded for framework estimators)
 PARAMETER_RANGES = {
@@ -241,7 +242,7 @@ def test_registry_versions_fields_and_approval(tmp_path: Path) -> None:
     # every URI of the request now names the registry's own copy
     metrics_uri = package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
     assert metrics_uri.startswith("file://") and metrics_uri.endswith("evaluation.json")
-    assert registry.accuracy_of(package) == "0.9700"
+    assert accuracy_of(package) == "0.9700"
     assert package["InferenceSpecification"]["Containers"][0]["Environment"] == {"A": "1"}
     assert package["CustomerMetadataProperties"]["run"] == "run-0001"
 

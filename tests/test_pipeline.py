@@ -95,7 +95,7 @@ def training_default(name: str) -> Any:
 
 
 def _steps(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from pipelines.definition_check import iter_steps
+    from pipelines.definition.check import iter_steps
 
     return {step["Name"]: step for step in iter_steps(definition)}
 
@@ -118,7 +118,7 @@ def _decode(value: str) -> Any:
 
 def test_step_graph_and_edges(built: dict[str, Any]) -> None:
     from pipelines import pipeline
-    from pipelines.definition_check import step_dependencies
+    from pipelines.definition.check import step_dependencies
 
     definition = built["default"]
     assert [(s["Name"], s["Type"]) for s in definition["Steps"]] == [
@@ -249,7 +249,7 @@ def test_deploy_function_name_and_account_come_from_the_builder_arguments() -> N
 
 
 def test_every_parameter_declared_typed_and_referenced(built: dict[str, Any]) -> None:
-    from pipelines.definition_check import iter_references
+    from pipelines.definition.check import iter_references
     from pipelines.pipeline import PARAMETER_NAMES
 
     definition = built["default"]
@@ -707,7 +707,7 @@ def test_definition_command_is_offline_and_stable_across_processes(built: dict[s
 
 
 def test_job_arguments_match_sagemaker_api_shapes(built: dict[str, Any]) -> None:
-    from pipelines.definition_check import STEP_API_OPERATIONS, check_definition
+    from pipelines.definition.check import STEP_API_OPERATIONS, check_definition
 
     for variant in ("default", "no_debugger", "all_options", "no_deploy", "demo", "distributed"):
         assert check_definition(built[variant]) == [], variant
@@ -817,7 +817,7 @@ def _mutations() -> list[tuple[str, Any, str]]:
 def test_checker_reports_what_sagemaker_would_refuse(
     built: dict[str, Any], case: str, mutate: Any, expected: str
 ) -> None:
-    from pipelines.definition_check import check_definition
+    from pipelines.definition.check import check_definition
 
     definition = copy.deepcopy(built["default"])
     mutate(definition)

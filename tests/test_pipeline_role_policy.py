@@ -1,4 +1,4 @@
-"""The pipeline execution role's IAM policy (pipelines/iam) against the pipeline definition it has to run."""
+"""The pipeline execution role's IAM policy (pipelines/aws/iam) against the pipeline definition it has to run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from pipelines import config, iam
+from pipelines import config
+from pipelines.aws import iam
 from pipelines.run import main
 
 ACCOUNT_ID = "123456789012"
@@ -133,7 +134,7 @@ def test_deploy_step_may_invoke_exactly_the_deploy_function(built: dict[str, Any
 
 
 def _iter_steps(definition: dict[str, Any]) -> list[dict[str, Any]]:
-    from pipelines.definition_check import iter_steps
+    from pipelines.definition.check import iter_steps
 
     return iter_steps(definition)
 
@@ -176,7 +177,7 @@ def _job_arns(step: dict[str, Any], region: str) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("variant", ["default", "all_options"])
 def test_every_sagemaker_call_of_the_built_pipeline_is_allowed(built: dict[str, Any], variant: str) -> None:
-    from pipelines.definition_check import STEP_API_OPERATIONS, iter_steps
+    from pipelines.definition.check import STEP_API_OPERATIONS, iter_steps
 
     definition = built["definitions"][variant]
     policy = render(built, all_options=variant == "all_options")

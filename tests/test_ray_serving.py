@@ -19,7 +19,8 @@ import pytest
 from _http import exchange
 from _serving import HOSTILE_REQUESTS, JPEG, VALID_REQUESTS, encode, image, make_artifact, package_for
 
-from pipelines.local import endpoint, processes
+from pipelines.serving import endpoint
+from pipelines.util import processes
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +124,7 @@ def test_the_ray_clis_are_rays_own_even_when_another_serve_script_comes_first(tm
     import subprocess
     import sys
 
-    from pipelines.local import ray_host
+    from pipelines.serving import ray_host
 
     impostor = tmp_path / "serve"
     impostor.write_text("#!/bin/sh\necho not ray serve\nexit 3\n")

@@ -15,7 +15,8 @@ from packaging.version import Version
 from sagemaker import image_uris
 from sagemaker.utils import get_domain_for_region
 
-from pipelines import config, iam, images
+from pipelines import config, images
+from pipelines.aws import iam
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCOUNT_ID = "123456789012"

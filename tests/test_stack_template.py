@@ -12,7 +12,8 @@ import pytest
 import yaml
 from _cloudformation import api_request, rendered_pipeline_role_policy, resolve
 
-from pipelines import config, deploy_infra, iam, stack_template
+from pipelines import config
+from pipelines.aws import deploy_infra, iam, stack_template
 from steps import deploy
 
 REPO = Path(__file__).resolve().parent.parent

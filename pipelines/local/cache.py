@@ -31,8 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipelines import config
-from pipelines.local import fsutil
+from pipelines.util import fsutil
 
 CACHE_DIR = "cache"
 
@@ -127,7 +126,7 @@ class StepCache:
             result=result,
             created=_now().isoformat(timespec="seconds"),
         )
-        with fsutil.workdir_lock(self.workdir, f"caching {step}", config.LOCAL_LOCK_WAIT_SECONDS):
+        with fsutil.workdir_lock(self.workdir, f"caching {step}"):
             fsutil.write_json_atomic(fsutil.contained(self.workdir, self.folder / f"{key}.json"), entry.__dict__)
         return entry
 

@@ -40,10 +40,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines import config
-from pipelines.local import fsutil, processes
+from pipelines.definition.hyperparameters import decode_hyperparameter, hyperparameter_flags
+from pipelines.util import fsutil, processes
 
 CONTAINER_ROOT = "/opt/ml"
+DEFAULT_CHECKPOINT_PATH = "/opt/ml/checkpoints"  # CheckpointConfig.LocalPath when a request leaves it out
 CONTAINER_PYTHONS = ("python3", "python")  # the image's interpreter: this process's Python here
 PROCESSING_WORKDIR = "/opt/ml/processing"
 HOST = "algo-1"
@@ -319,7 +320,7 @@ def run_logged(
                     on_line(stripped)
             returncode = process.wait()
         finally:  # ended or interrupted: leave no process of the job behind
-            JOBS.finish(process, config.LOCAL_STOP_GRACE_SECONDS)
+            JOBS.finish(process, processes.STOP_GRACE_SECONDS)
     duration = time.perf_counter() - started
     if returncode != 0:
         signal_name = signal_of(returncode)
@@ -437,27 +438,6 @@ def map_container_argument(root: Path, argument: str) -> str:
     if argument.startswith(CONTAINER_ROOT):
         return str(container_path(root, argument))
     return argument
-
-
-def decode_hyperparameter(value: str) -> object:
-    """How the training toolkit reads hyperparameters.json: JSON where it parses, the raw string otherwise."""
-    try:
-        return json.loads(value)
-    except (TypeError, ValueError):
-        return value
-
-
-def hyperparameter_flags(decoded: Mapping[str, object]) -> list[str]:
-    """``sagemaker_training.mapping.to_cmd_args``: sorted keys, ``--key value`` (``-k`` for one letter)."""
-    arguments: list[str] = []
-    for key in sorted(decoded):
-        value = decoded[key]
-        arguments.append(f"--{key}" if len(key) > 1 else f"-{key}")
-        if isinstance(value, Mapping):
-            arguments.append(",".join(f"{k}={v}" for k, v in sorted(value.items())))
-        else:
-            arguments.append(str(value))
-    return arguments
 
 
 def _env_value(value: object) -> str:

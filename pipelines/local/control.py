@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipelines.definition.expressions import ExpressionError, as_text
 from pipelines.local import registry as registry_module
 from pipelines.local.executor import LocalExecution, StepContext, StepExecutor, StepFailure, StepResult
-from pipelines.local.expressions import ExpressionError, as_text
 
 LambdaFunction = Callable[[Any, Path], Mapping[str, Any]]  # (event, log file) -> the function's answer
 _OUTPUT_TYPES: dict[str, Callable[[Any], Any]] = {

@@ -7,7 +7,7 @@ client. That stand-in answers the calls the handler makes:
 - ``DescribeModelPackage``: the local registry;
 - ``CreateModel`` / ``DescribeModel`` and ``CreateEndpointConfig`` / ``DescribeEndpointConfig``: records in
   ``<workdir>/local-sagemaker.json``;
-- ``CreateEndpoint`` / ``UpdateEndpoint``: :func:`pipelines.local.endpoint.deploy` of the config's model package
+- ``CreateEndpoint`` / ``UpdateEndpoint``: :func:`pipelines.serving.endpoint.deploy` of the config's model package
   (the local endpoint restarts on the new model; there is no blue/green fleet here);
 - ``DescribeEndpoint``: InService while the endpoint's server runs, "not found" otherwise (so a stopped endpoint
   is created again).
@@ -33,8 +33,9 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from pipelines import config
-from pipelines.local import endpoint, fsutil
 from pipelines.local.registry import LocalModelRegistry, RegistryError
+from pipelines.serving import endpoint
+from pipelines.util import fsutil
 from steps import deploy
 
 STATE_FILE = "local-sagemaker.json"
@@ -64,7 +65,7 @@ class LocalSageMaker:
         return state or {"Models": {}, "EndpointConfigs": {}, "Endpoints": {}}
 
     def _save(self, kind: str, name: str, value: dict[str, Any]) -> None:
-        with fsutil.workdir_lock(self.workdir, f"recording {kind[:-1]} {name}", config.LOCAL_LOCK_WAIT_SECONDS):
+        with fsutil.workdir_lock(self.workdir, f"recording {kind[:-1]} {name}"):
             state = self._state()
             state[kind][name] = value
             fsutil.write_json_atomic(self.state_path, state)
@@ -171,7 +172,7 @@ def deploy_function(
 
     def invoke(event: Any, log_path: Path) -> Mapping[str, Any]:
         purpose = f"the deploy function's run for endpoint {endpoint_name}"
-        with fsutil.workdir_lock(workdir, purpose, config.LOCAL_LOCK_WAIT_SECONDS), function_log(log_path):
+        with fsutil.workdir_lock(workdir, purpose), function_log(log_path):
             # the local endpoint is never busy (it starts before create/update returns): nothing to wait for
             return deploy.invoke(event, settings, clients, deadline=time.monotonic())
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.definition_check import (
+from pipelines.definition.check import (
     check_definition,
     iter_references,
     iter_steps,
@@ -39,12 +39,12 @@ from pipelines.definition_check import (
     split_property_path,
     step_dependencies,
 )
-from pipelines.local import fsutil
+from pipelines.definition.expressions import ExpressionError, Scope
 from pipelines.local.cache import StepCache
 from pipelines.local.console import Console
-from pipelines.local.expressions import ExpressionError, Scope
 from pipelines.local.objectstore import ObjectStore, ObjectStoreError
 from pipelines.local.runs import RUN_RECORD
+from pipelines.util import fsutil
 
 DEFINITION_FILE = "definition.json"
 

@@ -29,11 +29,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pipelines import config
-from pipelines.local import containers, fsutil, tuning
+from pipelines.definition.expressions import as_text, is_expression
+from pipelines.local import containers, tuning
 from pipelines.local.console import Progress
 from pipelines.local.executor import LocalExecution, StepContext, StepExecutor, StepFailure, StepResult
-from pipelines.local.expressions import as_text, is_expression
+from pipelines.util import fsutil
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingExtras:
+    """What a project's training script needs beyond the container contract, handed over by whoever builds the
+    executors (the runner): flags after the hyperparameters, made from the CreateTrainingJob request (container
+    paths in them are mapped under the job's root, as a script's defaults would be on SageMaker), and environment
+    variables. The engine adds none of its own."""
+
+    arguments: Callable[[dict[str, Any]], list[str]] = lambda request: []
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)
+
 
 DEBUGGER_ARGUMENTS = ("DebugRuleConfigurations", "DebugHookConfig", "ProfilerRuleConfigurations", "ProfilerConfig")
 DEBUGGER_RULES = ("DebugRuleConfigurations", "ProfilerRuleConfigurations")
@@ -257,14 +269,16 @@ def run_training_job(
     root: Path,
     cpus: int,
     on_line: Callable[[str], None] | None = None,
+    extras: TrainingExtras | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """One CreateTrainingJob request (the Train step's, or a tuning trial's): returns the DescribeTrainingJob-shaped
     properties and the files written. Raises StepFailure (with the log) if the script fails."""
     hyperparameters = {key: as_text(value) for key, value in request.get("HyperParameters", {}).items()}
     submit = _decoded(hyperparameters["sagemaker_submit_directory"])
     checkpoint = request.get("CheckpointConfig") or {}
-    checkpoint_path = checkpoint.get("LocalPath", config.CHECKPOINT_LOCAL_PATH)
+    checkpoint_path = checkpoint.get("LocalPath", containers.DEFAULT_CHECKPOINT_PATH)
     tensorboard = request.get("TensorBoardOutputConfig") or {}
+    extras = extras or TrainingExtras()
     restore = {}
     if checkpoint.get("S3Uri") and context.store.exists(checkpoint["S3Uri"]):  # SageMaker resumes from them
         restore[checkpoint_path] = context.store.path(checkpoint["S3Uri"])
@@ -281,17 +295,10 @@ def run_training_job(
             for channel in request.get("InputDataConfig", [])
         },
         cpus=cpus,
-        # train.py's defaults are the container's absolute paths: here they lie under the job root
-        extra_arguments=[
-            "--checkpoint-dir",
-            checkpoint_path,
-            "--tensorboard-dir",
-            tensorboard.get("LocalPath", "none"),
-            *config.LOCAL_TRAINING_EXTRA_ARGUMENTS,
-        ],
+        extra_arguments=extras.arguments(request),
         env={
             **{key: as_text(value) for key, value in request.get("Environment", {}).items()},
-            "TORCH_HOME": str(context.execution.workdir / "torch-cache"),
+            **extras.environment,
             "MPLCONFIGDIR": str(root / "mplconfig"),
         },
         restore=restore,
@@ -359,6 +366,9 @@ class TrainingExecutor(StepExecutor):
         }
     )
 
+    def __init__(self, extras: TrainingExtras | None = None) -> None:
+        self.extras = extras or TrainingExtras()
+
     def check(self, step: dict[str, Any], execution: LocalExecution) -> list[str]:
         return _check_training(step["Name"], step.get("Arguments", {}), "HyperParameters", execution)
 
@@ -375,7 +385,13 @@ class TrainingExecutor(StepExecutor):
         progress = run.console.progress(context.name, epochs)
         try:
             properties, written = run_training_job(
-                context, arguments, job_name, context.folder, run.cpus, _watch(progress, "final", epochs, definitions)
+                context,
+                arguments,
+                job_name,
+                context.folder,
+                run.cpus,
+                _watch(progress, "final", epochs, definitions),
+                self.extras,
             )
         finally:
             progress.close()
@@ -418,6 +434,9 @@ class TuningExecutor(StepExecutor):
             "TrainingJobStatusCounters",
         }
     )
+
+    def __init__(self, extras: TrainingExtras | None = None) -> None:
+        self.extras = extras or TrainingExtras()
 
     def check(self, step: dict[str, Any], execution: LocalExecution) -> list[str]:
         arguments = step.get("Arguments", {})
@@ -466,7 +485,13 @@ class TuningExecutor(StepExecutor):
             on_line = _watch(progress, trial, epochs, definitions)
             try:
                 properties, _ = run_training_job(
-                    context, request, job_name, context.folder / trial, max(1, run.cpus // at_once), on_line
+                    context,
+                    request,
+                    job_name,
+                    context.folder / trial,
+                    max(1, run.cpus // at_once),
+                    on_line,
+                    self.extras,
                 )
             except StepFailure as failure:
                 last = next((line for line in reversed(failure.tail) if line.strip()), "")

@@ -22,8 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines import config, validation
-from pipelines.local import fsutil
+from pipelines.definition import names
+from pipelines.util import fsutil
+
+# CreateModelPackage's own default for a versioned package that names no ModelApprovalStatus
+DEFAULT_APPROVAL_STATUS = "PendingManualApproval"
 
 REGISTRY_FILE = "model-registry.json"
 ARTIFACTS_DIR = "registry"
@@ -123,10 +126,10 @@ class LocalModelRegistry:
         """
         group = request.get("ModelPackageGroupName")
         try:
-            validation.check_name("model package group", group)
+            names.check_name("model package group", group)
         except ValueError as error:
             raise RegistryError(str(error)) from error
-        status = request.get("ModelApprovalStatus", config.APPROVAL_STATUS)
+        status = request.get("ModelApprovalStatus", DEFAULT_APPROVAL_STATUS)
         if status not in APPROVAL_STATUSES:
             raise RegistryError(f"approval status {status!r} is not one of {', '.join(APPROVAL_STATUSES)}")
         model_uri = request["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
@@ -169,7 +172,7 @@ class LocalModelRegistry:
         return package, True
 
     def _locked(self, purpose: str) -> Any:
-        return fsutil.workdir_lock(self.workdir, purpose, config.LOCAL_LOCK_WAIT_SECONDS)
+        return fsutil.workdir_lock(self.workdir, purpose)
 
     @staticmethod
     def _group(data: dict[str, Any], group: str) -> dict[str, Any]:
@@ -216,7 +219,7 @@ def registry_problem(data: Any) -> str | None:
         return "it holds no ModelPackageGroups object"
     for name, group in groups.items():
         try:
-            validation.check_name("model package group", name)
+            names.check_name("model package group", name)
         except ValueError as error:
             return str(error)
         if not isinstance(group, dict) or group.get("ModelPackageGroupName") != name:
@@ -255,13 +258,11 @@ def _package_problem(group: str, package: Any, seen: set[int]) -> str | None:
 
 def model_data_path(package: dict[str, Any]) -> Path:
     """The local path of a package's ``ModelDataUrl`` (a file:// URI)."""
-    from urllib.parse import unquote, urlparse
-
     url = package["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
-    parsed = urlparse(url)
-    if parsed.scheme != "file":
-        raise RegistryError(f"model data {url} is not a local file")
-    return Path(unquote(parsed.path))
+    try:
+        return fsutil.file_uri_path(url)
+    except ValueError:
+        raise RegistryError(f"model data {url} is not a local file") from None
 
 
 def _replace_strings(value: Any, replacements: Mapping[str, str]) -> Any:
@@ -272,16 +273,3 @@ def _replace_strings(value: Any, replacements: Mapping[str, str]) -> Any:
     if isinstance(value, list):
         return [_replace_strings(item, replacements) for item in value]
     return value
-
-
-def accuracy_of(package: dict[str, Any]) -> str:
-    """The accuracy in the package's model-quality report (what ``models`` shows for SageMaker), or "?"."""
-    from urllib.parse import unquote, urlparse
-
-    from entrypoints.contract import accuracy_from_report
-
-    uri = package.get("ModelMetrics", {}).get("ModelQuality", {}).get("Statistics", {}).get("S3Uri", "")
-    parsed = urlparse(uri)
-    report = fsutil.read_json(Path(unquote(parsed.path))) if parsed.scheme == "file" else None
-    accuracy = accuracy_from_report(report) if isinstance(report, dict) else None
-    return f"{accuracy:.4f}" if accuracy is not None else "?"

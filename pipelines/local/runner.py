@@ -31,13 +31,16 @@ from typing import Any
 
 from entrypoints import contract
 from pipelines import config, validation
-from pipelines.local import containers, endpoint, fsutil, processes
+from pipelines.definition import names
+from pipelines.local import containers
 from pipelines.local.cache import CACHE_DIR, StepCache
 from pipelines.local.console import Console
 from pipelines.local.executor import DEFINITION_FILE, LocalExecution, RunStopped, StepExecutor
 from pipelines.local.objectstore import ObjectStore
 from pipelines.local.registry import LocalModelRegistry, RegistryError
 from pipelines.local.runs import RUN_ID
+from pipelines.serving import endpoint
+from pipelines.util import fsutil, processes
 
 
 class InvalidOptions(Exception):
@@ -52,7 +55,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def stopped_by_signals(grace_seconds: float = config.LOCAL_STOP_GRACE_SECONDS) -> Iterator[None]:
+def stopped_by_signals(grace_seconds: float = processes.STOP_GRACE_SECONDS) -> Iterator[None]:
     """While inside, SIGINT, SIGTERM and SIGHUP stop every job (SIGTERM to each job's processes, SIGKILL after
     ``grace_seconds``; no new job starts) and raise :class:`RunStopped`, so the run unwinds and is recorded
     Stopped. A second signal kills what is left at once. Only the main thread can take signals."""
@@ -127,9 +130,9 @@ def new_run_folder(workdir: Path) -> tuple[str, Path]:
 def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any]:
     """(definition, code artifacts, PipelineOptions): what ``definition --preset <preset>`` builds, with the local
     role, account and bucket. Raises ValueError for bad options."""
-    from pipelines.aws_cli import _quiet_sdk, _sdk_telemetry_off
+    from pipelines import sdk
 
-    _quiet_sdk()  # before the SDK is imported: its import warns otherwise
+    sdk.quiet()  # before the SDK is imported: its import warns otherwise
     import boto3
     from sagemaker.workflow.pipeline_context import PipelineSession
 
@@ -148,7 +151,7 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
     session = PipelineSession(
         boto_session=boto3.Session(region_name=config.LOCAL_REGION), default_bucket=config.LOCAL_BUCKET
     )
-    with _sdk_telemetry_off():
+    with sdk.telemetry_off():
         pipeline = get_pipeline(
             session,
             role=config.LOCAL_ROLE_ARN,
@@ -160,11 +163,19 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
     return definition, code_artifacts(config.LOCAL_BUCKET, pipeline_options.pipeline_name), pipeline_options
 
 
+def training_arguments(request: dict[str, Any]) -> list[str]:
+    """entrypoints/train.py's flags that the local jobs add: its checkpoint and TensorBoard defaults are the
+    container's absolute paths (here they lie under each job's root), and the jobs share this machine's cores."""
+    checkpoint = (request.get("CheckpointConfig") or {}).get("LocalPath", config.CHECKPOINT_LOCAL_PATH)
+    tensorboard = (request.get("TensorBoardOutputConfig") or {}).get("LocalPath", "none")
+    return ["--checkpoint-dir", checkpoint, "--tensorboard-dir", tensorboard, *config.LOCAL_TRAINING_EXTRA_ARGUMENTS]
+
+
 def step_executors(options: LocalRunOptions, workdir: Path, registry: LocalModelRegistry) -> dict[str, StepExecutor]:
     """One executor per step type; the Lambda one runs the deploy function against the local registry/endpoint."""
     from pipelines.local.control import ConditionExecutor, FailExecutor, LambdaExecutor, RegisterModelExecutor
     from pipelines.local.deploy_function import deploy_function
-    from pipelines.local.jobs import ProcessingExecutor, TrainingExecutor, TuningExecutor
+    from pipelines.local.jobs import ProcessingExecutor, TrainingExecutor, TrainingExtras, TuningExecutor
 
     function = deploy_function(
         workdir,
@@ -176,8 +187,10 @@ def step_executors(options: LocalRunOptions, workdir: Path, registry: LocalModel
     )
     executors: list[StepExecutor] = [
         ProcessingExecutor(),
-        TuningExecutor(),
-        TrainingExecutor(),
+        TuningExecutor(
+            training_extras := TrainingExtras(training_arguments, {"TORCH_HOME": str(workdir / "torch-cache")})
+        ),
+        TrainingExecutor(training_extras),
         ConditionExecutor(),
         FailExecutor(),
         RegisterModelExecutor(registry),
@@ -240,7 +253,7 @@ class LocalPipeline:
             ("model package group", values.get("ModelPackageGroupName", self.options.model_package_group)),
         ):
             try:
-                validation.check_name(kind, name)
+                names.check_name(kind, name)
             except ValueError as error:
                 problems.append(str(error))
         accepted = self.workdir / CACHE_DIR / ACCEPTED_ARGUMENTS_DIR  # what an earlier run checked already
@@ -251,7 +264,6 @@ class LocalPipeline:
             raise InvalidOptions(list(dict.fromkeys(problems)))  # a name given twice (flag, parameter) once
 
     def _run(self) -> dict[str, Any]:
-        from pipelines.aws_cli import parameter_overrides
 
         started = time.perf_counter()
         try:  # the registry first: a damaged one stops the run before any work
@@ -262,7 +274,7 @@ class LocalPipeline:
             definition, artifacts, pipeline_options = build_definition(self.options)
         except ValueError as error:  # before the run folder: a refused option leaves nothing behind
             raise InvalidOptions([str(error)]) from error
-        overrides = parameter_overrides(definition, self.options.parameters)
+        overrides = validation.parameter_overrides(definition, self.options.parameters)
         self._checked_values(definition, overrides)
         self.run_id, self.run_dir = new_run_folder(self.workdir)
         self.console.write(f"Local pipeline {self.run_id} in {self.run_dir}")

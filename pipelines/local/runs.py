@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipelines.local import fsutil, processes
+from pipelines.util import fsutil, processes
 
 RUN_RECORD = "run.json"  # in each run folder: the run and its steps, shaped like DescribePipelineExecution
 RUN_ID = re.compile(r"run-(\d{4,})")  # run-0001, run-0002, ...
@@ -64,10 +64,33 @@ def summary_lines(workdir: Path) -> list[str]:
     return lines
 
 
+def step_detail(step: dict[str, Any]) -> str:
+    """The useful part of a step's metadata: its job ARN, the condition outcome, or the fail message."""
+    metadata = step.get("Metadata", {})
+    for key in ("TrainingJob", "ProcessingJob", "TuningJob", "RegisterModel", "Model"):
+        if "Arn" in metadata.get(key, {}):
+            return metadata[key]["Arn"]
+    if "Condition" in metadata:
+        return f"outcome {metadata['Condition'].get('Outcome')}"
+    if "Fail" in metadata:
+        return metadata["Fail"].get("ErrorMessage", "")
+    return ""
+
+
+def format_step(step: dict[str, Any]) -> str:
+    line = f"{step.get('StepName', '?'):<24} {step.get('StepStatus', '?'):<10}"
+    if step.get("CacheHitResult"):
+        line += " (cached)"
+    detail = step_detail(step)
+    if detail:
+        line += f" {detail}"
+    if step.get("FailureReason"):
+        line += f"\n    reason: {step['FailureReason']}"
+    return line
+
+
 def detail_lines(workdir: Path, run_id: str | None) -> list[str]:
     """What ``status`` prints for a SageMaker execution, for one local run (the newest without ``run_id``)."""
-    from pipelines.aws_cli import _format_step
-
     folders = {folder.name: folder for folder in run_folders(workdir)}
     if not folders:
         raise RunNotFound(f"no runs in {workdir}: start one with 'python -m pipelines.run local'")
@@ -87,5 +110,5 @@ def detail_lines(workdir: Path, run_id: str | None) -> list[str]:
     for step in steps:
         if status == PROCESS_GONE and step.get("StepStatus") == "Executing":
             step = {**step, "StepStatus": PROCESS_GONE}
-        lines.append(f"  {_format_step(step)}")
+        lines.append(f"  {format_step(step)}")
     return lines

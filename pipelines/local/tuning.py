@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.config import HyperparameterRange
+from pipelines.definition.hyperparameters import HyperparameterRange
 
 
 def _scaled(spec: HyperparameterRange, unit: float) -> float:

@@ -1,10 +1,10 @@
 """``python -m pipelines.run bootstrap``: the project's whole AWS side as one CloudFormation stack.
 
-The stack (``infra/project.yml``, completed by :mod:`pipelines.stack_template`) holds the artifact bucket, the model
+The stack (``infra/project.yml``, completed by :mod:`pipelines.aws.stack_template`) holds the artifact bucket, the model
 package group, the roles of the SageMaker pipeline, its deploy function and the build, the CodeBuild project that
 runs ``buildspec.yml`` and the CodePipeline that runs it on every push. ``bootstrap`` checks its input (flags, the
 CodeConnections connection, names taken outside the stack) before it changes anything, then creates or updates
-the stack through a change set (:mod:`pipelines.cloudformation`), and prints the outputs and the next command.
+the stack through a change set (:mod:`pipelines.aws.cloudformation`), and prints the outputs and the next command.
 Its flags are the template's parameters (``--project-name`` fills ProjectName, and so on); on an existing stack a
 flag left out keeps the stack's current value.
 """
@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines import cloudformation, config, stack_template
-from pipelines.aws_cli import _add_aws_arguments, _aws_errors, add_tag_argument, make_boto_session, resolve_region
-from pipelines.errors import CommandError
+from pipelines import config
+from pipelines.aws import cloudformation, stack_template
+from pipelines.cli.sagemaker import _add_aws_arguments, _aws_errors, add_tag_argument, make_boto_session, resolve_region
+from pipelines.util.errors import CommandError
 
 STACK_NAME_SUFFIX = "-mlops"
 MAX_TEMPLATE_BODY_BYTES = 51_200  # CloudFormation's limit for a template passed inline

@@ -2,7 +2,7 @@
 
 Deploying (what the deploy Lambda does on SageMaker when a version is approved) extracts the version's
 ``model.tar.gz`` into ``<workdir>/endpoints/<name>/<version>/model`` (refusing entries that would land outside
-it), stops the endpoint's previous server if any, and starts ``python -m pipelines.local.server`` in its own
+it), stops the endpoint's previous server if any, and starts ``python -m pipelines.serving.server`` in its own
 session, so it outlives the command that started it. The server runs the artifact's Ray Serve app: in its own
 process (the light host, the default), or with ``ray=True`` on a local Ray cluster started the way AWS's Ray
 Serve container starts one. ``<workdir>/endpoints/<name>.json`` records its pid, URL, host, model package and
@@ -29,12 +29,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipelines import config, validation
-from pipelines.local import fsutil, processes
-from pipelines.local.registry import model_data_path
+from pipelines.definition import names
+from pipelines.util import fsutil, processes
 
 ENDPOINTS_DIR = "endpoints"
-SERVER_MODULE = "pipelines.local.server"
+SERVER_MODULE = "pipelines.serving.server"
 START_TIMEOUT_S = 180.0
 RAY_START_TIMEOUT_S = 420.0  # pip, ray start, serve start, serve run and the model: minutes on a busy machine
 STOP_TIMEOUT_S = 30.0  # a Ray host shuts its app and cluster down in this time
@@ -53,7 +52,7 @@ class DamagedRecord(EndpointError):
 
 def _checked_name(name: str) -> str:
     try:
-        return validation.check_name("endpoint", name)
+        return names.check_name("endpoint", name)
     except ValueError as error:
         raise EndpointError(str(error)) from error
 
@@ -127,7 +126,7 @@ def status(workdir: Path, name: str) -> dict[str, Any] | None:
 
 
 def _lock(workdir: Path, purpose: str) -> Any:
-    return fsutil.workdir_lock(workdir, purpose, config.LOCAL_LOCK_WAIT_SECONDS)
+    return fsutil.workdir_lock(workdir, purpose)
 
 
 def servers_of(workdir: Path, name: str) -> list[int]:
@@ -228,7 +227,8 @@ def deploy(
         version = package["ModelPackageVersion"]
         folder = _inside(workdir, endpoint_folder(workdir, name) / str(version))
         fsutil.remove_path(folder)
-        fsutil.safe_extract_tarball(model_data_path(package), folder / "model")
+        model_data = package["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
+        fsutil.safe_extract_tarball(fsutil.file_uri_path(model_data), folder / "model")
         if current is not None:
             stop(workdir, name)
         process = _start_server(folder, package, host, port, threads, ray)

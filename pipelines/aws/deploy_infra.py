@@ -29,8 +29,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pipelines import config
-from pipelines.errors import CommandError
-from pipelines.iam import check_placeholders_filled, partition_for_region
+from pipelines.aws.iam import check_placeholders_filled
+from pipelines.definition.names import partition_for_region
+from pipelines.util.errors import CommandError
 from steps import deploy
 
 HANDLER = "deploy.handler"  # the zip holds deploy.py at its root

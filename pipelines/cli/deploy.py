@@ -17,9 +17,10 @@ import sys
 import time
 from typing import Any
 
-from pipelines import config, deploy_infra
-from pipelines.aws_cli import add_hidden_alias, add_model_package_group_argument
-from pipelines.errors import CommandError
+from pipelines import config
+from pipelines.aws import deploy_infra
+from pipelines.cli.sagemaker import add_hidden_alias, add_model_package_group_argument
+from pipelines.util.errors import CommandError
 
 IN_SERVICE_POLL_SECONDS = 30
 
@@ -111,7 +112,7 @@ def run_deploy(args: argparse.Namespace) -> int:
 
 def _smoke_test_or_roll_back(args: argparse.Namespace, session: Any, settings: Any, clients: Any, name: str) -> None:
     """endpoint-test on the updated endpoint; on failure, the previous approved version is served again."""
-    from pipelines import endpoint_test
+    from pipelines.cli import endpoint_test
     from steps import deploy
 
     test_args = argparse.Namespace(

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipelines import config
+from pipelines.definition.names import LAMBDA_FUNCTION_NAME, partition_for_region
 
 POLICY_TEMPLATE = "pipeline_role_policy.json"
 TRUST_POLICY = "pipeline_role_trust_policy.json"
@@ -55,23 +56,12 @@ STATEMENTS_NEEDING_ANY_RESOURCE = {
 
 # SageMaker names (pipelines, job prefixes): letters, digits and single hyphens, so no IAM wildcard sneaks in.
 _SAGEMAKER_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
-# A Lambda function name (CreateFunction's FunctionName without the ARN forms).
-LAMBDA_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _ROLE_ARN = re.compile(r"arn:aws(-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]+")
 _KMS_KEY_ARN = re.compile(r"arn:aws(-cn|-us-gov)?:kms:[a-z0-9-]+:\d{12}:key/[a-zA-Z0-9-]+")
 _ECR_IMAGE = re.compile(
     r"(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?/(?P<repo>[^:@]+)"
 )
-
-
-def partition_for_region(region: str) -> str:
-    """The ARN partition of a region (aws, aws-cn or aws-us-gov)."""
-    if region.startswith("cn-"):
-        return "aws-cn"
-    if region.startswith("us-gov-"):
-        return "aws-us-gov"
-    return "aws"
 
 
 def pipeline_image_uris(
@@ -256,7 +246,7 @@ def render_pipeline_role_policy(
 
 
 def _read(name: str) -> str:
-    return (importlib.resources.files("pipelines.iam") / name).read_text(encoding="utf-8")
+    return (importlib.resources.files("pipelines.aws.iam") / name).read_text(encoding="utf-8")
 
 
 def check_placeholders_filled(policy: Mapping[str, Any], what: str) -> None:

@@ -20,15 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipelines import config, deploy_infra, images
-from pipelines.aws_cli import _comma_list, _quiet_sdk
-from pipelines.errors import CommandError
-from pipelines.iam import (
+from pipelines import config, images, sdk
+from pipelines.aws import deploy_infra
+from pipelines.aws.iam import (
     DEFAULT_ROLE_NAME,
     pipeline_role_trust_policy,
     render_pipeline_role_policy,
     resolve_region_and_account,
 )
+from pipelines.cli.sagemaker import _comma_list
+from pipelines.util.errors import CommandError
 
 
 def add_commands(subparsers: Any) -> None:
@@ -181,7 +182,7 @@ def _print_document(document: dict[str, Any], output: str | None = None) -> int:
 def cmd_pipeline_policy(args: argparse.Namespace) -> int:
     if not args.bucket:
         raise CommandError(f"pass --bucket or set {config.ENV_BUCKET}")
-    _quiet_sdk()  # the image URIs come from the SageMaker SDK's tables
+    sdk.quiet()  # the image URIs come from the SageMaker SDK's tables
 
     def render(region: str, account_id: str) -> dict[str, Any]:
         return render_pipeline_role_policy(

@@ -1,6 +1,6 @@
 """A local endpoint that runs the model artifact's own Ray Serve app behind the Ray Serve container's adapter.
 
-``python -m pipelines.local.server --model-dir <extracted model.tar.gz> --port 8080 [--ray]`` serves
+``python -m pipelines.serving.server --model-dir <extracted model.tar.gz> --port 8080 [--ray]`` serves
 
 - ``GET /ping``: 200 once the model has loaded, 503 before;
 - ``POST /invocations``: as the adapter of AWS's Ray Serve inference container does it, the raw body goes to
@@ -12,7 +12,7 @@ model folder and its ``code/`` on the path, as the container's ``PYTHONPATH`` ha
 
 - the light host (default): one replica of the deployment class in this process (``build_replica`` of that
   module: ``model_fn`` once, a warm-up request, then ``input_fn -> predict_fn -> output_fn`` per request);
-- ``--ray``: the container's own sequence on this machine (:mod:`pipelines.local.ray_host`): ``pip install``
+- ``--ray``: the container's own sequence on this machine (:mod:`pipelines.serving.ray_host`): ``pip install``
   of ``code/requirements.txt``, ``ray start``, ``serve start``, ``serve run config.yaml``; requests are forwarded
   to Ray's HTTP proxy (a timeout gives 504, a proxy out of reach 503).
 
@@ -49,7 +49,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from entrypoints import contract
-from pipelines.local import fsutil
+from pipelines.serving.errors import HandlerSetupError
+from pipelines.util import fsutil
 
 MAX_PAYLOAD_BYTES = contract.MAX_PAYLOAD_BYTES
 DISCARD_LIMIT_BYTES = 64 * 1024 * 1024  # a refused body up to this size is read and dropped before answering
@@ -57,7 +58,7 @@ DEFAULT_MEDIA_TYPE = contract.JSON_CONTENT_TYPE  # the adapter's default Content
 FORWARDED_HEADER_PREFIX = "x-amzn-sagemaker-"
 BACKEND_TIMEOUT_S = float(os.environ.get("RAYSERVE_BACKEND_TIMEOUT", "300"))  # the container adapter's setting
 
-log = logging.getLogger("pipelines.local.server")
+log = logging.getLogger("pipelines.serving.server")
 
 # The front end's own refusals: status -> machine-readable code.
 ERROR_CODES = {
@@ -72,10 +73,6 @@ ERROR_CODES = {
     503: "loading",
     504: "backend_timeout",
 }
-
-
-class HandlerSetupError(Exception):
-    """The artifact cannot serve: no Ray Serve app, a config that names none, or a module without a replica."""
 
 
 @dataclass(frozen=True)
@@ -419,7 +416,7 @@ def serve(
     try:
         started = time.perf_counter()
         if ray:
-            from pipelines.local.ray_host import RayServeCluster
+            from pipelines.serving.ray_host import RayServeCluster
 
             cluster = RayServeCluster(model_dir, work_dir=ready_file.parent if ready_file else model_dir.parent)
             front.target = RayProxyBackend(cluster.start(should_stop=stopping.is_set))
@@ -477,7 +474,7 @@ class SwitchableBackend:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.local.server",
+        prog="python -m pipelines.serving.server",
         description="Serve an extracted model artifact's Ray Serve app behind SageMaker's serving contract "
         "(GET /ping, POST /invocations), in this process or (--ray) on a local Ray cluster.",
     )

@@ -3,14 +3,15 @@
 ``infra/project.yml`` writes everything about the stack except what other files of the project already own:
 
 - each role's ``PolicyDocument`` / ``AssumeRolePolicyDocument`` names the policy file it comes from
-  (``pipelines/iam/*.json``, ``steps/deploy_*.json``). :func:`render_template` puts that file's statements in,
+  (``pipelines/aws/iam/*.json``, ``steps/deploy_*.json``). :func:`render_template` puts that file's statements in,
   with its ``${...}`` placeholders as ``Fn::Sub`` variables, keeping exactly the statements that
-  ``pipelines.iam.render_pipeline_role_policy`` / ``pipelines.deploy_infra.render_deploy_policy`` keep when no KMS
+  ``pipelines.aws.iam.render_pipeline_role_policy`` / ``pipelines.aws.deploy_infra.render_deploy_policy`` keep
+  when no KMS
   key, VPC, extra input, autoscaling or rollback alarm is asked for;
 - ``${Name}`` in a ``Fn::Sub`` stands for ``Metadata.ProjectNames.Name`` (the names made from ProjectName), so
   that every name is written once; the policy files' placeholders are names of that table too;
 - ``Mappings.EcrRegistries`` holds, per region, the account of each container registry the pipeline's jobs pull
-  from (found with the SageMaker SDK, as ``pipelines.iam`` finds them), and ``Rules`` keeps the stack to those
+  from (found with the SageMaker SDK, as ``pipelines.aws.iam`` finds them), and ``Rules`` keeps the stack to those
   regions.
 
 A placeholder that nothing fills stops the rendering with an error that names it and says where to add it.
@@ -35,7 +36,7 @@ import yaml
 
 from pipelines import config
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_PATH = PROJECT_ROOT / "infra" / "project.yml"
 NAMES_KEY = "ProjectNames"  # Metadata.ProjectNames: the names made from ProjectName
 REGISTRY_MAPPING = "EcrRegistries"
@@ -127,15 +128,15 @@ def dump_yaml(template: Mapping[str, Any]) -> str:
 
 def _policy_sources() -> dict[str, tuple[Any, tuple[str, ...]]]:
     """Policy file (as the template names it) -> (its document, the Sid prefixes of statements left out)."""
-    from pipelines import deploy_infra, iam
+    from pipelines.aws import deploy_infra, iam
 
     return {
-        "pipelines/iam/pipeline_role_policy.json": (
+        "pipelines/aws/iam/pipeline_role_policy.json": (
             iam.pipeline_role_policy_template(),
             # KMS, VPC and extra inputs are upsert options the stack does not take (docs/iam.md: the pipeline role).
             (iam.KMS_SID_PREFIX, iam.VPC_SID_PREFIX, iam.EXTRA_INPUTS_SID_PREFIX),
         ),
-        "pipelines/iam/pipeline_role_trust_policy.json": (iam.pipeline_role_trust_policy(), ()),
+        "pipelines/aws/iam/pipeline_role_trust_policy.json": (iam.pipeline_role_trust_policy(), ()),
         "steps/deploy_policy.json": (
             json.loads((PROJECT_ROOT / "steps" / deploy_infra.POLICY_TEMPLATE).read_text(encoding="utf-8")),
             # Endpoint autoscaling and rollback alarms are deploy options the stack does not take.
@@ -225,11 +226,11 @@ def _cached_resolver(resolver: Any) -> Any:
 def registries() -> Registries:
     """The registries of every commercial region where all the pipeline's images exist.
 
-    The images are the ones ``pipelines.iam.pipeline_image_uris`` names (the SDK's tables, offline).
+    The images are the ones ``pipelines.aws.iam.pipeline_image_uris`` names (the SDK's tables, offline).
     """
     import boto3
 
-    from pipelines.iam import pipeline_image_uris
+    from pipelines.aws.iam import pipeline_image_uris
 
     # The SDK logs its config lookups to standard output when it is imported, and a line per image lookup: keep
     # them out of a template written to standard output.

@@ -281,8 +281,12 @@ class WorkdirBusy(Exception):
     """Another command kept the workdir's lock longer than a command waits."""
 
 
+# A command that finds the workdir's lock held waits this long, saying who holds it: longer than a Ray endpoint's start.
+LOCK_WAIT_SECONDS = 900.0
+
+
 @contextlib.contextmanager
-def workdir_lock(workdir: Path, purpose: str, wait_seconds: float) -> Iterator[None]:
+def workdir_lock(workdir: Path, purpose: str, wait_seconds: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
     """The workdir's exclusive lock, for a change of its shared state (registry, endpoint records, cache).
 
     Held by one command at a time (``flock`` on ``<workdir>/.lock``, released by the kernel if the process dies),
@@ -350,3 +354,13 @@ def tail_lines(path: Path, count: int = 20) -> list[str]:
         handle.seek(max(0, size - 64 * 1024))
         text = handle.read().decode("utf-8", errors="replace")
     return text.splitlines()[-count:]
+
+
+def file_uri_path(url: str) -> Path:
+    """The local path of a ``file://`` URI (what the local registry's ``ModelDataUrl`` holds); ValueError otherwise."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme != "file":
+        raise ValueError(f"{url} is not a local file")
+    return Path(unquote(parsed.path))

@@ -16,6 +16,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+# SIGINT/SIGTERM/SIGHUP to a command, or a job's main process ending: what is left of each process tree gets SIGTERM,
+# then SIGKILL after this grace.
+STOP_GRACE_SECONDS = 5.0
 PR_SET_CHILD_SUBREAPER = 36
 
 

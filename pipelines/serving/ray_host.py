@@ -30,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from entrypoints import contract
-from pipelines.local import processes
-from pipelines.local.server import HandlerSetupError
+from pipelines.serving.errors import HandlerSetupError
+from pipelines.util import processes
 
 START_TIMEOUT_S = 240.0
 STOP_GRACE_S = 5.0

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import CommandError
+from pipelines.util.errors import CommandError
 
 # manylinux tags the images' glibc accepts (Amazon Linux 2023 and Ubuntu 22.04: glibc >= 2.34), newest first.
 X86_64_LINUX = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")

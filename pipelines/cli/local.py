@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import config, validation
-from pipelines.aws_cli import add_model_package_group_argument, add_param_argument, add_shape_arguments
-from pipelines.errors import CommandError
+from pipelines.cli.sagemaker import add_model_package_group_argument, add_param_argument, add_shape_arguments
+from pipelines.definition import names
+from pipelines.util.errors import CommandError
 
 EXIT_PIPELINE_FAILED = 1
 
@@ -59,7 +60,7 @@ def _workdir(text: str) -> Path:
     return path
 
 
-ENDPOINT_NAME = validation.name_argument("endpoint")
+ENDPOINT_NAME = names.name_argument("endpoint")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -240,9 +241,9 @@ def local_parameters(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def run_local(args: argparse.Namespace) -> int:
-    from pipelines.aws_cli import _quiet_sdk
+    from pipelines import sdk
 
-    _quiet_sdk()  # the definition is built with the SDK: keep its import-time chatter off the terminal
+    sdk.quiet()  # the definition is built with the SDK: keep its import-time chatter off the terminal
     from pipelines.local.console import Console
     from pipelines.local.executor import DefinitionInvalid, PipelineFailed, RunStopped
     from pipelines.local.runner import InvalidOptions, LocalPipeline, LocalRunOptions
@@ -352,8 +353,8 @@ def _decoded(value: str) -> str:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from pipelines.local import endpoint as local_endpoint
-    from pipelines.local import predict
+    from pipelines.serving import endpoint as local_endpoint
+    from pipelines.serving import predict
 
     try:
         body, content_type = predict.build_request(args.images, args.top_k)
@@ -383,9 +384,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_endpoint(args: argparse.Namespace) -> int:
-    from pipelines.local import endpoint as local_endpoint
-    from pipelines.local import fsutil
     from pipelines.local.registry import LocalModelRegistry, RegistryError
+    from pipelines.serving import endpoint as local_endpoint
+    from pipelines.util import fsutil
 
     workdir = args.workdir.resolve()
     try:
@@ -414,7 +415,7 @@ def run_endpoint(args: argparse.Namespace) -> int:
 
 
 def _print_endpoint(workdir: Path, name: str) -> int:
-    from pipelines.local import endpoint as local_endpoint
+    from pipelines.serving import endpoint as local_endpoint
 
     record = local_endpoint.status(workdir, name)
     if record is None:
@@ -444,7 +445,7 @@ def _print_stopped(name: str, record: dict[str, Any] | None) -> None:
 def _deploy_on_approval(workdir: Path, registry: Any, args: argparse.Namespace, package: dict[str, Any]) -> int:
     """What EventBridge does on SageMaker: send the approval event to the deploy function (run in-process)."""
     from pipelines.local import deploy_function
-    from pipelines.local import endpoint as local_endpoint
+    from pipelines.serving import endpoint as local_endpoint
 
     function = deploy_function.deploy_function(
         workdir,
@@ -463,10 +464,25 @@ def _deploy_on_approval(workdir: Path, registry: Any, args: argparse.Namespace, 
     return 0
 
 
+def accuracy_of(package: dict[str, Any]) -> str:
+    """The accuracy in the package's model-quality report (what ``models`` shows for SageMaker), or "?"."""
+    from urllib.parse import unquote, urlparse
+
+    from entrypoints.contract import accuracy_from_report
+
+    uri = package.get("ModelMetrics", {}).get("ModelQuality", {}).get("Statistics", {}).get("S3Uri", "")
+    parsed = urlparse(uri)
+    from pipelines.util import fsutil
+
+    report = fsutil.read_json(Path(unquote(parsed.path))) if parsed.scheme == "file" else None
+    accuracy = accuracy_from_report(report) if isinstance(report, dict) else None
+    return f"{accuracy:.4f}" if accuracy is not None else "?"
+
+
 def run_models(args: argparse.Namespace) -> int:
-    from pipelines.local import endpoint as local_endpoint
-    from pipelines.local import fsutil
-    from pipelines.local.registry import LocalModelRegistry, RegistryError, accuracy_of
+    from pipelines.local.registry import LocalModelRegistry, RegistryError
+    from pipelines.serving import endpoint as local_endpoint
+    from pipelines.util import fsutil
 
     workdir = args.workdir.resolve()
     registry = LocalModelRegistry(workdir)

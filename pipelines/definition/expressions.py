@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.definition_check import split_property_path
+from pipelines.definition.check import split_property_path
 
 # A list indexed by name in a property path (processing outputs by OutputName, Lambda outputs by Name, ...).
 _LIST_KEYS = ("OutputName", "InputName", "ChannelName", "Name", "MetricName")

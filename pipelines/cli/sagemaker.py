@@ -13,14 +13,16 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from entrypoints.contract import accuracy_from_report
-from pipelines import config, images, validation
-from pipelines.errors import CommandError
+from pipelines import config, images, sdk, validation
+from pipelines.definition import names
+from pipelines.local.runs import format_step
+from pipelines.util.errors import CommandError
 
 TERMINAL_EXECUTION_STATUSES = ("Succeeded", "Failed", "Stopped")
 DEFAULT_POLL_SECONDS = 30
@@ -57,7 +59,7 @@ def _hyperparameter(text: str) -> tuple[str, Any]:
 def add_shape_arguments(parser: argparse.ArgumentParser, preset_help: str) -> None:
     """Flags that shape the definition and that ``definition``, ``upsert`` and ``local`` share, so that the three
     build the same definition from the same flags."""
-    from pipelines import deploy_infra
+    from pipelines.aws import deploy_infra
 
     parser.add_argument("--preset", choices=config.PRESETS, default=None, help=preset_help)
     parser.add_argument(
@@ -97,7 +99,7 @@ def add_shape_arguments(parser: argparse.ArgumentParser, preset_help: str) -> No
 
 def add_param_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     """``--param Name=Value`` (repeatable): a run's parameter values, for `start` and `local` alike; checked
-    against the definition by :func:`parameter_overrides`."""
+    against the definition by :func:`pipelines.validation.parameter_overrides`."""
     parser.add_argument(
         "--param", dest="params", type=_key_value, action="append", default=[], metavar="NAME=VALUE", help=help_text
     )
@@ -154,7 +156,7 @@ def add_model_package_group_argument(
 ) -> None:
     """``--model-package-group`` (the one name of the group on every command; ``--group`` still works), checked
     against SageMaker's pattern for the name, since it also names local folders."""
-    group_name = validation.name_argument("model package group")
+    group_name = names.name_argument("model package group")
     parser.add_argument(
         "--model-package-group", dest=dest, type=group_name, default=config.MODEL_PACKAGE_GROUP, help=help_text
     )
@@ -348,7 +350,7 @@ def add_commands(subparsers: Any) -> None:
 
 def _add_deploy_trigger_arguments(parser: argparse.ArgumentParser) -> None:
     """The deploy wiring's flags; --no-deploy-trigger is an older name of --skip-deploy-wiring."""
-    from pipelines import deploy_infra
+    from pipelines.aws import deploy_infra
 
     deploy_infra.add_deploy_arguments(parser, with_step_arguments=False)
     add_hidden_alias(parser, "--no-deploy-trigger", "skip_deploy_wiring", action="store_true")
@@ -422,50 +424,18 @@ def pipeline_options(args: argparse.Namespace) -> Any:
     )
 
 
-@contextlib.contextmanager
-def _sdk_telemetry_off() -> Iterator[None]:
-    """No usage telemetry from the SDK while building offline (it would call STS and an S3 URL).
-
-    The SDK's documented switch (TelemetryOptOut in an SDK defaults config) makes the SDK re-validate that
-    config against its JSON schema on every lookup, some 30 s per build, so the sender is switched off here
-    for the duration of the build instead.
-    """
-    try:
-        from sagemaker.telemetry import telemetry_logging
-    except ImportError:  # an SDK without telemetry
-        yield
-        return
-    original = telemetry_logging._send_telemetry_request
-    telemetry_logging._send_telemetry_request = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        telemetry_logging._send_telemetry_request = original
-
-
-def _quiet_sdk() -> None:
-    """Keep the SDK's build-time chatter (config lookups, "pipeline variable" notes) off the terminal."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
-    for name in ("sagemaker", "sagemaker.config"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"sagemaker(\..*)?")
-
-
 def build_from_args(args: argparse.Namespace, boto_session: Any, offline: bool) -> tuple[Any, str]:
     """The Pipeline and its definition JSON, checked unless --no-check. Raises CommandError on problems."""
-    _quiet_sdk()
+    sdk.quiet()
     from sagemaker.workflow.pipeline_context import PipelineSession
 
-    from pipelines.definition_check import check_definition
+    from pipelines.definition.check import check_definition
     from pipelines.pipeline import get_pipeline
 
     role, bucket = resolve_role(args), resolve_bucket(args)
     session = PipelineSession(boto_session=boto_session, default_bucket=bucket)
     options = pipeline_options(args)
-    with _sdk_telemetry_off() if offline else contextlib.nullcontext():
+    with sdk.telemetry_off() if offline else contextlib.nullcontext():
         try:
             pipeline = get_pipeline(session, role=role, bucket=bucket, options=options)
         except (ValueError, FileNotFoundError) as error:
@@ -567,7 +537,7 @@ def cmd_upsert(args: argparse.Namespace) -> int:
     boto_session = make_boto_session(args)
     pipeline, _ = build_from_args(args, boto_session, offline=False)
     bucket, role, tags = resolve_bucket(args), resolve_role(args), _tags(args)
-    from pipelines import deploy_infra
+    from pipelines.aws import deploy_infra
 
     if not args.skip_deploy_wiring:
         _check_deploy_settings(deploy_infra, args)  # before anything changes, not halfway through
@@ -648,36 +618,6 @@ def _pipeline_definition(sagemaker_client: Any, pipeline_name: str, region: str)
     return json.loads(described.get("PipelineDefinition") or "{}")
 
 
-def parameter_overrides(definition: dict[str, Any], overrides: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    """--param pairs checked against the pipeline's declared parameters (name, type, allowed values)."""
-    declared = {parameter["Name"]: parameter for parameter in definition.get("Parameters", [])}
-    checked: dict[str, str] = {}
-    for name, value in overrides:
-        parameter = declared.get(name)
-        if parameter is None:
-            from pipelines.pipeline import OPTIONAL_PARAMETERS, missing_parameter_hint
-
-            if name in OPTIONAL_PARAMETERS:
-                raise CommandError(f"--param {name}: {missing_parameter_hint(name)}")
-            raise CommandError(f"--param {name}: no such pipeline parameter; the parameters are {', '.join(declared)}")
-        kind = parameter.get("Type", "String")
-        try:
-            if kind == "Integer":
-                int(value)
-            elif kind == "Float":
-                float(value)
-        except ValueError as error:
-            wanted = "an integer" if kind == "Integer" else "a number"
-            raise CommandError(f"--param {name}={value}: {name} takes {wanted}") from error
-        if kind == "Boolean" and value.lower() not in ("true", "false"):
-            raise CommandError(f"--param {name}={value}: {name} takes true or false")
-        allowed = parameter.get("EnumValues")
-        if allowed and value not in allowed:
-            raise CommandError(f"--param {name}={value}: {name} takes one of {', '.join(allowed)}")
-        checked[name] = value
-    return [{"Name": name, "Value": value} for name, value in checked.items()]
-
-
 def list_execution_steps(sagemaker_client: Any, execution_arn: str) -> list[dict[str, Any]]:
     """The execution's steps, oldest first (ListPipelineExecutionSteps, all pages)."""
     steps: list[dict[str, Any]] = []
@@ -688,31 +628,6 @@ def list_execution_steps(sagemaker_client: Any, execution_arn: str) -> list[dict
         if not page.get("NextToken"):
             return steps
         request["NextToken"] = page["NextToken"]
-
-
-def _step_detail(step: dict[str, Any]) -> str:
-    """The useful part of a step's metadata: its job ARN, the condition outcome, or the fail message."""
-    metadata = step.get("Metadata", {})
-    for key in ("TrainingJob", "ProcessingJob", "TuningJob", "RegisterModel", "Model"):
-        if "Arn" in metadata.get(key, {}):
-            return metadata[key]["Arn"]
-    if "Condition" in metadata:
-        return f"outcome {metadata['Condition'].get('Outcome')}"
-    if "Fail" in metadata:
-        return metadata["Fail"].get("ErrorMessage", "")
-    return ""
-
-
-def _format_step(step: dict[str, Any]) -> str:
-    line = f"{step.get('StepName', '?'):<24} {step.get('StepStatus', '?'):<10}"
-    if step.get("CacheHitResult"):
-        line += " (cached)"
-    detail = _step_detail(step)
-    if detail:
-        line += f" {detail}"
-    if step.get("FailureReason"):
-        line += f"\n    reason: {step['FailureReason']}"
-    return line
 
 
 def _sleep(seconds: float) -> None:
@@ -737,7 +652,7 @@ def follow_execution(
             name, step_status = step.get("StepName", "?"), step.get("StepStatus", "?")
             if seen.get(name) != step_status:
                 seen[name] = step_status
-                print(f"{datetime.now():%H:%M:%S} {_format_step(step)}", file=out, flush=True)
+                print(f"{datetime.now():%H:%M:%S} {format_step(step)}", file=out, flush=True)
         if execution_status in TERMINAL_EXECUTION_STATUSES:
             print(f"execution {execution_status}: {execution_arn}", file=out, flush=True)
             if status.get("FailureReason"):
@@ -759,7 +674,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     definition = _pipeline_definition(sagemaker_client, args.pipeline_name, region)
     request: dict[str, Any] = {
         "PipelineName": args.pipeline_name,
-        "PipelineParameters": parameter_overrides(definition, args.params),
+        "PipelineParameters": validation.parameter_overrides(definition, args.params),
     }
     values = validation.parameter_values(definition, request["PipelineParameters"])
     problems = validation.parameter_problems(definition, values) + validation.script_argument_problems(
@@ -808,7 +723,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     steps = list_execution_steps(sagemaker_client, execution_arn)
     print("steps:" if steps else "steps:    none started yet")
     for step in steps:
-        print(f"  {_format_step(step)}")
+        print(f"  {format_step(step)}")
     return 0
 
 

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from entrypoints import contract
-from pipelines import config, validation
-from pipelines.errors import CommandError
-from pipelines.local.predict import content_type_of
+from pipelines import config
+from pipelines.definition import names
+from pipelines.serving.predict import content_type_of
+from pipelines.util.errors import CommandError
 
 TIE_TOLERANCE = 1e-3
 DEFAULT_IMAGES = 20
@@ -267,7 +268,7 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help="the local workdir")
     parser.add_argument(
         "--name",
-        type=validation.name_argument("endpoint"),
+        type=names.name_argument("endpoint"),
         default=config.LOCAL_ENDPOINT_NAME,
         help="the local endpoint",
     )
@@ -296,8 +297,8 @@ def run_endpoint_test(args: argparse.Namespace) -> int:
             raise CommandError(str(error)) from error
     print_report(report, args.json)
     if not report.ok and args.rollback and record is not None:
-        from pipelines.local.endpoint import EndpointError
         from pipelines.local.registry import RegistryError
+        from pipelines.serving.endpoint import EndpointError
 
         try:
             print(rollback_local(args.workdir.resolve(), args.name, record, report.summary()), file=sys.stderr)
@@ -333,7 +334,7 @@ def _resolve(args: argparse.Namespace, scratch: Path) -> tuple[dict | None, Invo
     elif args.endpoint:
         invoke, model = url_invoker(args.endpoint), args.model
     else:
-        from pipelines.local import endpoint
+        from pipelines.serving import endpoint
 
         try:
             record = endpoint.status(args.workdir.resolve(), args.name)
@@ -359,8 +360,8 @@ def _resolve(args: argparse.Namespace, scratch: Path) -> tuple[dict | None, Invo
 
 def rollback_local(workdir: Path, name: str, record: dict[str, Any], reason: str) -> str:
     """Serve the newest earlier Approved version again; mark the tested one Rejected. Returns what was done."""
-    from pipelines.local import endpoint
     from pipelines.local.registry import LocalModelRegistry
+    from pipelines.serving import endpoint
 
     registry = LocalModelRegistry(workdir)
     group, version = record["ModelPackageGroupName"], record["ModelPackageVersion"]
