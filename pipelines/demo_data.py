@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines import config
+from pipelines.util import fsutil
 from pipelines.util.errors import CommandError
 
 if TYPE_CHECKING:  # numpy and PIL load with the archive's writing, not with the command line
@@ -94,14 +94,14 @@ def write_digits_archive(
             name = f"{ARCHIVE_ROOT}/{split}/{class_name}/{DIGIT_NAMES[label]}_{number:05d}.jpg"
             entries.append((name, _digit_jpeg(images[index], image_size)))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
+    with (
+        fsutil.atomic_output(path, make_parents=True) as stream,  # whole or not at all, never through a link
+        zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_STORED) as archive,
+    ):
         for name, data in sorted(entries):
             info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
             info.external_attr = 0o644 << 16
             archive.writestr(info, data)
-    os.replace(partial, path)
     return path
 
 
@@ -168,6 +168,7 @@ def add_commands(subparsers: Any) -> None:
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     try:
+        fsutil.check_output_path(args.output)  # a folder, or a missing one: refused before any work
         path = write_digits_archive(
             args.output,
             args.image_size,
@@ -178,6 +179,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise CommandError(str(error)) from error
+    except OSError as error:  # a full disk, no permission: the archive is left as it was
+        raise CommandError(f"cannot write {args.output}: {error.strerror or error}; nothing was written") from error
     with zipfile.ZipFile(path) as archive:
         count = sum(1 for name in archive.namelist() if name.endswith(".jpg"))
     print(f"wrote {count} digit images ({len(CLASS_NAMES)} classes, {args.image_size} px) to {path}")

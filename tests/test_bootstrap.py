@@ -551,6 +551,7 @@ def test_print_template_writes_the_complete_template_without_aws(
 ) -> None:
     monkeypatch.setattr(bootstrap, "_session", lambda args: pytest.fail("--print-template made an AWS session"))
     target = tmp_path / "deploy" / "project.yml"
+    target.parent.mkdir()  # a command writes into a folder that exists, as any shell redirection does
     code, _, err = _run(capsys, "bootstrap", "--print-template", str(target))
     assert code == 0 and f"wrote {target}" in err
     assert target.read_text() == stack_template.template_text()

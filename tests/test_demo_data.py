@@ -97,6 +97,7 @@ def test_the_processing_step_reads_it_without_upscaling(tmp_path):
 
 def test_command_line(tmp_path, capsys):
     target = tmp_path / "cli" / "digits.zip"
+    target.parent.mkdir()  # a command writes into a folder that exists, as any shell redirection does
     assert main(["demo-data", str(target), "--per-class-limit", "3", "--image-size", "16"]) == 0
     assert "wrote 30 digit images" in capsys.readouterr().out
     assert Image.open(io.BytesIO(next(iter(read_archive(target).values())))).size == (16, 16)

@@ -21,6 +21,7 @@ from typing import Any
 from pipelines import config
 from pipelines.aws import cloudformation, stack_template
 from pipelines.cli.sagemaker import _add_aws_arguments, _aws_errors, add_tag_argument, make_boto_session, resolve_region
+from pipelines.util import fsutil
 from pipelines.util.errors import CommandError
 
 STACK_NAME_SUFFIX = "-mlops"
@@ -298,11 +299,10 @@ def _write_template(path: str) -> None:
     if path == "-":
         sys.stdout.write(text)
         return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(target)  # never a half-written template
+    try:
+        target = fsutil.write_output(Path(path), text)  # never a half-written template, never through a link
+    except fsutil.OutputPathError as error:
+        raise CommandError(f"--print-template: {error}") from error
     print(f"wrote {target} ({len(text)} bytes)", file=sys.stderr)
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pipelines import config
@@ -129,12 +130,19 @@ def _smoke_test_or_roll_back(args: argparse.Namespace, session: Any, settings: A
     )
     if endpoint_test.run_endpoint_test(test_args) == 0:
         return
+    from botocore.exceptions import BotoCoreError, ClientError
+
     reason = f"endpoint-test failed on {name} after deploying {args.model_package_arn}"
     try:
-        rolled = roll_back(args.model_package_arn, reason, settings, clients)
-    except deploy.DeployError as error:
+        rolled = roll_back(
+            args.model_package_arn,
+            reason,
+            settings,
+            clients,
+            wait=lambda config_name: _wait_in_service(clients.sagemaker, name, config_name, args),
+        )
+    except (deploy.DeployError, CommandError, ClientError, BotoCoreError) as error:
         raise CommandError(f"{reason}; {error}") from error
-    _wait_in_service(clients.sagemaker, name, rolled["endpoint_config_name"], args)
     raise CommandError(
         f"{reason}: rolled back to {rolled['model_package_arn']} (now InService); the tested version is Rejected"
     )
@@ -183,11 +191,22 @@ def previous_approved_package(sagemaker_client: Any, group: str, before_version:
     return best
 
 
-def roll_back(failed_package_arn: str, reason: str, settings: Any, clients: Any) -> dict[str, Any]:
-    """Serve the previous Approved version again and mark ``failed_package_arn`` Rejected with ``reason``.
+def roll_back(
+    failed_package_arn: str,
+    reason: str,
+    settings: Any,
+    clients: Any,
+    wait: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Serve the previous Approved version again, then mark ``failed_package_arn`` Rejected with ``reason``.
 
-    Raises DeployError when there is no earlier approved version (the endpoint then keeps the failed one).
+    In that order, and after ``wait`` (given the new endpoint config's name) returns, so that a deploy that fails
+    leaves the failed version Approved and the registry agreeing with what the endpoint serves. Raises DeployError
+    when there is no earlier approved version or its deploy did not go ahead; a failure to mark it afterwards
+    raises DeployError saying the endpoint was rolled back and what is left to do.
     """
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from steps import deploy
 
     package = clients.sagemaker.describe_model_package(ModelPackageName=failed_package_arn)
@@ -198,9 +217,25 @@ def roll_back(failed_package_arn: str, reason: str, settings: Any, clients: Any)
             f"cannot roll back: {group} has no Approved version before {version}; the endpoint keeps serving it. "
             "Fix it, or reject it and deploy another version by hand."
         )
-    clients.sagemaker.update_model_package(
-        ModelPackageArn=failed_package_arn, ModelApprovalStatus="Rejected", ApprovalDescription=reason[:1024]
-    )
     print(f"rolling back to {previous['ModelPackageArn']}: {reason}", file=sys.stderr, flush=True)
-    result = deploy.deploy_model_package(previous["ModelPackageArn"], settings, clients)
+    try:
+        result = deploy.deploy_model_package(previous["ModelPackageArn"], settings, clients)
+        if result.get("action") == "ignored":
+            raise deploy.DeployError(result.get("reason", "the deploy was ignored"))
+        if wait is not None:
+            wait(result["endpoint_config_name"])
+    except (deploy.DeployError, ClientError, BotoCoreError, CommandError) as error:
+        raise deploy.DeployError(
+            f"no rollback: {previous['ModelPackageArn']} could not be served ({error}); version {version} stays "
+            "Approved"
+        ) from error
+    try:
+        clients.sagemaker.update_model_package(
+            ModelPackageArn=failed_package_arn, ModelApprovalStatus="Rejected", ApprovalDescription=reason[:1024]
+        )
+    except (ClientError, BotoCoreError) as error:
+        raise deploy.DeployError(
+            f"rolled back half way: the endpoint serves {previous['ModelPackageArn']} again, but {failed_package_arn} "
+            f"could not be marked Rejected ({error}); mark it with `python -m pipelines.run reject`"
+        ) from error
     return {**result, "rolled_back_from": failed_package_arn, "reason": reason}

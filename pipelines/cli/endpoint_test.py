@@ -33,6 +33,7 @@ from entrypoints import contract
 from pipelines import config
 from pipelines.definition import names
 from pipelines.serving.predict import content_type_of
+from pipelines.util import fsutil
 from pipelines.util.errors import CommandError
 
 TIE_TOLERANCE = 1e-3
@@ -289,21 +290,19 @@ def run_endpoint_test(args: argparse.Namespace) -> int:
             "--rollback works on the local endpoint of --workdir; for SageMaker use "
             "`python -m pipelines.run deploy --model-package-arn ARN --smoke-test-dir DIR`"
         )
+    from botocore.exceptions import BotoCoreError, ClientError
+
     with tempfile.TemporaryDirectory(prefix="endpoint-test-") as scratch:
         try:
             record, invoke, model_dir, images = _resolve(args, Path(scratch))
             report = run_smoke_test(invoke, images, offline_answers(model_dir, images))
         except SmokeTestError as error:
             raise CommandError(str(error)) from error
+        except (BotoCoreError, ClientError) as error:  # no credentials, no such endpoint, access denied
+            raise CommandError(f"AWS call failed: {error}; check the credentials, --region and the name") from error
     print_report(report, args.json)
     if not report.ok and args.rollback and record is not None:
-        from pipelines.local.registry import RegistryError
-        from pipelines.serving.endpoint import EndpointError
-
-        try:
-            print(rollback_local(args.workdir.resolve(), args.name, record, report.summary()), file=sys.stderr)
-        except (RegistryError, EndpointError) as error:
-            raise CommandError(f"no rollback: {error}") from error
+        print(rollback_local(args.workdir.resolve(), args.name, record, report.summary()), file=sys.stderr)
     return 0 if report.ok else 1
 
 
@@ -359,24 +358,63 @@ def _resolve(args: argparse.Namespace, scratch: Path) -> tuple[dict | None, Invo
 
 
 def rollback_local(workdir: Path, name: str, record: dict[str, Any], reason: str) -> str:
-    """Serve the newest earlier Approved version again; mark the tested one Rejected. Returns what was done."""
-    from pipelines.local.registry import LocalModelRegistry
+    """Serve the newest earlier Approved version again, then mark the tested one Rejected. Returns what was done.
+
+    In that order, so that a deploy that fails (an unreadable model, a full disk, a server that does not start)
+    leaves the registry as it was: the tested version stays Approved, and the line says what the endpoint serves.
+    Raises CommandError (one line) when the rollback could not be done or finished.
+    """
+    from pipelines.local.registry import LocalModelRegistry, RegistryError
     from pipelines.serving import endpoint
 
     registry = LocalModelRegistry(workdir)
     group, version = record["ModelPackageGroupName"], record["ModelPackageVersion"]
-    earlier = [
-        package
-        for package in registry.list_model_packages(group)
-        if package["ModelApprovalStatus"] == "Approved" and package["ModelPackageVersion"] < version
-    ]
+    try:
+        earlier = [
+            package
+            for package in registry.list_model_packages(group)
+            if package["ModelApprovalStatus"] == "Approved" and package["ModelPackageVersion"] < version
+        ]
+    except RegistryError as error:
+        raise CommandError(f"no rollback: {error}; the endpoint keeps serving version {version}") from error
     if not earlier:
         return f"no rollback: {group} has no Approved version before {version}; the endpoint keeps serving it"
     previous = max(earlier, key=lambda package: package["ModelPackageVersion"])
-    registry.update_approval(group, version, "Rejected", f"endpoint-test failed: {reason}")
     ray = record.get("host") == "ray"
-    served = endpoint.deploy(workdir, name, previous, port=int(record["port"]), ray=ray)
+    try:
+        served = endpoint.deploy(workdir, name, previous, port=int(record["port"]), ray=ray)
+    except (endpoint.EndpointError, RegistryError, fsutil.WorkdirBusy, OSError) as error:
+        raise CommandError(
+            f"no rollback: version {previous['ModelPackageVersion']} could not be served ({_first_line(error)}); "
+            f"version {version} stays Approved and {_serving(workdir, name)}"
+        ) from error
+    try:
+        registry.update_approval(group, version, "Rejected", f"endpoint-test failed: {reason}")
+    except (RegistryError, fsutil.WorkdirBusy, OSError) as error:
+        raise CommandError(
+            f"rolled back half way: {name} serves version {previous['ModelPackageVersion']} again, but version "
+            f"{version} could not be marked Rejected ({_first_line(error)}); mark it with "
+            f"'python -m pipelines.run local-models --reject {version}'"
+        ) from error
     return (
         f"rolled back: {name} serves version {previous['ModelPackageVersion']} again at {served['url']}; "
         f"version {version} is now Rejected"
     )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _serving(workdir: Path, name: str) -> str:
+    """What the endpoint serves now, in words (after a failed deploy)."""
+    from pipelines.serving import endpoint
+
+    try:
+        state = endpoint.status(workdir, name)
+    except endpoint.EndpointError as error:
+        return f"the endpoint's record cannot be read ({_first_line(error)})"
+    if state is None or state["EndpointStatus"] != "InService":
+        return f"{name} serves nothing now: start it with 'python -m pipelines.run endpoint start'"
+    return f"{name} still serves version {state['ModelPackageVersion']}"

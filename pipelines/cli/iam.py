@@ -29,6 +29,7 @@ from pipelines.aws.iam import (
     resolve_region_and_account,
 )
 from pipelines.cli.sagemaker import _comma_list
+from pipelines.util import fsutil
 from pipelines.util.errors import CommandError
 
 
@@ -158,12 +159,31 @@ def _add_deploy_policy(documents: Any) -> None:
 def _print_policy(args: argparse.Namespace, render: Callable[[str, str], dict[str, Any]]) -> int:
     """Render a policy for the region and account (flags, else the AWS configuration and STS) and print it or
     write it to ``--output``; a bad value becomes a CommandError that names it."""
+    if args.output:
+        _checked_output(args.output)  # before any AWS call: a wrong path costs nothing
     try:
-        region, account_id = resolve_region_and_account(args.region, args.account_id)
+        region, account_id = _region_and_account(args)
         policy = render(region, account_id)
     except ValueError as error:
         raise CommandError(str(error)) from error
     return _print_document(policy, args.output)
+
+
+def _region_and_account(args: argparse.Namespace) -> tuple[str, str]:
+    """The region and account; without --account-id, the credentials' (STS), or one line saying what to pass."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return resolve_region_and_account(args.region, args.account_id)
+    except (BotoCoreError, ClientError) as error:
+        raise CommandError(f"cannot ask AWS for the account ID ({error}): pass --account-id") from error
+
+
+def _checked_output(output: str) -> Path:
+    try:
+        return fsutil.check_output_path(Path(output))
+    except fsutil.OutputPathError as error:
+        raise CommandError(f"--output: {error}") from error
 
 
 def _print_document(document: dict[str, Any], output: str | None = None) -> int:
@@ -171,10 +191,10 @@ def _print_document(document: dict[str, Any], output: str | None = None) -> int:
     if not output:
         print(text)
         return 0
-    target = Path(output)
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_text(text + "\n", encoding="utf-8")
-    partial.replace(target)  # never a half-written policy where the next command reads it
+    try:
+        target = fsutil.write_output(Path(output), text + "\n")  # never half-written, never through a link
+    except fsutil.OutputPathError as error:
+        raise CommandError(f"--output: {error}") from error
     print(f"wrote {target}", file=sys.stderr)
     return 0
 

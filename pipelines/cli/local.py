@@ -409,6 +409,8 @@ def run_endpoint(args: argparse.Namespace) -> int:
         record = local_endpoint.deploy(workdir, args.name, package, port=args.port, ray=args.ray)
     except (RegistryError, local_endpoint.EndpointError, fsutil.WorkdirBusy, fsutil.OutsideWorkdir) as error:
         raise CommandError(str(error)) from error
+    except OSError as error:
+        raise CommandError(disk_error_line(error, args.workdir)) from error
     state = "already serving (nothing changed)" if record.get("unchanged") else "serving"
     print(f"{args.name}: {state} version {package['ModelPackageVersion']} at {record['url']} (pid {record['pid']})")
     return 0
@@ -500,6 +502,8 @@ def run_models(args: argparse.Namespace) -> int:
         packages = registry.list_model_packages(args.group)
     except (RegistryError, local_endpoint.EndpointError, fsutil.WorkdirBusy, fsutil.OutsideWorkdir) as error:
         raise CommandError(str(error)) from error
+    except OSError as error:
+        raise CommandError(disk_error_line(error, args.workdir)) from error
     if not packages:
         print(f"{args.group}: no versions in {registry.path}")
         return 0
@@ -510,6 +514,13 @@ def run_models(args: argparse.Namespace) -> int:
             f"{package['CustomerMetadataProperties'].get('run', '?'):<9} {package['CreationTime']}"
         )
     return 0
+
+
+def disk_error_line(error: OSError, workdir: Path) -> str:
+    """A failed write or read of the workdir (a full disk, no permission) in one line. Its state files are written
+    whole or not at all, so what was there before is still there."""
+    where = Path(error.filename).parent if error.filename else workdir
+    return f"{error.strerror or error} in {where}: nothing was changed; free space or fix the folder and try again"
 
 
 # --- local-status --------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ boto3 are imported inside the commands, so ``python -m pipelines.run local`` sta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from entrypoints.contract import accuracy_from_report
 from pipelines import config, images, sdk, validation
 from pipelines.definition import names
 from pipelines.local.runs import format_step
+from pipelines.util import fsutil
 from pipelines.util.errors import CommandError
 
 TERMINAL_EXECUTION_STATUSES = ("Succeeded", "Failed", "Stopped")
@@ -435,7 +435,7 @@ def build_from_args(args: argparse.Namespace, boto_session: Any, offline: bool) 
     role, bucket = resolve_role(args), resolve_bucket(args)
     session = PipelineSession(boto_session=boto_session, default_bucket=bucket)
     options = pipeline_options(args)
-    with sdk.telemetry_off() if offline else contextlib.nullcontext():
+    with sdk.telemetry_off():  # offline or not: its sender's errors would bury the command's own
         try:
             pipeline = get_pipeline(session, role=role, bucket=bucket, options=options)
         except (ValueError, FileNotFoundError) as error:
@@ -480,18 +480,47 @@ def _aws_errors(function: Callable[[argparse.Namespace], int]) -> Callable[[argp
 @_aws_errors
 def cmd_definition(args: argparse.Namespace) -> int:
     """Write the definition; no AWS call (code objects are named by content hash, not uploaded)."""
+    require_build_values(args)
+    if args.output != "-":
+        _checked_output(args.output)  # before the build: a wrong path costs no time
     _, definition = build_from_args(args, make_boto_session(args), offline=True)
     text = json.dumps(json.loads(definition), indent=2) + "\n"
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)  # never a half-written definition
+        try:
+            path = fsutil.write_output(Path(args.output), text)  # whole or not at all, never through a link
+        except fsutil.OutputPathError as error:
+            raise CommandError(f"--output: {error}") from error
         print(f"wrote {path} ({len(text)} bytes)", file=sys.stderr)
     return 0
+
+
+def _checked_output(output: str) -> Path:
+    try:
+        return fsutil.check_output_path(Path(output))
+    except fsutil.OutputPathError as error:
+        raise CommandError(f"--output: {error}") from error
+
+
+def require_build_values(args: argparse.Namespace) -> None:
+    """Every value the build needs from the account (region, role, bucket), all named in one refusal.
+
+    The definition names the role and bucket, so it is refused rather than written with stand-ins: a file that
+    looks deployable but names an account that is not the user's would fail far from its cause.
+    """
+    region = args.region or os.environ.get(config.ENV_REGION) or os.environ.get("AWS_DEFAULT_REGION")
+    wanted = (
+        (region, f"the AWS region (--region or {config.ENV_REGION})"),
+        (
+            args.role or os.environ.get(config.ENV_ROLE_ARN),
+            f"the pipeline's IAM role ARN (--role or {config.ENV_ROLE_ARN})",
+        ),
+        (args.bucket or os.environ.get(config.ENV_BUCKET), f"the S3 bucket (--bucket or {config.ENV_BUCKET})"),
+    )
+    missing = [what for value, what in wanted if not value]
+    if missing:
+        raise CommandError(f"{len(missing)} value(s) missing: {'; '.join(missing)}; nothing was done")
 
 
 def _tags(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -534,6 +563,7 @@ def cmd_upsert(args: argparse.Namespace) -> int:
     """Create or update the pipeline, its model package group, its code objects and the deploy trigger."""
     from pipelines.packaging import code_artifacts, upload_code_artifacts
 
+    require_build_values(args)
     boto_session = make_boto_session(args)
     pipeline, _ = build_from_args(args, boto_session, offline=False)
     bucket, role, tags = resolve_bucket(args), resolve_role(args), _tags(args)
@@ -556,7 +586,8 @@ def cmd_upsert(args: argparse.Namespace) -> int:
         f"Preprocess -> Tune -> Train -> Evaluate -> CheckAccuracy -> Register into {args.model_package_group}"
         f"{deploy} (image classification, torchvision)"
     )
-    response = pipeline.upsert(role_arn=role, description=description, tags=tags)
+    with sdk.telemetry_off():
+        response = pipeline.upsert(role_arn=role, description=description, tags=tags)
     print(f"pipeline {args.pipeline_name}: {'updated' if existed else 'created'} {response['PipelineArn']}")
 
     if args.skip_deploy_wiring:

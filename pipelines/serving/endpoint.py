@@ -226,9 +226,7 @@ def deploy(
             return current
         version = package["ModelPackageVersion"]
         folder = _inside(workdir, endpoint_folder(workdir, name) / str(version))
-        fsutil.remove_path(folder)
-        model_data = package["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
-        fsutil.safe_extract_tarball(fsutil.file_uri_path(model_data), folder / "model")
+        _extract_model(package, folder)
         if current is not None:
             stop(workdir, name)
         process = _start_server(folder, package, host, port, threads, ray)
@@ -250,6 +248,25 @@ def deploy(
         fsutil.write_json_atomic(record_path(workdir, name), record)
         record["EndpointStatus"] = "InService"
         return record
+
+
+def _extract_model(package: dict[str, Any], folder: Path) -> None:
+    """The version's model.tar.gz extracted into ``folder/model``, whole: an archive that cannot be read, a file
+    that is gone, or a full disk removes what was extracted and raises EndpointError (one line). The endpoint's
+    current server is left running: it is stopped only once the new model is in place."""
+    import tarfile
+    import zlib
+
+    version = package["ModelPackageVersion"]
+    model_data = package["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
+    try:
+        tarball = fsutil.file_uri_path(model_data)
+        fsutil.remove_path(folder)
+        fsutil.safe_extract_tarball(tarball, folder / "model")
+    except (OSError, tarfile.TarError, EOFError, zlib.error, ValueError) as error:
+        fsutil.remove_path(folder)
+        reason = f"{error.strerror} ({error.filename})" if isinstance(error, OSError) and error.strerror else error
+        raise EndpointError(f"version {version}'s model {model_data} cannot be extracted: {reason}") from error
 
 
 def _start_server(

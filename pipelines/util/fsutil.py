@@ -156,10 +156,8 @@ def make_tarball(source_dir: Path, tarball: Path) -> Path:
     Entries are sorted, owners, times and modes are normalised and the gzip header carries no time or name,
     so the archive's hash (and so the cache key of the steps that read it) depends on the contents only.
     """
-    tarball.parent.mkdir(parents=True, exist_ok=True)
-    buffer = tarball.with_name(tarball.name + ".partial")
     with (
-        buffer.open("wb") as raw,
+        atomic_output(tarball, make_parents=True) as raw,
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped,
         tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as archive,
     ):
@@ -175,7 +173,6 @@ def make_tarball(source_dir: Path, tarball: Path) -> Path:
                     archive.addfile(info, handle)
             else:
                 archive.addfile(info)
-    buffer.replace(tarball)
     return tarball
 
 
@@ -193,23 +190,70 @@ def safe_extract_tarball(tarball: Path, destination: Path) -> Path:
     return destination
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON so a reader never sees half a file (temporary file in the same folder, then rename).
+class OutputPathError(ValueError):
+    """An output path that cannot take a file (a folder, or a folder that is missing or is a file): nothing written."""
 
-    The file is created as any file the user writes is (mode 0666 less the umask), and an interrupted write
-    leaves neither a partial file nor its temporary behind.
+
+def check_output_path(path: Path) -> Path:
+    """``path`` once it can take a file: not a folder, in a folder that exists. OutputPathError (one line) else."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{path} is a folder: name a file to write, e.g. {path / 'out.json'}")
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is a file, not a folder" if parent.exists() else "does not exist"
+        raise OutputPathError(
+            f"cannot write {path}: its folder {parent} {what}; create the folder or name another path"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, make_parents: bool = False) -> Iterator[Any]:
+    """A binary stream whose bytes appear at ``path`` whole, or not at all: the one way this project writes a file.
+
+    The bytes go to a temporary file of a fresh random name in the same folder, created with O_EXCL and
+    O_NOFOLLOW (never through a link someone planted there), as any file the user writes (mode 0666 less the
+    umask); a rename then puts it in place, replacing ``path`` itself even if ``path`` is a link. An error,
+    interruption or full disk removes the temporary and leaves ``path`` as it was. ``make_parents`` creates
+    missing folders (the workdir's own state); without it a missing folder is refused (OutputPathError).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never through a link
+    path = Path(path)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(path)
+    temporary = path.with_name(f".{path.name[:200]}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    descriptor = os.open(temporary, flags, 0o666)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            json.dump(value, stream, indent=2, sort_keys=False, default=str)
-            stream.write("\n")
+        with os.fdopen(descriptor, "wb") as stream:
+            yield stream
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes | str, make_parents: bool = False) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through :func:`atomic_output`; returns ``path``."""
+    with atomic_output(path, make_parents=make_parents) as stream:
+        stream.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def write_output(path: Path, data: bytes | str) -> Path:
+    """A command's output file, written by :func:`write_atomic`; any failure (a folder, a missing folder, a full
+    disk, no permission) is an OutputPathError of one line, and ``path`` is left as it was."""
+    try:
+        return write_atomic(path, data)
+    except OSError as error:
+        raise OutputPathError(f"cannot write {path}: {error.strerror or error}; it was left as it was") from error
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON so a reader never sees half a file (:func:`atomic_output`, creating missing folders)."""
+    text = json.dumps(value, indent=2, sort_keys=False, default=str) + "\n"
+    write_atomic(path, text, make_parents=True)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
