@@ -171,3 +171,41 @@ def test_a_local_rollback_serves_the_previous_approved_version_and_rejects_the_t
     assert local.describe("Group", 2)["ModelApprovalStatus"] == "Rejected"
     record["ModelPackageVersion"] = 1
     assert "no rollback" in endpoint_test.rollback_local(tmp_path, "imgclf-local", record, "again")
+
+
+def test_a_rollback_whose_earlier_model_cannot_be_read_changes_nothing_and_says_so_in_one_line(
+    served, tampering, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from pipelines.serving import endpoint
+
+    evaluation = tmp_path / "evaluation.json"
+    evaluation.write_text("{}")
+    local = registry.LocalModelRegistry(tmp_path)
+    for seed in (1, 2):
+        tarball = tmp_path / f"{seed}.tar.gz"
+        tarball.write_bytes(served["tarball"].read_bytes() + bytes(seed))  # two versions: other bytes
+        files = {f"s3://b/{seed}/model.tar.gz": tarball, "s3://b/evaluation.json": evaluation}
+        container = {"Image": "image", "ModelDataUrl": f"s3://b/{seed}/model.tar.gz"}
+        request = {"ModelPackageGroupName": "Group", "ModelApprovalStatus": "Approved",
+                   "InferenceSpecification": {"Containers": [container]}}  # fmt: skip
+        local.register(request, files)
+    earlier = registry.model_data_path(local.describe("Group", 1))
+    earlier.unlink()  # the earlier version's tarball, damaged in place: not a gzip archive
+    earlier.write_bytes(b"not a tarball")
+    serving = {"ModelPackageGroupName": "Group", "ModelPackageVersion": 2, "port": 8123, "host": "light",
+               "ModelPackageArn": registry.package_arn("Group", 2),
+               "url": served["url"], "model_dir": str(served["model"]), "EndpointStatus": "InService"}  # fmt: skip
+    monkeypatch.setattr(endpoint, "status", lambda workdir, name: dict(serving))  # version 2 serves, tested now
+    started = []
+    monkeypatch.setattr(endpoint, "_start_server", lambda *args: started.append(args))
+    tampering.nth, tampering.change = 1, lambda answer: server.error_answer(500, "broken", "internal_error")
+
+    code = run.main(["endpoint-test", "--test-dir", str(served["test_dir"]), "--workdir", str(tmp_path),
+                     "--images", "2", "--rollback"])  # fmt: skip
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: no rollback: version 1 could not be served")
+    assert "version 2 stays Approved and imgclf-local still serves version 2" in err[0]
+    assert [p["ModelApprovalStatus"] for p in local.list_model_packages("Group")] == ["Approved", "Approved"]
+    assert started == [] and not (tmp_path / "endpoints" / "imgclf-local" / "1").exists()  # nothing half-extracted
