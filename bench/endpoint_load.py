@@ -13,6 +13,16 @@ sends, from 16 client threads, each request on a new connection:
     python bench/endpoint_load.py --ray        # the same against the Ray Serve host (adds Ray's cold start)
 
 The last line reads ``endpoint p99 ms under burst: <X> vs idle p50 <Y> ratio=<Y/X>`` (above 0.2 meets the target).
+
+``--two-batches`` measures instead a small request (one 640x480 JPEG) sent again and again while two JSON batches
+of 32 PNGs of 4000x4000 px are decoded: its slowest latency must stay under max(1 s, 5x its solo latency). With
+``--baseline-rev REV`` the same is measured first on an artifact whose serving code (``code/inference.py`` and
+``code/deployment.py``) is that git revision's, side by side on the same machine:
+
+    python bench/endpoint_load.py --two-batches --baseline-rev f2f5079   # about 3 minutes on 2 cores
+
+Its last line reads ``small request max ms beside two batches: <X> vs baseline <Y> ratio=<Y/X>`` (the baseline
+is the revision's figure, or without one the request's solo latency).
 """
 
 from __future__ import annotations
@@ -56,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-image-size", type=int, default=3000, help="side of each batch PNG, pixels")
     parser.add_argument("--architecture", default="resnet18", help="network of the served artifact")
     parser.add_argument("--ray", action="store_true", help="serve on the Ray Serve host instead of the light one")
+    parser.add_argument("--two-batches", action="store_true", help="a small request beside two large batches")
+    parser.add_argument("--baseline-rev", default=None, help="with --two-batches: git revision of the baseline")
+    parser.add_argument("--small-requests", type=int, default=8, help="with --two-batches: small requests sent")
     return parser
 
 
@@ -186,8 +199,100 @@ def serve(folder: Path, architecture: str, ray: bool) -> dict:
     return endpoint.deploy(folder / "workdir", "bench", package, port=0, ray=ray)
 
 
+# --- a small request beside two large batches ------------------------------------------------------------------
+
+TWO_BATCH_IMAGES, TWO_BATCH_SIZE = 32, 4000
+
+
+def repeated_batch(images: int, size: int, distinct: int = 4) -> bytes:
+    """A legal JSON batch of ``images`` PNGs of ``size`` px, ``distinct`` of them encoded (the decode is the cost)."""
+    one = json.loads(large_batch(distinct, size))["instances"]
+    body = json.dumps({"instances": [one[i % distinct] for i in range(images)]}).encode()
+    if len(body) > contract.MAX_PAYLOAD_BYTES:
+        raise SystemExit(f"the batch is {len(body)} bytes, over the payload limit")
+    return body
+
+
+def baseline_code(model_dir: Path, revision: str) -> None:
+    """Replace the artifact's serving code with a git revision's (what the endpoint ran before a change)."""
+    import subprocess
+
+    for name in ("inference.py", "deployment.py"):
+        code = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:entrypoints/{name}"],
+                              capture_output=True, check=True).stdout  # fmt: skip
+        (model_dir / contract.CODE_DIR / name).write_bytes(code)
+
+
+def deploy_artifact(folder: Path, architecture: str, revision: str | None) -> dict:
+    torch.manual_seed(0)
+    names = [f"{i + 1:03d}.Class_{i + 1:03d}" for i in range(NUM_CLASSES)]
+    config = modeling.ModelConfig(architecture, NUM_CLASSES, names)
+    model_dir = modeling.save_artifact(modeling.build_model(config), folder / "model", config)
+    if revision:
+        baseline_code(model_dir, revision)
+    tarball = fsutil.make_tarball(model_dir, folder / "model.tar.gz")
+    package = {
+        "ModelPackageArn": "arn:aws:sagemaker:us-east-1:000000000000:model-package/bench/1",
+        "ModelPackageGroupName": "bench",
+        "ModelPackageVersion": 1,
+        "InferenceSpecification": {"Containers": [{"ModelDataUrl": tarball.as_uri(), "Environment": {}}]},
+    }
+    return endpoint.deploy(folder / "workdir", "bench", package, port=0)
+
+
+def small_beside_batches(folder: Path, args: argparse.Namespace, revision: str | None, batch: bytes) -> tuple:
+    """(solo ms, slowest ms beside two batches, batch seconds) of a small request on one served artifact."""
+    record = deploy_artifact(folder, args.architecture, revision)
+    port, jpeg = int(record["port"]), small_jpeg()
+    try:
+        burst(port, jpeg, 5, 1)  # warm up
+        solo = statistics.median(post(port, jpeg, "image/jpeg")[1] for _ in range(10))
+        with ThreadPoolExecutor(2) as pool:
+            batches = [pool.submit(post, port, batch, "application/json", 600) for _ in range(2)]
+            time.sleep(1.0)  # both batches are being decoded
+            beside = []
+            while len(beside) < args.small_requests and not all(future.done() for future in batches):
+                status, milliseconds = post(port, jpeg, "image/jpeg")
+                if status != 200:
+                    raise SystemExit(f"the small request failed with status {status}")
+                beside.append(milliseconds)
+                time.sleep(0.2)
+            took = [future.result() for future in batches]
+        if any(status != 200 for status, _ in took):
+            raise SystemExit(f"a batch failed: {took}")
+        if not beside:
+            raise SystemExit("the batches finished before a small request was sent: send larger ones")
+    finally:
+        endpoint.stop(folder / "workdir", "bench")
+    return solo, max(beside), beside, [milliseconds / 1000 for _, milliseconds in took]
+
+
+def two_batches(args: argparse.Namespace) -> int:
+    batch = repeated_batch(TWO_BATCH_IMAGES, TWO_BATCH_SIZE)
+    results = {}
+    for label, revision in ((f"baseline {args.baseline_rev}", args.baseline_rev), ("this checkout", None)):
+        if label.startswith("baseline") and not revision:
+            continue
+        with tempfile.TemporaryDirectory(prefix="endpoint-two-batches-") as scratch:
+            solo, slowest, beside, took = small_beside_batches(Path(scratch), args, revision, batch)
+        results[label] = (solo, slowest)
+        print(f"{label}: small request solo {solo:.0f} ms; beside two batches of {TWO_BATCH_IMAGES} PNGs of "
+              f"{TWO_BATCH_SIZE} px ({len(batch)} bytes each, answered in {took[0]:.1f} s and {took[1]:.1f} s): "
+              f"{', '.join(f'{ms:.0f}' for ms in beside)} ms", flush=True)  # fmt: skip
+    solo, slowest = results["this checkout"]
+    limit = max(1000.0, 5 * solo)
+    verdict = "met" if slowest < limit else "MISSED"
+    print(f"target: slowest {slowest:.0f} ms under max(1 s, 5x solo) = {limit:.0f} ms: {verdict}")
+    baseline = results[f"baseline {args.baseline_rev}"][1] if args.baseline_rev else solo
+    print(f"small request max ms beside two batches: {slowest:.1f} vs baseline {baseline:.1f} "
+          f"ratio={baseline / slowest:.2f}")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.two_batches:
+        return two_batches(args)
     with tempfile.TemporaryDirectory(prefix="endpoint-load-") as scratch:
         print(f"serving {args.architecture} ({'Ray Serve host' if args.ray else 'light host'})...", flush=True)
         record = serve(Path(scratch), args.architecture, args.ray)

@@ -119,6 +119,25 @@ class Batch:
 
 
 @dataclass
+class EncodedRequest:
+    """A request parsed and checked, its images not yet decoded: ``(image bytes, name in errors)`` each.
+
+    A server decodes them one at a time (:meth:`decode_one`), so a small request waits at most a few image
+    decodes behind a large batch rather than the whole batch.
+    """
+
+    images: list[tuple[bytes, str]]
+    top_k: int
+
+    def decode(self, preprocess: Preprocessor) -> Batch:
+        size = preprocess.config.input_size
+        images = np.empty((len(self.images), 3, size, size), dtype=np.float32)
+        for position, (data, name) in enumerate(self.images):
+            images[position] = preprocess(data, name)
+        return Batch(images=images, top_k=self.top_k)
+
+
+@dataclass
 class Prediction:
     """What :func:`predict_fn` hands to :func:`output_fn`: per image, class indices and probabilities."""
 
@@ -579,17 +598,24 @@ def check_content_type(content_type: str | None) -> str:
 
 def decode_request(body: bytes | bytearray | str | None, content_type: str | None, preprocess: Preprocessor) -> Batch:
     """Parse and preprocess one request for the model ``preprocess`` belongs to (no global state)."""
+    return parse_request(body, content_type, preprocess).decode(preprocess)
+
+
+def parse_request(
+    body: bytes | bytearray | str | None, content_type: str | None, preprocess: Preprocessor
+) -> EncodedRequest:
+    """Parse and check one request (content type, JSON shape, base64, top_k) without decoding its images."""
     media_type = check_content_type(content_type)
     if body is None or len(body) == 0:
         raise InferenceError("the request body is empty: send an image or a JSON batch", code="empty_body")
     default_top_k = min(contract.DEFAULT_TOP_K, preprocess.config.num_classes)
     if media_type in contract.IMAGE_CONTENT_TYPES:
         data = body.encode("latin-1") if isinstance(body, str) else bytes(body)
-        return Batch(images=preprocess(data, "the request body")[np.newaxis], top_k=default_top_k)
-    return _json_batch(body, preprocess, default_top_k)
+        return EncodedRequest([(data, "the request body")], default_top_k)
+    return _json_request(body, preprocess, default_top_k)
 
 
-def _json_batch(body: bytes | bytearray | str, preprocess: Preprocessor, default_top_k: int) -> Batch:
+def _json_request(body: bytes | bytearray | str, preprocess: Preprocessor, default_top_k: int) -> EncodedRequest:
     if isinstance(body, (bytes, bytearray)):  # the toolkit decodes only an exact "application/json"
         try:
             body = bytes(body).decode("utf-8")
@@ -624,15 +650,13 @@ def _json_batch(body: bytes | bytearray | str, preprocess: Preprocessor, default
         raise InferenceError(
             f"'top_k' must be an integer from 1 to {num_classes}, got {top_k!r}", code="invalid_request"
         )
-    size = preprocess.config.input_size
-    images = np.empty((len(instances), 3, size, size), dtype=np.float32)
+    encoded = []
     for position, instance in enumerate(instances):
         name = f"instances[{position}]"
         if not isinstance(instance, dict) or set(instance) != {"b64"} or not isinstance(instance["b64"], str):
             raise InferenceError(f'{name} must be an object {{"b64": "<base64 image>"}}', code="invalid_request")
         try:
-            data = base64.b64decode(instance["b64"], validate=True)
+            encoded.append((base64.b64decode(instance["b64"], validate=True), name))
         except (binascii.Error, ValueError) as error:
             raise InferenceError(f"{name}.b64 is not valid base64: {error}", code="invalid_base64") from None
-        images[position] = preprocess(data, name)
-    return Batch(images=images, top_k=top_k)
+    return EncodedRequest(encoded, top_k)
