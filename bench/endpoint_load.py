@@ -16,8 +16,8 @@ The last line reads ``endpoint p99 ms under burst: <X> vs idle p50 <Y> ratio=<Y/
 
 ``--two-batches`` measures instead a small request (one 640x480 JPEG) sent again and again while two JSON batches
 of 32 PNGs of 4000x4000 px are decoded: its slowest latency must stay under max(1 s, 5x its solo latency). With
-``--baseline-rev REV`` the same is measured first on an artifact whose serving code (``code/inference.py`` and
-``code/deployment.py``) is that git revision's, side by side on the same machine:
+``--baseline-rev REV`` the same is measured first on an artifact whose serving code (``code/inference.py`` and the
+app's ``deployment.py``) is that git revision's, side by side on the same machine:
 
     python bench/endpoint_load.py --two-batches --baseline-rev f2f5079   # about 3 minutes on 2 cores
 
@@ -217,10 +217,11 @@ def baseline_code(model_dir: Path, revision: str) -> None:
     """Replace the artifact's serving code with a git revision's (what the endpoint ran before a change)."""
     import subprocess
 
-    for name in ("inference.py", "deployment.py"):
+    targets = {"inference.py": model_dir / contract.CODE_DIR, contract.RAY_SERVE_MODULE_FILE: model_dir}
+    for name, folder in targets.items():
         code = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:entrypoints/{name}"],
                               capture_output=True, check=True).stdout  # fmt: skip
-        (model_dir / contract.CODE_DIR / name).write_bytes(code)
+        (folder / name).write_bytes(code)
 
 
 def deploy_artifact(folder: Path, architecture: str, revision: str | None) -> dict:

@@ -33,7 +33,7 @@ from entrypoints import contract
 from pipelines import config
 from pipelines.definition import names
 from pipelines.serving.predict import content_type_of
-from pipelines.util import fsutil
+from pipelines.util import fsutil, urls
 from pipelines.util.errors import CommandError
 
 TIE_TOLERANCE = 1e-3
@@ -196,16 +196,20 @@ def run_smoke_test(
 
 def url_invoker(url: str) -> Invoke:
     target = url.rstrip("/") + "/invocations"
+    try:
+        urls.check_http_url(target)
+    except ValueError as error:
+        raise SmokeTestError(f"--endpoint {error}") from None
 
     def invoke(body: bytes, content_type: str) -> tuple[int, bytes]:
         headers = {"Content-Type": content_type, "Accept": contract.JSON_CONTENT_TYPE}
         request = urllib.request.Request(target, data=body, headers=headers, method="POST")  # noqa: S310
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 - the user's URL
+            with urls.urlopen(request, timeout=TIMEOUT_S) as response:  # a local URL: never through a proxy
                 return response.status, response.read()
         except urllib.error.HTTPError as error:
             return error.code, error.read()
-        except (urllib.error.URLError, OSError) as error:
+        except (urllib.error.URLError, OSError, ValueError) as error:
             raise SmokeTestError(f"cannot reach {target}: {getattr(error, 'reason', error)}") from error
 
     return invoke

@@ -25,15 +25,46 @@ class RunNotFound(Exception):
 def run_folders(workdir: Path) -> list[Path]:
     if not workdir.is_dir():
         return []
-    return sorted(path for path in workdir.iterdir() if RUN_ID.fullmatch(path.name) and path.is_dir())
+    found = [path for path in workdir.iterdir() if RUN_ID.fullmatch(path.name) and path.is_dir()]
+    return sorted(found, key=run_number)  # by number: run-9999 before run-10000
+
+
+def run_number(folder: Path) -> int:
+    match = RUN_ID.fullmatch(folder.name)
+    return int(match.group(1)) if match else -1
+
+
+_TEXT_FIELDS = ("PipelineExecutionStatus", "StartTime", "FailureReason", "StoppedBy")
+_STEP_TEXT_FIELDS = ("StepName", "StepStatus", "FailureReason")
+
+
+def record_problem(data: Any) -> str | None:
+    """What keeps ``data`` from being a run record that ``local-status`` can show, or None."""
+    if not isinstance(data, dict):
+        return "it is not a JSON object"
+    wrong = [key for key in _TEXT_FIELDS if data.get(key) is not None and not isinstance(data[key], str)]
+    if data.get("Process") is not None and not isinstance(data["Process"], dict):
+        wrong.append("Process")
+    steps = data.get("PipelineExecutionSteps")
+    if steps is not None and not (isinstance(steps, list) and all(isinstance(step, dict) for step in steps)):
+        return "its PipelineExecutionSteps is not a list of objects"
+    for step in steps or []:
+        wrong += [
+            f"step {key}" for key in _STEP_TEXT_FIELDS if step.get(key) is not None and not isinstance(step[key], str)
+        ]
+        metadata = step.get("Metadata", {})
+        if not isinstance(metadata, dict) or not all(isinstance(value, dict) for value in metadata.values()):
+            wrong.append("step Metadata")
+    wrong = sorted(set(wrong))
+    if not wrong:
+        return None
+    return f"its {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not of the recorded type"
 
 
 def read_run(folder: Path) -> dict[str, Any]:
     """The run's record; a placeholder record whose status says what is wrong when it cannot be read."""
     try:
-        record = fsutil.read_state(
-            folder / RUN_RECORD, lambda data: None if isinstance(data, dict) else "it is not a JSON object"
-        )
+        record = fsutil.read_state(folder / RUN_RECORD, record_problem)
     except fsutil.StateFileError as error:
         return {"RunId": folder.name, "PipelineExecutionStatus": "Unknown", "FailureReason": str(error)}
     if record is None:
@@ -96,7 +127,7 @@ def detail_lines(workdir: Path, run_id: str | None) -> list[str]:
         raise RunNotFound(f"no runs in {workdir}: start one with 'python -m pipelines.run local'")
     if run_id is not None and (not RUN_ID.fullmatch(run_id) or run_id not in folders):
         raise RunNotFound(f"no run {run_id!r} in {workdir}; the runs are {', '.join(folders)}")
-    folder = folders[run_id or max(folders)]
+    folder = folders[run_id] if run_id else run_folders(workdir)[-1]  # the newest: the highest number
     record = read_run(folder)
     status = shown_status(record)
     lines = [f"run       {folder.name} ({folder})", f"status    {status}"]

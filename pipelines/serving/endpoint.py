@@ -25,12 +25,11 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from pipelines.definition import names
-from pipelines.util import fsutil, processes
+from pipelines.util import fsutil, processes, urls
 
 ENDPOINTS_DIR = "endpoints"
 SERVER_MODULE = "pipelines.serving.server"
@@ -109,7 +108,7 @@ def _is_our_server(pid: int) -> bool:
 
 def ping(url: str, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as response:  # noqa: S310 - a local http URL
+        with urls.urlopen(f"{url}/ping", timeout=timeout) as response:  # never through a proxy
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
