@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import io
+import itertools
 import json
 import logging
 import os
+import queue
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -179,6 +183,34 @@ class MicroBatcher:
                     entry.future.set_result(result)
 
 
+class ModelThread:
+    """The one thread that runs forwards, taking the lowest ``priority`` first (then the oldest).
+
+    A one-image request (priority 0) waits for at most the forward that is running, not for every chunk of the
+    batches queued before it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        threading.Thread(target=self._work, name="model", daemon=True).start()
+
+    async def run(self, priority: int, function: Any, *args: Any) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((priority, next(self._order), future, function, args))
+        return await asyncio.wrap_future(future)
+
+    def _work(self) -> None:
+        while True:
+            _, _, future, function, args = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:  # handed to the awaiting request, which answers for it
+                future.set_exception(error)
+
+
 def resolve_model_dir(model_dir: str | os.PathLike[str] | None = None) -> Path:
     """The model folder: the argument, else ``SM_MODEL_DIR``, else the folder of this file (never the cwd)."""
     chosen = model_dir or os.environ.get(contract.ENV_SERVE_MODEL_DIR) or Path(__file__).resolve().parent
@@ -213,8 +245,10 @@ class ImageClassifier:
             os.environ[contract.ENV_INFERENCE_THREADS] = str(threads)
         self.model = inference.model_fn(str(self.model_dir))
         workers = threads or inference.inference_threads()
+        # Two lanes of decode threads: requests of one image never queue behind the images of batches.
         self._decode_pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode")
-        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="model")  # one forward at a time
+        self._small_pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="decode-small")
+        self._model_pool = ModelThread()  # one forward at a time, one-image requests first
         self.max_batch_size, self.batch_wait_ms = max(1, max_batch_size), batch_wait_ms
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # forwards of batched requests, by size
         self._requests = 0  # requests between arrival and answer: one alone does not wait for company
@@ -282,24 +316,24 @@ class ImageClassifier:
         return Reply(200, response.encode("utf-8") if isinstance(response, str) else bytes(response), response_type)
 
     async def _decode(self, loop: asyncio.AbstractEventLoop, body: bytes, content_type: str | None) -> inference.Batch:
-        """The request's images, decoded one per task of the decode pool, in turn with other requests' images.
+        """The request's images, decoded one per task, in turn with other requests' images.
 
-        Each request has at most one image in the pool's queue at a time, so a small request waits for a few
-        image decodes behind any batch, not for whole batches (two batches of 32 large images once held both
-        threads for seconds).
+        A request of one image is parsed and decoded in a lane of its own; a batch's images go one at a time
+        through the batch lane, so each request has at most one image queued there. A small request so never
+        waits for a batch's decoding, and a batch waits for at most one image of each other batch at a time.
         """
         preprocess = self.model.preprocess
-        request = await loop.run_in_executor(self._decode_pool, inference.parse_request, body, content_type, preprocess)
+        request = await loop.run_in_executor(self._small_pool, inference.parse_request, body, content_type, preprocess)
+        pool = self._small_pool if len(request.images) == 1 else self._decode_pool
         size = preprocess.config.input_size
         images = np.empty((len(request.images), 3, size, size), dtype=np.float32)
         for position, (data, name) in enumerate(request.images):
-            images[position] = await loop.run_in_executor(self._decode_pool, preprocess, data, name)
+            images[position] = await loop.run_in_executor(pool, preprocess, data, name)
         return inference.Batch(images=images, top_k=request.top_k)
 
     async def _forward_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """One forward for the images of several requests: each gets its own row of probabilities back."""
-        loop = asyncio.get_running_loop()
-        probabilities = await loop.run_in_executor(self._model_pool, self.model.probabilities, np.stack(images))
+        probabilities = await self._model_pool.run(0, self.model.probabilities, np.stack(images))
         self.batch_sizes[len(images)] += 1
         return list(probabilities)
 
@@ -310,7 +344,8 @@ class ImageClassifier:
         chunks = []
         for start in range(0, len(data.images), PREDICT_CHUNK_IMAGES):
             chunk = inference.Batch(data.images[start : start + PREDICT_CHUNK_IMAGES], data.top_k)
-            chunks.append(await loop.run_in_executor(self._model_pool, inference.predict_fn, chunk, self.model))
+            first = 0 if len(data.images) == 1 else 1  # a one-image request goes before the chunks of batches
+            chunks.append(await self._model_pool.run(first, inference.predict_fn, chunk, self.model))
         if len(chunks) == 1:
             return chunks[0]
         indices = np.concatenate([chunk.indices for chunk in chunks])

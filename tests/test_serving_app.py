@@ -258,7 +258,7 @@ def _concurrently(replica, first: tuple[bytes, str], second: tuple[bytes, str], 
     original = getattr(inference, hold)
 
     def held(*args):
-        if not entered.is_set() and (hold != "input_fn" or args[0] == first[0]):
+        if not entered.is_set() and (hold != "parse_request" or args[0] == first[0]):
             entered.set()
             assert release.wait(30)
         return original(*args)
@@ -283,15 +283,51 @@ def _concurrently(replica, first: tuple[bytes, str], second: tuple[bytes, str], 
 
 def test_a_batch_still_decoding_does_not_hold_up_a_small_request(replica) -> None:
     batch = json.dumps({"instances": [{"b64": b64(PNG)}] * 32}).encode()
-    finished = _concurrently(replica, (batch, "application/json"), (JPEG, "image/jpeg"), hold="input_fn")
+    finished = _concurrently(replica, (batch, "application/json"), (JPEG, "image/jpeg"), hold="parse_request")
     assert finished["second"] < finished["first"]
+
+
+def test_two_large_batches_decoding_hold_a_small_request_up_for_a_few_image_decodes_only(replica) -> None:
+    """Both decode threads busy with batches of slow images: the small request waits a decode or two, not a batch."""
+    decode_s, images = 0.15, 16  # each batch: 2.4 s of decoding
+    original = inference.Preprocessor.__call__
+
+    def slow_for_batches(self, data: bytes, name: str = "the image"):
+        if name.startswith("instances["):
+            time.sleep(decode_s)
+        return original(self, data, name)
+
+    batch = json.dumps({"instances": [{"b64": b64(PNG)}] * images}).encode()
+
+    async def run() -> dict[str, float]:
+        started, finished = time.monotonic(), {}
+
+        async def send(name: str, body: bytes, content_type: str) -> None:
+            reply = await replica.handle("POST", body, content_type, "application/json")
+            assert reply.status == 200, reply.body
+            finished[name] = time.monotonic() - started
+
+        batches = [asyncio.create_task(send(f"batch {n}", batch, "application/json")) for n in (1, 2)]
+        await asyncio.sleep(0.3)  # both threads are decoding batch images
+        small_sent = time.monotonic() - started
+        await send("small", JPEG, "image/jpeg")
+        await asyncio.gather(*batches)
+        return {**finished, "small": finished["small"] - small_sent}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inference.Preprocessor, "__call__", slow_for_batches)
+        took = asyncio.run(run())
+    assert took["batch 1"] > images * decode_s and took["batch 2"] > images * decode_s
+    assert took["small"] < 1.0, took  # a whole batch's decoding is 2.4 s
 
 
 def test_a_request_decodes_while_another_holds_the_model(replica) -> None:
     decoded: list[int] = []
-    original = inference.input_fn
+    original = inference.parse_request
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(inference, "input_fn", lambda body, ct: decoded.append(len(body)) or original(body, ct))
+        patch.setattr(
+            inference, "parse_request", lambda body, *args: decoded.append(len(body)) or original(body, *args)
+        )
         entered, release = threading.Event(), threading.Event()
         predict = inference.predict_fn
 
