@@ -113,6 +113,34 @@ def test_roll_back_without_an_earlier_approved_version_says_so_and_changes_nothi
     assert recorder.writes() == writes
 
 
+@pytest.mark.parametrize("failure", ["the deploy", "the wait for InService"])
+def test_a_roll_back_whose_deploy_fails_leaves_the_tested_version_approved(
+    sagemaker, recorder, function_env, monkeypatch, failure: str
+) -> None:
+    from botocore.exceptions import ClientError
+
+    from pipelines.util.errors import CommandError
+
+    deploy.handler(approve(sagemaker, register(sagemaker)), None)
+    tested = register(sagemaker)
+    deploy.handler(approve(sagemaker, tested), None)
+    settings, clients = deploy.DeploySettings.from_env(), deploy.create_clients()
+    wait = None
+    if failure == "the deploy":
+        refused = ClientError({"Error": {"Code": "ValidationException", "Message": "no model data"}}, "CreateModel")
+        monkeypatch.setattr(deploy, "deploy_model_package", lambda *args, **kwargs: (_ for _ in ()).throw(refused))
+    else:
+
+        def wait(config_name: str) -> None:
+            raise CommandError(f"endpoint is Failed on {config_name}: the model did not load")
+
+    with pytest.raises(
+        deploy.DeployError, match=r"^no rollback: .*/1 could not be served .* version 2 stays Approved$"
+    ):
+        deploy_cli.roll_back(tested, "endpoint-test failed", settings, clients, wait=wait)
+    assert sagemaker.describe_model_package(ModelPackageName=tested)["ModelApprovalStatus"] == "Approved"
+
+
 @pytest.mark.parametrize("smoke_test_passes", [True, False])
 def test_deploy_with_a_smoke_test_rolls_back_when_it_fails(
     aws, sagemaker, recorder, capsys, monkeypatch, smoke_test_passes: bool
