@@ -21,7 +21,8 @@ every client error is a 4xx with ``{"error": "...", "code": "..."}`` (its own 40
 included, never a stack trace); bodies over SageMaker's 6 MB limit get 413 before anything is decoded; idle
 connections close after ``--idle-timeout`` seconds and a request must arrive whole within ``--read-timeout``;
 bursts of connections wait in a deep listen backlog instead of being dropped. The app decodes images outside
-its one-at-a-time model thread, so a large batch does not hold small requests up.
+its one-at-a-time model thread, a batch's one image at a time and a one-image request in a lane of its own, so a
+large batch does not hold small requests up.
 """
 
 from __future__ import annotations
