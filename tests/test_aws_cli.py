@@ -94,6 +94,7 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_definition_writes_a_checked_definition(aws: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "out" / "definition.json"
+    output.parent.mkdir()  # a command writes into a folder that exists, as any shell redirection does
     int8 = ("--no-int8", "--serving-wheels-uri", "s3://wheels-bucket/wheelhouse/")
     code, _, err = _run(capsys, "definition", "--no-debugger", "--tuning-strategy", "Random", *int8, "-o", str(output))
     assert code == 0, err
