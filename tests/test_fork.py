@@ -77,10 +77,9 @@ def with_data_report(get_pipeline: Callable[..., Any]) -> Callable[..., Any]:
 
 @pytest.mark.timeout(600)  # a demo run, about 90 s alone; more on a busy machine
 def test_a_variant_with_a_data_report_step_runs_locally_end_to_end(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(builder, "get_pipeline", with_data_report(builder.get_pipeline))
-    tmp_path = tmp_path_factory.mktemp("fork")  # a short path: a job's TMPDIR holds multiprocessing's sockets
     workdir = tmp_path / "runs"
     ObjectStore(workdir).put_bytes(REPORT_CODE, REPORT_SCRIPT.read_bytes())
     data = demo_data.write_digits_archive(tmp_path / "digits.zip", image_size=16, per_class_limit=6)

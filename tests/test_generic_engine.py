@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,31 @@ def test_only_a_definition_running_this_projects_code_gets_its_extras(tmp_path: 
     assert runner.runs_project_code(definition, {"s3://b-1/c/t.tgz": training.body}, store)
     store.put_bytes("s3://b-1/c/t.tgz", training.body)  # or put there by an earlier run
     assert runner.runs_project_code(definition, {}, store)
+
+
+def test_a_job_deep_in_the_file_system_can_open_multiprocessing_sockets(tmp_path: Path) -> None:
+    """A DataLoader's workers share tensors over AF_UNIX sockets under TMPDIR (107 bytes at most): a job folder
+    deep in a workdir gets a short TMPDIR, removed afterwards, instead of failing or waiting forever."""
+    from pipelines.local import containers
+
+    script = tmp_path / "code" / "listen.py"
+    script.parent.mkdir()
+    script.write_text(
+        "import os, tempfile\nfrom multiprocessing.connection import Listener\n"
+        "Listener(family='AF_UNIX').close()\nprint('tmp', tempfile.gettempdir())\n"
+    )
+    for root in (tmp_path / "job", tmp_path / ("deep-" * 12) / "run-0001" / "a-step-with-a-long-name"):
+        job = containers.ProcessingJob(
+            job_name="listen",
+            root=root,
+            entrypoint=["python3", "/opt/ml/processing/input/code/listen.py"],
+            inputs=[containers.ProcessingInput(script, "/opt/ml/processing/input/code", "code")],
+            outputs=[],
+            arguments=[],
+        )
+        log = job.run().log_path.read_text()
+        used = Path(log.split("tmp ", 1)[1].split()[0])
+        if root.name == "job":
+            assert used == root / "tmp"
+        else:  # the short one, removed when the job ended
+            assert used.parent == Path(tempfile.gettempdir()) and not used.exists()
