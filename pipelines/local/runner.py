@@ -86,6 +86,8 @@ def stopped_by_signals(grace_seconds: float = processes.STOP_GRACE_SECONDS) -> I
 DEMO_SOURCE = "built-in demo (scikit-learn digits)"
 PIPELINE_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,255}")  # CreatePipeline's PipelineName
 ACCEPTED_ARGUMENTS_DIR = "accepted-arguments"  # marks of job arguments the scripts' parsers accepted (validation)
+# What this project's jobs import, whose versions stand in for the container image in a step's cache key.
+PROJECT_JOB_PACKAGES = ("torch", "torchvision", "pillow", "numpy")
 
 
 @dataclass
@@ -448,7 +450,12 @@ class LocalPipeline:
             parameters=parameters,
             run_dir=self.run_dir,
             store=store,
-            cache=StepCache(self.workdir, enabled=self.options.cache, report=self.console.write),
+            cache=StepCache(
+                self.workdir,
+                enabled=self.options.cache,
+                report=self.console.write,
+                runtime_packages=PROJECT_JOB_PACKAGES if prepared.project else None,
+            ),
             console=self.console,
             execution_variables=self._execution_variables(name),
             region=config.LOCAL_REGION,
