@@ -7,6 +7,13 @@ objects the definition names (``code_artifacts``: S3 URI -> bytes, named by cont
 runner puts them in the local object store, and the input data under a run-specific prefix (``InputDataUri``).
 The executor (:mod:`.executor`) does the rest, from the definition alone.
 
+With ``--definition FILE`` the runner builds nothing: it runs that JSON as it is, after putting each ``--object``
+file in the object store. This is the one module of the local side that knows the project: what this project's
+jobs need beyond the container contract (train.py's flags, ``TORCH_HOME``, the epoch progress, the packages
+standing in for the image in cache keys), the deploy function the Lambda step runs, the value checks of
+:mod:`pipelines.validation` and the summary are handed over only when the definition runs this project's code
+(:func:`runs_project_code`). Any other definition gets the container contract alone.
+
 Each run gets ``<workdir>/run-NNNN/``: ``definition.json`` (exactly what ran), ``run.json`` (the run and its steps,
 shaped like DescribePipelineExecution and ListPipelineExecutionSteps, with the process that runs it), and a folder
 per step.
@@ -180,7 +187,6 @@ class Prepared:
     objects: dict[str, bytes | Path]
     pipeline_name: str
     project: bool
-    pipeline_options: Any = None  # the builder's, when the runner built it
 
 
 def read_definition_file(path: Path) -> dict[str, Any]:
@@ -350,14 +356,20 @@ class LocalPipeline:
             except ValueError as error:  # before the run folder: a refused option leaves nothing behind
                 raise InvalidOptions([str(error)]) from error
             objects: dict[str, bytes | Path] = {artifact.s3_uri: artifact.body for artifact in artifacts.all()}
-            return Prepared(definition, objects, pipeline_options.pipeline_name, True, pipeline_options)
-        path = self.options.definition_file
+            return Prepared(definition, objects, pipeline_options.pipeline_name, True)
+        return self._definition_from_file(self.options.definition_file)
+
+    def _definition_from_file(self, path: Path) -> Prepared:
+        """--definition FILE as it is, with the --object files; whether it runs this project's code decides
+        what the runner hands the engine."""
         name = self.options.pipeline_name or path.stem
-        problems = [] if PIPELINE_NAME.fullmatch(name) else [
-            f"pipeline name {name!r} is not a SageMaker PipelineName (letters, digits and hyphens, starting and "
-            "ending with a letter or digit): pass --pipeline-name NAME"
-        ]  # fmt: skip
-        objects = {}
+        problems = []
+        if not PIPELINE_NAME.fullmatch(name):
+            problems.append(
+                f"pipeline name {name!r} is not a SageMaker PipelineName (letters, digits and hyphens, starting and "
+                "ending with a letter or digit): pass --pipeline-name NAME"
+            )
+        objects: dict[str, bytes | Path] = {}
         for uri, source in self.options.objects:
             try:
                 split_uri(uri)
