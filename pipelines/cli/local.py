@@ -1,6 +1,7 @@
 """Commands of the local pipeline: ``local``, ``local-status``, ``predict``, ``endpoint``, ``local-models``.
 
     python -m pipelines.run local [--data PATH] [--preset demo] [--param Name=Value] [--approve] ...
+    python -m pipelines.run local --definition FILE [--object s3://BUCKET/KEY=PATH ...] [--param Name=Value]
     python -m pipelines.run local-status [RUN | --all] [--workdir runs]
     python -m pipelines.run predict IMAGE [IMAGE ...] [--endpoint URL | --endpoint-name NAME]
     python -m pipelines.run endpoint status|start|stop [--workdir runs]
@@ -199,7 +200,7 @@ BUILDER_ONLY_FLAGS = {
 }
 
 
-def _definition_file_problems(args: argparse.Namespace) -> None:
+def _check_definition_flags(args: argparse.Namespace) -> None:
     """--definition runs the file as it is: a builder flag would silently do nothing, so it is refused; --object
     and --pipeline-name mean nothing without it."""
     if args.definition is None:
@@ -321,7 +322,7 @@ def run_local(args: argparse.Namespace) -> int:
 
     if args.data is not None and not args.data.exists():
         raise CommandError(f"--data {args.data} does not exist: pass an archive (.zip, .tar.gz) or a folder of images")
-    _definition_file_problems(args)
+    _check_definition_flags(args)
     options = LocalRunOptions(
         workdir=args.workdir,
         data=args.data,
