@@ -157,13 +157,19 @@ def parameter_values(definition: dict[str, Any], overrides: list[dict[str, str]]
 
 def parameter_problems(definition: dict[str, Any], values: Mapping[str, Any]) -> list[str]:
     """Each parameter's value against config.PARAMETER_BOUNDS and SageMaker's API shapes where it lands."""
+    problems = [problem for name, value in values.items() if (problem := bound_problem(name, value))]
+    within = {name: value for name, value in values.items() if not bound_problem(name, value)}
+    return problems + shape_problems(definition, within)
+
+
+def shape_problems(definition: dict[str, Any], values: Mapping[str, Any]) -> list[str]:
+    """Each parameter's value against SageMaker's API shapes where it lands in ``definition``: the rules of any
+    definition, none of this project's."""
     from pipelines.definition.check import check_definition
 
-    problems = [problem for name, value in values.items() if (problem := bound_problem(name, value))]
+    problems = []
     before = set(check_definition(definition))
     for name, value in values.items():
-        if bound_problem(name, value):
-            continue
         placed = _resolved(definition, {name: value}, only=name)
         for problem in check_definition(placed):
             if problem not in before and not problem.startswith(f"parameter {name} is declared but never used"):

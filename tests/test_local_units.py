@@ -3,9 +3,11 @@ deterministic tarballs, the step cache key and the registry (the endpoint server
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import math
+import platform
 import sys
 import tarfile
 import zipfile
@@ -198,14 +200,19 @@ def test_extraction_refuses_entries_outside_the_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "escape.txt").exists()
 
 
-def test_cache_key_depends_on_every_part() -> None:
+def test_cache_key_depends_on_every_part(tmp_path: Path) -> None:
     base = {"code": "c1", "inputs": {"train": "h1"}, "hyperparameters": {"lr": "0.1"}}
-    key = cache.StepCache.key("Train", base)
-    assert key == cache.StepCache.key("Train", json.loads(json.dumps(base)))
-    assert key != cache.StepCache.key("Tune", base)
-    assert key != cache.StepCache.key("Train", {**base, "code": "c2"})
-    assert key != cache.StepCache.key("Train", {**base, "inputs": {"train": "h2"}})
-    assert key != cache.StepCache.key("Train", {**base, "hyperparameters": {"lr": "0.2"}})
+    step_cache = cache.StepCache(tmp_path, runtime_packages=("numpy",))
+    key = step_cache.key("Train", base)
+    assert key == step_cache.key("Train", json.loads(json.dumps(base)))
+    assert key != step_cache.key("Tune", base)
+    assert key != step_cache.key("Train", {**base, "code": "c2"})
+    assert key != step_cache.key("Train", {**base, "inputs": {"train": "h2"}})
+    assert key != step_cache.key("Train", {**base, "hyperparameters": {"lr": "0.2"}})
+    assert step_cache.runtime == {"python": platform.python_version(), "numpy": importlib.metadata.version("numpy")}
+    every = cache.StepCache(tmp_path).runtime  # nobody named the jobs' packages: every installed one counts
+    assert every["numpy"] == step_cache.runtime["numpy"] and every["pytest"] == importlib.metadata.version("pytest")
+    assert cache.StepCache(tmp_path).key("Train", base) != key
 
 
 # --- registry -----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Commands of the local pipeline: ``local``, ``local-status``, ``predict``, ``endpoint``, ``local-models``.
 
     python -m pipelines.run local [--data PATH] [--preset demo] [--param Name=Value] [--approve] ...
+    python -m pipelines.run local --definition FILE [--object s3://BUCKET/KEY=PATH ...] [--param Name=Value]
     python -m pipelines.run local-status [RUN | --all] [--workdir runs]
     python -m pipelines.run predict IMAGE [IMAGE ...] [--endpoint URL | --endpoint-name NAME]
     python -m pipelines.run endpoint status|start|stop [--workdir runs]
@@ -142,7 +143,78 @@ def _add_local_command(subparsers: argparse._SubParsersAction) -> None:
         local, "model package group: the ModelPackageGroupName default and the deploy function's group", dest="group"
     )
     local.add_argument("--quiet", action="store_true", help="print only the summary")
+    _add_definition_arguments(local)
     local.set_defaults(func=run_local)
+
+
+def _object_argument(text: str) -> tuple[str, Path]:
+    """``s3://BUCKET/KEY=PATH``, split at the last '=' (keys may hold '=', as in ``date=2024/``)."""
+    from pipelines.local.objectstore import ObjectStoreError, split_uri
+
+    uri, separator, path = text.rpartition("=")
+    if not separator or not uri or not path:
+        raise argparse.ArgumentTypeError(f"expected s3://BUCKET/KEY=PATH, got {text!r}")
+    try:
+        split_uri(uri)
+    except ObjectStoreError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{path} does not exist: pass a file or a folder to put at {uri}")
+    return uri, Path(path)
+
+
+def _add_definition_arguments(local: argparse.ArgumentParser) -> None:
+    group = local.add_argument_group("any definition: run a definition JSON instead of building this pipeline's")
+    group.add_argument(
+        "--definition",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="run this definition JSON as it is (the engine knows no project: this project's flags and checks "
+        "apply only when its jobs run this project's code); the builder's flags do not apply",
+    )
+    group.add_argument(
+        "--object",
+        dest="objects",
+        type=_object_argument,
+        action="append",
+        default=[],
+        metavar="s3://BUCKET/KEY=PATH",
+        help="with --definition: put a local file (or a folder's files) at this S3 URI of the local object store "
+        "first, as upsert uploads the code objects; repeatable",
+    )
+    group.add_argument(
+        "--pipeline-name", default=None, help="with --definition: the pipeline's name in ARNs (default: FILE's stem)"
+    )
+
+
+# What only shapes the definition the builder makes (with its default): refused with --definition FILE.
+BUILDER_ONLY_FLAGS = {
+    "data": ("--data", None),
+    "preset": ("--preset", None),
+    "hyperparameters": ("--hp", []),
+    "debugger": ("--no-debugger", True),
+    "torch_distributed": ("--torch-distributed", False),
+    "int8_serving": ("--no-int8", True),
+    "skip_deploy_wiring": ("--skip-deploy-wiring", False),
+}
+
+
+def _check_definition_flags(args: argparse.Namespace) -> None:
+    """--definition runs the file as it is: a builder flag would silently do nothing, so it is refused; --object
+    and --pipeline-name mean nothing without it."""
+    if args.definition is None:
+        if args.objects or args.pipeline_name:
+            raise CommandError("--object and --pipeline-name go with --definition FILE; leave them out or add it")
+        return
+    given = [flag for key, (flag, default) in BUILDER_ONLY_FLAGS.items() if getattr(args, key) != default]
+    if given:
+        raise CommandError(
+            f"{', '.join(given)} only shape the definition the builder makes; --definition {args.definition} runs "
+            "the file as it is: leave them out (use --object and --param for its inputs)"
+        )
+    if not args.definition.is_file():
+        raise CommandError(f"--definition {args.definition} is not a file: pass a definition JSON")
 
 
 def _add_predict_command(subparsers: argparse._SubParsersAction) -> None:
@@ -250,6 +322,7 @@ def run_local(args: argparse.Namespace) -> int:
 
     if args.data is not None and not args.data.exists():
         raise CommandError(f"--data {args.data} does not exist: pass an archive (.zip, .tar.gz) or a folder of images")
+    _check_definition_flags(args)
     options = LocalRunOptions(
         workdir=args.workdir,
         data=args.data,
@@ -266,6 +339,9 @@ def run_local(args: argparse.Namespace) -> int:
         endpoint_name=args.endpoint_name,
         port=args.port,
         ray=args.ray,
+        definition_file=args.definition,
+        objects=list(args.objects),
+        pipeline_name=args.pipeline_name,
     )
     console = Console(quiet=args.quiet)
     pipeline = LocalPipeline(options, console)
@@ -298,8 +374,22 @@ def run_local(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_PIPELINE_FAILED
-    print_summary(record, args.workdir)
+    if pipeline.project:
+        print_summary(record, args.workdir)
+    else:
+        print_definition_summary(record)
     return 0
+
+
+def print_definition_summary(record: dict[str, Any]) -> None:
+    """The run of a definition that is not this project's: its steps and what it registered."""
+    rows = [("run", f"{record['RunId']} ({record['ElapsedSeconds']:.1f} s): {record['RunFolder']}")]
+    rows += [(step["StepName"], step["StepStatus"]) for step in record["PipelineExecutionSteps"]]
+    package = record["Summary"].get("model_package")
+    if package:
+        rows.append(("registry", f"{package['ModelPackageArn']} {package['ModelApprovalStatus']}"))
+    width = max(len(key) for key, _ in rows)
+    print("\n".join(["", "Summary", *(f"  {key:<{width}}  {value}" for key, value in rows)]), flush=True)
 
 
 def print_summary(record: dict[str, Any], workdir: Path) -> None:

@@ -1,11 +1,13 @@
-"""The pipeline's definition executed on one machine: ``python -m pipelines.run local``.
+"""A pipeline definition executed on one machine: ``python -m pipelines.run local``.
 
-The runner (:mod:`.runner`) builds the definition that ``upsert`` sends (same builder, same options) and the
-executor (:mod:`.executor`) runs it from its JSON alone: one executor per step type (:mod:`.jobs`:
-Processing, Training, Tuning under the SageMaker container contract of :mod:`.containers`, with the tuner's
-sampling in :mod:`.tuning`; :mod:`.control`: Condition, Fail, RegisterModel, Lambda), expressions evaluated by
-:mod:`.expressions`, S3 URIs mapped to the object store of :mod:`.objectstore`, steps cached by :mod:`.cache`.
-The Lambda step runs the deploy function in-process against the local registry (:mod:`.registry`) and the
-local endpoint (:mod:`.server`, :mod:`.endpoint`) through :mod:`.deploy_function`. :mod:`.cli` holds the
-commands. Nothing here imports torch: the scripts do, in their own processes.
+The engine runs any definition from its JSON alone (``local --definition FILE``): the executor (:mod:`.executor`)
+with one executor per step type (:mod:`.jobs`: Processing, Training, Tuning under the SageMaker container contract
+of :mod:`.containers`, with the tuner's sampling in :mod:`.tuning`; :mod:`.control`: Condition, Fail,
+RegisterModel, Lambda), expressions evaluated by :mod:`pipelines.definition.expressions`, S3 URIs mapped to the
+object store of :mod:`.objectstore`, steps cached by :mod:`.cache`, versions kept by :mod:`.registry`. It knows no
+project. The runner (:mod:`.runner`) is the one project-aware module: it builds the definition that ``upsert``
+sends (same builder, same options) and hands the engine what this project's jobs need beyond the container
+contract, and the deploy function (:mod:`.deploy_function`) that the Lambda step runs in-process against the local
+registry and the local endpoint (:mod:`pipelines.serving`). Nothing here imports torch: the scripts do, in their
+own processes.
 """

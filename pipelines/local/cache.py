@@ -9,7 +9,9 @@ key is the hash of
   in), without what differs from run to run by design (the output locations);
 - the content of every input the arguments name, the code object included (files and folders by content, zip
   archives by their entries), so a step downstream of a re-run that produced the same output is still reused;
-- the Python/torch/torchvision versions (SageMaker's key holds the container image).
+- what stands in for the container image (SageMaker's key holds it): the Python version and the versions of the
+  packages the jobs import, as the runner names them (this project's: torch, torchvision, pillow, numpy), or of
+  every installed distribution for a definition whose jobs' needs nobody named.
 
 Entries live in ``<workdir>/cache/<key>.json`` and point at the outputs of the run that made them (paths
 relative to the workdir: the run folder's and the object store's). A hit is used only while those outputs
@@ -26,7 +28,7 @@ import importlib.metadata
 import platform
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,14 @@ from pipelines.util import fsutil
 CACHE_DIR = "cache"
 
 
-def runtime_versions() -> dict[str, str]:
-    """What stands in for the container image in the cache key (read from metadata: no torch import)."""
+def runtime_versions(packages: Sequence[str] | None = None) -> dict[str, str]:
+    """What stands in for the container image in the cache key (read from metadata: nothing is imported): the
+    Python version and those of ``packages``, or of every installed distribution when None."""
     versions = {"python": platform.python_version()}
-    for package in ("torch", "torchvision", "pillow", "numpy"):
+    if packages is None:
+        installed = {dist.metadata["Name"]: dist.version for dist in importlib.metadata.distributions()}
+        return {**versions, **dict(sorted((str(name).lower(), version) for name, version in installed.items()))}
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -87,15 +93,21 @@ class StepCache:
     ``report`` gets one line for each entry found damaged (standard error by default).
     """
 
-    def __init__(self, workdir: Path, enabled: bool = True, report: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        enabled: bool = True,
+        report: Callable[[str], None] | None = None,
+        runtime_packages: Sequence[str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.enabled = enabled
         self.folder = workdir / CACHE_DIR
         self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.runtime = runtime_versions(runtime_packages)  # read once: the jobs of one run share this Python
 
-    @staticmethod
-    def key(step: str, parts: dict[str, Any]) -> str:
-        return fsutil.json_hash({"step": step, "runtime": runtime_versions(), **parts})
+    def key(self, step: str, parts: dict[str, Any]) -> str:
+        return fsutil.json_hash({"step": step, "runtime": self.runtime, **parts})
 
     def lookup(self, key: str, expire_after: str | None = None) -> CacheEntry | None:
         if not self.enabled:

@@ -1,7 +1,8 @@
 """What people see while the local pipeline runs: a line per step, progress for long steps, a summary.
 
-On a terminal, long steps show a tqdm bar (epochs done out of epochs planned, with the latest validation
-accuracy) that disappears when the step ends; elsewhere (CI logs, pipes) each epoch gets a plain line.
+On a terminal, long steps show a tqdm bar (epochs done out of epochs planned, with the metrics of the latest
+epoch line, whatever the definition's MetricDefinitions name them) that disappears when the step ends; elsewhere
+(CI logs, pipes) each epoch gets a plain line.
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ class Progress:
     def epoch(self, who: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
         with self._lock:
             self.done += 1
-            accuracy = metrics.get("valid_accuracy")
+            parts = " ".join(f"{name}={value:.4f}" for name, value in metrics.items())
             if self._bar is not None:
-                self._bar.set_postfix_str(f"{who} valid_accuracy={accuracy:.4f}" if accuracy is not None else who)
+                self._bar.set_postfix_str(f"{who} {parts}".rstrip())
                 self._bar.update(1)
             else:
-                parts = " ".join(f"{name}={value:.4f}" for name, value in metrics.items() if name != "epoch")
                 self.console.write(f"      {self.label} {who} epoch {epoch}/{epochs} {parts}".rstrip())
 
     def close(self) -> None:

@@ -34,9 +34,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,11 +251,24 @@ def _thread_environment(cpus: int) -> dict[str, str]:
     return {name: value for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
-def _temporary_folder(root: Path) -> dict[str, str]:
-    """Temporary files of the job inside its own folder: a run writes nothing outside its workdir."""
+# multiprocessing makes its AF_UNIX sockets at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX, and a socket's path holds
+# at most 107 bytes: past that, a job that shares tensors between processes (a DataLoader's workers) fails or
+# waits forever. A container's TMPDIR is /tmp.
+SOCKET_PATH_MAX = 107
+SOCKET_NAME_BYTES = len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+
+
+@contextlib.contextmanager
+def temporary_folder(root: Path) -> Iterator[dict[str, str]]:
+    """The job's TMPDIR: its own folder (a run writes nothing outside its workdir), unless that path is too long
+    for the sockets a job's processes open there; then a short folder of the system's, removed when the job ends."""
     folder = root / "tmp"
-    folder.mkdir(parents=True, exist_ok=True)
-    return {"TMPDIR": str(folder)}
+    if len(os.fsencode(folder)) + SOCKET_NAME_BYTES <= SOCKET_PATH_MAX:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield {"TMPDIR": str(folder)}
+        return
+    with tempfile.TemporaryDirectory(prefix="job-") as short:  # mode 0700, as mkdtemp makes it
+        yield {"TMPDIR": short}
 
 
 def base_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -407,14 +421,15 @@ class ProcessingJob:
             },
         )
         fsutil.write_json_atomic(config_dir / "resourceconfig.json", {"current_host": HOST, "hosts": [HOST]})
-        env = base_environment({**_thread_environment(self.cpus), **_temporary_folder(self.root), **self.env})
         log_path = self.root / "log.txt"
         cwd = self.container_path(PROCESSING_WORKDIR)
         cwd.mkdir(parents=True, exist_ok=True)
         try:
-            duration = run_logged(
-                self.command(), cwd=cwd, env=env, log_path=log_path, job_name=self.job_name, on_line=on_line
-            )
+            with temporary_folder(self.root) as tmp:
+                env = base_environment({**_thread_environment(self.cpus), **tmp, **self.env})
+                duration = run_logged(
+                    self.command(), cwd=cwd, env=env, log_path=log_path, job_name=self.job_name, on_line=on_line
+                )
         except JobError as error:
             reason = _failure_reason(self.root)
             if reason:
@@ -628,11 +643,12 @@ class TrainingJob:
         )
         log_path = self.root / "log.txt"
         threads = _thread_environment(self.cpus // self.processes)  # the processes share the job's cores
-        full_env = base_environment({**threads, **_temporary_folder(self.root), **self.env, **env})
         try:
-            duration = run_logged(
-                command, cwd=opt / "code", env=full_env, log_path=log_path, job_name=self.job_name, on_line=on_line
-            )
+            with temporary_folder(self.root) as tmp:
+                full_env = base_environment({**threads, **tmp, **self.env, **env})
+                duration = run_logged(
+                    command, cwd=opt / "code", env=full_env, log_path=log_path, job_name=self.job_name, on_line=on_line
+                )
         except JobError as error:
             reason = _failure_reason(self.root)
             if reason:

@@ -41,10 +41,14 @@ class TrainingExtras:
     """What a project's training script needs beyond the container contract, handed over by whoever builds the
     executors (the runner): flags after the hyperparameters, made from the CreateTrainingJob request (container
     paths in them are mapped under the job's root, as a script's defaults would be on SageMaker), and environment
-    variables. The engine adds none of its own."""
+    variables; and how its log shows progress: the metric (one of the definition's MetricDefinitions) whose lines
+    end an epoch, and the hyperparameter that plans the epochs. The engine adds none of its own: without them a
+    job's progress shows no epochs."""
 
     arguments: Callable[[dict[str, Any]], list[str]] = lambda request: []
     environment: dict[str, str] = dataclasses.field(default_factory=dict)
+    epoch_metric: str = ""
+    epochs_hyperparameter: str = ""
 
 
 DEBUGGER_ARGUMENTS = ("DebugRuleConfigurations", "DebugHookConfig", "ProfilerRuleConfigurations", "ProfilerConfig")
@@ -92,13 +96,15 @@ def final_metrics(log_text: str, definitions: list[dict[str, str]]) -> dict[str,
     return final
 
 
-def _watch(progress: Progress, who: str, epochs: int, definitions: list[dict[str, str]]) -> Callable[[str], None]:
-    """Tick the progress on every log line with an ``epoch`` metric (the definitions say which lines those are)."""
+def _watch(
+    progress: Progress, who: str, epochs: int, definitions: list[dict[str, str]], epoch_metric: str
+) -> Callable[[str], None]:
+    """Tick the progress on every log line with the ``epoch_metric`` (the definitions say which lines those are)."""
 
     def on_line(line: str) -> None:
-        metrics = metric_values(line, definitions)
-        if "epoch" in metrics:
-            progress.epoch(who, int(metrics.pop("epoch")), epochs, metrics)
+        metrics = metric_values(line, definitions) if epoch_metric else {}
+        if epoch_metric in metrics:
+            progress.epoch(who, int(metrics.pop(epoch_metric)), epochs, metrics)
 
     return on_line
 
@@ -339,10 +345,10 @@ def run_training_job(
     return properties, written
 
 
-def _epochs(hyperparameters: dict[str, Any]) -> int:
-    """The epochs a job plans (for its progress bar), 0 when it does not say."""
+def _epochs(hyperparameters: dict[str, Any], key: str) -> int:
+    """The epochs a job plans (for its progress bar): its hyperparameter ``key``, 0 when it does not say."""
     try:
-        return int(_decoded(hyperparameters.get("epochs", 0)))
+        return int(_decoded(hyperparameters.get(key, 0))) if key else 0
     except (TypeError, ValueError):
         return 0
 
@@ -380,7 +386,7 @@ class TrainingExecutor(StepExecutor):
         arguments = context.arguments
         run = context.execution
         job_name = f"{arguments.get('TrainingJobName') or context.name.lower()}-{run.run_id}"
-        epochs = _epochs(arguments.get("HyperParameters", {}))
+        epochs = _epochs(arguments.get("HyperParameters", {}), self.extras.epochs_hyperparameter)
         definitions = arguments.get("AlgorithmSpecification", {}).get("MetricDefinitions", [])
         progress = run.console.progress(context.name, epochs)
         try:
@@ -390,7 +396,7 @@ class TrainingExecutor(StepExecutor):
                 job_name,
                 context.folder,
                 run.cpus,
-                _watch(progress, "final", epochs, definitions),
+                _watch(progress, "final", epochs, definitions, self.extras.epoch_metric),
                 self.extras,
             )
         finally:
@@ -467,7 +473,7 @@ class TuningExecutor(StepExecutor):
         at_once = max(1, min(parallel, trials, run.cpus))
         tuning_job = arguments.get("HyperParameterTuningJobName") or context.name.lower()
         static = definition.get("StaticHyperParameters", {})
-        epochs = _epochs(static)
+        epochs = _epochs(static, self.extras.epochs_hyperparameter)
         progress = run.console.progress(context.name, trials * epochs)
 
         def run_trial(index: int, tuned: dict[str, str]) -> tuning.TrialOutcome:
@@ -482,7 +488,7 @@ class TuningExecutor(StepExecutor):
             }
             job_name = f"{tuning_job}-{run.run_id}-{index:03d}"
             started = time.perf_counter()
-            on_line = _watch(progress, trial, epochs, definitions)
+            on_line = _watch(progress, trial, epochs, definitions, self.extras.epoch_metric)
             try:
                 properties, _ = run_training_job(
                     context,

@@ -7,6 +7,13 @@ objects the definition names (``code_artifacts``: S3 URI -> bytes, named by cont
 runner puts them in the local object store, and the input data under a run-specific prefix (``InputDataUri``).
 The executor (:mod:`.executor`) does the rest, from the definition alone.
 
+With ``--definition FILE`` the runner builds nothing: it runs that JSON as it is, after putting each ``--object``
+file in the object store. This is the one module of the local side that knows the project: what this project's
+jobs need beyond the container contract (train.py's flags, ``TORCH_HOME``, the epoch progress, the packages
+standing in for the image in cache keys), the deploy function the Lambda step runs, the value checks of
+:mod:`pipelines.validation` and the summary are handed over only when the definition runs this project's code
+(:func:`runs_project_code`). Any other definition gets the container contract alone.
+
 Each run gets ``<workdir>/run-NNNN/``: ``definition.json`` (exactly what ran), ``run.json`` (the run and its steps,
 shaped like DescribePipelineExecution and ListPipelineExecutionSteps, with the process that runs it), and a folder
 per step.
@@ -19,8 +26,10 @@ SIGHUP stop every job within seconds (:data:`containers.JOBS`) and the run ends 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
+import re
 import signal
 import threading
 import time
@@ -36,7 +45,7 @@ from pipelines.local import containers
 from pipelines.local.cache import CACHE_DIR, StepCache
 from pipelines.local.console import Console
 from pipelines.local.executor import DEFINITION_FILE, LocalExecution, RunStopped, StepExecutor
-from pipelines.local.objectstore import ObjectStore
+from pipelines.local.objectstore import ObjectStore, ObjectStoreError, split_uri
 from pipelines.local.registry import LocalModelRegistry, RegistryError
 from pipelines.local.runs import RUN_ID
 from pipelines.serving import endpoint
@@ -82,7 +91,10 @@ def stopped_by_signals(grace_seconds: float = processes.STOP_GRACE_SECONDS) -> I
 
 
 DEMO_SOURCE = "built-in demo (scikit-learn digits)"
+PIPELINE_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,255}")  # CreatePipeline's PipelineName
 ACCEPTED_ARGUMENTS_DIR = "accepted-arguments"  # marks of job arguments the scripts' parsers accepted (validation)
+# What this project's jobs import, whose versions stand in for the container image in a step's cache key.
+PROJECT_JOB_PACKAGES = ("torch", "torchvision", "pillow", "numpy")
 
 
 @dataclass
@@ -106,6 +118,9 @@ class LocalRunOptions:
     ray: bool = False  # serve the approved model on a local Ray Serve cluster (the container's sequence)
     cpus: int | None = None
     demo_per_class_limit: int | None = None  # tests shrink the demo archive with this
+    definition_file: Path | None = None  # run this definition JSON as it is, instead of building the template's
+    objects: list[tuple[str, Path]] = field(default_factory=list)  # (s3 URI, local file or folder) put before the run
+    pipeline_name: str | None = None  # with definition_file: the name its ARNs carry (default: the file's stem)
 
     @property
     def resolved_preset(self) -> str:
@@ -163,6 +178,76 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
     return definition, code_artifacts(config.LOCAL_BUCKET, pipeline_options.pipeline_name), pipeline_options
 
 
+@dataclass
+class Prepared:
+    """The definition a run executes, and what is put in the object store before it (S3 URI -> bytes or a local
+    file or folder). ``project``: its jobs run this project's code, so the project's checks and extras apply."""
+
+    definition: dict[str, Any]
+    objects: dict[str, bytes | Path]
+    pipeline_name: str
+    project: bool
+
+
+def read_definition_file(path: Path) -> dict[str, Any]:
+    """A definition JSON (the one ``definition`` writes, or one written by hand); ValueError says what is wrong."""
+    try:
+        definition = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"--definition {path} cannot be read as JSON ({error}); pass a pipeline definition") from None
+    if not isinstance(definition, dict) or not isinstance(definition.get("Steps"), list):
+        raise ValueError(f"--definition {path} is not a pipeline definition: it needs a 'Steps' list")
+    return definition
+
+
+def _s3_uris(value: Any) -> Iterator[str]:
+    """Every literal s3:// URI in a definition (hyperparameters hold JSON-encoded strings)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _s3_uris(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _s3_uris(item)
+    elif isinstance(value, str):
+        text = value[1:-1] if value.startswith('"s3://') and value.endswith('"') else value
+        if text.startswith("s3://"):
+            yield text
+
+
+def runs_project_code(definition: dict[str, Any], objects: dict[str, bytes | Path], store: ObjectStore) -> bool:
+    """Whether a job of ``definition`` runs this project's code: an object it names (given for this run, or in
+    the store already) holds the same bytes as a code object the builder packs from this checkout."""
+    from pipelines.packaging import code_artifacts
+
+    ours = {hashlib.sha256(artifact.body).hexdigest() for artifact in code_artifacts(config.LOCAL_BUCKET, "any").all()}
+    for uri in dict.fromkeys(_s3_uris(definition)):
+        given = objects.get(uri)
+        if isinstance(given, bytes):
+            if hashlib.sha256(given).hexdigest() in ours:
+                return True
+            continue
+        try:
+            path = given if given is not None else store.path(uri)
+        except ObjectStoreError:
+            continue
+        if path.is_file() and fsutil.file_sha256(path) in ours:
+            return True
+    return False
+
+
+def put_objects(store: ObjectStore, objects: dict[str, bytes | Path]) -> None:
+    """What ``upsert`` uploads before a run (the code objects), and each ``--object``: copied, never linked, so a
+    file edited later does not change an object the cache has keyed by its content."""
+    for uri, body in objects.items():
+        if isinstance(body, bytes):
+            store.put_bytes(uri, body)
+        elif body.is_dir():
+            for path in fsutil.iter_files(body):
+                store.put_bytes(f"{uri.rstrip('/')}/{path.relative_to(body).as_posix()}", path.read_bytes())
+        else:
+            store.put_bytes(uri, body.read_bytes())
+
+
 def training_arguments(request: dict[str, Any]) -> list[str]:
     """entrypoints/train.py's flags that the local jobs add: its checkpoint and TensorBoard defaults are the
     container's absolute paths (here they lie under each job's root), and the jobs share this machine's cores."""
@@ -171,30 +256,48 @@ def training_arguments(request: dict[str, Any]) -> list[str]:
     return ["--checkpoint-dir", checkpoint, "--tensorboard-dir", tensorboard, *config.LOCAL_TRAINING_EXTRA_ARGUMENTS]
 
 
-def step_executors(options: LocalRunOptions, workdir: Path, registry: LocalModelRegistry) -> dict[str, StepExecutor]:
-    """One executor per step type; the Lambda one runs the deploy function against the local registry/endpoint."""
+def project_training_extras(workdir: Path) -> Any:
+    """What this project's training jobs need here beyond the container contract: train.py's local flags, a torch
+    cache shared by the jobs, and how its log shows epochs (the ``epoch`` metric, the ``epochs`` hyperparameter)."""
+    from pipelines.local.jobs import TrainingExtras
+
+    return TrainingExtras(
+        training_arguments,
+        {"TORCH_HOME": str(workdir / "torch-cache")},
+        epoch_metric="epoch",
+        epochs_hyperparameter="epochs",
+    )
+
+
+def step_executors(
+    options: LocalRunOptions, workdir: Path, registry: LocalModelRegistry, project: bool = True
+) -> dict[str, StepExecutor]:
+    """One executor per step type. For this project's definition the training jobs get the project's extras and
+    the Lambda executor runs the deploy function against the local registry and endpoint; for any other, the
+    engine runs the container contract alone and knows no function."""
     from pipelines.local.control import ConditionExecutor, FailExecutor, LambdaExecutor, RegisterModelExecutor
     from pipelines.local.deploy_function import deploy_function
     from pipelines.local.jobs import ProcessingExecutor, TrainingExecutor, TrainingExtras, TuningExecutor
 
-    function = deploy_function(
-        workdir,
-        registry,
-        model_package_group=options.model_package_group,
-        endpoint_name=options.endpoint_name,
-        port=options.port,
-        ray=options.ray,
-    )
+    functions = {}
+    if project:
+        functions[options.deploy_function_name] = deploy_function(
+            workdir,
+            registry,
+            model_package_group=options.model_package_group,
+            endpoint_name=options.endpoint_name,
+            port=options.port,
+            ray=options.ray,
+        )
+    training_extras = project_training_extras(workdir) if project else TrainingExtras()
     executors: list[StepExecutor] = [
         ProcessingExecutor(),
-        TuningExecutor(
-            training_extras := TrainingExtras(training_arguments, {"TORCH_HOME": str(workdir / "torch-cache")})
-        ),
+        TuningExecutor(training_extras),
         TrainingExecutor(training_extras),
         ConditionExecutor(),
         FailExecutor(),
         RegisterModelExecutor(registry),
-        LambdaExecutor({options.deploy_function_name: function}),
+        LambdaExecutor(functions),
     ]
     return {executor.step_type: executor for executor in executors}
 
@@ -210,6 +313,7 @@ class LocalPipeline:
         self.run_id = ""
         self.run_dir = Path()
         self.execution: LocalExecution | None = None
+        self.project = True  # the definition runs this project's code (known once it is prepared)
 
     def _data_input(self, store: ObjectStore, pipeline_name: str, image_size: int) -> str:
         """Put the input data in the object store; returns its prefix (the run's InputDataUri).
@@ -243,8 +347,50 @@ class LocalPipeline:
         with stopped_by_signals():
             return self._run()
 
-    def _checked_values(self, definition: dict[str, Any], overrides: list[dict[str, str]]) -> None:
-        """Every value of the run against the rules the scripts, SageMaker and the config hold (InvalidOptions)."""
+    def _prepared(self) -> Prepared:
+        """The template's definition built with the run's options and its code objects, or the --definition file
+        as it is with the --object files (InvalidOptions, before anything is written)."""
+        if self.options.definition_file is None:
+            try:
+                definition, artifacts, pipeline_options = build_definition(self.options)
+            except ValueError as error:  # before the run folder: a refused option leaves nothing behind
+                raise InvalidOptions([str(error)]) from error
+            objects: dict[str, bytes | Path] = {artifact.s3_uri: artifact.body for artifact in artifacts.all()}
+            return Prepared(definition, objects, pipeline_options.pipeline_name, True)
+        return self._definition_from_file(self.options.definition_file)
+
+    def _definition_from_file(self, path: Path) -> Prepared:
+        """--definition FILE as it is, with the --object files; whether it runs this project's code decides
+        what the runner hands the engine."""
+        name = self.options.pipeline_name or path.stem
+        problems = []
+        if not PIPELINE_NAME.fullmatch(name):
+            problems.append(
+                f"pipeline name {name!r} is not a SageMaker PipelineName (letters, digits and hyphens, starting and "
+                "ending with a letter or digit): pass --pipeline-name NAME"
+            )
+        objects: dict[str, bytes | Path] = {}
+        for uri, source in self.options.objects:
+            try:
+                split_uri(uri)
+            except ObjectStoreError as error:
+                problems.append(f"--object {uri}={source}: {error}")
+            if not source.exists():
+                problems.append(f"--object {uri}={source}: {source} does not exist; pass a file or a folder")
+            objects[uri] = source.expanduser().resolve()
+        try:
+            definition = read_definition_file(path)
+        except ValueError as error:
+            problems.append(str(error))
+        if problems:
+            raise InvalidOptions(problems)
+        project = runs_project_code(definition, objects, ObjectStore(self.workdir))
+        return Prepared(definition, objects, name, project)
+
+    def _checked_values(self, definition: dict[str, Any], overrides: list[dict[str, str]], project: bool) -> None:
+        """Every value of the run against the rules the scripts, SageMaker and the config hold (InvalidOptions).
+        A definition that runs none of this project's code is held to SageMaker's rules alone: this project's
+        bounds and scripts' parsers say nothing about its values."""
         values = validation.parameter_values(definition, overrides)
         problems = []
         for kind, name in (
@@ -257,11 +403,38 @@ class LocalPipeline:
             except ValueError as error:
                 problems.append(str(error))
         accepted = self.workdir / CACHE_DIR / ACCEPTED_ARGUMENTS_DIR  # what an earlier run checked already
-        problems += validation.run_problems(
-            definition, values, self.options.hyperparameters, local=True, accepted=accepted
-        )
+        if project:
+            problems += validation.run_problems(
+                definition, values, self.options.hyperparameters, local=True, accepted=accepted
+            )
+        else:
+            problems += validation.shape_problems(definition, values)
         if problems:
             raise InvalidOptions(list(dict.fromkeys(problems)))  # a name given twice (flag, parameter) once
+
+    def _parameters(
+        self, store: ObjectStore, prepared: Prepared, overrides: list[dict[str, str]], seconds: float
+    ) -> tuple[dict[str, Any], str]:
+        """The run's parameter values and where its data comes from: a built definition gets its input data put
+        in the store unless --param InputDataUri names it; a --definition file gets its defaults and --param."""
+        given = {item["Name"] for item in overrides}
+        parameters = validation.parameter_values(prepared.definition, overrides)
+        changed = ", ".join(f"{o['Name']}={o['Value']}" for o in overrides if o["Name"] != "InputDataUri")
+        if self.options.definition_file is None:
+            source = "--param InputDataUri" if "InputDataUri" in given else str(self.options.data or DEMO_SOURCE)
+            if "InputDataUri" not in given:
+                image_size = int(parameters.get("ImageSize", 32))
+                parameters["InputDataUri"] = self._data_input(store, prepared.pipeline_name, image_size)
+            shown = f"preset {self.options.resolved_preset}, built in {seconds:.1f} s; data: {source}"
+        else:
+            source = f"--definition {self.options.definition_file}"
+            whose = "this project's code" if prepared.project else "no code of this project"
+            shown = f"{self.options.definition_file} (runs {whose})"
+        self.console.write(
+            f"  definition: {shown}; parameters: {changed or 'the defaults'}; "
+            f"cache {'on' if self.options.cache else 'off'}"
+        )
+        return parameters, source
 
     def _run(self) -> dict[str, Any]:
 
@@ -270,40 +443,31 @@ class LocalPipeline:
             LocalModelRegistry(self.workdir).check()
         except RegistryError as error:
             raise InvalidOptions([str(error)]) from error
-        try:
-            definition, artifacts, pipeline_options = build_definition(self.options)
-        except ValueError as error:  # before the run folder: a refused option leaves nothing behind
-            raise InvalidOptions([str(error)]) from error
+        prepared = self._prepared()
+        definition = prepared.definition
         overrides = validation.parameter_overrides(definition, self.options.parameters)
-        self._checked_values(definition, overrides)
+        self._checked_values(definition, overrides, prepared.project)
         self.run_id, self.run_dir = new_run_folder(self.workdir)
         self.console.write(f"Local pipeline {self.run_id} in {self.run_dir}")
         fsutil.write_json_atomic(self.run_dir / DEFINITION_FILE, definition)
         store = ObjectStore(self.workdir)
-        for artifact in artifacts.all():  # what upsert uploads before a run
-            store.put_bytes(artifact.s3_uri, artifact.body)
-        given = {item["Name"] for item in overrides}
-        parameters = validation.parameter_values(definition, overrides)
-        source = "--param InputDataUri" if "InputDataUri" in given else str(self.options.data or DEMO_SOURCE)
-        if "InputDataUri" not in given:
-            uri = self._data_input(store, pipeline_options.pipeline_name, int(parameters.get("ImageSize", 32)))
-            parameters["InputDataUri"] = uri
-            overrides.append({"Name": "InputDataUri", "Value": uri})
-        changed = ", ".join(f"{o['Name']}={o['Value']}" for o in overrides if o["Name"] != "InputDataUri")
-        self.console.write(
-            f"  definition: preset {self.options.resolved_preset}, built in {time.perf_counter() - started:.1f} s; "
-            f"data: {source}; parameters: {changed or 'the defaults'}; "
-            f"cache {'on' if self.options.cache else 'off'}"
-        )
+        put_objects(store, prepared.objects)
+        parameters, source = self._parameters(store, prepared, overrides, time.perf_counter() - started)
         registry = LocalModelRegistry(self.workdir)
-        name = pipeline_options.pipeline_name
+        name = prepared.pipeline_name
+        self.project = prepared.project
         self.execution = LocalExecution(
             definition,
-            executors=step_executors(self.options, self.workdir, registry),
+            executors=step_executors(self.options, self.workdir, registry, prepared.project),
             parameters=parameters,
             run_dir=self.run_dir,
             store=store,
-            cache=StepCache(self.workdir, enabled=self.options.cache, report=self.console.write),
+            cache=StepCache(
+                self.workdir,
+                enabled=self.options.cache,
+                report=self.console.write,
+                runtime_packages=PROJECT_JOB_PACKAGES if prepared.project else None,
+            ),
             console=self.console,
             execution_variables=self._execution_variables(name),
             region=config.LOCAL_REGION,
@@ -316,7 +480,7 @@ class LocalPipeline:
                 "PipelineExecutionDisplayName": self.run_id,
                 "Workdir": str(self.workdir),
                 "RunFolder": str(self.run_dir),
-                "Preset": self.options.resolved_preset,
+                "Preset": self.options.resolved_preset if self.options.definition_file is None else None,
                 "Data": source,
                 "PipelineParameters": [{"Name": k, "Value": str(v)} for k, v in parameters.items()],
                 "Process": processes.identity(),  # status output tells a run whose process has gone
@@ -325,7 +489,8 @@ class LocalPipeline:
         try:
             self.execution.run()
         finally:
-            self._summarise()  # a failed run's record gets what it reached too
+            if prepared.project:  # what this project's users look for; another definition's record is its own
+                self._summarise()  # a failed run's record gets what it reached too
             self.execution.write_record(self.execution.record["PipelineExecutionStatus"])
         return self.execution.record
 

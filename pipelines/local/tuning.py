@@ -13,8 +13,8 @@ values as the shortest decimal of the float, integers as decimals, categorical v
 
 Objective: SageMaker's tuner ranks a training job by the *latest* value of the objective metric it emitted
 (``FinalHyperParameterTuningJobObjectiveMetric``), found in the log with the metric definition's regex, so the
-local tuner takes the last epoch's ``valid_accuracy`` read with ``contract.METRIC_DEFINITIONS``. Ties go to the
-earlier trial.
+local tuner takes the last value of the objective's metric, read with the definition's own ``MetricDefinitions``.
+Ties go to the earlier trial.
 """
 
 from __future__ import annotations
