@@ -14,6 +14,7 @@ from _serving import CLASSES, encode, image, make_artifact
 from pipelines import run
 from pipelines.cli import endpoint_test
 from pipelines.local import registry
+from pipelines.local.sagemaker import arn
 from pipelines.serving import server
 
 
@@ -143,7 +144,7 @@ def test_a_local_rollback_serves_the_previous_approved_version_and_rejects_the_t
 
     evaluation = tmp_path / "evaluation.json"
     evaluation.write_text("{}")
-    local = registry.LocalModelRegistry(tmp_path)
+    local = registry.LocalModelRegistry(tmp_path, arn)
     for seed in (1, 2):  # two versions (different bytes), both approved
         tarball = tmp_path / f"{seed}.tar.gz"
         tarball.write_bytes(served["tarball"].read_bytes() + bytes(seed))

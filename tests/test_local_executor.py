@@ -17,6 +17,7 @@ import pytest
 from pipelines import config
 from pipelines.definition.expressions import ExpressionError, Scope
 from pipelines.local import cache, objectstore, registry
+from pipelines.local.sagemaker import arn
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +250,7 @@ def _execution(definition: dict[str, Any], workdir: Path) -> Any:
 
     return LocalExecution(
         definition,
-        executors=step_executors(LocalRunOptions(), workdir, registry.LocalModelRegistry(workdir)),
+        executors=step_executors(LocalRunOptions(), workdir, registry.LocalModelRegistry(workdir, arn)),
         parameters=parameter_values(definition, []),
         run_dir=workdir / "run-0001",
         store=objectstore.ObjectStore(workdir),
@@ -317,7 +318,7 @@ def test_local_deploy_function_answers_a_pending_package_with_awaiting_approval(
         "InferenceSpecification": {"Containers": [{"Image": "image", "ModelDataUrl": "s3://b/model.tar.gz"}]},
     }
     workdir = tmp_path / "work"
-    local = registry.LocalModelRegistry(workdir)
+    local = registry.LocalModelRegistry(workdir, arn)
     package, _ = local.register(request, {"s3://b/model.tar.gz": model})
     function = deploy_function(
         workdir, local, model_package_group=config.MODEL_PACKAGE_GROUP, endpoint_name="imgclf-test", port=0

@@ -18,6 +18,7 @@ from pipelines import config
 from pipelines.cli.local import accuracy_of
 from pipelines.config import HyperparameterRange
 from pipelines.local import cache, containers, registry, tuning
+from pipelines.local.sagemaker import arn
 
 # --- tuning -------------------------------------------------------------------------------------------------------
 from pipelines.util import fsutil
@@ -231,7 +232,7 @@ def test_registry_versions_fields_and_approval(tmp_path: Path) -> None:
     report.write_text('{"multiclass_classification_metrics": {"accuracy": {"value": 0.97}}}')
     files = {"s3://b/model.tar.gz": model, "s3://b/evaluation.json": report}
     request = _register_request(*files)
-    local = registry.LocalModelRegistry(tmp_path / "work")
+    local = registry.LocalModelRegistry(tmp_path / "work", arn)
     package, created = local.register(request, files, metadata={"run": "run-0001"})
     assert created and package["ModelPackageVersion"] == 1
     assert package["ModelApprovalStatus"] == "PendingManualApproval"

@@ -262,7 +262,11 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="images to send (default: %(default)s)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--endpoint", default=None, help="URL of an endpoint (default: the local one in --workdir)")
-    target.add_argument("--endpoint-name", default=None, help="name of a SageMaker endpoint (needs AWS credentials)")
+    target.add_argument(
+        "--endpoint-name",
+        default=None,
+        help="name of a SageMaker endpoint (needs AWS credentials); with --local, a local one",
+    )
     parser.add_argument("--model", type=Path, default=None, help="the served model.tar.gz or folder (default: found)")
     parser.add_argument("--region", default=None, help="AWS region of --endpoint-name (default: AWS_REGION)")
     parser.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help="the local workdir")
@@ -278,10 +282,18 @@ def add_commands(subparsers: Any) -> None:
         help="on failure, serve the previous Approved version again and reject this one (local endpoints)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--local", action="store_true", help="a local endpoint of --workdir (the default without --endpoint-name)"
+    )
     parser.set_defaults(func=run_endpoint_test)
 
 
 def run_endpoint_test(args: argparse.Namespace) -> int:
+    if getattr(args, "local", False) and args.endpoint_name:  # --local --endpoint-name NAME: the local endpoint NAME
+        try:
+            args.name, args.endpoint_name = names.check_name("endpoint", args.endpoint_name), None
+        except ValueError as error:
+            raise CommandError(str(error)) from error
     if args.images < 1:
         raise CommandError(f"--images {args.images}: send at least one image")
     if args.rollback and (args.endpoint or args.endpoint_name):
@@ -297,12 +309,15 @@ def run_endpoint_test(args: argparse.Namespace) -> int:
             raise CommandError(str(error)) from error
     print_report(report, args.json)
     if not report.ok and args.rollback and record is not None:
-        from pipelines.local.registry import RegistryError
+        from botocore.exceptions import ClientError
+
         from pipelines.serving.endpoint import EndpointError
 
         try:
             print(rollback_local(args.workdir.resolve(), args.name, record, report.summary()), file=sys.stderr)
-        except (RegistryError, EndpointError) as error:
+        except ClientError as error:
+            raise CommandError(f"no rollback: {error.response['Error']['Message']}") from error
+        except EndpointError as error:
             raise CommandError(f"no rollback: {error}") from error
     return 0 if report.ok else 1
 
@@ -360,20 +375,23 @@ def _resolve(args: argparse.Namespace, scratch: Path) -> tuple[dict | None, Invo
 
 def rollback_local(workdir: Path, name: str, record: dict[str, Any], reason: str) -> str:
     """Serve the newest earlier Approved version again; mark the tested one Rejected. Returns what was done."""
-    from pipelines.local.registry import LocalModelRegistry
+    from pipelines.local.sagemaker import LocalSageMaker
     from pipelines.serving import endpoint
 
-    registry = LocalModelRegistry(workdir)
+    client = LocalSageMaker(workdir)
     group, version = record["ModelPackageGroupName"], record["ModelPackageVersion"]
-    earlier = [
-        package
-        for package in registry.list_model_packages(group)
-        if package["ModelApprovalStatus"] == "Approved" and package["ModelPackageVersion"] < version
-    ]
+    summaries = client.list_model_packages(ModelPackageGroupName=group, ModelApprovalStatus="Approved")
+    earlier = [s for s in summaries["ModelPackageSummaryList"] if s["ModelPackageVersion"] < version]
     if not earlier:
         return f"no rollback: {group} has no Approved version before {version}; the endpoint keeps serving it"
-    previous = max(earlier, key=lambda package: package["ModelPackageVersion"])
-    registry.update_approval(group, version, "Rejected", f"endpoint-test failed: {reason}")
+    previous_arn = max(earlier, key=lambda summary: summary["ModelPackageVersion"])["ModelPackageArn"]
+    client.verified_package(previous_arn)
+    client.update_model_package(
+        ModelPackageArn=record["ModelPackageArn"],
+        ModelApprovalStatus="Rejected",
+        ApprovalDescription=f"endpoint-test failed: {reason}"[:1024],
+    )
+    previous = client.registry.by_arn(previous_arn)
     ray = record.get("host") == "ray"
     served = endpoint.deploy(workdir, name, previous, port=int(record["port"]), ray=ray)
     return (

@@ -33,11 +33,12 @@ from entrypoints import contract
 from pipelines import config, validation
 from pipelines.definition import names
 from pipelines.local import containers
+from pipelines.local import sagemaker as local_sagemaker
 from pipelines.local.cache import CACHE_DIR, StepCache
 from pipelines.local.console import Console
 from pipelines.local.executor import DEFINITION_FILE, LocalExecution, RunStopped, StepExecutor
 from pipelines.local.objectstore import ObjectStore
-from pipelines.local.registry import LocalModelRegistry, RegistryError
+from pipelines.local.registry import RegistryError
 from pipelines.local.runs import RUN_ID
 from pipelines.serving import endpoint
 from pipelines.util import fsutil, processes
@@ -149,15 +150,15 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
         model_package_group=options.model_package_group,
     ).with_hyperparameters(options.hyperparameters)
     session = PipelineSession(
-        boto_session=boto3.Session(region_name=config.LOCAL_REGION), default_bucket=config.LOCAL_BUCKET
+        boto_session=boto3.Session(region_name=local_sagemaker.REGION), default_bucket=config.LOCAL_BUCKET
     )
     with sdk.telemetry_off():
         pipeline = get_pipeline(
             session,
-            role=config.LOCAL_ROLE_ARN,
+            role=local_sagemaker.ROLE_ARN,
             bucket=config.LOCAL_BUCKET,
             options=pipeline_options,
-            account_id=config.LOCAL_ACCOUNT_ID,
+            account_id=local_sagemaker.ACCOUNT_ID,
         )
         definition = json.loads(pipeline.definition())
     return definition, code_artifacts(config.LOCAL_BUCKET, pipeline_options.pipeline_name), pipeline_options
@@ -171,15 +172,15 @@ def training_arguments(request: dict[str, Any]) -> list[str]:
     return ["--checkpoint-dir", checkpoint, "--tensorboard-dir", tensorboard, *config.LOCAL_TRAINING_EXTRA_ARGUMENTS]
 
 
-def step_executors(options: LocalRunOptions, workdir: Path, registry: LocalModelRegistry) -> dict[str, StepExecutor]:
-    """One executor per step type; the Lambda one runs the deploy function against the local registry/endpoint."""
+def step_executors(options: LocalRunOptions, workdir: Path, api: Any) -> dict[str, StepExecutor]:
+    """One executor per step type; RegisterModel registers through ``api`` (the LocalSageMaker), and the Lambda one
+    runs the deploy function against the local registry/endpoint."""
     from pipelines.local.control import ConditionExecutor, FailExecutor, LambdaExecutor, RegisterModelExecutor
     from pipelines.local.deploy_function import deploy_function
     from pipelines.local.jobs import ProcessingExecutor, TrainingExecutor, TrainingExtras, TuningExecutor
 
     function = deploy_function(
         workdir,
-        registry,
         model_package_group=options.model_package_group,
         endpoint_name=options.endpoint_name,
         port=options.port,
@@ -193,7 +194,7 @@ def step_executors(options: LocalRunOptions, workdir: Path, registry: LocalModel
         TrainingExecutor(training_extras),
         ConditionExecutor(),
         FailExecutor(),
-        RegisterModelExecutor(registry),
+        RegisterModelExecutor(api),
         LambdaExecutor({options.deploy_function_name: function}),
     ]
     return {executor.step_type: executor for executor in executors}
@@ -267,7 +268,7 @@ class LocalPipeline:
 
         started = time.perf_counter()
         try:  # the registry first: a damaged one stops the run before any work
-            LocalModelRegistry(self.workdir).check()
+            local_sagemaker.LocalSageMaker(self.workdir).registry.check()
         except RegistryError as error:
             raise InvalidOptions([str(error)]) from error
         try:
@@ -295,19 +296,22 @@ class LocalPipeline:
             f"data: {source}; parameters: {changed or 'the defaults'}; "
             f"cache {'on' if self.options.cache else 'off'}"
         )
-        registry = LocalModelRegistry(self.workdir)
+        from pipelines.local.deploy_function import local_sagemaker as local_api
+
+        api = local_api(self.workdir, self.options.port, self.options.ray)
         name = pipeline_options.pipeline_name
         self.execution = LocalExecution(
             definition,
-            executors=step_executors(self.options, self.workdir, registry),
+            executors=step_executors(self.options, self.workdir, api),
             parameters=parameters,
             run_dir=self.run_dir,
             store=store,
             cache=StepCache(self.workdir, enabled=self.options.cache, report=self.console.write),
             console=self.console,
             execution_variables=self._execution_variables(name),
-            region=config.LOCAL_REGION,
-            account_id=config.LOCAL_ACCOUNT_ID,
+            region=local_sagemaker.REGION,
+            account_id=local_sagemaker.ACCOUNT_ID,
+            sagemaker=api,
             cpus=self.options.cpus or contract.available_cpus(),
             record={
                 "RunId": self.run_id,
@@ -330,7 +334,7 @@ class LocalPipeline:
         return self.execution.record
 
     def _pipeline_arn(self, name: str) -> str:
-        return f"arn:aws:sagemaker:{config.LOCAL_REGION}:{config.LOCAL_ACCOUNT_ID}:pipeline/{name.lower()}"
+        return local_sagemaker.arn("pipeline", name)
 
     def _execution_variables(self, name: str) -> dict[str, str]:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
