@@ -375,7 +375,7 @@ def _resolve(args: argparse.Namespace, scratch: Path) -> tuple[dict | None, Invo
 
 def rollback_local(workdir: Path, name: str, record: dict[str, Any], reason: str) -> str:
     """Serve the newest earlier Approved version again; mark the tested one Rejected. Returns what was done."""
-    from pipelines.local.sagemaker import LocalSageMaker
+    from pipelines.local.sagemaker import LocalSageMaker, arn
     from pipelines.serving import endpoint
 
     client = LocalSageMaker(workdir)
@@ -387,7 +387,7 @@ def rollback_local(workdir: Path, name: str, record: dict[str, Any], reason: str
     previous_arn = max(earlier, key=lambda summary: summary["ModelPackageVersion"])["ModelPackageArn"]
     client.verified_package(previous_arn)
     client.update_model_package(
-        ModelPackageArn=record["ModelPackageArn"],
+        ModelPackageArn=arn("model-package", f"{group}/{version}"),
         ModelApprovalStatus="Rejected",
         ApprovalDescription=f"endpoint-test failed: {reason}"[:1024],
     )
