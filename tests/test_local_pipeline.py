@@ -32,7 +32,7 @@ from pipelines import config, demo_data
 from pipelines.cli.backend import local_report_reader
 from pipelines.cli.sagemaker import package_summaries
 from pipelines.local import containers, registry
-from pipelines.local.sagemaker import LocalSageMaker, arn
+from pipelines.local.sagemaker import ACCOUNT_ID, REGION, LocalSageMaker, arn
 from pipelines.run import main
 from pipelines.serving import endpoint
 
@@ -157,6 +157,22 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
     assert "not evaluated locally" in train["Local"]["Notes"][0]  # the Debugger rules of the definition
     assert first_run.step("CheckAccuracy")["Metadata"] == {"Condition": {"Outcome": "True"}}
     assert first_run.step(REGISTER)["Metadata"]["RegisterModel"]["Arn"].endswith("/imageclassificationmodels/1")
+    # one region and account in every ARN the run recorded (jobs, registry, pipeline, the deploy function)
+    assert set(re.findall(r"arn:aws:(?:sagemaker|lambda):([^:]*):(\d+):", json.dumps(record))) == {(REGION, ACCOUNT_ID)}
+    # each job kept as SageMaker keeps it: the local SageMaker's Describe answers for it
+    api = LocalSageMaker(first_run.folder.parent)
+    described = api.describe_training_job(TrainingJobName=train["Metadata"]["TrainingJob"]["Arn"].rsplit("/", 1)[1])
+    assert (
+        described["TrainingJobStatus"] == "Completed"
+        and described["TrainingJobArn"] == train["Metadata"]["TrainingJob"]["Arn"]
+    )
+    assert described["ModelArtifacts"] == train["Local"]["Properties"]["ModelArtifacts"]
+    assert described["HyperParameters"]["epochs"] == "1" and described["FinalMetricDataList"]
+    preprocess = first_run.step("Preprocess")["Metadata"]["ProcessingJob"]["Arn"].rsplit("/", 1)[1]
+    assert api.describe_processing_job(ProcessingJobName=preprocess)["ProcessingJobStatus"] == "Completed"
+    (tuning_job,) = api.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]
+    assert tuning_job["HyperParameterTuningJobStatus"] == "Completed"
+    assert len(api.list_training_jobs()["TrainingJobSummaries"]) == 2  # the trial and Train
 
     # Preprocess: three ImageFolder splits, labels.json and manifest.json in each, counts that match the files
     output = first_run.folder / "preprocess/opt/ml/processing/output"

@@ -285,7 +285,7 @@ def test_status_local_prints_what_status_prints_for_an_execution(
         *(f"  {format_step(step)}" for step in steps),
     ]
     assert main(["status", "--local", "--workdir", str(tmp_path / "empty")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "has no local run in" in capsys.readouterr().err
 
 
 def test_deploy_local_runs_the_deploy_function_on_the_local_endpoint(

@@ -709,6 +709,18 @@ def _client_and_region(args: argparse.Namespace) -> tuple[Any, str]:
     return make_boto_session(args).client("sagemaker"), resolve_region(args)
 
 
+def _local_pipeline_runs(local_client: Any, args: argparse.Namespace) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        local_client.describe_pipeline(PipelineName=args.pipeline_name)
+    except ClientError as error:
+        raise CommandError(
+            f"pipeline {args.pipeline_name!r} has no local run in {args.workdir}: start one with "
+            f"`python -m pipelines.run local --workdir {args.workdir}`"
+        ) from error
+
+
 def latest_execution_arn(sagemaker_client: Any, pipeline_name: str) -> str:
     executions = sagemaker_client.list_pipeline_executions(
         PipelineName=pipeline_name, SortBy="CreationTime", SortOrder="Descending", MaxResults=1
@@ -725,7 +737,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.execution_arn:
         execution_arn = args.execution_arn
     else:
-        _pipeline_definition(sagemaker_client, args.pipeline_name, region)  # a clear error if it does not exist
+        if args.local:  # a clear error if it has no run
+            _local_pipeline_runs(sagemaker_client, args)
+        else:
+            _pipeline_definition(sagemaker_client, args.pipeline_name, region)  # a clear error if it does not exist
         execution_arn = latest_execution_arn(sagemaker_client, args.pipeline_name)
     execution = sagemaker_client.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
     print(f"execution {execution_arn}")
