@@ -21,6 +21,7 @@ from pipelines import config
 from pipelines.local import deploy_function
 from pipelines.local.sagemaker import ACCOUNT_ID, REGION, ROLE_ARN, LocalSageMaker, arn
 from pipelines.run import main
+from pipelines.util import fsutil
 
 GROUP = "VisionModels"
 BUCKET = "cli-test-bucket"
@@ -169,12 +170,8 @@ def test_deploy_refuses_a_version_whose_file_changed_after_registration(
     client = _local(tmp_path, 0.75)
     package_arn = arn("model-package", f"{GROUP}/1")
     client.update_model_package(ModelPackageArn=package_arn, ModelApprovalStatus="Approved")
-    report = Path(client.describe_model_package(ModelPackageName=package_arn)["FileSha256"].popitem()[0][7:])
-    report = next(
-        Path(uri[7:])
-        for uri in client.describe_model_package(ModelPackageName=package_arn)["FileSha256"]
-        if uri.endswith(".json")
-    )
+    recorded = client.describe_model_package(ModelPackageName=package_arn)["FileSha256"]
+    report = next(fsutil.file_uri_path(uri) for uri in recorded if uri.endswith(".json"))
     os.chmod(report, 0o644)
     report.write_bytes(_report(0.99))  # edited in place after registration
 
@@ -322,3 +319,16 @@ def test_deploy_local_runs_the_deploy_function_on_the_local_endpoint(
     assert result["action"] == "created" and result["endpoint_name"] == config.LOCAL_ENDPOINT_NAME
     assert result["endpoint_status"] == "InService"
     assert served == [(config.LOCAL_ENDPOINT_NAME, 1)]
+
+
+def test_a_job_name_is_refused_while_its_job_is_in_progress(tmp_path: Path) -> None:
+    client = LocalSageMaker(tmp_path)
+    client.create_processing_job(ProcessingJobName="preprocess-run-0001", AppSpecification={"ImageUri": "a"})
+    again = _error(client.create_processing_job, ProcessingJobName="preprocess-run-0001", AppSpecification={})
+    assert again["Code"] == "ResourceInUse" and "delete that file" in again["Message"]
+    client.end_job("ProcessingJob", "preprocess-run-0001", "Failed", FailureReason="exit status 1")
+    assert client.describe_processing_job(ProcessingJobName="preprocess-run-0001")["FailureReason"] == "exit status 1"
+    # a finished job's name comes back only with a deleted run's ID: its record is replaced
+    client.create_processing_job(ProcessingJobName="preprocess-run-0001", AppSpecification={"ImageUri": "b"})
+    described = client.describe_processing_job(ProcessingJobName="preprocess-run-0001")
+    assert described["ProcessingJobStatus"] == "InProgress" and described["AppSpecification"] == {"ImageUri": "b"}

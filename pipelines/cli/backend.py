@@ -28,7 +28,9 @@ def workdir_argument(text: str) -> Path:
 def add_backend_arguments(parser: argparse.ArgumentParser, what: str = "the local workdir's") -> None:
     """``--local`` and ``--workdir DIR``."""
     parser.add_argument(
-        "--local", action="store_true", help=f"work on {what} state instead of SageMaker's (no AWS account needed)"
+        "--local",
+        action="store_true",
+        help=f"work on {what} state instead of SageMaker's (no AWS account needed)",
     )
     parser.add_argument(
         "--workdir",
@@ -45,11 +47,14 @@ def add_local_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--endpoint-name",
         type=names.name_argument("endpoint"),
-        default=None,
-        help=f"the local endpoint (default: {config.LOCAL_ENDPOINT_NAME})",
+        default=config.LOCAL_ENDPOINT_NAME,
+        help="the local endpoint (default: %(default)s)",
     )
     group.add_argument(
-        "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint"
+        "--port",
+        type=validation.port_argument,
+        default=config.LOCAL_ENDPOINT_PORT,
+        help="port of the local endpoint (default: %(default)s)",
     )
     group.add_argument("--ray", action="store_true", help="serve on a local Ray Serve cluster (needs ray[serve])")
 

@@ -222,11 +222,15 @@ class LocalSageMaker:
         return self.workdir / JOBS_DIR / JOB_KINDS[kind][0] / f"{name}.json"
 
     def _create_job(self, kind: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Create<kind>. A name is refused while a job of that name is in progress; a finished job's record under
+        the same name is replaced: local job names carry their run's ID, which comes back only when that run's
+        folder was deleted."""
         _, resource, name_key, status_key = JOB_KINDS[kind]
         name = request.get(name_key)
         path = self._job_path(kind, name, f"Create{kind}")
-        if path.exists():
-            message = f"Job name must be unique within an AWS account and region: {arn(resource, name)} exists"
+        earlier = _read_record(path)
+        if isinstance(earlier, dict) and earlier.get(status_key) == "InProgress":
+            message = f"a {kind} named {name} is in progress ({path}); if no run executes it, delete that file"
             raise client_error(f"Create{kind}", message, "ResourceInUse")
         job_arn = arn(resource, name)
         record = {**request, name_key.replace("Name", "Arn"): job_arn, status_key: "InProgress", "CreationTime": _now()}
@@ -237,13 +241,13 @@ class LocalSageMaker:
     def end_job(self, kind: str, name: str, status: str, **described: Any) -> dict[str, Any]:
         """What SageMaker records when a job ends (the local executors call it): its status and Describe fields."""
         path = self._job_path(kind, name, f"Describe{kind}")
-        record = {**(fsutil.read_json(path) or {}), **described, JOB_KINDS[kind][3]: status, "EndTime": _now()}
+        record = {**(_read_record(path) or {}), **described, JOB_KINDS[kind][3]: status, "EndTime": _now()}
         fsutil.write_json_atomic(path, record)
         return record
 
     def _describe_job(self, kind: str, name: str) -> dict[str, Any]:
-        record = fsutil.read_json(self._job_path(kind, name, f"Describe{kind}"))
-        if not isinstance(record, dict):
+        record = _read_record(self._job_path(kind, name, f"Describe{kind}"))
+        if record is None:
             raise not_found(f"Describe{kind}", f"{kind} {name}")
         return {key: _time(value) for key, value in record.items()}
 
@@ -251,8 +255,8 @@ class LocalSageMaker:
         folder, _, name_key, status_key = JOB_KINDS[kind]
         summaries = []
         for path in sorted((self.workdir / JOBS_DIR / folder).glob("*.json")):
-            record = fsutil.read_json(path)
-            if isinstance(record, dict):
+            record = _read_record(path)
+            if record is not None:
                 keys = (name_key, name_key.replace("Name", "Arn"), status_key, "CreationTime", "EndTime")
                 summaries.append({key: _time(record[key]) for key in keys if key in record})
         summaries.sort(key=lambda summary: str(summary.get("CreationTime")), reverse=True)
@@ -417,6 +421,15 @@ class LocalSageMaker:
         if runs.shown_status(record) == runs.PROCESS_GONE:
             steps = [{**s, "StepStatus": runs.PROCESS_GONE} if s.get("StepStatus") == "Executing" else s for s in steps]
         return {"PipelineExecutionSteps": steps}
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A job's record; a damaged one (derived state, as the run's own record keeps the job) counts as none."""
+    try:
+        record = fsutil.read_json(path)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _state_problem(state: Any) -> str | None:
