@@ -158,13 +158,10 @@ DEMO_TRAINING_INSTANCE_TYPE = "ml.m5.xlarge"  # a CPU instance (and the CPU imag
 LOCAL_WORKDIR = "runs"  # python -m pipelines.run local --workdir: one run-NNNN folder per run, cache, registry
 LOCAL_ENDPOINT_NAME = f"{ENDPOINT_NAME_PREFIX}-local"
 LOCAL_ENDPOINT_PORT = 8080  # SageMaker's serving containers listen on 8080; a busy port gives way to a free one
-# What the local build of the definition uses where `upsert` uses the account's values. S3 URIs map to the local
-# object store <workdir>/s3/<bucket>/<key>. The region only picks the container image URIs the definition names
-# (never pulled locally), so it is a real one; the account is a placeholder of zeros.
-LOCAL_REGION = "us-east-1"
-LOCAL_ACCOUNT_ID = "000000000000"  # not an account: local ARNs only need the shape
+# The bucket the local build of the definition names where `upsert` uses the account's: S3 URIs map to the local
+# object store <workdir>/s3/<bucket>/<key>. The local region, account and role live with the engine's ARNs
+# (pipelines/local/sagemaker.py: REGION, ACCOUNT_ID, ROLE_ARN), read from there by the runner.
 LOCAL_BUCKET = "local-artifacts"
-LOCAL_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT_ID}:role/local-pipeline"
 # Flags the local executor adds to each training job after the hyperparameters (the jobs share this machine's
 # cores, where on SageMaker each has an instance of its own).
 LOCAL_TRAINING_EXTRA_ARGUMENTS: tuple[str, ...] = ("--workers", "0")

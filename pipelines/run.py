@@ -18,9 +18,9 @@ from pipelines.util.errors import CommandError
 
 # Modules that contribute subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES = (
-    "pipelines.cli.sagemaker",  # definition, upsert, start, status, models, approve, reject
+    "pipelines.cli.sagemaker",  # definition, upsert, start, status, models, approve, reject (each with --local)
     "pipelines.cli.deploy",  # deploy
-    "pipelines.cli.local",  # local, predict, endpoint, local-models
+    "pipelines.cli.local",  # local, predict, endpoint (and the older local-status, local-models)
     "pipelines.cli.endpoint_test",  # endpoint-test
     "pipelines.cli.bootstrap",  # bootstrap
     "pipelines.cli.iam",  # iam pipeline-policy | pipeline-trust-policy | deploy-policy | deploy-trust-policy

@@ -14,6 +14,7 @@ from _serving import CLASSES, encode, image, make_artifact
 from pipelines import run
 from pipelines.cli import endpoint_test
 from pipelines.local import registry
+from pipelines.local.sagemaker import arn
 from pipelines.serving import server
 
 
@@ -143,7 +144,7 @@ def test_a_local_rollback_serves_the_previous_approved_version_and_rejects_the_t
 
     evaluation = tmp_path / "evaluation.json"
     evaluation.write_text("{}")
-    local = registry.LocalModelRegistry(tmp_path)
+    local = registry.LocalModelRegistry(tmp_path, arn)
     for seed in (1, 2):  # two versions (different bytes), both approved
         tarball = tmp_path / f"{seed}.tar.gz"
         tarball.write_bytes(served["tarball"].read_bytes() + bytes(seed))
@@ -180,7 +181,7 @@ def test_a_rollback_whose_earlier_model_cannot_be_read_changes_nothing_and_says_
 
     evaluation = tmp_path / "evaluation.json"
     evaluation.write_text("{}")
-    local = registry.LocalModelRegistry(tmp_path)
+    local = registry.LocalModelRegistry(tmp_path, arn)
     for seed in (1, 2):
         tarball = tmp_path / f"{seed}.tar.gz"
         tarball.write_bytes(served["tarball"].read_bytes() + bytes(seed))  # two versions: other bytes
@@ -193,7 +194,7 @@ def test_a_rollback_whose_earlier_model_cannot_be_read_changes_nothing_and_says_
     earlier.unlink()  # the earlier version's tarball, damaged in place: not a gzip archive
     earlier.write_bytes(b"not a tarball")
     serving = {"ModelPackageGroupName": "Group", "ModelPackageVersion": 2, "port": 8123, "host": "light",
-               "ModelPackageArn": registry.package_arn("Group", 2),
+               "ModelPackageArn": arn("model-package", "Group/2"),
                "url": served["url"], "model_dir": str(served["model"]), "EndpointStatus": "InService"}  # fmt: skip
     monkeypatch.setattr(endpoint, "status", lambda workdir, name: dict(serving))  # version 2 serves, tested now
     started = []

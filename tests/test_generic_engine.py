@@ -169,16 +169,16 @@ def test_a_job_deep_in_the_file_system_can_open_multiprocessing_sockets(tmp_path
 
 
 def test_the_runner_hands_the_engine_the_projects_extras_only_for_its_code(tmp_path: Path) -> None:
-    from pipelines.local.registry import LocalModelRegistry
+    from pipelines.local.sagemaker import LocalSageMaker
 
     options = runner.LocalRunOptions(workdir=tmp_path)
-    registry = LocalModelRegistry(tmp_path)
-    ours = runner.step_executors(options, tmp_path, registry, project=True)
+    api = LocalSageMaker(tmp_path)
+    ours = runner.step_executors(options, tmp_path, api, project=True)
     assert set(ours["Lambda"].functions) == {options.deploy_function_name}
     extras = ours["Training"].extras
     assert extras.environment == {"TORCH_HOME": str(tmp_path / "torch-cache")} and extras.epoch_metric == "epoch"
     assert "--checkpoint-dir" in extras.arguments({}) and ours["Tuning"].extras is extras
-    other = runner.step_executors(options, tmp_path, registry, project=False)
+    other = runner.step_executors(options, tmp_path, api, project=False)
     assert other["Lambda"].functions == {}
     assert other["Training"].extras.arguments({}) == [] and other["Training"].extras.environment == {}
     assert other["Tuning"].extras.epoch_metric == "" and other["Tuning"].extras.epochs_hyperparameter == ""

@@ -17,6 +17,7 @@ import pytest
 from pipelines import config
 from pipelines.definition.expressions import ExpressionError, Scope
 from pipelines.local import cache, objectstore, registry
+from pipelines.local.sagemaker import ACCOUNT_ID, REGION, LocalSageMaker, arn
 
 
 @pytest.fixture(scope="module")
@@ -249,15 +250,15 @@ def _execution(definition: dict[str, Any], workdir: Path) -> Any:
 
     return LocalExecution(
         definition,
-        executors=step_executors(LocalRunOptions(), workdir, registry.LocalModelRegistry(workdir)),
+        executors=step_executors(LocalRunOptions(), workdir, LocalSageMaker(workdir)),
         parameters=parameter_values(definition, []),
         run_dir=workdir / "run-0001",
         store=objectstore.ObjectStore(workdir),
         cache=StepCache(workdir),
         console=Console(io.StringIO()),
         execution_variables={"PipelineExecutionId": "run-0001"},
-        region=config.LOCAL_REGION,
-        account_id=config.LOCAL_ACCOUNT_ID,
+        region=REGION,
+        account_id=ACCOUNT_ID,
         cpus=1,
     )
 
@@ -306,7 +307,8 @@ def test_cache_entries_expire_after_the_steps_expire_after(tmp_path: Path) -> No
 
 
 def test_local_deploy_function_answers_a_pending_package_with_awaiting_approval(tmp_path: Path) -> None:
-    from pipelines.local.deploy_function import STATE_FILE, deploy_function
+    from pipelines.local.deploy_function import deploy_function
+    from pipelines.local.sagemaker import STATE_FILE
 
     model, report = tmp_path / "model.tar.gz", tmp_path / "evaluation.json"
     model.write_bytes(b"model")
@@ -317,10 +319,10 @@ def test_local_deploy_function_answers_a_pending_package_with_awaiting_approval(
         "InferenceSpecification": {"Containers": [{"Image": "image", "ModelDataUrl": "s3://b/model.tar.gz"}]},
     }
     workdir = tmp_path / "work"
-    local = registry.LocalModelRegistry(workdir)
-    package, _ = local.register(request, {"s3://b/model.tar.gz": model})
+    local = registry.LocalModelRegistry(workdir, arn)
+    package = local.register(request, {"s3://b/model.tar.gz": model})
     function = deploy_function(
-        workdir, local, model_package_group=config.MODEL_PACKAGE_GROUP, endpoint_name="imgclf-test", port=0
+        workdir, model_package_group=config.MODEL_PACKAGE_GROUP, endpoint_name="imgclf-test", port=0
     )
     log = tmp_path / "deploy" / "log.txt"
     answer = function({"model_package_arn": package["ModelPackageArn"]}, log)

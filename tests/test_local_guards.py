@@ -33,6 +33,7 @@ import pytest
 from pipelines import config, validation
 from pipelines.definition import names
 from pipelines.local import cache, containers, registry
+from pipelines.local.sagemaker import arn
 from pipelines.run import main
 from pipelines.serving import endpoint
 from pipelines.util import fsutil, processes
@@ -67,7 +68,7 @@ def _registered(workdir: Path, folder: Path, servable: bool = True) -> dict[str,
         "ModelApprovalStatus": "PendingManualApproval",
         "InferenceSpecification": {"Containers": [{"Image": "image", "ModelDataUrl": "s3://b/model.tar.gz"}]},
     }
-    package, _ = registry.LocalModelRegistry(workdir).register(
+    package = registry.LocalModelRegistry(workdir, arn).register(
         request, {"s3://b/model.tar.gz": folder / "model.tar.gz"}
     )
     return package
@@ -108,7 +109,7 @@ def test_names_that_would_be_paths_are_refused_and_nothing_outside_the_workdir_i
     assert _tree(tmp_path) == before  # nothing written, nothing deleted, not even inside the workdir
 
     # A link inside the workdir that leads out of it: nothing is deleted or written through it.
-    package = registry.LocalModelRegistry(workdir).update_approval(GROUP, 1, "Approved")
+    package = registry.LocalModelRegistry(workdir, arn).update_approval(GROUP, 1, "Approved")
     (workdir / endpoint.ENDPOINTS_DIR).mkdir()
     (workdir / endpoint.ENDPOINTS_DIR / NAME).symlink_to(victim)
     with pytest.raises(endpoint.EndpointError, match="outside"):
@@ -119,7 +120,7 @@ def test_names_that_would_be_paths_are_refused_and_nothing_outside_the_workdir_i
     request = {"ModelPackageGroupName": GROUP, "InferenceSpecification": {"Containers": [{"ModelDataUrl": "s3://b/m"}]}}
     model.write_bytes(b"other bytes: a new version")
     with pytest.raises(registry.RegistryError, match="outside"):
-        registry.LocalModelRegistry(workdir).register(request, {"s3://b/m": model})
+        registry.LocalModelRegistry(workdir, arn).register(request, {"s3://b/m": model})
     assert _tree(victim) == {"1/keep.txt": b"mine"}
 
 
@@ -171,7 +172,7 @@ def test_a_command_that_finds_the_workdir_locked_waits_and_says_who_holds_it(tmp
     model = tmp_path / "model.tar.gz"
     model.write_bytes(b"model")
     request = {"ModelPackageGroupName": GROUP, "InferenceSpecification": {"Containers": [{"ModelDataUrl": "s3://b/m"}]}}
-    registry.LocalModelRegistry(workdir).register(request, {"s3://b/m": model})
+    registry.LocalModelRegistry(workdir, arn).register(request, {"s3://b/m": model})
     holds = (
         "import time; from pathlib import Path; from pipelines.util import fsutil\n"
         f"with fsutil.workdir_lock(Path({str(workdir)!r}), 'a long deploy', 60):\n"
@@ -188,7 +189,7 @@ def test_a_command_that_finds_the_workdir_locked_waits_and_says_who_holds_it(tmp
     assert code == 0 and "Rejected" in out
     assert f"waiting for pid {holder.pid} (a long deploy) to finish with {workdir.resolve()}" in err
     assert time.monotonic() - started > 2  # it waited for the holder instead of writing beside it
-    assert registry.LocalModelRegistry(workdir).describe(GROUP, 1)["ModelApprovalStatus"] == "Rejected"
+    assert registry.LocalModelRegistry(workdir, arn).describe(GROUP, 1)["ModelApprovalStatus"] == "Rejected"
 
 
 # --- signals ----------------------------------------------------------------------------------------------------------
@@ -371,7 +372,7 @@ def test_state_files_keep_the_users_umask(tmp_path: Path, umask: int) -> None:
     request = {"ModelPackageGroupName": GROUP, "InferenceSpecification": {"Containers": [{"ModelDataUrl": "s3://b/m"}]}}
     previous = os.umask(umask)
     try:
-        registry.LocalModelRegistry(tmp_path).register(request, {"s3://b/m": model})
+        registry.LocalModelRegistry(tmp_path, arn).register(request, {"s3://b/m": model})
         cache.StepCache(tmp_path).store("key", "Preprocess", "run-1", {}, {})
     finally:
         os.umask(previous)

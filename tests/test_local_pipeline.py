@@ -4,7 +4,8 @@ the local endpoint; then the cache, the awaiting-approval path, approval through
 Fail branch.
 
 The runs share one workdir (module-scoped fixtures, in order): the first run (ModelApprovalStatus=Approved:
-deployed), the same run again (every job step cached), a run with a changed parameter and the Train step under
+deployed), then `reject 1 --local` and the same run again with ModelApprovalStatus=Approved (every job step cached,
+yet a version 2 of its own, deployed; version 1 stays Rejected), a run with a changed parameter and the Train step under
 torchrun with two processes (Train and Evaluate re-run, Preprocess and Tune cached; the new version awaits approval)
 and a run whose accuracy threshold cannot be met.
 """
@@ -28,8 +29,10 @@ from PIL import Image
 
 from entrypoints import contract
 from pipelines import config, demo_data
-from pipelines.cli.local import accuracy_of
+from pipelines.cli.backend import local_report_reader
+from pipelines.cli.sagemaker import package_summaries
 from pipelines.local import containers, registry
+from pipelines.local.sagemaker import ACCOUNT_ID, REGION, LocalSageMaker, arn
 from pipelines.run import main
 from pipelines.serving import endpoint
 
@@ -106,7 +109,8 @@ def _same_as_first(*extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cached_run(first_run: Run, workdir: Path, data: Path) -> Run:
-    return _local(workdir, data, "--threshold", "0", *_same_as_first())
+    assert main(["reject", "1", "--local", "--workdir", str(workdir)]) == 0  # a person rejects version 1
+    return _local(workdir, data, "--threshold", "0", *_same_as_first("--param", "ModelApprovalStatus=Approved"))
 
 
 # The changed run's Train step: SageMaker's torch_distributed launcher on two (CPU) instances, here two processes.
@@ -153,6 +157,22 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
     assert "not evaluated locally" in train["Local"]["Notes"][0]  # the Debugger rules of the definition
     assert first_run.step("CheckAccuracy")["Metadata"] == {"Condition": {"Outcome": "True"}}
     assert first_run.step(REGISTER)["Metadata"]["RegisterModel"]["Arn"].endswith("/imageclassificationmodels/1")
+    # one region and account in every ARN the run recorded (jobs, registry, pipeline, the deploy function)
+    assert set(re.findall(r"arn:aws:(?:sagemaker|lambda):([^:]*):(\d+):", json.dumps(record))) == {(REGION, ACCOUNT_ID)}
+    # each job kept as SageMaker keeps it: the local SageMaker's Describe answers for it
+    api = LocalSageMaker(first_run.folder.parent)
+    described = api.describe_training_job(TrainingJobName=train["Metadata"]["TrainingJob"]["Arn"].rsplit("/", 1)[1])
+    assert (
+        described["TrainingJobStatus"] == "Completed"
+        and described["TrainingJobArn"] == train["Metadata"]["TrainingJob"]["Arn"]
+    )
+    assert described["ModelArtifacts"] == train["Local"]["Properties"]["ModelArtifacts"]
+    assert described["HyperParameters"]["epochs"] == "1" and described["FinalMetricDataList"]
+    preprocess = first_run.step("Preprocess")["Metadata"]["ProcessingJob"]["Arn"].rsplit("/", 1)[1]
+    assert api.describe_processing_job(ProcessingJobName=preprocess)["ProcessingJobStatus"] == "Completed"
+    (tuning_job,) = api.list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"]
+    assert tuning_job["HyperParameterTuningJobStatus"] == "Completed"
+    assert len(api.list_training_jobs()["TrainingJobSummaries"]) == 2  # the trial and Train
 
     # Preprocess: three ImageFolder splits, labels.json and manifest.json in each, counts that match the files
     output = first_run.folder / "preprocess/opt/ml/processing/output"
@@ -203,7 +223,7 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
 
     # Register: a version with SageMaker's field names, Approved by the ModelApprovalStatus parameter
     workdir = first_run.folder.parent
-    packages = registry.LocalModelRegistry(workdir).list_model_packages(config.MODEL_PACKAGE_GROUP)
+    packages = registry.LocalModelRegistry(workdir, arn).list_model_packages(config.MODEL_PACKAGE_GROUP)
     assert len(packages) == 1
     package = packages[0]
     assert package["ModelPackageVersion"] == 1
@@ -216,7 +236,8 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
         assert names | {contract.SERVING_DECISION_FILE} <= set(archive.getnames())
         decision = json.loads(archive.extractfile(contract.SERVING_DECISION_FILE).read())
     assert decision == report["serving"] and decision["precision"] in contract.PRECISIONS
-    assert accuracy_of(package) == f"{accuracy:.4f}"
+    (row,) = package_summaries(LocalSageMaker(workdir), local_report_reader(workdir), config.MODEL_PACKAGE_GROUP, 5)
+    assert row["accuracy"] == accuracy  # what `models --local` shows, read from the version's own report
 
 
 def _references(value: Any, name: str, path: tuple = ()) -> list[tuple]:
@@ -317,10 +338,23 @@ def test_second_run_reuses_every_job_step(cached_run: Run) -> None:
     assert (cached_run.folder / "train/output/model.tar.gz").is_file()
     assert (cached_run.folder / "evaluate/opt/ml/processing/evaluation/evaluation.json").is_file()
     assert not (cached_run.folder / "tune/trial-01/opt").exists()  # nothing ran
-    packages = registry.LocalModelRegistry(cached_run.folder.parent).list_model_packages(config.MODEL_PACKAGE_GROUP)
-    assert len(packages) == 1  # the same model is not registered twice
     assert "cached from run-0001" in cached_run.stdout
-    assert cached_run.output("Deploy", "action") == "unchanged"  # the endpoint serves this version already
+
+
+def test_a_cached_rerun_registers_a_version_of_its_own_and_a_rejected_one_stays_rejected(cached_run: Run) -> None:
+    workdir = cached_run.folder.parent
+    packages = registry.LocalModelRegistry(workdir, arn).list_model_packages(config.MODEL_PACKAGE_GROUP)
+    assert [p["ModelPackageVersion"] for p in packages] == [1, 2]  # the same model bytes, a new version
+    ours = registry.model_data_path(packages[1])
+    assert (
+        packages[0]["CustomerMetadataProperties"]["ModelSha256"]
+        == packages[1]["CustomerMetadataProperties"]["ModelSha256"]
+    )
+    assert [p["ModelApprovalStatus"] for p in packages] == ["Rejected", "Approved"]  # reject --local holds
+    assert ours != registry.model_data_path(packages[0]) and ours.stat().st_nlink == 1  # a copy of its own
+    assert cached_run.output("Deploy", "action") == "updated"  # the new version is deployed ...
+    assert cached_run.output("Deploy", "model_package_arn") == packages[1]["ModelPackageArn"]
+    assert endpoint.status(workdir.resolve(), config.LOCAL_ENDPOINT_NAME)["ModelPackageVersion"] == 2
 
 
 def test_changed_parameter_reruns_training_and_the_new_version_awaits_approval(changed_run: Run) -> None:
@@ -332,15 +366,15 @@ def test_changed_parameter_reruns_training_and_the_new_version_awaits_approval(c
     final = json.loads((changed_run.folder / "train/opt/ml/input/config/hyperparameters.json").read_text())
     assert final["epochs"] == "2"
     workdir = changed_run.folder.parent
-    packages = registry.LocalModelRegistry(workdir).list_model_packages(config.MODEL_PACKAGE_GROUP)
-    assert [p["ModelPackageVersion"] for p in packages] == [1, 2]
-    assert packages[1]["ModelApprovalStatus"] == "PendingManualApproval"
+    packages = registry.LocalModelRegistry(workdir, arn).list_model_packages(config.MODEL_PACKAGE_GROUP)
+    assert [p["ModelPackageVersion"] for p in packages] == [1, 2, 3]
+    assert [p["ModelApprovalStatus"] for p in packages] == ["Rejected", "Approved", "PendingManualApproval"]
     # the Deploy step ran and started nothing: the endpoint still serves version 1
     assert changed_run.step("Deploy")["StepStatus"] == "Succeeded"
     assert changed_run.output("Deploy", "action") == "awaiting-approval"
-    assert changed_run.output("Deploy", "model_package_arn") == packages[1]["ModelPackageArn"]
-    assert endpoint.status(workdir.resolve(), config.LOCAL_ENDPOINT_NAME)["ModelPackageVersion"] == 1
-    assert "local-models --approve 2" in changed_run.stdout
+    assert changed_run.output("Deploy", "model_package_arn") == packages[2]["ModelPackageArn"]
+    assert endpoint.status(workdir.resolve(), config.LOCAL_ENDPOINT_NAME)["ModelPackageVersion"] == 2
+    assert "approve 3 --local" in changed_run.stdout
 
 
 def test_two_training_processes_write_the_artifact_and_metric_lines_of_one(changed_run: Run, first_run: Run) -> None:
@@ -397,9 +431,14 @@ def test_approving_the_new_version_deploys_it_through_the_deploy_function(
     changed_run: Run, capsys: pytest.CaptureFixture[str]
 ) -> None:
     workdir = changed_run.folder.parent
-    assert main(["local-models", "--workdir", str(workdir), "--approve", "2", "--port", "0"]) == 0
-    assert "imgclf-local: updated, version 2" in capsys.readouterr().out  # UpdateEndpoint, from the approval event
-    assert endpoint.status(workdir.resolve(), config.LOCAL_ENDPOINT_NAME)["ModelPackageVersion"] == 2
+    assert main(["approve", "3", "--local", "--workdir", str(workdir), "--port", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].endswith(":model-package/imageclassificationmodels/3: Approved")  # what `approve` prints
+    assert printed[1].startswith("imgclf-local: updated, version 3")  # UpdateEndpoint, from the approval event
+    assert endpoint.status(workdir.resolve(), config.LOCAL_ENDPOINT_NAME)["ModelPackageVersion"] == 3
+    # the older spelling still works, through the same code path
+    assert main(["local-models", "--workdir", str(workdir), "--approve", "3", "--port", "0"]) == 0
+    assert "imgclf-local: unchanged" in capsys.readouterr().out
 
 
 def test_unmet_threshold_runs_the_fail_step_with_its_message(failed_run: Run, first_run: Run) -> None:
@@ -416,8 +455,8 @@ def test_unmet_threshold_runs_the_fail_step_with_its_message(failed_run: Run, fi
     assert failed_run.step("CheckAccuracy")["Metadata"] == {"Condition": {"Outcome": "False"}}
     assert failed_run.step("AccuracyBelowThreshold")["StepStatus"] == "Failed"
     assert not {REGISTER, "Deploy"} & set(failed_run.statuses())
-    packages = registry.LocalModelRegistry(failed_run.folder.parent).list_model_packages(config.MODEL_PACKAGE_GROUP)
-    assert len(packages) == 2  # nothing registered
+    packages = LocalSageMaker(failed_run.folder.parent).registry.list_model_packages(config.MODEL_PACKAGE_GROUP)
+    assert len(packages) == 3  # nothing registered
     # between them, the first run and this one executed every step of the definition
     everything = {step["Name"] for step in iter_steps(failed_run.definition)}
     assert set(first_run.statuses()) | set(failed_run.statuses()) == everything

@@ -17,9 +17,10 @@ import pytest
 
 from entrypoints import contract
 from pipelines import config
-from pipelines.cli.local import accuracy_of
+from pipelines.cli.backend import local_report_reader
 from pipelines.config import HyperparameterRange
 from pipelines.local import cache, containers, registry, tuning
+from pipelines.local.sagemaker import arn
 
 # --- tuning -------------------------------------------------------------------------------------------------------
 from pipelines.util import fsutil
@@ -238,29 +239,25 @@ def test_registry_versions_fields_and_approval(tmp_path: Path) -> None:
     report.write_text('{"multiclass_classification_metrics": {"accuracy": {"value": 0.97}}}')
     files = {"s3://b/model.tar.gz": model, "s3://b/evaluation.json": report}
     request = _register_request(*files)
-    local = registry.LocalModelRegistry(tmp_path / "work")
-    package, created = local.register(request, files, metadata={"run": "run-0001"})
-    assert created and package["ModelPackageVersion"] == 1
+    local = registry.LocalModelRegistry(tmp_path / "work", arn)
+    package = local.register(request, files, metadata={"run": "run-0001"})
+    assert package["ModelPackageVersion"] == 1
     assert package["ModelApprovalStatus"] == "PendingManualApproval"
-    assert package["ModelPackageArn"] == "arn:aws:sagemaker:local:000000000000:model-package/group/1"
+    assert package["ModelPackageArn"] == "arn:aws:sagemaker:us-east-1:000000000000:model-package/group/1"
     assert local.by_arn(package["ModelPackageArn"]) == package
     stored = registry.model_data_path(package)
     assert stored.read_bytes() == b"model-1" and stored.is_relative_to(tmp_path / "work")
     # every URI of the request now names the registry's own copy
     metrics_uri = package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
     assert metrics_uri.startswith("file://") and metrics_uri.endswith("evaluation.json")
-    assert accuracy_of(package) == "0.9700"
+    assert local_report_reader(tmp_path)(metrics_uri)["multiclass_classification_metrics"]["accuracy"]["value"] == 0.97
     assert package["InferenceSpecification"]["Containers"][0]["Environment"] == {"A": "1"}
     assert package["CustomerMetadataProperties"]["run"] == "run-0001"
 
-    again, created_again = local.register(request, files)
-    assert not created_again and again["ModelPackageVersion"] == 1  # same model bytes: no duplicate version
-    approved_again, _ = local.register(_register_request(*files, status="Approved"), files)
-    assert approved_again["ModelApprovalStatus"] == "Approved"  # a later run asked for Approved: it gets it
-    model.write_bytes(b"model-2")
-    second, _ = local.register(request, files)
-    assert second["ModelPackageVersion"] == 2
-    approved = local.update_approval("Group", 2, "Approved", "ok")
+    again = local.register(_register_request(*files, status="Approved"), files)
+    assert again["ModelPackageVersion"] == 2  # the same model bytes: a version of its own, as on SageMaker
+    assert local.describe("Group", 1)["ModelApprovalStatus"] == "PendingManualApproval"  # version 1 untouched
+    approved = local.update_approval("Group", 1, "Approved", "ok")
     assert approved["ModelApprovalStatus"] == "Approved"
     assert local.latest_approved("Group")["ModelPackageVersion"] == 2
     on_disk = json.loads((tmp_path / "work" / registry.REGISTRY_FILE).read_text())

@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipelines import config
+from pipelines import config, validation
 from pipelines.aws import deploy_infra
+from pipelines.cli import backend
 from pipelines.cli.sagemaker import add_hidden_alias, add_model_package_group_argument
 from pipelines.util.errors import CommandError
 
@@ -62,6 +63,12 @@ def add_commands(subparsers: Any) -> None:
     )
     parser.add_argument("--smoke-test-images", type=int, default=20, help="images endpoint-test sends (default: 20)")
     deploy_infra.add_endpoint_arguments(parser)
+    backend.add_backend_arguments(parser, "a local endpoint and the local registry's")
+    local = parser.add_argument_group("with --local")
+    local.add_argument(
+        "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint"
+    )
+    local.add_argument("--ray", action="store_true", help="serve on a local Ray Serve cluster (needs ray[serve])")
     parser.set_defaults(func=run_deploy)
 
 
@@ -70,20 +77,46 @@ def _configure_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def run_deploy(args: argparse.Namespace) -> int:
+def _local_clients(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The deploy function's settings and clients for a local endpoint: the workdir's LocalSageMaker, the local
+    endpoint's name, and the stand-in role when no --role is given."""
+    from pipelines.local import sagemaker as local_sagemaker
+    from steps import deploy
+
+    if args.smoke_test_dir:
+        raise CommandError(
+            "--smoke-test-dir works on SageMaker endpoints; test a local one with `endpoint-test --local --rollback`"
+        )
+    args.endpoint_name = args.endpoint_name or config.LOCAL_ENDPOINT_NAME
+    role = getattr(args, "role", None) or local_sagemaker.ROLE_ARN
+    _, settings = deploy_infra.settings_from_args(args, args.model_package_group, role)
+    return settings, deploy.DeployClients(sagemaker=backend.local_client(args))
+
+
+def _aws_clients(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     import boto3
+
+    from steps import deploy
+
+    execution_role_arn = deploy_infra.execution_role_from_args(args)
+    _, settings = deploy_infra.settings_from_args(args, args.model_package_group, execution_role_arn)
+    session = boto3.session.Session(region_name=args.region)
+    if session.region_name is None:
+        raise CommandError("no AWS region: pass --region or set AWS_REGION")
+    return session, settings, deploy.create_clients(session=session)
+
+
+def run_deploy(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from steps import deploy
 
     _configure_logging()
-    execution_role_arn = deploy_infra.execution_role_from_args(args)
-    _, settings = deploy_infra.settings_from_args(args, args.model_package_group, execution_role_arn)
+    if args.local:
+        session, (settings, clients) = None, _local_clients(args)
+    else:
+        session, settings, clients = _aws_clients(args)
     deploy.logger.setLevel(settings.log_level)
-    session = boto3.session.Session(region_name=args.region)
-    if session.region_name is None:
-        raise CommandError("no AWS region: pass --region or set AWS_REGION")
-    clients = deploy.create_clients(session=session)
     try:
         result = deploy.deploy_model_package(args.model_package_arn, settings, clients)
     except deploy.DeployError as error:
@@ -91,7 +124,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     except ClientError as error:
         details = error.response.get("Error", {})
         raise CommandError(
-            f"{error.operation_name} failed for {args.model_package_arn}: "
+            f"{'' if not args.local else 'local '}{error.operation_name} failed for {args.model_package_arn}: "
             f"{details.get('Code', '?')}: {details.get('Message', error)}"
         ) from error
     except BotoCoreError as error:

@@ -267,7 +267,11 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="images to send (default: %(default)s)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--endpoint", default=None, help="URL of an endpoint (default: the local one in --workdir)")
-    target.add_argument("--endpoint-name", default=None, help="name of a SageMaker endpoint (needs AWS credentials)")
+    target.add_argument(
+        "--endpoint-name",
+        default=None,
+        help="name of a SageMaker endpoint (needs AWS credentials); with --local, a local one",
+    )
     parser.add_argument("--model", type=Path, default=None, help="the served model.tar.gz or folder (default: found)")
     parser.add_argument("--region", default=None, help="AWS region of --endpoint-name (default: AWS_REGION)")
     parser.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help="the local workdir")
@@ -283,10 +287,18 @@ def add_commands(subparsers: Any) -> None:
         help="on failure, serve the previous Approved version again and reject this one (local endpoints)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--local", action="store_true", help="a local endpoint of --workdir (the default without --endpoint-name)"
+    )
     parser.set_defaults(func=run_endpoint_test)
 
 
 def run_endpoint_test(args: argparse.Namespace) -> int:
+    if getattr(args, "local", False) and args.endpoint_name:  # --local --endpoint-name NAME: the local endpoint NAME
+        try:
+            args.name, args.endpoint_name = names.check_name("endpoint", args.endpoint_name), None
+        except ValueError as error:
+            raise CommandError(str(error)) from error
     if args.images < 1:
         raise CommandError(f"--images {args.images}: send at least one image")
     if args.rollback and (args.endpoint or args.endpoint_name):
@@ -364,41 +376,49 @@ def _resolve(args: argparse.Namespace, scratch: Path) -> tuple[dict | None, Invo
 def rollback_local(workdir: Path, name: str, record: dict[str, Any], reason: str) -> str:
     """Serve the newest earlier Approved version again, then mark the tested one Rejected. Returns what was done.
 
-    In that order, so that a deploy that fails (an unreadable model, a full disk, a server that does not start)
-    leaves the registry as it was: the tested version stays Approved, and the line says what the endpoint serves.
-    Raises CommandError (one line) when the rollback could not be done or finished.
+    In that order, so that a deploy that fails (an unreadable or changed model, a full disk, a server that does not
+    start) leaves the registry as it was: the tested version stays Approved, and the line says what the endpoint
+    serves. Raises CommandError (one line) when the rollback could not be done or finished.
     """
-    from pipelines.local.registry import LocalModelRegistry, RegistryError
+    from botocore.exceptions import ClientError
+
+    from pipelines.local.registry import RegistryError
+    from pipelines.local.sagemaker import LocalSageMaker, arn
     from pipelines.serving import endpoint
 
-    registry = LocalModelRegistry(workdir)
+    client = LocalSageMaker(workdir)
     group, version = record["ModelPackageGroupName"], record["ModelPackageVersion"]
     try:
-        earlier = [
-            package
-            for package in registry.list_model_packages(group)
-            if package["ModelApprovalStatus"] == "Approved" and package["ModelPackageVersion"] < version
-        ]
-    except RegistryError as error:
-        raise CommandError(f"no rollback: {error}; the endpoint keeps serving version {version}") from error
+        summaries = client.list_model_packages(ModelPackageGroupName=group, ModelApprovalStatus="Approved")
+    except (ClientError, RegistryError) as error:
+        message = f"no rollback: {_first_line(error)}; the endpoint keeps serving version {version}"
+        raise CommandError(message) from error
+    earlier = [s for s in summaries["ModelPackageSummaryList"] if s["ModelPackageVersion"] < version]
     if not earlier:
         return f"no rollback: {group} has no Approved version before {version}; the endpoint keeps serving it"
-    previous = max(earlier, key=lambda package: package["ModelPackageVersion"])
+    previous_arn = max(earlier, key=lambda summary: summary["ModelPackageVersion"])["ModelPackageArn"]
     ray = record.get("host") == "ray"
     try:
+        client.verified_package(previous_arn)
+        previous = client.registry.by_arn(previous_arn)
         served = endpoint.deploy(workdir, name, previous, port=int(record["port"]), ray=ray)
-    except (endpoint.EndpointError, RegistryError, fsutil.WorkdirBusy, OSError) as error:
+    except (ClientError, endpoint.EndpointError, RegistryError, fsutil.WorkdirBusy, OSError) as error:
+        shown = previous_arn.rsplit("/", 1)[-1]
         raise CommandError(
-            f"no rollback: version {previous['ModelPackageVersion']} could not be served ({_first_line(error)}); "
+            f"no rollback: version {shown} could not be served ({_first_line(error)}); "
             f"version {version} stays Approved and {_serving(workdir, name)}"
         ) from error
     try:
-        registry.update_approval(group, version, "Rejected", f"endpoint-test failed: {reason}")
-    except (RegistryError, fsutil.WorkdirBusy, OSError) as error:
+        client.update_model_package(
+            ModelPackageArn=arn("model-package", f"{group}/{version}"),
+            ModelApprovalStatus="Rejected",
+            ApprovalDescription=f"endpoint-test failed: {reason}"[:1024],
+        )
+    except (ClientError, RegistryError, fsutil.WorkdirBusy, OSError) as error:
         raise CommandError(
             f"rolled back half way: {name} serves version {previous['ModelPackageVersion']} again, but version "
             f"{version} could not be marked Rejected ({_first_line(error)}); mark it with "
-            f"'python -m pipelines.run local-models --reject {version}'"
+            f"'python -m pipelines.run reject {version} --local'"
         ) from error
     return (
         f"rolled back: {name} serves version {previous['ModelPackageVersion']} again at {served['url']}; "

@@ -1,11 +1,14 @@
-"""Commands of the local pipeline: ``local``, ``local-status``, ``predict``, ``endpoint``, ``local-models``.
+"""Commands of the local pipeline: ``local``, ``predict``, ``endpoint``, and the older ``local-status`` and
+``local-models``.
 
     python -m pipelines.run local [--data PATH] [--preset demo] [--param Name=Value] [--approve] ...
     python -m pipelines.run local --definition FILE [--object s3://BUCKET/KEY=PATH ...] [--param Name=Value]
-    python -m pipelines.run local-status [RUN | --all] [--workdir runs]
-    python -m pipelines.run predict IMAGE [IMAGE ...] [--endpoint URL | --endpoint-name NAME]
-    python -m pipelines.run endpoint status|start|stop [--workdir runs]
-    python -m pipelines.run local-models [--approve VERSION | --reject VERSION]
+    python -m pipelines.run predict IMAGE [IMAGE ...] [--endpoint URL | --endpoint-name NAME] [--local]
+    python -m pipelines.run endpoint status|stop [--workdir runs]
+
+``status``, ``models``, ``approve``, ``reject`` and ``deploy`` work on a workdir with ``--local`` (they live
+with their SageMaker spellings, one code path for both). ``local-status``, ``local-models`` and ``endpoint
+start`` are their older spellings, kept working for one release but left out of ``--help``.
 
 Every flag is checked as it is read, by the rules of :mod:`pipelines.validation` (names that become paths
 against SageMaker's patterns, ports, the bounds of the shorthand parameters), and a state file that cannot be
@@ -227,8 +230,15 @@ def _add_predict_command(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
     target = predict.add_mutually_exclusive_group()
     target.add_argument("--endpoint", default=None, help="URL of an endpoint, e.g. http://127.0.0.1:8080")
-    target.add_argument("--endpoint-name", default=None, help="name of a SageMaker endpoint (sagemaker-runtime)")
+    target.add_argument(
+        "--endpoint-name",
+        default=None,
+        help="name of a SageMaker endpoint (sagemaker-runtime); with --local, of a local one",
+    )
     predict.add_argument("--region", default=None, help="AWS region of --endpoint-name (default: AWS_REGION)")
+    predict.add_argument(
+        "--local", action="store_true", help="a local endpoint of --workdir (the default without --endpoint-name)"
+    )
     predict.add_argument(
         "--top-k", type=_positive_int, default=None, help="classes per image (default: the endpoint's)"
     )
@@ -240,8 +250,9 @@ def _add_predict_command(subparsers: argparse._SubParsersAction) -> None:
 def _add_endpoint_command(subparsers: argparse._SubParsersAction) -> None:
     endpoint = subparsers.add_parser(
         "endpoint",
-        help="start, stop or show the local endpoint",
-        description="The local endpoint is a background server process recorded in <workdir>/endpoints/.",
+        help="show or stop the local endpoint (deploy one with `deploy --local` or `approve --local`)",
+        description="The local endpoint is a background server process recorded in <workdir>/endpoints/. "
+        "'start' is the older spelling of `deploy --local`.",
     )
     endpoint.add_argument("action", choices=("status", "start", "stop"), help="what to do")
     _add_workdir_argument(endpoint)
@@ -258,9 +269,8 @@ def _add_endpoint_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_models_command(subparsers: argparse._SubParsersAction) -> None:
-    models = subparsers.add_parser(
+    models = subparsers.add_parser(  # no help=: an older spelling, out of --help (`models/approve/reject --local`)
         "local-models",
-        help="list, approve or reject versions in the local model registry",
         description="The local model registry (<workdir>/model-registry.json). Approving a version deploys it to "
         "the local endpoint, as the deploy Lambda does on SageMaker.",
     )
@@ -281,9 +291,8 @@ def _add_models_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_status_command(subparsers: argparse._SubParsersAction) -> None:
-    runs = subparsers.add_parser(
+    runs = subparsers.add_parser(  # no help=: an older spelling, out of --help (`status --local`)
         "local-status",
-        help="show the local runs of a workdir and their steps",
         description="Like `status` for the runs of `local`: the newest run (or RUN) with its steps, or every run "
         "with --all, read from <workdir>/run-NNNN/run.json. A run left Executing by a process that has gone "
         "(killed, or its machine restarted) shows as 'Stopped (process gone)'.",
@@ -419,12 +428,12 @@ def print_summary(record: dict[str, Any], workdir: Path) -> None:
         rows.append(
             (
                 "endpoint",
-                f"none: version {version} awaits approval (python -m pipelines.run local-models --approve {version} "
+                f"none: version {version} awaits approval (python -m pipelines.run approve {version} --local "
                 f"--workdir {workdir}, or run with --approve)",
             )
         )
     else:
-        rows.append(("endpoint", "none: run with --approve, or 'python -m pipelines.run local-models --approve N'"))
+        rows.append(("endpoint", "none: run with --approve, or 'python -m pipelines.run approve N --local'"))
     lines = ["", "Summary"]
     width = max(len(key) for key, _ in rows)
     lines.extend(f"  {key:<{width}}  {value}" for key, value in rows)
@@ -448,12 +457,13 @@ def run_predict(args: argparse.Namespace) -> int:
 
     try:
         body, content_type = predict.build_request(args.images, args.top_k)
-        if args.endpoint_name:
+        if args.endpoint_name and not args.local:
             response = predict.invoke_sagemaker(args.endpoint_name, body, content_type, args.region)
         else:
             url = args.endpoint
             if url is None:
-                record = local_endpoint.status(args.workdir.resolve(), config.LOCAL_ENDPOINT_NAME)
+                name = names.check_name("endpoint", args.endpoint_name or config.LOCAL_ENDPOINT_NAME)
+                record = local_endpoint.status(args.workdir.resolve(), name)
                 if record is None or record["EndpointStatus"] != "InService":
                     raise CommandError(
                         f"no local endpoint is running in {args.workdir}: pass --endpoint URL, --endpoint-name NAME, "
@@ -461,7 +471,7 @@ def run_predict(args: argparse.Namespace) -> int:
                     )
                 url = record["url"]
             response = predict.invoke_url(url, body, content_type)
-    except (predict.PredictError, local_endpoint.EndpointError) as error:
+    except (predict.PredictError, local_endpoint.EndpointError, ValueError) as error:
         raise CommandError(str(error)) from error
     if args.json:
         print(json.dumps(response, indent=2))
@@ -474,7 +484,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_endpoint(args: argparse.Namespace) -> int:
-    from pipelines.local.registry import LocalModelRegistry, RegistryError
+    from botocore.exceptions import ClientError
+
+    from pipelines.cli import backend
     from pipelines.serving import endpoint as local_endpoint
     from pipelines.util import fsutil
 
@@ -486,24 +498,44 @@ def run_endpoint(args: argparse.Namespace) -> int:
             record = local_endpoint.stop(workdir, args.name)
             _print_stopped(args.name, record)
             return 0
-        registry = LocalModelRegistry(workdir)
-        version = args.version
-        package = registry.describe(args.group, version) if version else registry.latest_approved(args.group)
-        if package is None:
-            raise CommandError(f"{args.group} has no approved version: approve one with 'local-models --approve N'")
-        if package["ModelApprovalStatus"] != "Approved":
-            raise CommandError(
-                f"version {package['ModelPackageVersion']} is {package['ModelApprovalStatus']}: approve it first "
-                f"('python -m pipelines.run local-models --approve {package['ModelPackageVersion']}')"
-            )
+        client = backend.local_client(args)
+        package = _package_to_serve(client, args.group, args.version)
         record = local_endpoint.deploy(workdir, args.name, package, port=args.port, ray=args.ray)
-    except (RegistryError, local_endpoint.EndpointError, fsutil.WorkdirBusy, fsutil.OutsideWorkdir) as error:
+    except ClientError as error:
+        raise CommandError(error.response["Error"]["Message"]) from error
+    except (local_endpoint.EndpointError, fsutil.WorkdirBusy, fsutil.OutsideWorkdir) as error:
         raise CommandError(str(error)) from error
     except OSError as error:
-        raise CommandError(disk_error_line(error, args.workdir)) from error
+        raise CommandError(backend.disk_error_line(error, args.workdir)) from error
     state = "already serving (nothing changed)" if record.get("unchanged") else "serving"
     print(f"{args.name}: {state} version {package['ModelPackageVersion']} at {record['url']} (pid {record['pid']})")
     return 0
+
+
+def stored_form(package: dict[str, Any]) -> dict[str, Any]:
+    """A described package as the registry keeps it (times as ISO text), as the endpoint's record takes it."""
+    return {key: value.isoformat() if hasattr(value, "isoformat") else value for key, value in package.items()}
+
+
+def _package_to_serve(client: Any, group: str, version: int | None) -> dict[str, Any]:
+    """The version to serve (the newest approved without ``version``), its files checked against their hashes."""
+    summaries = client.list_model_packages(ModelPackageGroupName=group, SortOrder="Descending")
+    summaries = summaries["ModelPackageSummaryList"]
+    if version is not None:
+        summaries = [s for s in summaries if s["ModelPackageVersion"] == version]
+        if not summaries:
+            raise CommandError(f"{group} has no version {version}: see `models --local`")
+    else:
+        summaries = [s for s in summaries if s["ModelApprovalStatus"] == "Approved"][:1]
+        if not summaries:
+            raise CommandError(f"{group} has no approved version: approve one with 'approve N --local'")
+    package = client.verified_package(summaries[0]["ModelPackageArn"])
+    if package["ModelApprovalStatus"] != "Approved":
+        raise CommandError(
+            f"version {package['ModelPackageVersion']} is {package['ModelApprovalStatus']}: approve it first "
+            f"('python -m pipelines.run approve {package['ModelPackageVersion']} --local')"
+        )
+    return stored_form(package)
 
 
 def _print_endpoint(workdir: Path, name: str) -> int:
@@ -531,86 +563,20 @@ def _print_stopped(name: str, record: dict[str, Any] | None) -> None:
         print(f"{name}: stopped (pid {record['pid']})")
 
 
-# --- local-models --------------------------------------------------------------------------------------------------
-
-
-def _deploy_on_approval(workdir: Path, registry: Any, args: argparse.Namespace, package: dict[str, Any]) -> int:
-    """What EventBridge does on SageMaker: send the approval event to the deploy function (run in-process)."""
-    from pipelines.local import deploy_function
-    from pipelines.serving import endpoint as local_endpoint
-
-    function = deploy_function.deploy_function(
-        workdir,
-        registry,
-        model_package_group=args.group,
-        endpoint_name=args.endpoint_name,
-        port=args.port,
-        ray=args.ray,
-    )
-    log_path = workdir / local_endpoint.ENDPOINTS_DIR / f"{args.endpoint_name}-deploy-function.log"
-    answer = function(deploy_function.approval_event(package), log_path)
-    state = local_endpoint.status(workdir, args.endpoint_name)
-    where = f" at {state['url']} (pid {state['pid']})" if state and state["EndpointStatus"] == "InService" else ""
-    action = "unchanged (it already serves this version)" if answer["action"] == "unchanged" else answer["action"]
-    print(f"{args.endpoint_name}: {action}, version {package['ModelPackageVersion']}{where}")
-    return 0
-
-
-def accuracy_of(package: dict[str, Any]) -> str:
-    """The accuracy in the package's model-quality report (what ``models`` shows for SageMaker), or "?"."""
-    from urllib.parse import unquote, urlparse
-
-    from entrypoints.contract import accuracy_from_report
-
-    uri = package.get("ModelMetrics", {}).get("ModelQuality", {}).get("Statistics", {}).get("S3Uri", "")
-    parsed = urlparse(uri)
-    from pipelines.util import fsutil
-
-    report = fsutil.read_json(Path(unquote(parsed.path))) if parsed.scheme == "file" else None
-    accuracy = accuracy_from_report(report) if isinstance(report, dict) else None
-    return f"{accuracy:.4f}" if accuracy is not None else "?"
+# --- local-models (the older spelling of models / approve / reject --local) -----------------------------------
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from pipelines.local.registry import LocalModelRegistry, RegistryError
-    from pipelines.serving import endpoint as local_endpoint
-    from pipelines.util import fsutil
+    from pipelines.cli import sagemaker
 
-    workdir = args.workdir.resolve()
-    registry = LocalModelRegistry(workdir)
-    try:
-        if args.approve is not None:
-            package = registry.update_approval(args.group, args.approve, "Approved", "approved with local-models")
-            print(f"{package['ModelPackageArn']}: Approved")
-            if not args.no_deploy:
-                return _deploy_on_approval(workdir, registry, args, package)
-            return 0
-        if args.reject is not None:
-            package = registry.update_approval(args.group, args.reject, "Rejected", "rejected with local-models")
-            print(f"{package['ModelPackageArn']}: Rejected")
-            return 0
-        packages = registry.list_model_packages(args.group)
-    except (RegistryError, local_endpoint.EndpointError, fsutil.WorkdirBusy, fsutil.OutsideWorkdir) as error:
-        raise CommandError(str(error)) from error
-    except OSError as error:
-        raise CommandError(disk_error_line(error, args.workdir)) from error
-    if not packages:
-        print(f"{args.group}: no versions in {registry.path}")
-        return 0
-    print(f"{'version':>7}  {'status':<22} {'accuracy':>8}  {'run':<9} created")
-    for package in packages:
-        print(
-            f"{package['ModelPackageVersion']:>7}  {package['ModelApprovalStatus']:<22} {accuracy_of(package):>8}  "
-            f"{package['CustomerMetadataProperties'].get('run', '?'):<9} {package['CreationTime']}"
-        )
-    return 0
-
-
-def disk_error_line(error: OSError, workdir: Path) -> str:
-    """A failed write or read of the workdir (a full disk, no permission) in one line. Its state files are written
-    whole or not at all, so what was there before is still there."""
-    where = Path(error.filename).parent if error.filename else workdir
-    return f"{error.strerror or error} in {where}: nothing was changed; free space or fix the folder and try again"
+    args.local, args.model_package_group, args.description = True, args.group, None
+    if args.approve is not None or args.reject is not None:
+        approved = args.approve is not None
+        args.model_package = str(args.approve if approved else args.reject)
+        args.approval_status = "Approved" if approved else "Rejected"
+        return sagemaker.cmd_set_approval(args)
+    args.max, args.json = 1000, False
+    return sagemaker.cmd_models(args)
 
 
 # --- local-status --------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from entrypoints.contract import accuracy_from_report
 from pipelines import config, images, sdk, validation
+from pipelines.cli import backend
 from pipelines.definition import names
 from pipelines.local.runs import format_step
 from pipelines.util import fsutil
@@ -322,6 +323,7 @@ def add_commands(subparsers: Any) -> None:
     _add_aws_arguments(parser)
     _add_pipeline_name(parser)
     parser.add_argument("--execution-arn", default=None, help="the execution (default: the pipeline's latest)")
+    backend.add_backend_arguments(parser, "the local runs'")
     parser.set_defaults(func=cmd_status)
 
     parser = subparsers.add_parser(
@@ -333,6 +335,7 @@ def add_commands(subparsers: Any) -> None:
     add_model_package_group_argument(parser, "model package group")
     parser.add_argument("--max", type=int, default=20, help="show at most this many packages, newest first")
     parser.add_argument("--json", action="store_true", default=False, help="print JSON instead of a table")
+    backend.add_backend_arguments(parser, "the local registry's")
     parser.set_defaults(func=cmd_models)
 
     for name, status in (("approve", "Approved"), ("reject", "Rejected")):
@@ -345,6 +348,9 @@ def add_commands(subparsers: Any) -> None:
         add_model_package_group_argument(parser, "model package group (for a version number or 'latest')")
         parser.add_argument("model_package", help="the package: its ARN, its version number in the group, or 'latest'")
         parser.add_argument("--description", default=None, help="approval description recorded with the change")
+        backend.add_backend_arguments(parser, "the local registry's")
+        if status == "Approved":
+            backend.add_local_deploy_arguments(parser)
         parser.set_defaults(func=cmd_set_approval, approval_status=status)
 
 
@@ -463,11 +469,18 @@ def _aws_errors(function: Callable[[argparse.Namespace], int]) -> Callable[[argp
             return function(args)
         except ClientError as error:
             details = error.response.get("Error", {})
+            who = "the local SageMaker" if getattr(args, "local", False) else "AWS"
             raise CommandError(
-                f"AWS refused {error.operation_name}: {details.get('Code')}: {details.get('Message')}"
+                f"{who} refused {error.operation_name}: {details.get('Code')}: {details.get('Message')}"
             ) from error
         except BotoCoreError as error:
             raise CommandError(f"AWS call failed: {error}") from error
+        except OSError as error:  # the local backend's workdir: a full disk, no permission
+            if not getattr(args, "local", False):
+                raise
+            from pipelines.cli import backend
+
+            raise CommandError(backend.disk_error_line(error, args.workdir)) from error
 
     wrapper.__name__ = function.__name__
     wrapper.__doc__ = function.__doc__
@@ -725,6 +738,26 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0 if final == "Succeeded" else 1
 
 
+def _client_and_region(args: argparse.Namespace) -> tuple[Any, str]:
+    """SageMaker's client and region, or with --local the workdir's LocalSageMaker and its region."""
+    if args.local:
+        client = backend.local_client(args)
+        return client, client.region
+    return make_boto_session(args).client("sagemaker"), resolve_region(args)
+
+
+def _local_pipeline_runs(local_client: Any, args: argparse.Namespace) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        local_client.describe_pipeline(PipelineName=args.pipeline_name)
+    except ClientError as error:
+        raise CommandError(
+            f"pipeline {args.pipeline_name!r} has no local run in {args.workdir}: start one with "
+            f"`python -m pipelines.run local --workdir {args.workdir}`"
+        ) from error
+
+
 def latest_execution_arn(sagemaker_client: Any, pipeline_name: str) -> str:
     executions = sagemaker_client.list_pipeline_executions(
         PipelineName=pipeline_name, SortBy="CreationTime", SortOrder="Descending", MaxResults=1
@@ -737,12 +770,14 @@ def latest_execution_arn(sagemaker_client: Any, pipeline_name: str) -> str:
 @_aws_errors
 def cmd_status(args: argparse.Namespace) -> int:
     """Print an execution's status and its steps (status, job, failure reason)."""
-    region = resolve_region(args)
-    sagemaker_client = make_boto_session(args).client("sagemaker")
+    sagemaker_client, region = _client_and_region(args)
     if args.execution_arn:
         execution_arn = args.execution_arn
     else:
-        _pipeline_definition(sagemaker_client, args.pipeline_name, region)  # a clear error if it does not exist
+        if args.local:  # a clear error if it has no run
+            _local_pipeline_runs(sagemaker_client, args)
+        else:
+            _pipeline_definition(sagemaker_client, args.pipeline_name, region)  # a clear error if it does not exist
         execution_arn = latest_execution_arn(sagemaker_client, args.pipeline_name)
     execution = sagemaker_client.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
     print(f"execution {execution_arn}")
@@ -769,9 +804,16 @@ def _read_s3_json(s3_client: Any, uri: str) -> dict[str, Any]:
 
 def model_package_summaries(session: Any, group: str, limit: int) -> list[dict[str, Any]]:
     """Newest first: version, approval status, accuracy (from the ModelMetrics report), creation time, ARN."""
+    s3_client = session.client("s3")
+    return package_summaries(session.client("sagemaker"), lambda uri: _read_s3_json(s3_client, uri), group, limit)
+
+
+def package_summaries(
+    sagemaker_client: Any, read_report: Callable[[str], dict[str, Any]], group: str, limit: int
+) -> list[dict[str, Any]]:
+    """What ``models`` shows, from a SageMaker client (boto3's or the local one) and a reader of report URIs."""
     from botocore.exceptions import ClientError
 
-    sagemaker_client, s3_client = session.client("sagemaker"), session.client("s3")
     request: dict[str, Any] = {"ModelPackageGroupName": group, "SortBy": "CreationTime", "SortOrder": "Descending"}
     packages: list[dict[str, Any]] = []
     while len(packages) < limit:
@@ -788,7 +830,7 @@ def model_package_summaries(session: Any, group: str, limit: int) -> list[dict[s
         accuracy, note = None, ""
         if metrics_uri:
             try:
-                accuracy = accuracy_from_report(_read_s3_json(s3_client, metrics_uri))
+                accuracy = accuracy_from_report(read_report(metrics_uri))
             except (ClientError, ValueError) as error:
                 note = f"metrics unreadable: {error}"
         else:
@@ -809,7 +851,11 @@ def model_package_summaries(session: Any, group: str, limit: int) -> list[dict[s
 @_aws_errors
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the group's packages: version, approval status, accuracy, created, ARN."""
-    rows = model_package_summaries(make_boto_session(args), args.model_package_group, args.max)
+    if args.local:
+        reader = backend.local_report_reader(args.workdir)
+        rows = package_summaries(backend.local_client(args), reader, args.model_package_group, args.max)
+    else:
+        rows = model_package_summaries(make_boto_session(args), args.model_package_group, args.max)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -847,12 +893,15 @@ def resolve_model_package(sagemaker_client: Any, group: str, reference: str) -> 
 
 @_aws_errors
 def cmd_set_approval(args: argparse.Namespace) -> int:
-    """Set a package's approval status (approve / reject)."""
-    sagemaker_client = make_boto_session(args).client("sagemaker")
+    """Set a package's approval status (approve / reject); with --local an approval also deploys, as the deploy
+    function does on SageMaker when EventBridge sends it the approval."""
+    sagemaker_client = backend.local_client(args) if args.local else make_boto_session(args).client("sagemaker")
     arn = resolve_model_package(sagemaker_client, args.model_package_group, args.model_package)
     request = {"ModelPackageArn": arn, "ModelApprovalStatus": args.approval_status}
     if args.description:
         request["ApprovalDescription"] = args.description
     sagemaker_client.update_model_package(**request)
     print(f"{arn}: {args.approval_status}")
+    if args.local and args.approval_status == "Approved" and not args.no_deploy:
+        backend.deploy_on_approval(args, sagemaker_client, arn)
     return 0

@@ -3,8 +3,9 @@
 - **Condition**: every one of ``Conditions`` evaluated (``JsonGet`` on property files included); the outcome
   picks ``IfSteps`` or ``ElseSteps``.
 - **Fail**: the run fails with the evaluated ``ErrorMessage``.
-- **RegisterModel** (CreateModelPackage): a version in the local model registry (:mod:`.registry`), with the
-  files its arguments name (model artifact, metrics reports) copied in from the object store.
+- **RegisterModel**: ``CreateModelPackage`` of the local SageMaker (:mod:`.sagemaker`): always a new version in
+  its registry, with copies of the files its arguments name (model artifact, metrics reports). The step is never
+  cached: a rerun whose jobs all come from the cache still registers a version of its own, as on SageMaker.
 - **Lambda**: the function the ``FunctionArn`` names, run in-process with the step's resolved ``Arguments`` as
   its event and its log in the step's folder; the declared ``OutputParameters`` are read from its answer. Only
   functions the runner hands over run (the deploy function, against the local registry and endpoint:
@@ -17,8 +18,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from pipelines.definition.expressions import ExpressionError, as_text
-from pipelines.local import registry as registry_module
 from pipelines.local.executor import LocalExecution, StepContext, StepExecutor, StepFailure, StepResult
 
 LambdaFunction = Callable[[Any, Path], Mapping[str, Any]]  # (event, log file) -> the function's answer
@@ -95,8 +97,8 @@ class RegisterModelExecutor(StepExecutor):
         }
     )
 
-    def __init__(self, registry: registry_module.LocalModelRegistry) -> None:
-        self.registry = registry
+    def __init__(self, sagemaker: Any) -> None:
+        self.sagemaker = sagemaker  # a LocalSageMaker
 
     def check(self, step: dict[str, Any], execution: LocalExecution) -> list[str]:
         containers = step.get("Arguments", {}).get("InferenceSpecification", {}).get("Containers", [])
@@ -105,21 +107,22 @@ class RegisterModelExecutor(StepExecutor):
         return []
 
     def run(self, context: StepContext) -> StepResult:
-        request = context.arguments
-        files = {uri: context.local_path(uri, "a file of the model package") for uri in _s3_uris(request)}
+        request = dict(context.arguments)
+        for uri in _s3_uris(request):  # a missing file fails here, naming what it is
+            context.local_path(uri, "a file of the model package")
+        metadata = {**request.get("CustomerMetadataProperties", {}), "run": context.execution.run_id}
         try:
-            package, created = self.registry.register(request, files, metadata={"run": context.execution.run_id})
-        except registry_module.RegistryError as error:
-            raise StepFailure(str(error)) from error
+            created = self.sagemaker.create_model_package(**request, CustomerMetadataProperties=metadata)
+            package = self.sagemaker.describe_model_package(ModelPackageName=created["ModelPackageArn"])
+        except ClientError as error:
+            raise StepFailure(error.response["Error"]["Message"]) from error
+        package = {**package, "CreationTime": package["CreationTime"].isoformat()}
         version, status = package["ModelPackageVersion"], package["ModelApprovalStatus"]
-        detail = f"{package['ModelPackageGroupName']} version {version} ({status})"
-        if not created:
-            detail += f"; the same model as registered by {package['CustomerMetadataProperties'].get('run', '?')}"
         summary = {key: package[key] for key in ("ModelPackageArn", "ModelPackageVersion", "ModelApprovalStatus")}
         return StepResult(
             properties={key: package[key] for key in self.provides if key in package},
             metadata={"RegisterModel": {"Arn": package["ModelPackageArn"]}},
-            detail=detail,
+            detail=f"{package['ModelPackageGroupName']} version {version} ({status})",
             summary={"model_package": summary},
         )
 

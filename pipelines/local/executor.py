@@ -40,6 +40,7 @@ from pipelines.definition.check import (
     step_dependencies,
 )
 from pipelines.definition.expressions import ExpressionError, Scope
+from pipelines.local import sagemaker as sagemaker_api
 from pipelines.local.cache import StepCache
 from pipelines.local.console import Console
 from pipelines.local.objectstore import ObjectStore, ObjectStoreError
@@ -189,6 +190,7 @@ class LocalExecution:
         account_id: str,
         cpus: int,
         record: dict[str, Any] | None = None,
+        sagemaker: Any = None,
     ) -> None:
         self.definition = definition
         self.executors = dict(executors)
@@ -200,6 +202,7 @@ class LocalExecution:
         self.console = console
         self.cpus = cpus
         self.region, self.account_id = region, account_id
+        self.sagemaker = sagemaker  # a LocalSageMaker: the job executors record their jobs there (None: no records)
         self.steps = {step["Name"]: step for step in iter_steps(definition)}
         self.graph = step_dependencies(definition)
         self.scope = Scope(dict(parameters), dict(execution_variables), read_property_file=self.read_property_file)
@@ -391,8 +394,9 @@ class LocalExecution:
         return document
 
     def arn(self, resource: str) -> str:
-        """A SageMaker ARN in the definition's region and account (the local placeholder account)."""
-        return f"arn:aws:sagemaker:{self.region}:{self.account_id}:{resource}"
+        """A SageMaker ARN (``<type>/<name>``) in the execution's region and account, made where every local one is."""
+        resource_type, _, name = resource.partition("/")
+        return sagemaker_api.arn(resource_type, name, region=self.region, account=self.account_id)
 
     def execution_arn(self, run_id: str) -> str:
         return str(self.scope.execution.get("PipelineArn", "")) + f"/execution/{run_id}"

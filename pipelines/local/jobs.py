@@ -15,19 +15,25 @@ inputs come from the local object store and its outputs go back there, at the UR
   strategy is sampled as a Latin hypercube here), each a training job of ``TrainingJobDefinition`` with its
   ``StaticHyperParameters``; the best by ``HyperParameterTuningJobObjective``, read with the definition's
   ``MetricDefinitions``, becomes ``BestTrainingJob``.
+
+Every job (each tuning trial too) is recorded in the local SageMaker (:mod:`.sagemaker`) under its job name, so
+``describe_training_job(TrainingJobName=...)`` answers for it as SageMaker's would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from botocore.exceptions import ClientError
 
 from pipelines.definition.expressions import as_text, is_expression
 from pipelines.local import containers, tuning
@@ -57,6 +63,29 @@ DEBUGGER_RULES = ("DebugRuleConfigurations", "ProfilerRuleConfigurations")
 
 def _arn(context: StepContext, kind: str, name: str) -> str:
     return context.execution.arn(f"{kind}/{name.lower()}")
+
+
+@contextlib.contextmanager
+def _recorded_job(context: StepContext, kind: str, request: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
+    """The job in the local SageMaker (:mod:`.sagemaker`), as SageMaker keeps it: Create<kind> with the request
+    before it runs, its status and Describe fields (what the caller puts in the yielded dict) when it ends."""
+    api = context.execution.sagemaker
+    described: dict[str, Any] = {}
+    if api is None:  # an execution made without one keeps no job records
+        yield described
+        return
+    create = getattr(api, "create_" + re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower())
+    try:
+        create(**{**request, f"{kind}Name": name})
+    except ClientError as error:
+        raise StepFailure(f"{kind} {name}: {error.response['Error']['Message']}") from error
+    try:
+        yield described
+    except BaseException as error:
+        stopped = isinstance(error, KeyboardInterrupt) or getattr(error, "signal_name", None)
+        api.end_job(kind, name, "Stopped" if stopped else "Failed", FailureReason=str(error)[:1024])
+        raise
+    api.end_job(kind, name, "Completed", **described)
 
 
 def _job_error(error: containers.JobError) -> StepFailure:
@@ -155,9 +184,15 @@ class ProcessingExecutor(StepExecutor):
         return {"arguments": arguments, "property_files": context.step.get("PropertyFiles", [])}
 
     def run(self, context: StepContext) -> StepResult:
+        job_name = f"{context.arguments.get('ProcessingJobName') or context.name.lower()}-{context.execution.run_id}"
+        with _recorded_job(context, "ProcessingJob", context.arguments, job_name) as described:
+            result = self._run(context, job_name)
+            described.update(result.properties)
+        return result
+
+    def _run(self, context: StepContext, job_name: str) -> StepResult:
         arguments = context.arguments
         run = context.execution
-        job_name = f"{arguments.get('ProcessingJobName') or context.name.lower()}-{run.run_id}"
         inputs = [
             containers.ProcessingInput(
                 context.local_path(item["S3Input"]["S3Uri"], f"input {item['InputName']}"),
@@ -279,6 +314,21 @@ def run_training_job(
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """One CreateTrainingJob request (the Train step's, or a tuning trial's): returns the DescribeTrainingJob-shaped
     properties and the files written. Raises StepFailure (with the log) if the script fails."""
+    with _recorded_job(context, "TrainingJob", request, job_name) as described:
+        properties, written = _run_training_job(context, request, job_name, root, cpus, on_line, extras)
+        described.update(properties)
+    return properties, written
+
+
+def _run_training_job(
+    context: StepContext,
+    request: dict[str, Any],
+    job_name: str,
+    root: Path,
+    cpus: int,
+    on_line: Callable[[str], None] | None,
+    extras: TrainingExtras | None,
+) -> tuple[dict[str, Any], dict[str, Path]]:
     hyperparameters = {key: as_text(value) for key, value in request.get("HyperParameters", {}).items()}
     submit = _decoded(hyperparameters["sagemaker_submit_directory"])
     checkpoint = request.get("CheckpointConfig") or {}
@@ -460,18 +510,25 @@ class TuningExecutor(StepExecutor):
     def run(self, context: StepContext) -> StepResult:
         arguments = context.arguments
         run = context.execution
-        job_config = arguments["HyperParameterTuningJobConfig"]
-        definition = arguments["TrainingJobDefinition"]
-        limits = job_config["ResourceLimits"]
+        limits = arguments["HyperParameterTuningJobConfig"]["ResourceLimits"]
         trials, parallel = int(limits["MaxNumberOfTrainingJobs"]), int(limits["MaxParallelTrainingJobs"])
         if trials < 1 or parallel < 1:
             raise StepFailure(f"MaxNumberOfTrainingJobs {trials} and MaxParallelTrainingJobs {parallel} must be >= 1")
+        tuning_job = arguments.get("HyperParameterTuningJobName") or context.name.lower()
+        with _recorded_job(context, "HyperParameterTuningJob", arguments, f"{tuning_job}-{run.run_id}") as described:
+            result = self._tune(context, tuning_job, trials, parallel)
+            described.update(result.properties)
+        return result
+
+    def _tune(self, context: StepContext, tuning_job: str, trials: int, parallel: int) -> StepResult:
+        arguments, run = context.arguments, context.execution
+        job_config = arguments["HyperParameterTuningJobConfig"]
+        definition = arguments["TrainingJobDefinition"]
         objective = job_config["HyperParameterTuningJobObjective"]
         definitions = definition.get("AlgorithmSpecification", {}).get("MetricDefinitions", [])
         ranges = tuning.ranges_from_definition(job_config.get("ParameterRanges", {}))
         samples = tuning.sample_trials(ranges, trials, int(job_config.get("RandomSeed", 0)))
         at_once = max(1, min(parallel, trials, run.cpus))
-        tuning_job = arguments.get("HyperParameterTuningJobName") or context.name.lower()
         static = definition.get("StaticHyperParameters", {})
         epochs = _epochs(static, self.extras.epochs_hyperparameter)
         progress = run.console.progress(context.name, trials * epochs)

@@ -2,13 +2,14 @@
 
 ``<workdir>/model-registry.json`` holds model package groups and their versioned model packages: what the
 pipeline's RegisterModel step asked for (its CreateModelPackage arguments) plus the fields of
-``DescribeModelPackage`` (``ModelPackageArn``, ``ModelPackageVersion``, ``ModelApprovalStatus``, ...). ARNs use
-the region ``local`` and a placeholder account of zeros.
+``DescribeModelPackage`` (``ModelPackageArn``, ``ModelPackageVersion``, ``ModelApprovalStatus``, ...). It is the
+storage behind :class:`pipelines.local.sagemaker.LocalSageMaker`, which builds the ARNs and answers the API calls.
 
-Every file the request names (the model's ``ModelDataUrl``, the ``ModelMetrics`` reports) is hard-linked into
-``<workdir>/registry/<group>/<version>/`` and named by a ``file://`` URI there, so a version outlives the run and
-the object store it came from. Registering the same model bytes again (a fully cached re-run) returns the
-existing version instead of adding a copy (approving it if the new request says Approved).
+Every file the request names (the model's ``ModelDataUrl``, the ``ModelMetrics`` reports) is copied into
+``<workdir>/registry/<group>/<version>/`` (a copy, read-only, never a link to a run's files, so nothing edits it
+in place) and named by a ``file://`` URI there, with its sha256 in ``FileSha256``; :func:`changed_files` checks
+them before a version is served. Every registration adds a version, as SageMaker's CreateModelPackage does, even
+for model bytes an earlier version holds: only :meth:`LocalModelRegistry.update_approval` changes a status.
 
 The file is the registry's only record, so it is never rewritten from a damaged copy: it is read whole and checked
 (:meth:`LocalModelRegistry.check`) before anything uses it, and a damaged one stops every command with one line
@@ -18,7 +19,10 @@ naming it and what to do. Changes hold the workdir's lock.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+import os
+import shutil
+import stat
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +34,6 @@ DEFAULT_APPROVAL_STATUS = "PendingManualApproval"
 
 REGISTRY_FILE = "model-registry.json"
 ARTIFACTS_DIR = "registry"
-REGION = "local"
-PLACEHOLDER_ACCOUNT = "000000000000"  # not an account: local ARNs only need the shape
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
 
 
@@ -49,18 +51,14 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def group_arn(group: str) -> str:
-    return f"arn:aws:sagemaker:{REGION}:{PLACEHOLDER_ACCOUNT}:model-package-group/{group.lower()}"
-
-
-def package_arn(group: str, version: int) -> str:
-    return f"arn:aws:sagemaker:{REGION}:{PLACEHOLDER_ACCOUNT}:model-package/{group.lower()}/{version}"
+Arn = Callable[[str, str], str]  # (resource type, name) -> ARN: pipelines.local.sagemaker.arn
 
 
 class LocalModelRegistry:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, arn: Arn) -> None:
         self.workdir = workdir
         self.path = workdir / REGISTRY_FILE
+        self.arn = arn
 
     # --- reading ----------------------------------------------------------------------------------------------
     def _load(self) -> dict[str, Any]:
@@ -118,11 +116,11 @@ class LocalModelRegistry:
         files: Mapping[str, Path],
         *,
         metadata: Mapping[str, str] | None = None,
-    ) -> tuple[dict[str, Any], bool]:
-        """``CreateModelPackage``: add a version (or return the one holding the same model bytes).
+    ) -> dict[str, Any]:
+        """``CreateModelPackage``: always a new version, with copies of its files.
 
-        ``request`` holds the RegisterModel step's arguments; ``files`` maps each URI in it to the local file it
-        names (at least the first container's ``ModelDataUrl``). Returns (package, created).
+        ``request`` holds the CreateModelPackage arguments; ``files`` maps each URI in it to the local file it
+        names (at least the first container's ``ModelDataUrl``).
         """
         group = request.get("ModelPackageGroupName")
         try:
@@ -135,28 +133,22 @@ class LocalModelRegistry:
         model_uri = request["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
         if model_uri not in files:
             raise RegistryError(f"the model {model_uri} has no local file")
-        model_sha256 = fsutil.file_sha256(files[model_uri])
         with self._locked(f"registering a version of {group}"):
             data = self._load()
             packages = self._group(data, group)["ModelPackages"]
-            for package in packages:
-                if package["CustomerMetadataProperties"].get("ModelSha256") == model_sha256:
-                    if status == "Approved" and package["ModelApprovalStatus"] != "Approved":
-                        self._set_status(package, status, "approved by the ModelApprovalStatus of a later run")
-                        fsutil.write_json_atomic(self.path, data)
-                    return package, False
             version = max((p["ModelPackageVersion"] for p in packages), default=0) + 1
             try:
                 folder = fsutil.contained(self.workdir, self.workdir / ARTIFACTS_DIR / group / str(version))
             except fsutil.OutsideWorkdir as error:
                 raise RegistryError(str(error)) from error
-            stored = {uri: fsutil.link_tree(path, folder / path.name).resolve().as_uri() for uri, path in files.items()}
+            fsutil.remove_path(folder)  # what a registration that died before recording it left
+            stored = {uri: _frozen_copy(path, folder / path.name) for uri, path in files.items()}
             now = _now()
             package = {
-                **_replace_strings(dict(request), stored),
+                **_replace_strings(dict(request), {uri: path.as_uri() for uri, path in stored.items()}),
                 "ModelPackageGroupName": group,
                 "ModelPackageVersion": version,
-                "ModelPackageArn": package_arn(group, version),
+                "ModelPackageArn": self.arn("model-package", f"{group}/{version}"),
                 "CreationTime": now,
                 "LastModifiedTime": now,
                 "ModelPackageStatus": "Completed",
@@ -164,23 +156,25 @@ class LocalModelRegistry:
                 "CustomerMetadataProperties": {
                     **request.get("CustomerMetadataProperties", {}),
                     **(metadata or {}),
-                    "ModelSha256": model_sha256,
+                    "ModelSha256": fsutil.file_sha256(stored[model_uri]),
+                },
+                "FileSha256": {
+                    path.as_uri(): fsutil.file_sha256(path) for copy in stored.values() for path in _files(copy)
                 },
             }
             packages.append(package)
             fsutil.write_json_atomic(self.path, data)
-        return package, True
+        return package
 
     def _locked(self, purpose: str) -> Any:
         return fsutil.workdir_lock(self.workdir, purpose)
 
-    @staticmethod
-    def _group(data: dict[str, Any], group: str) -> dict[str, Any]:
+    def _group(self, data: dict[str, Any], group: str) -> dict[str, Any]:
         groups = data["ModelPackageGroups"]
         if group not in groups:
             groups[group] = {
                 "ModelPackageGroupName": group,
-                "ModelPackageGroupArn": group_arn(group),
+                "ModelPackageGroupArn": self.arn("model-package-group", group),
                 "ModelPackageGroupDescription": "Image classifiers registered by the local pipeline",
                 "CreationTime": _now(),
                 "ModelPackageGroupStatus": "Completed",
@@ -242,7 +236,11 @@ def _package_problem(group: str, package: Any, seen: set[int]) -> str | None:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version in seen:
         return f"ModelPackageVersion {version!r} is not a new version number"
     seen.add(version)
-    if package.get("ModelPackageArn") != package_arn(group, version) or package.get("ModelPackageGroupName") != group:
+    arn = package.get("ModelPackageArn")
+    if (
+        not str(arn).endswith(f":model-package/{group.lower()}/{version}")
+        or package.get("ModelPackageGroupName") != group
+    ):
         return f"version {version}: its ARN or group name is not this group's"
     if package.get("ModelApprovalStatus") not in APPROVAL_STATUSES:
         return f"version {version}: ModelApprovalStatus {package.get('ModelApprovalStatus')!r} is not a status"
@@ -263,6 +261,38 @@ def model_data_path(package: dict[str, Any]) -> Path:
         return fsutil.file_uri_path(url)
     except ValueError:
         raise RegistryError(f"model data {url} is not a local file") from None
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(fsutil.iter_files(path)) if path.is_dir() else [path]
+
+
+def _frozen_copy(source: Path, destination: Path) -> Path:
+    """A copy of a file or folder, read-only: a registered version's bytes are never the run's, never edited."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, destination)
+    else:
+        shutil.copyfile(source, destination)
+    read_only = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+    for path in _files(destination):
+        os.chmod(path, read_only)
+    return destination.resolve()
+
+
+def changed_files(package: Mapping[str, Any]) -> list[str]:
+    """The registered files of ``package`` whose bytes no longer match the sha256 recorded at registration (a
+    missing file counts); a version registered before hashes were recorded has only its model checked."""
+    recorded = dict(package.get("FileSha256") or {})
+    if not recorded:
+        model = model_data_path(dict(package))
+        recorded = {model.as_uri(): package.get("CustomerMetadataProperties", {}).get("ModelSha256")}
+    changed = []
+    for uri, sha256 in recorded.items():
+        path = fsutil.file_uri_path(uri)
+        if not path.is_file() or fsutil.file_sha256(path) != sha256:
+            changed.append(str(path))
+    return changed
 
 
 def _replace_strings(value: Any, replacements: Mapping[str, str]) -> Any:

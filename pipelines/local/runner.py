@@ -42,11 +42,12 @@ from entrypoints import contract
 from pipelines import config, validation
 from pipelines.definition import names
 from pipelines.local import containers
+from pipelines.local import sagemaker as local_sagemaker
 from pipelines.local.cache import CACHE_DIR, StepCache
 from pipelines.local.console import Console
 from pipelines.local.executor import DEFINITION_FILE, LocalExecution, RunStopped, StepExecutor
 from pipelines.local.objectstore import ObjectStore, ObjectStoreError, split_uri
-from pipelines.local.registry import LocalModelRegistry, RegistryError
+from pipelines.local.registry import RegistryError
 from pipelines.local.runs import RUN_ID
 from pipelines.serving import endpoint
 from pipelines.util import fsutil, processes
@@ -164,15 +165,15 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
         model_package_group=options.model_package_group,
     ).with_hyperparameters(options.hyperparameters)
     session = PipelineSession(
-        boto_session=boto3.Session(region_name=config.LOCAL_REGION), default_bucket=config.LOCAL_BUCKET
+        boto_session=boto3.Session(region_name=local_sagemaker.REGION), default_bucket=config.LOCAL_BUCKET
     )
     with sdk.telemetry_off():
         pipeline = get_pipeline(
             session,
-            role=config.LOCAL_ROLE_ARN,
+            role=local_sagemaker.ROLE_ARN,
             bucket=config.LOCAL_BUCKET,
             options=pipeline_options,
-            account_id=config.LOCAL_ACCOUNT_ID,
+            account_id=local_sagemaker.ACCOUNT_ID,
         )
         definition = json.loads(pipeline.definition())
     return definition, code_artifacts(config.LOCAL_BUCKET, pipeline_options.pipeline_name), pipeline_options
@@ -269,12 +270,11 @@ def project_training_extras(workdir: Path) -> Any:
     )
 
 
-def step_executors(
-    options: LocalRunOptions, workdir: Path, registry: LocalModelRegistry, project: bool = True
-) -> dict[str, StepExecutor]:
-    """One executor per step type. For this project's definition the training jobs get the project's extras and
-    the Lambda executor runs the deploy function against the local registry and endpoint; for any other, the
-    engine runs the container contract alone and knows no function."""
+def step_executors(options: LocalRunOptions, workdir: Path, api: Any, project: bool = True) -> dict[str, StepExecutor]:
+    """One executor per step type; RegisterModel registers through ``api`` (the LocalSageMaker). For this project's
+    definition the training jobs get the project's extras and the Lambda executor runs the deploy function against
+    the local registry and endpoint; for any other, the engine runs the container contract alone and knows no
+    function."""
     from pipelines.local.control import ConditionExecutor, FailExecutor, LambdaExecutor, RegisterModelExecutor
     from pipelines.local.deploy_function import deploy_function
     from pipelines.local.jobs import ProcessingExecutor, TrainingExecutor, TrainingExtras, TuningExecutor
@@ -283,7 +283,6 @@ def step_executors(
     if project:
         functions[options.deploy_function_name] = deploy_function(
             workdir,
-            registry,
             model_package_group=options.model_package_group,
             endpoint_name=options.endpoint_name,
             port=options.port,
@@ -296,7 +295,7 @@ def step_executors(
         TrainingExecutor(training_extras),
         ConditionExecutor(),
         FailExecutor(),
-        RegisterModelExecutor(registry),
+        RegisterModelExecutor(api),
         LambdaExecutor(functions),
     ]
     return {executor.step_type: executor for executor in executors}
@@ -440,7 +439,7 @@ class LocalPipeline:
 
         started = time.perf_counter()
         try:  # the registry first: a damaged one stops the run before any work
-            LocalModelRegistry(self.workdir).check()
+            local_sagemaker.LocalSageMaker(self.workdir).registry.check()
         except RegistryError as error:
             raise InvalidOptions([str(error)]) from error
         prepared = self._prepared()
@@ -453,12 +452,14 @@ class LocalPipeline:
         store = ObjectStore(self.workdir)
         put_objects(store, prepared.objects)
         parameters, source = self._parameters(store, prepared, overrides, time.perf_counter() - started)
-        registry = LocalModelRegistry(self.workdir)
+        from pipelines.local.deploy_function import local_sagemaker as local_api
+
+        api = local_api(self.workdir, self.options.port, self.options.ray)
         name = prepared.pipeline_name
         self.project = prepared.project
         self.execution = LocalExecution(
             definition,
-            executors=step_executors(self.options, self.workdir, registry, prepared.project),
+            executors=step_executors(self.options, self.workdir, api, prepared.project),
             parameters=parameters,
             run_dir=self.run_dir,
             store=store,
@@ -470,8 +471,9 @@ class LocalPipeline:
             ),
             console=self.console,
             execution_variables=self._execution_variables(name),
-            region=config.LOCAL_REGION,
-            account_id=config.LOCAL_ACCOUNT_ID,
+            region=local_sagemaker.REGION,
+            account_id=local_sagemaker.ACCOUNT_ID,
+            sagemaker=api,
             cpus=self.options.cpus or contract.available_cpus(),
             record={
                 "RunId": self.run_id,
@@ -495,7 +497,7 @@ class LocalPipeline:
         return self.execution.record
 
     def _pipeline_arn(self, name: str) -> str:
-        return f"arn:aws:sagemaker:{config.LOCAL_REGION}:{config.LOCAL_ACCOUNT_ID}:pipeline/{name.lower()}"
+        return local_sagemaker.arn("pipeline", name)
 
     def _execution_variables(self, name: str) -> dict[str, str]:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
