@@ -805,8 +805,9 @@ def _train_step(build: _Build, training: _TrainingJobs, step_tune: TuningStep) -
     training_estimator = _TrainStepPyTorch(
         **{**training.estimator, **distributed},
         output_path=s3_uri(build.bucket, build.name, "training"),
-        # Keyed by the best trial: a cached Tune gives the same path (same cache key), a new Tune a new one,
-        # so a job never resumes from another configuration's checkpoints.
+        # Keyed by the best trial: a cached Tune gives the same path (same cache key), a new Tune a new one. A
+        # cached Tune with other TrainingEpochs shares the path: train.py keys each checkpoint file by its whole
+        # training (every hyperparameter, the data, the code), so a job resumes only its own training's.
         checkpoint_s3_uri=Join(
             on="/", values=["s3:/", build.bucket, build.name, "checkpoints", best_job.TrainingJobName]
         ),
