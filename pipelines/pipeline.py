@@ -352,8 +352,10 @@ def make_parameters(options: PipelineOptions, bucket: str) -> PipelineParameters
     default = parameter_defaults(options, bucket)
 
     def typed(name: str, kind: type) -> Any:
+        from pipelines.validation import parse_number  # the forms SageMaker reads: "1_0" is not 10
+
         try:
-            return kind(default[name])
+            return parse_number(kind, default[name])
         except (TypeError, ValueError) as error:
             wanted = {int: "an integer", float: "a number"}[kind]
             raise ValueError(

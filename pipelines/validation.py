@@ -50,6 +50,23 @@ def port_argument(text: str) -> int:
     return port
 
 
+# SageMaker's own forms of Integer and Float parameter values: ASCII digits, an optional sign, for a float a
+# decimal point and exponent. Python's int() and float() also take "1_0", digits of other scripts (an Arabic-Indic
+# one) and " 3 ", which SageMaker refuses or reads otherwise: a value is matched against these before it is read.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_number(kind: type, value: Any) -> int | float:
+    """``value`` as ``kind`` (int or float) if SageMaker reads it as one; ``ValueError`` otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return kind(value)  # a definition's own default
+    pattern = _INTEGER if kind is int else _FLOAT
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"{value!r} is not a plain ASCII decimal {'integer' if kind is int else 'number'}")
+    return kind(value)
+
+
 def bound_problem(name: str, value: Any) -> str | None:
     """Why ``value`` is outside config.PARAMETER_BOUNDS[name], or None."""
     if name not in config.PARAMETER_BOUNDS:
@@ -65,10 +82,10 @@ def parameter_argument(name: str, kind: type) -> Callable[[str], int | float]:
 
     def parse(text: str) -> int | float:
         try:
-            value = kind(text)
+            value = parse_number(kind, text)
         except ValueError:
             wanted = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {wanted} in ASCII digits, got {text!r}") from None
         problem = bound_problem(name, value)
         if problem:
             raise argparse.ArgumentTypeError(problem)
@@ -91,13 +108,13 @@ def parameter_overrides(definition: dict[str, Any], overrides: Sequence[tuple[st
             raise CommandError(f"--param {name}: no such pipeline parameter; the parameters are {', '.join(declared)}")
         kind = parameter.get("Type", "String")
         try:
-            if kind == "Integer":
-                int(value)
-            elif kind == "Float":
-                float(value)
+            if kind in ("Integer", "Float"):
+                parse_number(int if kind == "Integer" else float, value)
         except ValueError as error:
             wanted = "an integer" if kind == "Integer" else "a number"
-            raise CommandError(f"--param {name}={value}: {name} takes {wanted}") from error
+            raise CommandError(
+                f"--param {name}={value}: {name} takes {wanted} in plain ASCII digits, the only form SageMaker reads"
+            ) from error
         if kind == "Boolean" and value.lower() not in ("true", "false"):
             raise CommandError(f"--param {name}={value}: {name} takes true or false")
         allowed = parameter.get("EnumValues")
@@ -146,7 +163,11 @@ def _origin(value: Any, key: str, fixed: Mapping[str, Any]) -> str:
 
 def parameter_values(definition: dict[str, Any], overrides: list[dict[str, str]]) -> dict[str, Any]:
     """Every declared parameter's value for this run (defaults, then overrides), typed as declared."""
-    convert = {"Integer": int, "Float": float, "Boolean": lambda text: str(text).lower() == "true"}
+    convert = {
+        "Integer": lambda value: parse_number(int, value),
+        "Float": lambda value: parse_number(float, value),
+        "Boolean": lambda text: str(text).lower() == "true",
+    }
     given = {item["Name"]: item["Value"] for item in overrides}
     values = {}
     for parameter in definition.get("Parameters", []):

@@ -228,10 +228,35 @@ def test_refused_options_and_parameters_leave_no_run_folder(tmp_path: Path, caps
         (["--param", "ModelApprovalStatus=Yes"], "takes one of PendingManualApproval, Approved, Rejected"),
         (["--param", "Nope=1"], "no such pipeline parameter"),
         (["--epochs", "2", "--param", "TrainingEpochs=3"], "TrainingEpochs is given twice"),
+        # SageMaker's forms of numbers: Python's int() would read these as 10, 1 and 3
+        (["--param", "MaxTuningJobs=1_0"], "MaxTuningJobs takes an integer in plain ASCII digits"),
+        (["--param", "TuningEpochs=\u0661"], "TuningEpochs takes an integer in plain ASCII digits"),
+        (["--param", "TrainingEpochs= 3"], "TrainingEpochs takes an integer in plain ASCII digits"),
+        (["--param", "AccuracyThreshold=0.5_0"], "AccuracyThreshold takes a number in plain ASCII digits"),
+        (["--hp", "epochs=\u0661"], "the default of pipeline parameter TuningEpochs must be an integer, got '\u0661'"),
     ):
         assert main(["local", "--workdir", str(workdir), "--data", data, *argv]) == 2, argv
         assert message in capsys.readouterr().err, argv
     assert not workdir.exists() or not list(workdir.glob("run-*"))
+
+
+def test_numbers_are_read_in_sagemakers_forms_only() -> None:
+    from pipelines.validation import parameter_argument, parse_number
+
+    for text, value in (("10", 10), ("-3", -3), ("+2", 2), ("007", 7)):
+        assert parse_number(int, text) == value
+    for text, value in (("0.5", 0.5), (".5", 0.5), ("1e-3", 0.001), ("2", 2.0), ("3.", 3.0)):
+        assert parse_number(float, text) == value
+    for kind, text in ((int, "1_0"), (int, "\u0661"), (int, " 3"), (int, "1.0"), (int, ""), (float, "nan"),
+                       (float, "inf"), (float, "1_0.5"), (float, "\u0661.\u0665"), (float, "0x1p3")):  # fmt: skip
+        with pytest.raises(ValueError, match="is not a plain ASCII decimal"):
+            parse_number(kind, text)
+    with pytest.raises(Exception, match="expected a whole number in ASCII digits, got '1_6'"):
+        parameter_argument("ImageSize", int)("1_6")
+    from pipelines.cli.local import _positive_int  # local --epochs, --trials: each becomes an Integer parameter
+
+    with pytest.raises(Exception, match="expected a whole number, got '1_0'"):
+        _positive_int("1_0")
 
 
 def _tiny_archive(folder: Path) -> Path:
