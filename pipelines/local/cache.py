@@ -145,13 +145,14 @@ class StepCache:
         """How the entry's outputs differ from the file lists it recorded (None: every file is as recorded)."""
         if entry.files is None:
             return "the entry records no file lists: it was written by an older version"
+        seen: dict[tuple[int, ...], str] = {}  # the run folder's outputs are hard links to the store's: read once
         for name, path in entry.output_paths(self.workdir).items():
             if name in UNVERIFIED_OUTPUTS:
                 continue
             recorded = entry.files.get(name)
             if recorded is None:
                 return f"no file list for output {name}"
-            difference = fsutil.manifest_difference(recorded, fsutil.file_manifest(path))
+            difference = fsutil.manifest_difference(recorded, fsutil.file_manifest(path, seen))
             if difference:
                 return f"{entry.outputs[name]}: {difference}"
         return None
@@ -166,13 +167,16 @@ class StepCache:
             },
             result=result,
             created=_now().isoformat(timespec="seconds"),
-            files={
-                name: fsutil.file_manifest(path) for name, path in outputs.items() if name not in UNVERIFIED_OUTPUTS
-            },
+            files=_manifests({name: path for name, path in outputs.items() if name not in UNVERIFIED_OUTPUTS}),
         )
         with fsutil.workdir_lock(self.workdir, f"caching {step}"):
             fsutil.write_json_atomic(fsutil.contained(self.workdir, self.folder / f"{key}.json"), entry.__dict__)
         return entry
+
+
+def _manifests(outputs: dict[str, Path]) -> dict[str, dict[str, list[Any]]]:
+    seen: dict[tuple[int, ...], str] = {}
+    return {name: fsutil.file_manifest(path, seen) for name, path in outputs.items()}
 
 
 def _now() -> dt.datetime:

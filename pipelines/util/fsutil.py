@@ -76,10 +76,12 @@ def content_hash(path: str | Path) -> str:
     return file_sha256(path)
 
 
-def file_manifest(path: Path) -> dict[str, list[Any]]:
+def file_manifest(path: Path, seen: dict[tuple[int, ...], str] | None = None) -> dict[str, list[Any]]:
     """``{relative path: [size, sha256]}`` of every file ``path`` holds (a file alone: under the name ".").
 
-    Files ``iter_files`` skips (caches) are left out, as ``link_tree`` leaves them out of a copy.
+    Files ``iter_files`` skips (caches) are left out, as ``link_tree`` leaves them out of a copy. ``seen`` maps
+    an inode (device, number, size, change time) to its hash, so a file hard-linked into several outputs (a run
+    folder's and the object store's copy) is read once.
     """
     if path.is_dir():
         files = {file.relative_to(path).as_posix(): file for file in iter_files(path)}
@@ -87,7 +89,15 @@ def file_manifest(path: Path) -> dict[str, list[Any]]:
         files = {".": path}
     else:
         return {}
-    return {name: [file.stat().st_size, file_sha256(file)] for name, file in files.items()}
+    seen = {} if seen is None else seen
+    manifest = {}
+    for name, file in files.items():
+        status = file.stat()
+        inode = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+        if inode not in seen:
+            seen[inode] = file_sha256(file)
+        manifest[name] = [status.st_size, seen[inode]]
+    return manifest
 
 
 def manifest_difference(recorded: dict[str, list[Any]], found: dict[str, list[Any]]) -> str | None:
