@@ -410,6 +410,18 @@ def test_a_cache_hit_counts_only_while_its_outputs_hold_the_recorded_files(tmp_p
     assert lines[-1].endswith("(run-0003/split/train: a.jpg has other bytes than were recorded (same size)); "
                               "the step runs again")  # fmt: skip
 
+    # an entry an older version wrote, with no file lists, proves nothing: the step runs again
+    (entry_file,) = (tmp_path / cache.CACHE_DIR).glob("*.json")
+    entry = json.loads(entry_file.read_text())
+    del entry["files"]
+    entry_file.write_text(json.dumps(entry))
+    step = _split_run(tmp_path, "run-0005", writer, lines)
+    assert step["Local"]["CachedFromRun"] is None and writer.runs == 4
+    assert lines[-1] == (
+        "cache: Split's outputs from run-0004 cannot be proven (an older version wrote the entry, with no file "
+        "lists); the step runs again"
+    )
+
 
 # --- the deploy function against the local registry ----------------------------------------------------------------
 

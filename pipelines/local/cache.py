@@ -137,24 +137,25 @@ class StepCache:
             return None  # the run that made it was deleted: run the step again
         problem = self.output_problem(entry)
         if problem:
-            self.report(f"cache: {entry.step}'s outputs from {entry.run_id} changed ({problem}); the step runs again")
+            self.report(f"cache: {entry.step}'s outputs from {entry.run_id} {problem}; the step runs again")
             return None
         return entry
 
     def output_problem(self, entry: CacheEntry) -> str | None:
-        """How the entry's outputs differ from the file lists it recorded (None: every file is as recorded)."""
+        """How the entry's outputs differ from the file lists it recorded, as "changed (...)" (None: every file is
+        as recorded)."""
         if entry.files is None:
-            return "the entry records no file lists: it was written by an older version"
+            return "cannot be proven (an older version wrote the entry, with no file lists)"
         seen: dict[tuple[int, ...], str] = {}  # the run folder's outputs are hard links to the store's: read once
         for name, path in entry.output_paths(self.workdir).items():
             if name in UNVERIFIED_OUTPUTS:
                 continue
             recorded = entry.files.get(name)
             if recorded is None:
-                return f"no file list for output {name}"
+                return f"cannot be proven (the entry has no file list for output {name})"
             difference = fsutil.manifest_difference(recorded, fsutil.file_manifest(path, seen))
             if difference:
-                return f"{entry.outputs[name]}: {difference}"
+                return f"changed ({entry.outputs[name]}: {difference})"
         return None
 
     def store(self, key: str, step: str, run_id: str, outputs: dict[str, Path], result: dict[str, Any]) -> CacheEntry:
