@@ -110,7 +110,7 @@ from pipelines.config import (  # step names and container paths
     TENSORBOARD_LOCAL_PATH,
     HyperparameterRange,
 )
-from pipelines.definition.names import LAMBDA_FUNCTION_NAME, partition_for_region
+from pipelines.definition.names import LAMBDA_FUNCTION_NAME, parse_number, partition_for_region
 from pipelines.packaging import CodeArtifacts, code_artifacts, s3_uri
 from steps import evaluate as evaluate_step_script
 
@@ -352,10 +352,8 @@ def make_parameters(options: PipelineOptions, bucket: str) -> PipelineParameters
     default = parameter_defaults(options, bucket)
 
     def typed(name: str, kind: type) -> Any:
-        from pipelines.validation import parse_number  # the forms SageMaker reads: "1_0" is not 10
-
         try:
-            return parse_number(kind, default[name])
+            return parse_number(kind, default[name])  # the forms SageMaker reads: "1_0" is not 10
         except (TypeError, ValueError) as error:
             wanted = {int: "an integer", float: "a number"}[kind]
             raise ValueError(

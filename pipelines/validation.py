@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import config
+from pipelines.definition.names import parse_number
 from pipelines.util.errors import CommandError
 
 # The scripts the definition runs, by the file name its entrypoint names, and the module that is that file here.
@@ -48,23 +49,6 @@ def port_argument(text: str) -> int:
     if not low <= port <= high:
         raise argparse.ArgumentTypeError(f"a port is {low} to {high} ({low}: any free port), got {port}")
     return port
-
-
-# SageMaker's own forms of Integer and Float parameter values: ASCII digits, an optional sign, for a float a
-# decimal point and exponent. Python's int() and float() also take "1_0", digits of other scripts (an Arabic-Indic
-# one) and " 3 ", which SageMaker refuses or reads otherwise: a value is matched against these before it is read.
-_INTEGER = re.compile(r"[+-]?[0-9]+")
-_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-def parse_number(kind: type, value: Any) -> int | float:
-    """``value`` as ``kind`` (int or float) if SageMaker reads it as one; ``ValueError`` otherwise."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return kind(value)  # a definition's own default
-    pattern = _INTEGER if kind is int else _FLOAT
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise ValueError(f"{value!r} is not a plain ASCII decimal {'integer' if kind is int else 'number'}")
-    return kind(value)
 
 
 def bound_problem(name: str, value: Any) -> str | None:

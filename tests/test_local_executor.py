@@ -241,7 +241,8 @@ def test_refused_options_and_parameters_leave_no_run_folder(tmp_path: Path, caps
 
 
 def test_numbers_are_read_in_sagemakers_forms_only() -> None:
-    from pipelines.validation import parameter_argument, parse_number
+    from pipelines.definition.names import parse_number
+    from pipelines.validation import parameter_argument
 
     for text, value in (("10", 10), ("-3", -3), ("+2", 2), ("007", 7)):
         assert parse_number(int, text) == value

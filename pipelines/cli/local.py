@@ -45,7 +45,7 @@ PARAMETER_FLAGS = {
 
 def _positive_int(text: str) -> int:
     try:
-        value = validation.parse_number(int, text)  # what SageMaker reads as the parameter it becomes
+        value = names.parse_number(int, text)  # what SageMaker reads as the parameter it becomes
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
