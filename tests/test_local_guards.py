@@ -417,7 +417,7 @@ def test_values_that_could_only_fail_late_are_refused_before_anything_runs(tmp_p
     flags = {  # refused as they are read
         ("--threshold", "2"): "AccuracyThreshold=2.0 is outside 0 to 1",
         ("--threshold", "-1"): "AccuracyThreshold=-1.0 is outside 0 to 1",
-        ("--threshold", "nan"): "AccuracyThreshold=nan is outside 0 to 1",
+        ("--threshold", "nan"): "expected a number in ASCII digits, got 'nan'",  # not a form SageMaker reads
         ("--port", "70000"): "a port is 0 to 65535",
         ("--port", "-1"): "a port is 0 to 65535",
         ("--image-size", "1"): "ImageSize=1 is outside 8 to 2048",
