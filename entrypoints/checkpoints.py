@@ -1,13 +1,17 @@
 """Per-epoch training checkpoints: written atomically, keyed by what they were trained on, resumed only by a run
 with the same key.
 
-A checkpoint's name carries the first 16 hex digits of the SHA-256 of its *fingerprint*: the hyperparameters
-that shape the weights (all but ``--epochs``), the global batch, and the data (``data.channel_fingerprint`` of
-both channels). So runs with other settings or other data never resume, overwrite or prune each other's files,
-even in one folder they all use (a SageMaker job's ``checkpoint_s3_uri`` brings back every file it ever held).
+A checkpoint's name carries the first 16 hex digits of the SHA-256 of its *fingerprint*: every input that
+changes the result. That is every hyperparameter (``--epochs`` too: the learning-rate schedule decays over the
+run's epochs, so 8 epochs continued to 9 are not a 9-epoch training), the starting weights, the global batch,
+the data (``data.channel_fingerprint`` of both channels), and the code (this folder's Python files, and the
+torch and torchvision versions). So a run resumes only a checkpoint of the same training, stopped part way (a
+spot interruption, a retried job); runs with anything else never resume, overwrite or prune each other's files,
+even in one folder they all use (a SageMaker job's ``checkpoint_s3_uri`` brings back every file it ever held,
+and the pipeline keys that prefix by the best trial, which a cached Tune reuses).
 
 Files hold only tensors and plain values: they load with ``torch.load(weights_only=True)``. Shipped in the
-training ``source_dir``: imports only torch and the standard library.
+training ``source_dir``: imports only torch (torchvision for its version) and the standard library.
 """
 
 from __future__ import annotations
@@ -26,7 +30,32 @@ import torch
 FORMAT = 2  # 1: unkeyed names, no data in the fingerprint (read only to explain why it is not resumed)
 KEPT = 2  # newest checkpoints kept per key
 _NAME = re.compile(r"^checkpoint-(?:(?P<key>[0-9a-f]{16})-)?epoch-(?P<epoch>\d+)\.pt$")
-_DIGEST_KEYS = ("train-data", "valid-data")  # fingerprint values shown shortened in messages
+_DIGEST_KEYS = ("train-data", "valid-data", "code")  # fingerprint values shown shortened in messages
+
+
+def code_digest(folder: Path | None = None) -> str:
+    """SHA-256 over the names and bytes of the training code (this folder's ``.py`` files) and the versions of
+    torch and torchvision: other code may train other weights from the same settings."""
+    folder = folder or Path(__file__).resolve().parent
+    digest = hashlib.sha256(f"torch {torch.__version__}\0".encode())
+    try:
+        import torchvision
+
+        digest.update(f"torchvision {torchvision.__version__}\0".encode())
+    except ImportError:  # the training script needs it; a missing one is reported where it is imported
+        pass
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes, read in chunks (pretrained weights of a few hundred MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def key_of(fingerprint: dict[str, Any]) -> str:
@@ -60,7 +89,7 @@ def entries(checkpoint_dir: Path) -> list[Entry]:
 def save(checkpoint_dir: Path, key: str, epoch: int, state: dict[str, Any]) -> Path:
     """Write atomically (temporary file, fsync, rename); keep this key's newest ``KEPT`` up to ``epoch``.
 
-    Files of other keys, and this key's files past ``epoch`` (a longer run's), are left alone.
+    Files of other keys, and this key's files past ``epoch``, are left alone.
     """
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir / file_name(key, epoch)
@@ -93,7 +122,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     def show(name: str, value: Any) -> str:
         if value is None:
             return "(not recorded)"
-        return repr(value[:12]) if name in _DIGEST_KEYS and isinstance(value, str) else repr(value)
+        digest = isinstance(value, str) and (name in _DIGEST_KEYS or value.startswith("sha256:"))
+        return repr(value[:19] if value.startswith("sha256:") else value[:12]) if digest else repr(value)
 
     names = list(new) + [name for name in old if name not in new]
     changed = [name for name in names if old.get(name) != new.get(name)]
@@ -110,15 +140,23 @@ class Choice:
     reason: str | None = None  # one line when the folder held checkpoints but none of them is resumed
 
 
-def choose(checkpoint_dir: Path, fingerprint: dict[str, Any], epochs: int) -> Choice:
-    """The newest loadable checkpoint of this fingerprint at or before ``epochs``; else why none is resumed."""
+def same_training(fingerprint: dict[str, Any]) -> str:
+    """Why a resumed checkpoint is this training's, in words (a line of the job's log)."""
+    data = ", ".join(f"{name} {fingerprint[name][:12]}" for name in ("train-data", "valid-data") if name in fingerprint)
+    shown = [name for name in fingerprint if name not in _DIGEST_KEYS]
+    return (
+        f"the same training: its fingerprint {key_of(fingerprint)} matches in every value ({', '.join(shown)}; "
+        f"data {data}; code {str(fingerprint.get('code'))[:12]})"
+    )
+
+
+def choose(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> Choice:
+    """The newest loadable checkpoint of this fingerprint; else why none is resumed."""
     key = key_of(fingerprint)
     found = entries(checkpoint_dir)
     own = [e for e in found if e.key == key]
     notes = []
     for entry in own:
-        if entry.epoch > epochs:
-            continue
         try:
             state = load(entry.path)
         except ValueError as error:
@@ -127,13 +165,6 @@ def choose(checkpoint_dir: Path, fingerprint: dict[str, Any], epochs: int) -> Ch
         if state.get("fingerprint") == fingerprint and state.get("format") == FORMAT:
             return Choice(state, entry.path, tuple(notes))
         notes.append(f"checkpoint {entry.path} has a name of these settings but other contents; trying an older one")
-    later = [e for e in own if e.epoch > epochs]
-    if later:
-        reason = (
-            f"starting fresh: the checkpoints of these settings and data in {checkpoint_dir} are at epoch "
-            f"{later[0].epoch}, past --epochs {epochs}; they are left in place"
-        )
-        return Choice(notes=tuple(notes), reason=reason)
     others = [e for e in found if e.key != key]
     if not others:
         return Choice(notes=tuple(notes))

@@ -601,13 +601,15 @@ def evaluate(
 
 
 def resume_fingerprint(settings: Settings, global_batch: int, data_digests: dict[str, str]) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed: the settings that shape the weights (all but --epochs and
-    the pretrained weights, which the checkpoint replaces), the global batch, and the data of both channels."""
+    """What must match for a checkpoint to be resumed: every input that changes the result. Every hyperparameter
+    (--epochs too: the schedule decays over them), the starting weights (a file by its bytes: its path differs
+    from job to job), the global batch, the data of both channels, and the code."""
     values = settings.hyperparameters()
-    values.pop("epochs")
-    values.pop("weights")
+    if values["weights"] not in ("none", "imagenet"):
+        values["weights"] = checkpoints.file_digest(Path(values["weights"]))
     values["global-batch-size"] = global_batch
     values.update({f"{name}-data": digest for name, digest in data_digests.items()})
+    values["code"] = checkpoints.code_digest()
     return values
 
 
@@ -635,7 +637,7 @@ def choose_checkpoint(settings: Settings, fingerprint: dict[str, Any]) -> tuple[
         return None
     choice = None
     if settings.world.is_main:
-        choice = checkpoints.choose(settings.checkpoint_dir, fingerprint, settings.args.epochs)
+        choice = checkpoints.choose(settings.checkpoint_dir, fingerprint)
         for line in (*choice.notes, choice.reason):
             if line:
                 log(line)
@@ -655,16 +657,12 @@ def choose_checkpoint(settings: Settings, fingerprint: dict[str, Any]) -> tuple[
     return state, path
 
 
-def restore(trainee: Trainee, state: dict[str, Any], settings: Settings, steps_per_epoch: int) -> int:
+def restore(trainee: Trainee, state: dict[str, Any], settings: Settings) -> int:
     """Load a checkpoint into the trainee and this rank's RNG; returns the epochs it had done."""
     args, world = settings.args, settings.world
     trainee.model.load_state_dict(state["model"])
     trainee.optimizer.load_state_dict(state["optimizer"])
-    trainee.scheduler.load_state_dict(state["scheduler"])
-    # The schedule is a function of this run's --epochs, which may differ from the stopped run's.
-    factor = lr_factor(trainee.scheduler.last_epoch, steps_per_epoch, args.epochs, args.scheduler)
-    for group, base_lr in zip(trainee.optimizer.param_groups, trainee.scheduler.base_lrs, strict=True):
-        group["lr"] = base_lr * factor
+    trainee.scheduler.load_state_dict(state["scheduler"])  # the same --epochs: the same schedule, carried on
     trainee.scaler.load_state_dict(state["scaler"])
     epoch = int(state["epoch"])
     rng = state["rng"]
@@ -896,9 +894,11 @@ def run_training(settings: Settings, session: distributed.Session | None = None)
     start_epoch = 0
     if resumed is not None:
         state, path = resumed
-        start_epoch = restore(trainee, state, settings, steps_per_epoch)
+        start_epoch = restore(trainee, state, settings)
         history = {key: list(values) for key, values in state["history"].items()}
-        log(f"resumed from {path}: {start_epoch} of {args.epochs} epochs done")
+        log(
+            f"resumed from {path}: {start_epoch} of {args.epochs} epochs done; {checkpoints.same_training(fingerprint)}"
+        )
         if start_epoch >= args.epochs:
             # A retried job must still give the tuner its objective: the last epoch's line, from the checkpoint.
             log("all epochs were already done; the last epoch's metrics, from the checkpoint:")

@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines import config
+from pipelines import config, validation
 from pipelines.util import fsutil
 from pipelines.util.errors import CommandError
 
@@ -73,8 +73,9 @@ def write_digits_archive(
     import numpy as np
     from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import
 
-    if image_size < 8:
-        raise ValueError(f"image_size must be at least 8 (the digits are 8x8), got {image_size}")
+    size_problem = validation.bound_problem("ImageSize", image_size)  # the bound `local` applies to ImageSize
+    if size_problem:
+        raise ValueError(size_problem)
     if per_class_limit is not None and per_class_limit < 1:
         raise ValueError(f"per_class_limit must be at least 1, got {per_class_limit}")
     if not (0 <= valid_fraction < 1 and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1):
@@ -157,7 +158,10 @@ def add_commands(subparsers: Any) -> None:
     )
     parser.add_argument("output", type=Path, help="the zip file to write")
     parser.add_argument(
-        "--image-size", type=int, default=config.DEMO_IMAGE_SIZE, help="side of the upscaled square images"
+        "--image-size",
+        type=validation.parameter_argument("ImageSize", int),  # the bounds of local's --image-size
+        default=config.DEMO_IMAGE_SIZE,
+        help="side of the upscaled square images",
     )
     parser.add_argument("--per-class-limit", type=int, default=None, help="keep at most this many images per class")
     parser.add_argument("--valid-fraction", type=float, default=config.VALID_FRACTION, help="share of each class")

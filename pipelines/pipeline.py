@@ -110,7 +110,7 @@ from pipelines.config import (  # step names and container paths
     TENSORBOARD_LOCAL_PATH,
     HyperparameterRange,
 )
-from pipelines.definition.names import LAMBDA_FUNCTION_NAME, partition_for_region
+from pipelines.definition.names import LAMBDA_FUNCTION_NAME, parse_number, partition_for_region
 from pipelines.packaging import CodeArtifacts, code_artifacts, s3_uri
 from steps import evaluate as evaluate_step_script
 
@@ -353,7 +353,7 @@ def make_parameters(options: PipelineOptions, bucket: str) -> PipelineParameters
 
     def typed(name: str, kind: type) -> Any:
         try:
-            return kind(default[name])
+            return parse_number(kind, default[name])  # the forms SageMaker reads: "1_0" is not 10
         except (TypeError, ValueError) as error:
             wanted = {int: "an integer", float: "a number"}[kind]
             raise ValueError(
@@ -805,8 +805,9 @@ def _train_step(build: _Build, training: _TrainingJobs, step_tune: TuningStep) -
     training_estimator = _TrainStepPyTorch(
         **{**training.estimator, **distributed},
         output_path=s3_uri(build.bucket, build.name, "training"),
-        # Keyed by the best trial: a cached Tune gives the same path (same cache key), a new Tune a new one,
-        # so a job never resumes from another configuration's checkpoints.
+        # Keyed by the best trial: a cached Tune gives the same path (same cache key), a new Tune a new one. A
+        # cached Tune with other TrainingEpochs shares the path: train.py keys each checkpoint file by its whole
+        # training (every hyperparameter, the data, the code), so a job resumes only its own training's.
         checkpoint_s3_uri=Join(
             on="/", values=["s3:/", build.bucket, build.name, "checkpoints", best_job.TrainingJobName]
         ),

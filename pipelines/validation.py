@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import config
+from pipelines.definition.names import parse_number
 from pipelines.util.errors import CommandError
 
 # The scripts the definition runs, by the file name its entrypoint names, and the module that is that file here.
@@ -65,10 +66,10 @@ def parameter_argument(name: str, kind: type) -> Callable[[str], int | float]:
 
     def parse(text: str) -> int | float:
         try:
-            value = kind(text)
+            value = parse_number(kind, text)
         except ValueError:
             wanted = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {wanted} in ASCII digits, got {text!r}") from None
         problem = bound_problem(name, value)
         if problem:
             raise argparse.ArgumentTypeError(problem)
@@ -91,13 +92,13 @@ def parameter_overrides(definition: dict[str, Any], overrides: Sequence[tuple[st
             raise CommandError(f"--param {name}: no such pipeline parameter; the parameters are {', '.join(declared)}")
         kind = parameter.get("Type", "String")
         try:
-            if kind == "Integer":
-                int(value)
-            elif kind == "Float":
-                float(value)
+            if kind in ("Integer", "Float"):
+                parse_number(int if kind == "Integer" else float, value)
         except ValueError as error:
             wanted = "an integer" if kind == "Integer" else "a number"
-            raise CommandError(f"--param {name}={value}: {name} takes {wanted}") from error
+            raise CommandError(
+                f"--param {name}={value}: {name} takes {wanted} in plain ASCII digits, the only form SageMaker reads"
+            ) from error
         if kind == "Boolean" and value.lower() not in ("true", "false"):
             raise CommandError(f"--param {name}={value}: {name} takes true or false")
         allowed = parameter.get("EnumValues")
@@ -146,7 +147,11 @@ def _origin(value: Any, key: str, fixed: Mapping[str, Any]) -> str:
 
 def parameter_values(definition: dict[str, Any], overrides: list[dict[str, str]]) -> dict[str, Any]:
     """Every declared parameter's value for this run (defaults, then overrides), typed as declared."""
-    convert = {"Integer": int, "Float": float, "Boolean": lambda text: str(text).lower() == "true"}
+    convert = {
+        "Integer": lambda value: parse_number(int, value),
+        "Float": lambda value: parse_number(float, value),
+        "Boolean": lambda text: str(text).lower() == "true",
+    }
     given = {item["Name"]: item["Value"] for item in overrides}
     values = {}
     for parameter in definition.get("Parameters", []):

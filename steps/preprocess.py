@@ -46,6 +46,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import unicodedata
 import zipfile
 import zlib
 from collections import Counter, defaultdict
@@ -1054,6 +1055,7 @@ def preprocess(
         reserved = [name for name in layout.classes if name in (LABELS_FILE, MANIFEST_FILE)]
         if reserved:
             raise PreprocessError(f"class folder {reserved[0]!r} has the name of an output file: rename it")
+        _refuse_colliding_classes(layout.classes)
         class_index = {name: index for index, name in enumerate(layout.classes)}
         split_rank = {split: rank for rank, split in enumerate(SPLITS)}
         items = sorted(
@@ -1109,6 +1111,33 @@ def preprocess(
         flush=True,
     )
     return manifest
+
+
+def _caseless(name: str) -> str:
+    """Unicode's canonical caseless form (NFD(casefold(NFD(name))), the standard's D145): one key for 'Cat' and
+    'cat', and for the composed and decomposed spellings of 'café'."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
+def _refuse_colliding_classes(classes: Sequence[str]) -> None:
+    """Refuse two class folders that are one name up to Unicode form and case, naming both.
+
+    Refused, not merged: 'Cat'/'cat' and the NFC/NFD spellings of 'café' (macOS writes NFD names into archives,
+    most tools NFC) are one folder on a case-insensitive or normalising file system (macOS, Windows), so the
+    split written there would mix two classes, and a merge would pick a label the user never chose, for images
+    that may have been sorted apart on purpose. The user decides: rename one folder or move its images.
+    """
+    seen: dict[str, str] = {}
+    for name in classes:
+        other = seen.setdefault(_caseless(name), name)
+        if other == name:
+            continue
+        same_letters = unicodedata.normalize("NFC", other) == unicodedata.normalize("NFC", name)
+        how = "two Unicode spellings of one name" if same_letters else "one name in two cases"
+        raise PreprocessError(
+            f"class folders {other!r} and {name!r} are one class ({how}: {other!a} and {name!a}); a "
+            "case-insensitive file system would merge them: rename one, or move its images into the other"
+        )
 
 
 def _assign_splits(

@@ -105,10 +105,59 @@ def test_a_run_that_finds_every_epoch_done_prints_the_last_metrics_line_again(ch
     epoch_1.unlink()
     assert train.main(train_argv(channels, tmp_path, "--epochs", "1")) == 0
     shorter = capsys.readouterr().out
-    assert "starting fresh: the checkpoints of these settings and data" in shorter and "past --epochs 1" in shorter
+    assert re.search(
+        r"starting fresh: checkpoint-\w+-epoch-0002\.pt .*another run's checkpoint \(epochs: 2 -> 1\)", shorter
+    )
     assert [row["epoch"] for row in contract.parse_metrics(shorter)] == [1]
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert [re.sub("-[0-9a-f]{16}-", "-", n) for n in names] == ["checkpoint-epoch-0001.pt", "checkpoint-epoch-0002.pt"]
+    assert sorted(re.sub("-[0-9a-f]{16}-", "-", n) for n in names) == [
+        "checkpoint-epoch-0001.pt",  # this run's (1 epoch)
+        "checkpoint-epoch-0002.pt",  # the 2-epoch run's, left in place
+    ]
+    assert len({re.search("-([0-9a-f]{16})-", n).group(1) for n in names}) == 2
+
+
+@pytest.mark.slow
+def test_more_epochs_after_a_finished_run_train_afresh_and_the_same_settings_resume(channels, tmp_path, capsys) -> None:
+    """A run of 2 epochs after one of 1 in the same checkpoint folder (what a cached Tune's best trial gives the
+    Train step) trains 2 epochs from the start: 1 epoch carried on under a 2-epoch schedule are another model."""
+    assert train.main(train_argv(channels, tmp_path / "runs", "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert train.main(train_argv(channels, tmp_path / "runs", "--epochs", "2")) == 0
+    longer = capsys.readouterr().out
+    fresh = [line for line in longer.splitlines() if line.startswith("starting fresh")]
+    assert len(fresh) == 1 and "(epochs: 1 -> 2)" in fresh[0] and "left in place" in fresh[0], longer
+    assert "resumed from" not in longer
+    assert [row["epoch"] for row in contract.parse_metrics(longer)] == [1, 2]
+    assert train.main(train_argv(channels, tmp_path / "alone", "--epochs", "2")) == 0
+    assert _same(_weights(tmp_path / "runs"), _weights(tmp_path / "alone"))  # exactly a 2-epoch training
+    assert len(list((tmp_path / "runs" / "checkpoints").glob("checkpoint-*-epoch-0001.pt"))) == 2  # both kept
+
+    # a job stopped after epoch 1 of 2 (a spot interruption): the same settings resume, saying why
+    for path in (tmp_path / "runs" / "checkpoints").glob("checkpoint-*-epoch-0002.pt"):
+        path.unlink()
+    capsys.readouterr()
+    assert train.main(train_argv(channels, tmp_path / "runs", "--epochs", "2")) == 0
+    resumed = capsys.readouterr().out
+    (line,) = [line for line in resumed.splitlines() if line.startswith("resumed from")]
+    assert "epoch-0001.pt: 1 of 2 epochs done; the same training: its fingerprint" in line
+    assert "epochs" in line and "lr" in line and "data train-data" in line and "code " in line
+    assert [row["epoch"] for row in contract.parse_metrics(resumed)] == [2]
+    assert _same(_weights(tmp_path / "runs"), _weights(tmp_path / "alone"))
+
+
+def test_the_fingerprint_covers_the_code_and_the_starting_weights_file(tmp_path) -> None:
+    code = tmp_path / "code"
+    shutil.copytree(Path(checkpoints.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+    before = checkpoints.code_digest(code)
+    assert before == checkpoints.code_digest(Path(checkpoints.__file__).parent)  # names and bytes, not the folder
+    (code / "train.py").write_text((code / "train.py").read_text() + "\n# another schedule\n")
+    assert checkpoints.code_digest(code) != before
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"one")
+    first = checkpoints.file_digest(weights)
+    weights.write_bytes(b"two")
+    assert checkpoints.file_digest(weights) != first and first.startswith("sha256:")
 
 
 def _toolkit_env(monkeypatch: pytest.MonkeyPatch, base: Path | None, machine_base: Path) -> None:
@@ -146,7 +195,7 @@ def test_the_toolkit_environment_gives_its_own_checkpoint_folder_which_a_later_r
     at = argv.index("--checkpoint-dir")
     del argv[at : at + 2]
     assert train.main([*argv, "--epochs", "1"]) == 0
-    assert train.main([*argv, "--epochs", "2"]) == 0  # a later run in the same environment
+    assert train.main([*argv, "--epochs", "1"]) == 0  # a later run of the same training in the same environment
     out = capsys.readouterr().out
     assert re.search(rf"resumed from {re.escape(str(base / 'checkpoints'))}/checkpoint-\w+-epoch-0001\.pt", out)
 

@@ -106,7 +106,23 @@ def test_command_line(tmp_path, capsys):
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError, match="ImageSize=4 is outside 8 to 2048"):
         demo_data.write_digits_archive("unused.zip", image_size=4)
     with pytest.raises(ValueError, match="valid_fraction"):
         demo_data.write_digits_archive("unused.zip", valid_fraction=0.6, test_fraction=0.5)
+
+
+def test_the_image_size_is_bounded_as_locals_is(tmp_path, capsys):
+    """One bound (config.PARAMETER_BOUNDS["ImageSize"]) for `demo-data --image-size` and `local --image-size`."""
+    from pipelines import config
+
+    low, high, _ = config.PARAMETER_BOUNDS["ImageSize"]
+    for size in (str(high + 1), "40000", str(low - 1), "1_6"):
+        lines = []
+        for command in (["demo-data", str(tmp_path / "d.zip")], ["local", "--workdir", str(tmp_path / "runs")]):
+            with pytest.raises(SystemExit) as refused:
+                main([*command, "--image-size", size])
+            assert refused.value.code == 2
+            lines.append(capsys.readouterr().err.strip().splitlines()[-1].split("--image-size: ")[1])
+        assert lines[0] == lines[1] and (size == "1_6" or f"outside {low} to {high}" in lines[0]), lines
+    assert not (tmp_path / "d.zip").exists() and not (tmp_path / "runs").exists()

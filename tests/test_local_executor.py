@@ -229,10 +229,36 @@ def test_refused_options_and_parameters_leave_no_run_folder(tmp_path: Path, caps
         (["--param", "ModelApprovalStatus=Yes"], "takes one of PendingManualApproval, Approved, Rejected"),
         (["--param", "Nope=1"], "no such pipeline parameter"),
         (["--epochs", "2", "--param", "TrainingEpochs=3"], "TrainingEpochs is given twice"),
+        # SageMaker's forms of numbers: Python's int() would read these as 10, 1 and 3
+        (["--param", "MaxTuningJobs=1_0"], "MaxTuningJobs takes an integer in plain ASCII digits"),
+        (["--param", "TuningEpochs=\u0661"], "TuningEpochs takes an integer in plain ASCII digits"),
+        (["--param", "TrainingEpochs= 3"], "TrainingEpochs takes an integer in plain ASCII digits"),
+        (["--param", "AccuracyThreshold=0.5_0"], "AccuracyThreshold takes a number in plain ASCII digits"),
+        (["--hp", "epochs=\u0661"], "the default of pipeline parameter TuningEpochs must be an integer, got '\u0661'"),
     ):
         assert main(["local", "--workdir", str(workdir), "--data", data, *argv]) == 2, argv
         assert message in capsys.readouterr().err, argv
     assert not workdir.exists() or not list(workdir.glob("run-*"))
+
+
+def test_numbers_are_read_in_sagemakers_forms_only() -> None:
+    from pipelines.definition.names import parse_number
+    from pipelines.validation import parameter_argument
+
+    for text, value in (("10", 10), ("-3", -3), ("+2", 2), ("007", 7)):
+        assert parse_number(int, text) == value
+    for text, value in (("0.5", 0.5), (".5", 0.5), ("1e-3", 0.001), ("2", 2.0), ("3.", 3.0)):
+        assert parse_number(float, text) == value
+    for kind, text in ((int, "1_0"), (int, "\u0661"), (int, " 3"), (int, "1.0"), (int, ""), (float, "nan"),
+                       (float, "inf"), (float, "1_0.5"), (float, "\u0661.\u0665"), (float, "0x1p3")):  # fmt: skip
+        with pytest.raises(ValueError, match="is not a plain ASCII decimal"):
+            parse_number(kind, text)
+    with pytest.raises(Exception, match="expected a whole number in ASCII digits, got '1_6'"):
+        parameter_argument("ImageSize", int)("1_6")
+    from pipelines.cli.local import _positive_int  # local --epochs, --trials: each becomes an Integer parameter
+
+    with pytest.raises(Exception, match="expected a whole number, got '1_0'"):
+        _positive_int("1_0")
 
 
 def _tiny_archive(folder: Path) -> Path:
@@ -301,6 +327,102 @@ def test_cache_entries_expire_after_the_steps_expire_after(tmp_path: Path) -> No
     (step_cache.folder / "key.json").write_text(json.dumps({**entry.__dict__, "created": old}))
     assert step_cache.lookup("key", "P30D") is None  # expired
     assert step_cache.lookup("key", None) is not None  # no ExpireAfter: kept
+
+
+class _SplitWriter:
+    """A cacheable step that writes a two-image split to its run folder and to the store; counts its runs."""
+
+    step_type = "Processing"
+    provides = frozenset({"ProcessingOutputConfig"})
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def check(self, step: dict[str, Any], execution: Any) -> list[str]:
+        return []
+
+    def cache_key(self, context: Any) -> dict[str, Any]:
+        return {"inputs": "the same every run"}
+
+    def run(self, context: Any) -> Any:
+        from pipelines.local.executor import StepResult
+
+        self.runs += 1
+        split = context.folder / "train"
+        split.mkdir(parents=True)
+        for name in ("a.jpg", "b.jpg"):
+            (split / name).write_bytes(name.encode() * 100)
+        stored = context.execution.store.put(f"s3://bucket/{context.execution.run_id}/train", split)
+        return StepResult(outputs={"train": split, "s3:train": stored})
+
+
+def _split_run(workdir: Path, run_id: str, writer: _SplitWriter, lines: list[str]) -> dict[str, Any]:
+    from pipelines.local.console import Console
+    from pipelines.local.executor import LocalExecution
+
+    arguments = {
+        "ProcessingResources": {
+            "ClusterConfig": {"InstanceCount": 1, "InstanceType": "ml.m5.large", "VolumeSizeInGB": 30}
+        },
+        "AppSpecification": {"ImageUri": "image"},
+        "RoleArn": "arn:aws:iam::111122223333:role/r",
+    }
+    definition = {
+        "Version": "2020-12-01",
+        "Parameters": [],
+        "Steps": [{"Name": "Split", "Type": "Processing", "Arguments": arguments, "CacheConfig": {"Enabled": True}}],
+    }
+    execution = LocalExecution(
+        definition,
+        executors={"Processing": writer},
+        parameters={},
+        run_dir=workdir / run_id,
+        store=objectstore.ObjectStore(workdir),
+        cache=cache.StepCache(workdir, report=lines.append),
+        console=Console(io.StringIO()),
+        execution_variables={"PipelineExecutionId": run_id},
+        region=config.LOCAL_REGION,
+        account_id=config.LOCAL_ACCOUNT_ID,
+        cpus=1,
+    )
+    execution.run()
+    return execution.record["PipelineExecutionSteps"][0]
+
+
+def test_a_cache_hit_counts_only_while_its_outputs_hold_the_recorded_files(tmp_path: Path) -> None:
+    writer, lines = _SplitWriter(), []
+    _split_run(tmp_path, "run-0001", writer, lines)
+    assert _split_run(tmp_path, "run-0002", writer, lines)["Local"]["CachedFromRun"] == "run-0001"
+    assert writer.runs == 1 and lines == []
+    assert sorted(p.name for p in (tmp_path / "run-0002" / "split" / "train").iterdir()) == ["a.jpg", "b.jpg"]
+
+    (tmp_path / "s3" / "bucket" / "run-0001" / "train" / "b.jpg").unlink()  # an image deleted from the cached split
+    step = _split_run(tmp_path, "run-0003", writer, lines)
+    assert step["Local"]["CachedFromRun"] is None and step["StepStatus"] == "Succeeded" and writer.runs == 2
+    assert lines == [
+        "cache: Split's outputs from run-0001 changed (s3/bucket/run-0001/train: b.jpg is missing); the step runs again"
+    ]
+    assert sorted(p.name for p in (tmp_path / "s3" / "bucket" / "run-0003" / "train").iterdir()) == ["a.jpg", "b.jpg"]
+
+    # the entry now points at run-0003's outputs; an image rewritten in place (same size) is caught too
+    (tmp_path / "run-0003" / "split" / "train" / "a.jpg").unlink()
+    (tmp_path / "run-0003" / "split" / "train" / "a.jpg").write_bytes(b"x" * 500)
+    step = _split_run(tmp_path, "run-0004", writer, lines)
+    assert step["Local"]["CachedFromRun"] is None and writer.runs == 3
+    assert lines[-1].endswith("(run-0003/split/train: a.jpg has other bytes than were recorded (same size)); "
+                              "the step runs again")  # fmt: skip
+
+    # an entry an older version wrote, with no file lists, proves nothing: the step runs again
+    (entry_file,) = (tmp_path / cache.CACHE_DIR).glob("*.json")
+    entry = json.loads(entry_file.read_text())
+    del entry["files"]
+    entry_file.write_text(json.dumps(entry))
+    step = _split_run(tmp_path, "run-0005", writer, lines)
+    assert step["Local"]["CachedFromRun"] is None and writer.runs == 4
+    assert lines[-1] == (
+        "cache: Split's outputs from run-0004 cannot be proven (an older version wrote the entry, with no file "
+        "lists); the step runs again"
+    )
 
 
 # --- the deploy function against the local registry ----------------------------------------------------------------

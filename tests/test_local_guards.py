@@ -124,6 +124,32 @@ def test_names_that_would_be_paths_are_refused_and_nothing_outside_the_workdir_i
     assert _tree(victim) == {"1/keep.txt": b"mine"}
 
 
+def test_a_workdir_inside_the_data_folder_or_too_long_a_path_is_refused_before_any_work(tmp_path: Path) -> None:
+    data = tmp_path / "photos"
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "1.jpg").write_bytes(b"not read")
+    before = _tree(tmp_path)
+    for workdir in (data / "runs", data):
+        code, _, err = _run("local", "--data", str(data), "--workdir", str(workdir), "--no-cache")
+        assert code == 2, err
+        assert err.strip().splitlines() == [
+            f"error: --workdir {workdir} lies inside --data {data}: the run copies the data folder into the "
+            "workdir's store, which would copy itself; pass a --workdir outside the data folder; nothing ran"
+        ], err
+    assert not (data / "runs").exists() and _tree(tmp_path) == before  # no run folder, no store
+
+    deep = tmp_path.joinpath(*["d" * 200] * 20)  # about 4,000 characters
+    code, _, err = _run("local", "--data", str(data), "--workdir", str(deep), "--no-cache")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--workdir is a path of" in err and "use a workdir path of at most 1024 bytes; nothing ran" in err
+    assert not (tmp_path / ("d" * 200)).exists()  # not even the workdir was made
+
+    for workdir in (tmp_path / ("x" * 300) / "runs", tmp_path.joinpath(*["d" * 200] * 30)):  # more than the OS takes
+        code, _, err = _run("local", "--data", str(data), "--workdir", str(workdir))
+        assert code == 2 and err.strip().splitlines()[-1].endswith("cannot be used (File name too long)"), err
+    assert _tree(tmp_path) == before
+
+
 def test_the_name_patterns_are_sagemakers_own() -> None:
     import botocore.session
 
@@ -392,7 +418,7 @@ def test_values_that_could_only_fail_late_are_refused_before_anything_runs(tmp_p
     flags = {  # refused as they are read
         ("--threshold", "2"): "AccuracyThreshold=2.0 is outside 0 to 1",
         ("--threshold", "-1"): "AccuracyThreshold=-1.0 is outside 0 to 1",
-        ("--threshold", "nan"): "AccuracyThreshold=nan is outside 0 to 1",
+        ("--threshold", "nan"): "expected a number in ASCII digits, got 'nan'",  # not a form SageMaker reads
         ("--port", "70000"): "a port is 0 to 65535",
         ("--port", "-1"): "a port is 0 to 65535",
         ("--image-size", "1"): "ImageSize=1 is outside 8 to 2048",

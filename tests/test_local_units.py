@@ -11,6 +11,7 @@ import platform
 import sys
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from entrypoints import contract
 from pipelines import config
 from pipelines.cli.backend import local_report_reader
 from pipelines.config import HyperparameterRange
-from pipelines.local import cache, containers, registry, tuning
+from pipelines.local import cache, containers, objectstore, registry, tuning
 from pipelines.local.sagemaker import arn
 
 # --- tuning -------------------------------------------------------------------------------------------------------
@@ -167,12 +168,47 @@ def _zip(path: Path, entries: dict[str, bytes], date_time: tuple[int, ...]) -> P
     return path
 
 
-def test_zip_content_hash_ignores_timestamps_but_not_content(tmp_path: Path) -> None:
-    one = _zip(tmp_path / "a.zip", {"x/1.jpg": b"abc", "x/2.jpg": b"def"}, (2020, 1, 1, 0, 0, 0))
-    two = _zip(tmp_path / "b.zip", {"x/2.jpg": b"def", "x/1.jpg": b"abc"}, (2024, 5, 5, 5, 5, 6))
-    three = _zip(tmp_path / "c.zip", {"x/1.jpg": b"abd", "x/2.jpg": b"def"}, (2020, 1, 1, 0, 0, 0))
-    assert fsutil.content_hash(one) == fsutil.content_hash(two)
-    assert fsutil.content_hash(one) != fsutil.content_hash(three)
+def _forge_crc32(prefix: bytes, target: int) -> bytes:
+    """``prefix`` + 4 bytes whose CRC-32 is ``target``: CRC-32 is affine in the last 4 bytes, so solve over GF(2)."""
+    base = zlib.crc32(prefix + bytes(4))
+    columns = [zlib.crc32(prefix + (1 << bit).to_bytes(4, "little")) ^ base for bit in range(32)]
+    rows = [(column, 1 << bit) for bit, column in enumerate(columns)]  # (crc effect, the bits of the 4 bytes)
+    basis: dict[int, tuple[int, int]] = {}
+    for effect, bits in rows:  # Gaussian elimination on the effects
+        for pivot in sorted(basis, reverse=True):
+            if effect >> pivot & 1:
+                effect, bits = effect ^ basis[pivot][0], bits ^ basis[pivot][1]
+        if effect:
+            basis[effect.bit_length() - 1] = (effect, bits)
+    wanted, chosen = target ^ base, 0
+    for pivot in sorted(basis, reverse=True):
+        if wanted >> pivot & 1:
+            wanted, chosen = wanted ^ basis[pivot][0], chosen ^ basis[pivot][1]
+    assert wanted == 0
+    return prefix + chosen.to_bytes(4, "little")
+
+
+def test_archives_with_the_same_names_sizes_and_crcs_but_other_bytes_get_other_cache_keys(tmp_path: Path) -> None:
+    image = bytes(range(256)) * 4
+    forged = _forge_crc32(b"other image bytes".ljust(len(image) - 4, b"x"), zlib.crc32(image))
+    assert len(forged) == len(image) and zlib.crc32(forged) == zlib.crc32(image) and forged != image
+    date = (2020, 1, 1, 0, 0, 0)
+    for prefix in ("a", "b"):
+        (tmp_path / "s3" / "bucket" / prefix).mkdir(parents=True)
+    one = _zip(tmp_path / "s3" / "bucket" / "a" / "data.zip", {"x/1.jpg": image}, date)
+    two = _zip(tmp_path / "s3" / "bucket" / "b" / "data.zip", {"x/1.jpg": forged}, date)
+    info_one, info_two = (zipfile.ZipFile(path).infolist()[0] for path in (one, two))
+    assert (info_one.filename, info_one.file_size, info_one.CRC) == (
+        info_two.filename,
+        info_two.file_size,
+        info_two.CRC,
+    )
+    store = objectstore.ObjectStore(tmp_path)
+    hashes = [store.content_hash(f"s3://bucket/{prefix}/data.zip") for prefix in ("a", "b")]
+    assert hashes[0] != hashes[1]
+    keys = [cache.StepCache.key("Preprocess", {"input": digest}) for digest in hashes]
+    assert keys[0] != keys[1]  # the second archive's Preprocess is not served from the first's
+    assert fsutil.content_hash(one) == fsutil.content_hash(_zip(tmp_path / "c.zip", {"x/1.jpg": image}, date))
 
 
 def test_tarball_is_byte_identical_for_identical_content(tmp_path: Path) -> None:

@@ -443,6 +443,24 @@ def test_a_class_without_usable_images_is_refused(tmp_path, capsys):
     assert_nothing_published(tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "how"),
+    [
+        ("Cat", "cat", "one name in two cases: 'Cat' and 'cat'"),
+        ("caf\u00e9", "cafe\u0301", "two Unicode spellings of one name: 'cafe\\u0301' and 'caf\\xe9'"),
+    ],
+)
+def test_class_folders_that_are_one_name_up_to_case_or_unicode_form_are_refused(tmp_path, capsys, first, second, how):
+    archive = write_zip(tmp_path / "in.zip", imagefolder_entries({first: 3, second: 3, "dogs": 3}))
+    first_shown, second_shown = sorted([first, second])
+    last = assert_refused(capsys, run_step(archive, tmp_path / "out"), how)
+    assert last == (
+        f"error: class folders {first_shown!r} and {second_shown!r} are one class ({how}); a case-insensitive file "
+        "system would merge them: rename one, or move its images into the other"
+    )
+    assert_nothing_published(tmp_path / "out")
+
+
 def test_an_empty_class_folder_is_refused(tmp_path, capsys):
     folder = write_folder(tmp_path / "in", imagefolder_entries({"cats": 3, "dogs": 3}))
     (folder / "eels").mkdir()

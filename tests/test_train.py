@@ -30,7 +30,7 @@ from _training import (  # noqa: F401 - one_torch_thread applies to every test h
 )
 from PIL import Image
 
-from entrypoints import contract, data, modeling, train
+from entrypoints import checkpoints, contract, data, modeling, train
 
 
 @pytest.fixture(scope="module")
@@ -125,16 +125,20 @@ def test_artifact_loads_back_and_predicts_what_the_trained_model_predicted(chann
 
 
 def test_restarted_run_resumes_from_the_newest_checkpoint_and_matches_an_uninterrupted_run(
-    channels, tmp_path, capsys
+    channels, tmp_path, capsys, monkeypatch
 ) -> None:
     flags = ("--scheduler", "none", "--dropout", "0.3", "--hidden-units", "8")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train.main(train_argv(channels, straight, "--epochs", "3", "--workers", "2", *flags)) == 0
     straight_out = capsys.readouterr().out
 
-    assert train.main(train_argv(channels, stopped, "--epochs", "1", *flags)) == 0  # stopped after epoch 1
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "KEPT", 3)  # so that epoch 1's checkpoint is there to resume from
+        assert train.main(train_argv(channels, stopped, "--epochs", "3", *flags)) == 0
+    for later in (stopped / "checkpoints").glob("checkpoint-*-epoch-000[23].pt"):
+        later.unlink()  # the job was stopped during epoch 2: only epoch 1's checkpoint reached the folder
     capsys.readouterr()
-    assert train.main(train_argv(channels, stopped, "--epochs", "3", *flags)) == 0  # restarted with the full count
+    assert train.main(train_argv(channels, stopped, "--epochs", "3", *flags)) == 0  # restarted, the same settings
     resumed_out = capsys.readouterr().out
 
     assert re.search(r"resumed from \S+/checkpoint-[0-9a-f]{16}-epoch-0001\.pt: 1 of 3 epochs done", resumed_out)

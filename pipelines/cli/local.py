@@ -49,7 +49,7 @@ PARAMETER_FLAGS = {
 
 def _positive_int(text: str) -> int:
     try:
-        value = int(text)
+        value = names.parse_number(int, text)  # what SageMaker reads as the parameter it becomes
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
@@ -59,7 +59,13 @@ def _positive_int(text: str) -> int:
 
 def _workdir(text: str) -> Path:
     path = Path(text)
-    if path.exists() and not path.is_dir():
+    try:
+        is_file = path.exists() and not path.is_dir()
+    except OSError as error:  # a path longer than the system takes (ENAMETOOLONG), a folder not readable
+        raise argparse.ArgumentTypeError(
+            f"a path of {len(text)} characters cannot be used ({error.strerror})"
+        ) from None
+    if is_file:
         raise argparse.ArgumentTypeError(f"{text} is a file: pass a folder")
     return path
 

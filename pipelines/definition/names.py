@@ -1,5 +1,5 @@
-"""AWS's own rules for names and ARNs that several parts check: SageMaker names that become paths, Lambda
-function names, the ARN partition of a region."""
+"""AWS's own rules for names, ARNs and numbers that several parts check: SageMaker names that become paths,
+Lambda function names, the ARN partition of a region, the forms of Integer and Float pipeline parameter values."""
 
 from __future__ import annotations
 
@@ -16,6 +16,22 @@ SAGEMAKER_NAME_PATTERNS: dict[str, tuple[str, str]] = {  # kind -> (SageMaker's 
 }
 # A Lambda function name (CreateFunction's FunctionName without the ARN forms).
 LAMBDA_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+# SageMaker's own forms of Integer and Float parameter values: ASCII digits, an optional sign, for a float a
+# decimal point and exponent. Python's int() and float() also take "1_0", digits of other scripts (an Arabic-Indic
+# one) and " 3 ", which SageMaker refuses or reads otherwise: a value is matched against these before it is read.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_number(kind: type, value: Any) -> int | float:
+    """``value`` as ``kind`` (int or float) if SageMaker reads it as one; ``ValueError`` otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return kind(value)  # a definition's own default
+    pattern = _INTEGER if kind is int else _FLOAT
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"{value!r} is not a plain ASCII decimal {'integer' if kind is int else 'number'}")
+    return kind(value)
 
 
 def partition_for_region(region: str) -> str:

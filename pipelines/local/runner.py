@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import signal
 import threading
@@ -438,6 +439,9 @@ class LocalPipeline:
     def _run(self) -> dict[str, Any]:
 
         started = time.perf_counter()
+        problems = path_problems(self.options.workdir, self.options.data)  # before anything is read or written
+        if problems:
+            raise InvalidOptions(problems)
         try:  # the registry first: a damaged one stops the run before any work
             local_sagemaker.LocalSageMaker(self.workdir).registry.check()
         except RegistryError as error:
@@ -533,3 +537,30 @@ class LocalPipeline:
                     state = None
                 if state is not None and state["EndpointStatus"] == "InService":
                     summary["endpoint"] = {"name": answer["endpoint_name"], "url": state["url"]}
+
+
+# The longest workdir path (bytes) a run accepts: the run writes paths up to about 3 KB below it (job folders,
+# object-store keys with the pipeline name, the data's class folders and file names, each up to 255 bytes), and
+# Linux refuses a path of 4096 bytes or more (PATH_MAX), half way through a run.
+WORKDIR_PATH_MAX = 1024
+
+
+def path_problems(workdir: Path, data: Path | None) -> list[str]:
+    """What keeps the run's folders from working, found before anything is written: a workdir path too long, or a
+    workdir inside the ``--data`` folder (whose copy into the store would copy itself)."""
+    problems = []
+    absolute = Path(os.path.abspath(workdir.expanduser()))
+    size = len(os.fsencode(str(absolute)))
+    if size > WORKDIR_PATH_MAX:
+        problems.append(
+            f"--workdir is a path of {size} bytes; a run writes paths up to about 3 KB below it and Linux "
+            f"refuses 4096: use a workdir path of at most {WORKDIR_PATH_MAX} bytes"
+        )
+    if data is not None and not problems:
+        source = data.expanduser().resolve()
+        if source.is_dir() and absolute.resolve().is_relative_to(source):
+            problems.append(
+                f"--workdir {workdir} lies inside --data {data}: the run copies the data folder into the workdir's "
+                "store, which would copy itself; pass a --workdir outside the data folder"
+            )
+    return problems

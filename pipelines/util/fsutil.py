@@ -16,7 +16,6 @@ import sys
 import tarfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,21 +59,12 @@ def iter_files(root: Path, skip_hidden: bool = False) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def _zip_content_hash(path: Path) -> str:
-    """Names, sizes and CRC-32s from the central directory: the entries' content, not their timestamps.
-
-    Reading the central directory costs milliseconds even for a multi-gigabyte archive, and an archive
-    rewritten with the same images (a fresh demo archive each run) hashes the same.
-    """
-    digest = hashlib.sha256(b"zip-content-v1\0")
-    with zipfile.ZipFile(path) as archive:
-        for info in sorted(archive.infolist(), key=lambda item: item.filename):
-            digest.update(f"{info.filename}\0{info.file_size}\0{info.CRC:08x}\n".encode())
-    return digest.hexdigest()
-
-
 def content_hash(path: str | Path) -> str:
-    """A hash of what ``path`` holds: a folder's relative paths and file bytes, a zip's entries, a file's bytes."""
+    """A hash of what ``path`` holds: a folder's relative paths and file bytes, a file's bytes (archives included).
+
+    An archive is keyed by all of its bytes, read in one streaming pass: a key made of its member names, sizes
+    and CRC-32s alone is shared by archives whose images differ (a CRC-32 is forged with 4 bytes).
+    """
     path = Path(path)
     if path.is_dir():
         digest = hashlib.sha256(b"folder-v1\0")
@@ -83,12 +73,45 @@ def content_hash(path: str | Path) -> str:
         return digest.hexdigest()
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    if zipfile.is_zipfile(path):
-        try:
-            return _zip_content_hash(path)
-        except zipfile.BadZipFile:
-            pass  # a damaged archive: hash its bytes and let the step report the damage
     return file_sha256(path)
+
+
+def file_manifest(path: Path, seen: dict[tuple[int, ...], str] | None = None) -> dict[str, list[Any]]:
+    """``{relative path: [size, sha256]}`` of every file ``path`` holds (a file alone: under the name ".").
+
+    Files ``iter_files`` skips (caches) are left out, as ``link_tree`` leaves them out of a copy. ``seen`` maps
+    an inode (device, number, size, change time) to its hash, so a file hard-linked into several outputs (a run
+    folder's and the object store's copy) is read once.
+    """
+    if path.is_dir():
+        files = {file.relative_to(path).as_posix(): file for file in iter_files(path)}
+    elif path.is_file():
+        files = {".": path}
+    else:
+        return {}
+    seen = {} if seen is None else seen
+    manifest = {}
+    for name, file in files.items():
+        status = file.stat()
+        inode = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+        if inode not in seen:
+            seen[inode] = file_sha256(file)
+        manifest[name] = [status.st_size, seen[inode]]
+    return manifest
+
+
+def manifest_difference(recorded: dict[str, list[Any]], found: dict[str, list[Any]]) -> str | None:
+    """The first difference between two ``file_manifest`` results, in words (None: they are equal)."""
+    for name in sorted(set(recorded) | set(found)):
+        if name not in found:
+            return f"{name} is missing"
+        if name not in recorded:
+            return f"{name} was added"
+        if found[name][0] != recorded[name][0]:
+            return f"{name} is {found[name][0]} bytes, {recorded[name][0]} were recorded"
+        if found[name][1] != recorded[name][1]:
+            return f"{name} has other bytes than were recorded (same size)"
+    return None
 
 
 def json_hash(value: Any) -> str:
