@@ -381,8 +381,8 @@ def _split_run(workdir: Path, run_id: str, writer: _SplitWriter, lines: list[str
         cache=cache.StepCache(workdir, report=lines.append),
         console=Console(io.StringIO()),
         execution_variables={"PipelineExecutionId": run_id},
-        region=config.LOCAL_REGION,
-        account_id=config.LOCAL_ACCOUNT_ID,
+        region=REGION,
+        account_id=ACCOUNT_ID,
         cpus=1,
     )
     execution.run()
