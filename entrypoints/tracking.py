@@ -272,6 +272,41 @@ class Tracker:
         self.run_id = None
 
 
+# CustomerMetadataProperties keys of a model package registered with tracking (set by the Register step).
+PACKAGE_RUN_ID = "mlflow-run-id"
+PACKAGE_EXPERIMENT = "mlflow-experiment"
+PACKAGE_TRACKING_URI = "mlflow-tracking-uri"
+
+
+def tag_registered_version(package: Mapping[str, Any], tracking_uri: str | None = None) -> str | None:
+    """Tag the run named in a model package's metadata, and its parent, with the package's ARN, version and
+    approval status (the run -> version direction; the package names its run). Returns the run ID tagged, or
+    None when the package names no run or tracking fails (one line, never an exception)."""
+    metadata = package.get("CustomerMetadataProperties") or {}
+    run_id = metadata.get(PACKAGE_RUN_ID)
+    uri = tracking_uri or metadata.get(PACKAGE_TRACKING_URI)
+    if not run_id or run_id == NOT_TRACKED or not uri:
+        return None
+    tags = {
+        "model_package.arn": package.get("ModelPackageArn"),
+        "model_package.version": package.get("ModelPackageVersion"),
+        "model_package.status": package.get("ModelApprovalStatus"),
+    }
+    try:
+        client_class, _ = _load_mlflow()
+        client = client_class(tracking_uri=uri)
+        parent = client.get_run(run_id).data.tags.get(TAG_PARENT)
+        for target in (run_id, parent):
+            if target:
+                for key, value in tags.items():
+                    if value is not None:
+                        client.set_tag(target, key, str(value))
+    except Exception as error:  # the registry stays the system of record
+        _say(f"could not tag run {run_id} with its model package ({_first_line(error)})")
+        return None
+    return run_id
+
+
 def disabled_line(environ: Mapping[str, str] | None = None) -> str | None:
     """The line a job prints when it does not track because no URI is set (None when one is)."""
     if configured(environ):

@@ -103,6 +103,7 @@ class LocalRunOptions:
     ray: bool = False  # serve the approved model on a local Ray Serve cluster (the container's sequence)
     cpus: int | None = None
     demo_per_class_limit: int | None = None  # tests shrink the demo archive with this
+    tracking_uri: str | None = None  # MLflow tracking of Tune, Train and Evaluate (the CLI: <workdir>/mlflow.db)
 
     @property
     def resolved_preset(self) -> str:
@@ -144,6 +145,7 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
         deploy_step=options.deploy_step,
         deploy_function_name=options.deploy_function_name,
         model_package_group=options.model_package_group,
+        mlflow_tracking_uri=options.tracking_uri,
     ).with_hyperparameters(options.hyperparameters)
     session = PipelineSession(
         boto_session=boto3.Session(region_name=config.LOCAL_REGION), default_bucket=config.LOCAL_BUCKET
@@ -157,7 +159,8 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
             account_id=config.LOCAL_ACCOUNT_ID,
         )
         definition = json.loads(pipeline.definition())
-    return definition, code_artifacts(config.LOCAL_BUCKET, pipeline_options.pipeline_name), pipeline_options
+    artifacts = code_artifacts(config.LOCAL_BUCKET, pipeline_options.pipeline_name, tracking=bool(options.tracking_uri))
+    return definition, artifacts, pipeline_options
 
 
 def step_executors(options: LocalRunOptions, workdir: Path, registry: LocalModelRegistry) -> dict[str, StepExecutor]:
@@ -354,3 +357,22 @@ class LocalPipeline:
                     state = None
                 if state is not None and state["EndpointStatus"] == "InService":
                     summary["endpoint"] = {"name": answer["endpoint_name"], "url": state["url"]}
+        if self.options.tracking_uri:
+            self._summarise_tracking(summary)
+
+    def _summarise_tracking(self, summary: dict[str, Any]) -> None:
+        """MLflow: the registered version's ARN, number and status as tags of its run (the package names the run
+        in its CustomerMetadataProperties), and the command that opens the UI on this store."""
+        from entrypoints import tracking
+
+        uri = str(self.options.tracking_uri)
+        arn = summary.get("model_package", {}).get("ModelPackageArn")
+        if arn:
+            try:
+                package = LocalModelRegistry(self.workdir).by_arn(arn)
+            except RegistryError:
+                package = None
+            if package is not None:
+                summary["tracking_run"] = tracking.tag_registered_version(package, uri)
+        ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+        summary["tracking"] = {"uri": uri, "ui": ui}
