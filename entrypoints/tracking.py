@@ -261,15 +261,33 @@ class Tracker:
     def log_dict(self, document: Any, file_name: str) -> None:
         self._call(lambda: self.client.log_text(self.run_id, json.dumps(document, indent=2, default=str), file_name))
 
-    def end(self, status: str = "FINISHED") -> None:
-        """End this run and settle the parent (see ParentElection.settle)."""
+    def end(self, status: str = "FINISHED", end_parent: bool = False) -> None:
+        """End this run and settle the parent (see ParentElection.settle); ``end_parent``: the execution's last
+        tracked job ends the parent too, with the same status."""
         if not self.active:
             return
         run_id = self.run_id
         self._call(lambda: self.client.set_terminated(run_id, status))
         if self.election is not None:
-            self._call(self.election.settle)
+            parent = self._call(self.election.settle)
+            if end_parent and parent:
+                self._call(lambda: self.client.set_terminated(parent, status))
         self.run_id = None
+
+
+def prepare(uri: str, experiment_name: str) -> str | None:
+    """Create the store's tables and the experiment before any job starts (parallel trials that each create a
+    fresh SQLite store's tables collide); the experiment's ID, or None and one line when that fails."""
+    try:
+        client_class, _ = _load_mlflow()
+        client = client_class(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is not None:
+            return str(experiment.experiment_id)
+        return str(client.create_experiment(experiment_name, artifact_location=artifact_location(uri)))
+    except Exception as error:
+        _say(f"off: cannot use the tracking store at {uri} ({_first_line(error)}); the jobs will say so too")
+        return None
 
 
 # CustomerMetadataProperties keys of a model package registered with tracking (set by the Register step).

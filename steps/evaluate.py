@@ -759,11 +759,13 @@ def tracking_module() -> ModuleType | None:
 
 
 def _processing_job_name() -> str:
+    """The processing job's name (SageMaker writes it in processingjobconfig.json), else evaluate-<execution>."""
+    fallback = "-".join(["evaluate", *filter(None, [os.environ.get("PIPELINE_EXECUTION_ID", "").strip()])])
     try:
         config = json.loads(Path("/opt/ml/config/processingjobconfig.json").read_text(encoding="utf-8"))
-        return str(config.get("ProcessingJobName") or "evaluate")
+        return str(config.get("ProcessingJobName") or fallback)
     except (OSError, ValueError, AttributeError):
-        return "evaluate"
+        return fallback
 
 
 def start_tracking() -> Any:
@@ -824,7 +826,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise
     if tracker is not None:
         track_evaluation(tracker, report, Path(args.output_dir))
-        tracker.end("FINISHED")
+        tracker.end("FINISHED", end_parent=True)  # the execution's last tracked job
     return report
 
 

@@ -288,6 +288,10 @@ class LocalPipeline:
         )
         registry = LocalModelRegistry(self.workdir)
         name = pipeline_options.pipeline_name
+        if self.options.tracking_uri:  # the store's tables and the experiment, before parallel trials start
+            from entrypoints import tracking
+
+            tracking.prepare(self.options.tracking_uri, name)
         self.execution = LocalExecution(
             definition,
             executors=step_executors(self.options, self.workdir, registry),
