@@ -389,6 +389,7 @@ def test_a_bad_arn_is_refused_before_anything_is_built(tmp_path: Path, monkeypat
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a whole pipeline run on a shared 2-core machine
 def test_a_local_run_is_tracked_on_a_real_server(tmp_path: Path) -> None:
     from pipelines import demo_data
     from pipelines.local.registry import LocalModelRegistry
@@ -402,7 +403,7 @@ def test_a_local_run_is_tracked_on_a_real_server(tmp_path: Path) -> None:
             code = main(
                 [
                     "local", "--data", str(data), "--workdir", str(workdir), "--preset", "demo",
-                    "--trials", "2", "--parallel", "2", "--tuning-epochs", "2", "--epochs", "3",
+                    "--trials", "2", "--parallel", "2", "--tuning-epochs", "2", "--epochs", "3", "--no-int8",
                     "--image-size", "16", "--threshold", "0", "--port", "0", "--tracking-uri", server.url,
                 ]
             )  # fmt: skip
@@ -436,7 +437,7 @@ def test_a_local_run_is_tracked_on_a_real_server(tmp_path: Path) -> None:
         accuracy = report["multiclass_classification_metrics"]["accuracy"]["value"]
         assert evaluate.data.metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-12)
         assert {"top_5_accuracy", "macro_f1", "weighted_f1"} <= set(evaluate.data.metrics)
-        assert evaluate.data.tags["int8.gate"] in ("passed", "failed", "not-built")
+        assert evaluate.data.tags["int8.gate"] == "not-built"  # --no-int8
         artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
         assert {"evaluation.json", "confusion_matrix.png", "serving.json"} <= artifacts
         # The registered version names its run, and the run its version.
