@@ -272,6 +272,11 @@ class PipelineOptions:
             not self.mlflow_tracking_uri.strip() or any(c.isspace() for c in self.mlflow_tracking_uri)
         ):
             raise ValueError(f"MLflow tracking URI {self.mlflow_tracking_uri!r} is empty or holds spaces")
+        if self.mlflow_tracking_uri is not None and self.network_isolation:
+            raise ValueError(
+                "MLflow tracking needs the jobs to reach the tracking server, and network isolation cuts them off "
+                "from every network (the MLflow client could not be installed either): drop one of the two"
+            )
         if not LAMBDA_FUNCTION_NAME.fullmatch(self.deploy_function_name):
             raise ValueError(
                 f"deploy function name {self.deploy_function_name!r} is not a Lambda function name "

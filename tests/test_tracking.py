@@ -451,3 +451,12 @@ def test_a_local_run_is_tracked_on_a_real_server(tmp_path: Path) -> None:
         assert client.get_run(parent).info.status == "FINISHED"
     finally:
         server.stop()
+
+
+def test_network_isolation_and_tracking_are_refused_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+        flags = ["--preset", "demo", "--network-isolation", "--mlflow-tracking-arn", ARN]
+        code = main(["definition", "--role", ROLE, "--bucket", "b-1", *flags])
+    assert code != 0 and "network isolation" in errors.getvalue()
