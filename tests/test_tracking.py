@@ -449,6 +449,10 @@ def test_a_local_run_is_tracked_on_a_real_server(tmp_path: Path) -> None:
         assert tags["model_package.version"] == str(package["ModelPackageVersion"])
         assert tags["model_package.status"] == package["ModelApprovalStatus"]
         assert client.get_run(parent).info.status == "FINISHED"
+        # Approving the version later updates its run's status tag.
+        with contextlib.redirect_stdout(io.StringIO()):
+            main(["local-models", "--workdir", str(workdir), "--approve", "1", "--no-deploy"])
+        assert client.get_run(evaluate.info.run_id).data.tags["model_package.status"] == "Approved"
     finally:
         server.stop()
 

@@ -486,6 +486,7 @@ def _deploy_on_approval(workdir: Path, registry: Any, args: argparse.Namespace, 
 
 
 def run_models(args: argparse.Namespace) -> int:
+    from entrypoints import tracking
     from pipelines.local import endpoint as local_endpoint
     from pipelines.local import fsutil
     from pipelines.local.registry import LocalModelRegistry, RegistryError, accuracy_of
@@ -496,12 +497,14 @@ def run_models(args: argparse.Namespace) -> int:
         if args.approve is not None:
             package = registry.update_approval(args.group, args.approve, "Approved", "approved with local-models")
             print(f"{package['ModelPackageArn']}: Approved")
+            tracking.tag_registered_version(package)  # its MLflow run, when it names one
             if not args.no_deploy:
                 return _deploy_on_approval(workdir, registry, args, package)
             return 0
         if args.reject is not None:
             package = registry.update_approval(args.group, args.reject, "Rejected", "rejected with local-models")
             print(f"{package['ModelPackageArn']}: Rejected")
+            tracking.tag_registered_version(package)
             return 0
         packages = registry.list_model_packages(args.group)
     except (RegistryError, local_endpoint.EndpointError, fsutil.WorkdirBusy, fsutil.OutsideWorkdir) as error:
