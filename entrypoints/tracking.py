@@ -235,24 +235,30 @@ class Tracker:
         _say(f"run {tracker.run_id} in experiment {experiment_name!r} at {uri}{where}")
         return tracker
 
+    def _batches(self, run_id: str | None, kind: str, items: list[Any]) -> None:
+        """``log_batch`` in MLflow's limits (100 params or tags, 1000 metrics a request): a 1000-class
+        evaluation's per-class F1 scores are several requests, not a refused one."""
+        size = 1000 if kind == "metrics" else 100
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            self._call(lambda chunk=chunk: self.client.log_batch(run_id or self.run_id, **{kind: chunk}))
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
-        self._call(lambda: self.client.log_batch(self.run_id, params=items))
+        self._batches(None, "params", [Param(str(k), str(v)[:6000]) for k, v in params.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(str(k), float(v), now, int(step or 0)) for k, v in metrics.items() if v is not None]
-        self._call(lambda: self.client.log_batch(run_id or self.run_id, metrics=items))
+        self._batches(run_id, "metrics", items)
 
     def set_tags(self, tags: Mapping[str, Any], run_id: str | None = None) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(str(k), str(v)) for k, v in tags.items() if v is not None]
-        self._call(lambda: self.client.log_batch(run_id or self.run_id, tags=items))
+        self._batches(run_id, "tags", [RunTag(str(k), str(v)) for k, v in tags.items() if v is not None])
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         if Path(path).is_file():

@@ -464,3 +464,32 @@ def test_network_isolation_and_tracking_are_refused_together(tmp_path: Path, mon
         flags = ["--preset", "demo", "--network-isolation", "--mlflow-tracking-arn", ARN]
         code = main(["definition", "--role", ROLE, "--bucket", "b-1", *flags])
     assert code != 0 and "network isolation" in errors.getvalue()
+
+
+def test_a_refused_request_turns_tracking_off_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """MLflow refuses to change a logged parameter: the job's tracker says so once and sends nothing more."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.Tracker.start("t", environ=_env(uri))
+    run_id = tracker.run_id
+    tracker.log_params({"lr": 0.1})
+    tracker.log_params({"lr": 0.2})  # refused by the store
+    tracker.log_metrics({"after": 1.0}, step=1)
+    tracker.end()
+    assert not tracker.active
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(NOT_TRACKING)]
+    assert len(lines) == 1, lines
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params == {"lr": "0.1"} and "after" not in run.data.metrics
+
+
+def test_many_metrics_go_in_several_batches(tmp_path: Path) -> None:
+    """A 1000-class evaluation logs over a thousand per-class scores: more than one log_batch may carry."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.Tracker.start("t", environ=_env(uri, step="Evaluate"))
+    tracker.log_metrics({f"f1_{i:04d}": i / 2500 for i in range(2500)}, step=0)
+    tracker.set_tags({f"tag{i}": i for i in range(250)})
+    run_id = tracker.run_id
+    tracker.end()
+    run = MlflowClient(uri).get_run(run_id)
+    assert len(run.data.metrics) == 2500 and run.data.metrics["f1_2499"] == pytest.approx(2499 / 2500)
+    assert sum(1 for key in run.data.tags if key.startswith("tag")) == 250
