@@ -22,7 +22,15 @@ RUNTIME_REQUIREMENTS = [
     "onnxruntime>=1.18",  # ...and run it with ONNX Runtime where installed (local endpoints, evaluation)
     "pyyaml>=6",  # the local endpoint reads the artifact's config.yaml; bootstrap reads infra/project.yml
     "packaging<25",  # sagemaker 2.x's bound, kept when Ray is installed beside it
+    # MLflow tracking (entrypoints/tracking.py; local runs track into <workdir>/mlflow.db): the client without its
+    # server and UI, plus what its SQLite store needs. The UI (`mlflow ui`) needs the full package: the "ui" extra.
+    "mlflow-skinny>=3.13,<4",
+    "sqlalchemy>=2",
+    "alembic>=1.13",
 ]
+
+# `mlflow ui` / `mlflow server` over the local store: the full MLflow (its server, UI and their dependencies).
+MLFLOW_UI_REQUIREMENTS = ["mlflow>=3.13,<4"]
 
 # The local endpoint's --ray host: the Ray of AWS's Ray Serve inference image (v1.4). protobuf 7 breaks Ray.
 RAY_REQUIREMENTS = ["ray[serve]==2.57.0", "protobuf<7"]
@@ -36,6 +44,7 @@ DEV_REQUIREMENTS = [
     "sagemaker-pytorch-inference>=2.0.25",  # the serving toolkit the handler tests run under
     "sagemaker-training>=5.1,<6",  # the training toolkit: tests launch train.py the way the container does
     *RAY_REQUIREMENTS,  # tests run the artifact's app on a real Ray Serve cluster
+    *MLFLOW_UI_REQUIREMENTS,  # tests track into a real `mlflow server`
 ]
 
 setup(
@@ -52,7 +61,7 @@ setup(
     packages=find_packages(include=["pipelines", "pipelines.*", "steps", "entrypoints"]),
     package_data={"entrypoints": ["*.txt", "*.yaml"], "steps": ["*.json", "*.txt"], "pipelines.aws.iam": ["*.json"]},
     install_requires=RUNTIME_REQUIREMENTS,
-    extras_require={"dev": DEV_REQUIREMENTS, "ray": RAY_REQUIREMENTS},
+    extras_require={"dev": DEV_REQUIREMENTS, "ray": RAY_REQUIREMENTS, "ui": MLFLOW_UI_REQUIREMENTS},
     entry_points={"console_scripts": ["image-pipeline=pipelines.run:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.11",

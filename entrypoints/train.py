@@ -42,13 +42,14 @@ import torch
 from torch import nn
 
 try:  # works both as ``entrypoints.train`` and as ``python train.py`` inside the training container
-    from . import checkpoints, contract, data, distributed, modeling, train_args
+    from . import checkpoints, contract, data, distributed, modeling, tracking, train_args
 except ImportError:  # pragma: no cover - exercised by the script-mode tests in a subprocess
     import checkpoints  # type: ignore[no-redef]
     import contract  # type: ignore[no-redef]
     import data  # type: ignore[no-redef]
     import distributed  # type: ignore[no-redef]
     import modeling  # type: ignore[no-redef]
+    import tracking  # type: ignore[no-redef]
     import train_args  # type: ignore[no-redef]
 
 DEBUGGER_CONFIG_ENV = "SMDEBUG_CONFIG_FILE_PATH"  # smdebug's own override of the path below
@@ -755,9 +756,14 @@ def _metrics_line(epoch: int, metrics: dict[str, float]) -> str:
     return contract.format_metrics_line(epoch, metrics["train_loss"], metrics["valid_loss"], metrics["valid_accuracy"])
 
 
-def _record(writer, history: dict[str, list[float]], epoch: int, metrics: dict[str, float]) -> None:
+TRACKED_METRICS = ("train_loss", "valid_loss", "valid_accuracy", "lr", "images_per_second")
+
+
+def _record(writer, history: dict[str, list[float]], epoch: int, metrics: dict[str, float], tracker=None) -> None:
     for key in ("epoch", "train_loss", "valid_loss", "valid_accuracy", "lr", "images_per_second"):
         history.setdefault(key, []).append(epoch if key == "epoch" else metrics[key])
+    if tracker is not None:
+        tracker.log_metrics({key: metrics[key] for key in TRACKED_METRICS if key in metrics}, step=epoch)
     if writer is not None:
         writer.add_scalar("loss/train", metrics["train_loss"], epoch)
         writer.add_scalar("loss/valid", metrics["valid_loss"], epoch)
@@ -775,6 +781,7 @@ def run_epochs(
     history: dict[str, list[float]],
     start_epoch: int,
     fingerprint: dict[str, Any],
+    tracker: tracking.Tracker | None = None,
 ) -> None:
     """Train from ``start_epoch + 1`` to ``--epochs``: metrics summed over the ranks, rank 0 logs and saves."""
     args, world = settings.args, settings.world
@@ -807,7 +814,7 @@ def run_epochs(
                 f"epoch {epoch}/{args.epochs} took {seconds:.1f}s, {metrics['images_per_second']:.0f} train img/s, "
                 f"lr now {metrics['lr']:.3g}"
             )
-            _record(writer, history, epoch, metrics)
+            _record(writer, history, epoch, metrics, tracker if world.is_main else None)
             if settings.checkpoint_dir is not None:
                 session.phase = f"epoch {epoch} checkpoint"
                 rng = rng_states(settings)
@@ -903,12 +910,78 @@ def run_training(settings: Settings, session: distributed.Session | None = None)
             # A retried job must still give the tuner its objective: the last epoch's line, from the checkpoint.
             log("all epochs were already done; the last epoch's metrics, from the checkpoint:")
             log(_metrics_line(start_epoch, {key: values[-1] for key, values in history.items()}))
-    run_epochs(settings, session, trainee, batches, history, start_epoch, fingerprint)
-    session.phase = "writing the artifact"
-    model_dir, skipped = Path(args.model_dir), train_index.skipped + valid_index.skipped
-    if world.is_main:
-        model_dir = write_outputs(settings, trainee.model, config, history, skipped, global_batch)
+    tracker = start_tracking(settings, global_batch) if world.is_main else None
+    try:
+        if tracker is not None and start_epoch:  # a resumed job's run holds the earlier epochs too
+            for index, epoch in enumerate(history.get("epoch", [])):
+                done = {key: history[key][index] for key in TRACKED_METRICS if key in history}
+                tracker.log_metrics(done, step=int(epoch))
+        run_epochs(settings, session, trainee, batches, history, start_epoch, fingerprint, tracker)
+        session.phase = "writing the artifact"
+        model_dir, skipped = Path(args.model_dir), train_index.skipped + valid_index.skipped
+        if world.is_main:
+            model_dir = write_outputs(settings, trainee.model, config, history, skipped, global_batch)
+            if tracker is not None:
+                finish_tracking(tracker, settings, model_dir)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
     return TrainingResult(trainee.model, config, history, model_dir, resumed[1] if resumed else None, skipped)
+
+
+# --- experiment tracking (MLflow, when MLFLOW_TRACKING_URI is set: entrypoints/tracking.py) --------------------------
+
+
+def _job_name() -> str | None:
+    if os.environ.get("TRAINING_JOB_NAME"):
+        return os.environ["TRAINING_JOB_NAME"]
+    try:
+        return json.loads(os.environ.get("SM_TRAINING_ENV", "{}")).get("job_name")
+    except (ValueError, AttributeError):
+        return None
+
+
+def start_tracking(settings: Settings, global_batch: int) -> tracking.Tracker | None:
+    """Rank 0's MLflow run (None when no tracking URI is set): the hyperparameters as params, the job as tags."""
+    if not tracking.configured():
+        return None
+    job_name = _job_name()
+    tracker = tracking.Tracker.start(
+        job_name or "train",
+        tags={
+            "job_name": job_name,
+            "instance_type": os.environ.get("SM_CURRENT_INSTANCE_TYPE"),
+            "processes": settings.world.world_size,
+            "debugger_rules": os.environ.get(tracking.ENV_DEBUGGER_RULES, "none"),
+            "device": settings.device.type,
+        },
+    )
+    if not tracker.active:
+        return None
+    tracker.log_params(
+        {
+            **settings.hyperparameters(),
+            "weights": settings.weights,
+            "processes": settings.world.world_size,
+            "global-batch-size": global_batch,
+            "effective-lr": settings.lr,
+        }
+    )
+    return tracker
+
+
+def finish_tracking(tracker: tracking.Tracker, settings: Settings, model_dir: Path) -> None:
+    """The curves, the history and the final arguments as artifacts; then the run ends."""
+    output_dir = Path(settings.args.output_data_dir)
+    tracker.log_artifact(output_dir / CURVES_IMAGE)
+    tracker.log_artifact(output_dir / HISTORY_FILE)
+    hyperparameters = Path(model_dir) / contract.HYPERPARAMETERS_FILE
+    if hyperparameters.is_file():
+        tracker.log_artifact(hyperparameters)
+    else:
+        tracker.log_dict(settings.hyperparameters(), "hyperparameters.json")
+    tracker.end("FINISHED")
 
 
 # --- failures ----------------------------------------------------------------------------------------------------

@@ -32,9 +32,11 @@ class CodeArtifacts:
     evaluate: CodeArtifact
     training: CodeArtifact
     contract: CodeArtifact  # entrypoints/contract.py, shipped beside the preprocessing script
+    tracking: CodeArtifact | None = None  # entrypoints/tracking.py beside the evaluation script (MLflow tracking on)
 
     def all(self) -> list[CodeArtifact]:
-        return [self.preprocess, self.evaluate, self.training, self.contract]
+        extra = [self.tracking] if self.tracking is not None else []
+        return [self.preprocess, self.evaluate, self.training, self.contract, *extra]
 
 
 def s3_uri(bucket: str, *parts: str) -> str:
@@ -64,10 +66,26 @@ def _content_hash(files: list[tuple[str, bytes]]) -> str:
     return digest.hexdigest()
 
 
-def code_artifacts(bucket: str, pipeline_name: str, project_root: Path | None = None) -> CodeArtifacts:
+def with_tracking_requirements(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The training files with the MLflow client appended to requirements.txt (entrypoints/tracking.py's list),
+    which the training toolkit pip-installs before train.py starts."""
+    from entrypoints import tracking
+
+    lines = "\n# MLflow tracking (--mlflow-tracking-arn): the client and SageMaker's auth plugin\n"
+    lines += "".join(f"{requirement}\n" for requirement in tracking.JOB_REQUIREMENTS)
+    files = dict(files)
+    files["requirements.txt"] = files.get("requirements.txt", b"") + lines.encode()
+    return sorted(files.items(), key=lambda item: Path(item[0]).parts)
+
+
+def code_artifacts(
+    bucket: str, pipeline_name: str, project_root: Path | None = None, tracking: bool = False
+) -> CodeArtifacts:
     """The code objects, at ``s3://<bucket>/<pipeline_name>/code/<content hash>/<file>``.
 
-    Pure: reads local files only. ``upload_code_artifacts`` puts them in S3 (``upsert`` does that).
+    Pure: reads local files only. ``upload_code_artifacts`` puts them in S3 (``upsert`` does that). With
+    ``tracking`` the training requirements also install the MLflow client, and tracking.py is an object of its
+    own for the Evaluate step; without, the objects are what they were.
     """
     root = Path(project_root) if project_root else PROJECT_ROOT
 
@@ -88,11 +106,18 @@ def code_artifacts(bucket: str, pipeline_name: str, project_root: Path | None = 
     training_files = _source_files(training_dir)
     if "train.py" not in dict(training_files):
         raise FileNotFoundError(f"training entry point {training_dir / 'train.py'} is missing")
+    tracking_artifact = None
+    if tracking:
+        training_files = with_tracking_requirements(training_files)
+        path = root / "entrypoints" / "tracking.py"
+        files = [(path.name, path.read_bytes())]
+        tracking_artifact = artifact(files, path.name, files[0][1])
     return CodeArtifacts(
         preprocess=scripts["preprocess.py"],
         evaluate=scripts["evaluate.py"],
         training=artifact(training_files, "sourcedir.tar.gz", fsutil.tar_gz_bytes(training_files)),
         contract=scripts["contract.py"],
+        tracking=tracking_artifact,
     )
 
 

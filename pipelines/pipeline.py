@@ -86,7 +86,7 @@ from sagemaker.workflow.retry import (
 )
 from sagemaker.workflow.steps import CacheConfig, ProcessingStep, TrainingStep, TuningStep
 
-from entrypoints import train_args
+from entrypoints import tracking, train_args
 from pipelines import config, images
 from pipelines.config import (  # step names and container paths
     CHECKPOINT_LOCAL_PATH,
@@ -113,6 +113,9 @@ from pipelines.config import (  # step names and container paths
 from pipelines.definition.names import LAMBDA_FUNCTION_NAME, parse_number, partition_for_region
 from pipelines.packaging import CodeArtifacts, code_artifacts, s3_uri
 from steps import evaluate as evaluate_step_script
+
+# tracking.py beside the Evaluate script (/opt/ml/processing/input/{code,tracking}), as Preprocess has contract.py
+EVALUATE_TRACKING_DIR = f"{config.PROCESSING_ROOT}/input/tracking"
 
 # The evaluation report's PropertyFile (read by the CheckAccuracy condition).
 PROPERTY_FILE_EVALUATION = "EvaluationReport"
@@ -190,6 +193,11 @@ class PipelineOptions:
         torch_distributed: the final Train step runs under SageMaker's ``torch_distributed`` launcher (torchrun,
             one process per GPU) on ``TrainingInstanceCount`` instances, a parameter declared only with this
             option; its Debugger hook and tensor rules are off (see the module docstring).
+        mlflow_tracking_uri: MLflow tracking for the Tune, Train and Evaluate jobs (entrypoints/tracking.py): a
+            SageMaker MLflow tracking server's or app's ARN (``--mlflow-tracking-arn``), or locally any MLflow URI.
+            Sets the URI, the experiment (the pipeline's name) and the execution's ID in exactly those jobs'
+            environments, ships tracking.py to Evaluate, adds the MLflow client to the training requirements and
+            the run ID to the model package's metadata. None (the default) leaves the definition as it was.
     """
 
     pipeline_name: str = config.PIPELINE_NAME
@@ -224,6 +232,7 @@ class PipelineOptions:
     deploy_step: bool = True
     deploy_function_name: str = config.DEPLOY_FUNCTION_NAME
     torch_distributed: bool = False
+    mlflow_tracking_uri: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option and what to do instead."""
@@ -259,6 +268,15 @@ class PipelineOptions:
             raise ValueError(f"input data URI must be an s3:// URI, got {self.input_data_uri!r}")
         if self.serving_wheels_uri is not None and not self.serving_wheels_uri.startswith("s3://"):
             raise ValueError(f"serving wheels URI must be an s3:// prefix, got {self.serving_wheels_uri!r}")
+        if self.mlflow_tracking_uri is not None and (
+            not self.mlflow_tracking_uri.strip() or any(c.isspace() for c in self.mlflow_tracking_uri)
+        ):
+            raise ValueError(f"MLflow tracking URI {self.mlflow_tracking_uri!r} is empty or holds spaces")
+        if self.mlflow_tracking_uri is not None and self.network_isolation:
+            raise ValueError(
+                "MLflow tracking needs the jobs to reach the tracking server, and network isolation cuts them off "
+                "from every network (the MLflow client could not be installed either): drop one of the two"
+            )
         if not LAMBDA_FUNCTION_NAME.fullmatch(self.deploy_function_name):
             raise ValueError(
                 f"deploy function name {self.deploy_function_name!r} is not a Lambda function name "
@@ -612,7 +630,7 @@ def _build_settings(
         account_id=account_id or account_of_role(role),
         options=options,
         params=make_parameters(options, bucket),
-        code=code_artifacts(bucket, options.pipeline_name, project_root),
+        code=code_artifacts(bucket, options.pipeline_name, project_root, tracking=bool(options.mlflow_tracking_uri)),
         cache=(
             CacheConfig(enable_caching=True, expire_after=options.cache_expire_after)
             if options.cache_expire_after
@@ -749,10 +767,30 @@ def _training_jobs(build: _Build, step_preprocess: ProcessingStep) -> _TrainingJ
     return _TrainingJobs(channels, estimator, static_hyperparameters, tuned_names)
 
 
+def _tracking_environment(build: _Build, step: str) -> dict[str, Any]:
+    """The MLflow variables of one tracked job (entrypoints/tracking.py); empty without tracking, so a definition
+    built without it is unchanged. The execution's ID makes one parent run per execution, and, being part of the
+    job's environment, of Train's and Evaluate's cache keys: with tracking they run in every execution."""
+    options = build.options
+    if not options.mlflow_tracking_uri:
+        return {}
+    environment: dict[str, Any] = {
+        tracking.ENV_TRACKING_URI: options.mlflow_tracking_uri,
+        tracking.ENV_EXPERIMENT: options.pipeline_name,
+        tracking.ENV_EXECUTION_ID: ExecutionVariables.PIPELINE_EXECUTION_ID,
+        tracking.ENV_STEP: step,
+    }
+    if step == STEP_TRAIN:
+        rules = _debugger_settings(options, build.bucket).get("rules", [])
+        environment[tracking.ENV_DEBUGGER_RULES] = ",".join(rule.name for rule in rules) or "none"
+    return environment
+
+
 def _tune_step(build: _Build, training: _TrainingJobs) -> TuningStep:
     options, params = build.options, build.params
+    tracked = {"environment": {**training.estimator["environment"], **_tracking_environment(build, STEP_TUNE)}}
     tuning_estimator = PyTorch(
-        **training.estimator,
+        **{**training.estimator, **tracked},
         output_path=s3_uri(build.bucket, build.name, "tuning"),
         checkpoint_s3_uri=None,
         hyperparameters={**training.static_hyperparameters, "epochs": params.tuning_epochs},
@@ -802,8 +840,9 @@ def _train_step(build: _Build, training: _TrainingJobs, step_tune: TuningStep) -
             "instance_count": params.training_instance_count,
             "distribution": {"torch_distributed": {"enabled": True}},
         }
+    tracked = {"environment": {**training.estimator["environment"], **_tracking_environment(build, STEP_TRAIN)}}
     training_estimator = _TrainStepPyTorch(
-        **{**training.estimator, **distributed},
+        **{**training.estimator, **distributed, **tracked},
         output_path=s3_uri(build.bucket, build.name, "training"),
         # Keyed by the best trial: a cached Tune gives the same path (same cache key), a new Tune a new one. A
         # cached Tune with other TrainingEpochs shares the path: train.py keys each checkpoint file by its whole
@@ -859,7 +898,13 @@ def _evaluate_step(build: _Build, step_train: TrainingStep, step_preprocess: Pro
             ProcessingInput(source=options.serving_wheels_uri, destination=EVALUATE_WHEELS_DIR, input_name="wheels")
         )
         int8_arguments += ["--wheels", EVALUATE_WHEELS_DIR]
-    evaluate_args = _script_processor(build, "evaluate", 1).run(
+    processor = _script_processor(build, "evaluate", 1)
+    if options.mlflow_tracking_uri and build.code.tracking is not None:  # tracking.py beside the script
+        evaluate_inputs.append(
+            ProcessingInput(source=build.code.tracking.s3_uri, destination=EVALUATE_TRACKING_DIR, input_name="tracking")
+        )
+        processor.env = _tracking_environment(build, STEP_EVALUATE)
+    evaluate_args = processor.run(
         code=build.code.evaluate.s3_uri,
         inputs=evaluate_inputs,
         outputs=[
@@ -905,6 +950,25 @@ def _accuracy(step_evaluate: ProcessingStep) -> JsonGet:
         property_file=step_evaluate.property_files[0],
         json_path=config.ACCURACY_JSON_PATH,
     )
+
+
+def _tracking_metadata(options: PipelineOptions, step_evaluate: ProcessingStep) -> dict[str, Any]:
+    """With tracking, the model package's CustomerMetadataProperties name the MLflow run that evaluated it (read
+    from evaluation.json's tracking section), the experiment and the tracking URI; nothing without."""
+    if not options.mlflow_tracking_uri:
+        return {}
+    run_id = JsonGet(
+        step_name=step_evaluate.name,
+        property_file=step_evaluate.property_files[0],
+        json_path=f"{evaluate_step_script.TRACKING_SECTION}.{evaluate_step_script.TRACKING_RUN_ID}",
+    )
+    return {
+        "customer_metadata_properties": {
+            "mlflow-run-id": run_id,
+            "mlflow-experiment": options.pipeline_name,
+            "mlflow-tracking-uri": options.mlflow_tracking_uri,
+        }
+    }
 
 
 def _register_step(build: _Build, step_evaluate: ProcessingStep) -> ModelStep:
@@ -961,6 +1025,7 @@ def _register_step(build: _Build, step_evaluate: ProcessingStep) -> ModelStep:
         task="IMAGE_CLASSIFICATION",
         framework="PYTORCH",
         framework_version=images.framework_version(options.serving_image),
+        **_tracking_metadata(options, step_evaluate),
     )
     return ModelStep(
         name=STEP_REGISTER,

@@ -76,6 +76,13 @@ STD_MIN_SAMPLES = 200  # Model Monitor reports standard deviations only from 200
 STD_DRAWS = 5
 STD_FRACTION = 0.8
 NAN = "NaN"
+# Experiment tracking (entrypoints/tracking.py), on when MLFLOW_TRACKING_URI is set. The module ships as the
+# Evaluate step's "tracking" input beside the code input (/opt/ml/processing/input/{code,tracking}); in a
+# checkout it is entrypoints/tracking.py. evaluation.json then gets a section naming the run, which the Register
+# step copies into the model package's CustomerMetadataProperties.
+TRACKING_SECTION = "tracking"
+TRACKING_RUN_ID = "mlflow_run_id"
+NOT_TRACKED = "not-tracked"
 
 
 class EvaluationError(RuntimeError):
@@ -736,8 +743,94 @@ def serving_decision(
     return decision
 
 
+def tracking_module() -> ModuleType | None:
+    """entrypoints/tracking.py: the step's tracking input, or the checkout's (None when neither is there)."""
+    if __package__:
+        from entrypoints import tracking
+
+        return tracking
+    root = Path(os.path.abspath(__file__)).parent.parent
+    for folder in (root / "tracking", root / "entrypoints"):
+        if (folder / "tracking.py").is_file():
+            if str(folder) not in sys.path:
+                sys.path.insert(0, str(folder))
+            return importlib.import_module("tracking")
+    return None
+
+
+def _processing_job_name() -> str:
+    """The processing job's name (SageMaker writes it in processingjobconfig.json), else evaluate-<execution>."""
+    fallback = "-".join(["evaluate", *filter(None, [os.environ.get("PIPELINE_EXECUTION_ID", "").strip()])])
+    try:
+        config = json.loads(Path("/opt/ml/config/processingjobconfig.json").read_text(encoding="utf-8"))
+        return str(config.get("ProcessingJobName") or fallback)
+    except (OSError, ValueError, AttributeError):
+        return fallback
+
+
+def start_tracking() -> Any:
+    """This job's MLflow run (an inactive tracker without a tracking URI, MLflow or server); None when off."""
+    if not os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        return None
+    module = tracking_module()
+    if module is None:
+        print("MLflow tracking: off (tracking.py is not beside this script: no tracking input); the job goes on")
+        return None
+    return module.Tracker.start(_processing_job_name(), tags={"job_name": _processing_job_name()})
+
+
+def _metric_name(text: str) -> str:
+    """MLflow's metric names allow letters, digits, _ - . / and spaces; anything else becomes _."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in text)
+
+
+def track_evaluation(tracker: Any, report: dict[str, Any], output_dir: Path) -> None:
+    """Test accuracy, top-5, macro and weighted F1, per-class F1 and the int8 gate; the reports as artifacts."""
+    metrics = report["multiclass_classification_metrics"]
+    f1_per_class = {name: entry["value"] for name, entry in metrics["f1_per_class"].items()}
+    decision = report[SERVING_SECTION]
+    values = {
+        "test_accuracy": metrics["accuracy"]["value"],
+        "top_5_accuracy": metrics["top_5_accuracy"]["value"],
+        "macro_f1": float(np.mean(list(f1_per_class.values()))) if f1_per_class else 0.0,
+        "weighted_f1": metrics["weighted_f1"]["value"],
+        "fp32_accuracy": decision["fp32_accuracy"],
+        "int8_accuracy": decision["int8_accuracy"],
+        **{_metric_name(f"f1_{name}"): value for name, value in f1_per_class.items()},
+    }
+    tracker.log_metrics(values, step=0)
+    int8_built = decision["int8_accuracy"] is not None
+    tracker.set_tags(
+        {
+            "serving.precision": decision["precision"],
+            "int8.gate": ("passed" if decision["precision"] == "int8" else "failed") if int8_built else "not-built",
+            "int8.reason": decision["reason"][:5000],
+        }
+    )
+    if tracker.parent_id:  # the execution's headline figures, so executions compare side by side
+        tracker.log_metrics({"test_accuracy": values["test_accuracy"]}, step=0, run_id=tracker.parent_id)
+        tracker.set_tags({"serving.precision": decision["precision"]}, run_id=tracker.parent_id)
+    for name in ("evaluation.json", "confusion_matrix.png"):
+        tracker.log_artifact(output_dir / name)
+    tracker.log_dict(decision, "serving.json")
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     require_matplotlib()
+    tracker = start_tracking()
+    try:
+        report = _evaluate(args, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    if tracker is not None:
+        track_evaluation(tracker, report, Path(args.output_dir))
+        tracker.end("FINISHED", end_parent=True)  # the execution's last tracked job
+    return report
+
+
+def _evaluate(args: argparse.Namespace, tracker: Any) -> dict[str, Any]:
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch_name:
@@ -769,6 +862,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         accuracy = report["multiclass_classification_metrics"]["accuracy"]["value"]
         set_by_path(report, contract.ACCURACY_JSON_PATH, accuracy)  # the path the ConditionStep reads
         report[SERVING_SECTION] = decision
+        if tracker is not None:  # tracking is configured: the Register step reads this path
+            report[TRACKING_SECTION] = {
+                TRACKING_RUN_ID: tracker.run_id or NOT_TRACKED,
+                "mlflow_parent_run_id": tracker.parent_id or NOT_TRACKED,
+                "mlflow_experiment_id": tracker.experiment_id or NOT_TRACKED,
+            }
         matrix = confusion_matrix(actual, predicted, len(class_names))
         support = matrix.sum(axis=1)
         details = {

@@ -139,9 +139,11 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
     assert first_run.folder.name == "run-0001"
     record = first_run.record
     assert record["PipelineExecutionStatus"] == "Succeeded"
-    # the very definition `definition --preset demo` builds (with the local account, role and bucket)
+    # the very definition `definition --preset demo` builds (with the local account, role and bucket), tracked into
+    # the workdir's MLflow store as `local` does by default
     definition = first_run.definition
-    assert definition == build_definition(LocalRunOptions(preset="demo"))[0]
+    tracking_uri = f"sqlite:///{(first_run.folder.parent / 'mlflow.db').resolve().as_posix()}"
+    assert definition == build_definition(LocalRunOptions(preset="demo", tracking_uri=tracking_uri))[0]
     # every step ran, the Deploy LambdaStep included; none was skipped (only the Fail branch was not taken)
     else_branch = {s["Name"] for s in definition["Steps"][-1]["Arguments"]["ElseSteps"]}
     expected = [step["Name"] for step in iter_steps(definition) if step["Name"] not in else_branch]

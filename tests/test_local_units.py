@@ -206,7 +206,8 @@ def test_archives_with_the_same_names_sizes_and_crcs_but_other_bytes_get_other_c
     store = objectstore.ObjectStore(tmp_path)
     hashes = [store.content_hash(f"s3://bucket/{prefix}/data.zip") for prefix in ("a", "b")]
     assert hashes[0] != hashes[1]
-    keys = [cache.StepCache.key("Preprocess", {"input": digest}) for digest in hashes]
+    step_cache = cache.StepCache(tmp_path)
+    keys = [step_cache.key("Preprocess", {"input": digest}) for digest in hashes]
     assert keys[0] != keys[1]  # the second archive's Preprocess is not served from the first's
     assert fsutil.content_hash(one) == fsutil.content_hash(_zip(tmp_path / "c.zip", {"x/1.jpg": image}, date))
 

@@ -124,6 +124,11 @@ def _add_pipeline_policy(documents: Any) -> None:
         help="an s3:// prefix outside s3://<bucket>/<pipeline>/ that jobs read, e.g. an InputDataUri, "
         "--weights-uri or --serving-wheels-uri elsewhere; repeat for more (default: none)",
     )
+    policy.add_argument(
+        "--mlflow-tracking-arn",
+        default=None,
+        help="the SageMaker MLflow tracking server ARN given to upsert: sagemaker-mlflow:* on it (default: none)",
+    )
     images.add_serving_arguments(policy)  # the serving image the model's role pulls, as upsert picks it
     policy.set_defaults(func=cmd_pipeline_policy)
 
@@ -219,6 +224,7 @@ def cmd_pipeline_policy(args: argparse.Namespace) -> int:
             subnets=args.subnets,
             security_group_ids=args.security_group_ids,
             extra_input_s3_uris=args.extra_input_s3_uri,
+            mlflow_tracking_arn=args.mlflow_tracking_arn,
             **images.serving_options(args),
         )
 

@@ -153,6 +153,15 @@ def _add_local_command(subparsers: argparse._SubParsersAction) -> None:
     )
     local.add_argument("--quiet", action="store_true", help="print only the summary")
     _add_definition_arguments(local)
+    tracking = local.add_mutually_exclusive_group()
+    tracking.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking URI for the Tune, Train and Evaluate jobs, e.g. http://127.0.0.1:5000 (default: "
+        f"sqlite:///<workdir>/{LOCAL_TRACKING_DB}, opened with 'mlflow ui --backend-store-uri ...')",
+    )
+    tracking.add_argument("--no-tracking", dest="tracking", action="store_false", help="no MLflow tracking")
     local.set_defaults(func=run_local)
 
 
@@ -224,6 +233,16 @@ def _check_definition_flags(args: argparse.Namespace) -> None:
         )
     if not args.definition.is_file():
         raise CommandError(f"--definition {args.definition} is not a file: pass a definition JSON")
+
+
+LOCAL_TRACKING_DB = "mlflow.db"
+
+
+def tracking_uri(args: argparse.Namespace) -> str | None:
+    """``--tracking-uri``, else the workdir's SQLite store; None with ``--no-tracking``."""
+    if not getattr(args, "tracking", True):
+        return None
+    return args.tracking_uri or f"sqlite:///{(args.workdir.resolve() / LOCAL_TRACKING_DB).as_posix()}"
 
 
 def _add_predict_command(subparsers: argparse._SubParsersAction) -> None:
@@ -357,6 +376,7 @@ def run_local(args: argparse.Namespace) -> int:
         definition_file=args.definition,
         objects=list(args.objects),
         pipeline_name=args.pipeline_name,
+        tracking_uri=tracking_uri(args),
     )
     console = Console(quiet=args.quiet)
     pipeline = LocalPipeline(options, console)
@@ -440,6 +460,8 @@ def print_summary(record: dict[str, Any], workdir: Path) -> None:
         )
     else:
         rows.append(("endpoint", "none: run with --approve, or 'python -m pipelines.run approve N --local'"))
+    if "tracking" in summary:
+        rows.append(("MLflow", f"{summary['tracking']['ui']} (experiment: the pipeline's name)"))
     lines = ["", "Summary"]
     width = max(len(key) for key, _ in rows)
     lines.extend(f"  {key:<{width}}  {value}" for key, value in rows)

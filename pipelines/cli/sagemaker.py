@@ -262,6 +262,13 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="skip checking the definition against SageMaker's API shapes (default: check, and stop on problems)",
     )
+    parser.add_argument(
+        "--mlflow-tracking-arn",
+        default=None,
+        help="track the Tune, Train and Evaluate jobs in this SageMaker MLflow tracking server or app (its ARN): "
+        "sets MLFLOW_TRACKING_URI and the experiment (the pipeline's name) in exactly those jobs; the pipeline "
+        "role needs sagemaker-mlflow:* on it (iam pipeline-policy --mlflow-tracking-arn) (default: no tracking)",
+    )
     images.add_serving_arguments(parser)
 
 
@@ -400,6 +407,13 @@ def make_boto_session(args: argparse.Namespace) -> Any:
 
 
 def pipeline_options(args: argparse.Namespace) -> Any:
+    from pipelines.aws.iam import MLFLOW_ARN
+
+    if args.mlflow_tracking_arn is not None and not MLFLOW_ARN.fullmatch(args.mlflow_tracking_arn):
+        raise CommandError(
+            f"--mlflow-tracking-arn {args.mlflow_tracking_arn!r} is not a SageMaker MLflow tracking server or app ARN "
+            "(arn:aws:sagemaker:<region>:<account>:mlflow-tracking-server/<name>)"
+        )
     instance_types = {
         name: value
         for name, value in (
@@ -425,6 +439,7 @@ def pipeline_options(args: argparse.Namespace) -> Any:
         serving_wheels_uri=args.serving_wheels_uri,
         input_data_uri=args.input_data_uri,
         cache_expire_after=config.CACHE_EXPIRE_AFTER if args.cache else None,
+        mlflow_tracking_uri=args.mlflow_tracking_arn,
         **images.serving_options(args),
         **instance_types,
     )
@@ -589,7 +604,8 @@ def cmd_upsert(args: argparse.Namespace) -> int:
 
     group_state = ensure_model_package_group(sagemaker_client, args.model_package_group, tags)
     print(f"model package group {args.model_package_group}: {group_state}")
-    uploaded = upload_code_artifacts(boto_session, code_artifacts(bucket, args.pipeline_name), kms_key=args.kms_key)
+    artifacts = code_artifacts(bucket, args.pipeline_name, tracking=bool(args.mlflow_tracking_arn))
+    uploaded = upload_code_artifacts(boto_session, artifacts, kms_key=args.kms_key)
     for uri in uploaded:
         print(f"code: {uri}")
 
@@ -902,6 +918,10 @@ def cmd_set_approval(args: argparse.Namespace) -> int:
         request["ApprovalDescription"] = args.description
     sagemaker_client.update_model_package(**request)
     print(f"{arn}: {args.approval_status}")
+    if args.local:  # the version's MLflow run learns its status (on SageMaker the package names its run)
+        from entrypoints import tracking
+
+        tracking.tag_registered_version(sagemaker_client.describe_model_package(ModelPackageName=arn))
     if args.local and args.approval_status == "Approved" and not args.no_deploy:
         backend.deploy_on_approval(args, sagemaker_client, arn)
     return 0

@@ -23,6 +23,7 @@ with what only a local run has under each step's ``Local``.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import threading
 import time
@@ -169,6 +170,29 @@ class StepContext:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _without_execution_variables(arguments: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any]:
+    """The cache key's parts without the environment variables that the definition sets to an execution variable
+    (``{"Get": "Execution.PipelineExecutionId"}``, e.g. for experiment tracking): they differ in every execution by
+    design, like the output locations, so a step that differs in nothing else is still reused. (SageMaker keys a
+    Training or Processing step by its whole Environment, so there such a step runs in every execution.)"""
+    parts = copy.deepcopy(parts)  # never the step's own arguments
+    keyed = parts.get("arguments")
+    if not isinstance(keyed, dict):
+        return parts
+    definition = "TrainingJobDefinition"  # a tuning step's jobs
+    for holder, raw in ((keyed, arguments), (keyed.get(definition), arguments.get(definition))):
+        if not isinstance(holder, dict) or not isinstance(raw, dict) or not isinstance(raw.get("Environment"), dict):
+            continue
+        varying = [
+            name
+            for name, value in raw["Environment"].items()
+            if isinstance(value, dict) and str(value.get("Get", "")).startswith("Execution.")
+        ]
+        if varying and isinstance(holder.get("Environment"), dict):
+            holder["Environment"] = {k: v for k, v in holder["Environment"].items() if k not in varying}
+    return parts
 
 
 class LocalExecution:
@@ -338,6 +362,7 @@ class LocalExecution:
         parts = executor.cache_key(context) if cache_config.get("Enabled") else None
         if parts is None:
             return executor.run(context)
+        parts = _without_execution_variables(context.step.get("Arguments", {}), parts)
         key = self.cache.key(context.name, parts)
         entry = self.cache.lookup(key, cache_config.get("ExpireAfter"))
         if entry is None:

@@ -123,6 +123,7 @@ class LocalRunOptions:
     definition_file: Path | None = None  # run this definition JSON as it is, instead of building the template's
     objects: list[tuple[str, Path]] = field(default_factory=list)  # (s3 URI, local file or folder) put before the run
     pipeline_name: str | None = None  # with definition_file: the name its ARNs carry (default: the file's stem)
+    tracking_uri: str | None = None  # MLflow tracking of Tune, Train and Evaluate (the CLI: <workdir>/mlflow.db)
 
     @property
     def resolved_preset(self) -> str:
@@ -164,6 +165,7 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
         deploy_step=options.deploy_step,
         deploy_function_name=options.deploy_function_name,
         model_package_group=options.model_package_group,
+        mlflow_tracking_uri=options.tracking_uri,
     ).with_hyperparameters(options.hyperparameters)
     session = PipelineSession(
         boto_session=boto3.Session(region_name=local_sagemaker.REGION), default_bucket=config.LOCAL_BUCKET
@@ -177,7 +179,8 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
             account_id=local_sagemaker.ACCOUNT_ID,
         )
         definition = json.loads(pipeline.definition())
-    return definition, code_artifacts(config.LOCAL_BUCKET, pipeline_options.pipeline_name), pipeline_options
+    artifacts = code_artifacts(config.LOCAL_BUCKET, pipeline_options.pipeline_name, tracking=bool(options.tracking_uri))
+    return definition, artifacts, pipeline_options
 
 
 @dataclass
@@ -461,6 +464,10 @@ class LocalPipeline:
         api = local_api(self.workdir, self.options.port, self.options.ray)
         name = prepared.pipeline_name
         self.project = prepared.project
+        if self.options.tracking_uri:  # the store's tables and the experiment, before parallel trials start
+            from entrypoints import tracking
+
+            tracking.prepare(self.options.tracking_uri, name)
         self.execution = LocalExecution(
             definition,
             executors=step_executors(self.options, self.workdir, api, prepared.project),
@@ -537,6 +544,25 @@ class LocalPipeline:
                     state = None
                 if state is not None and state["EndpointStatus"] == "InService":
                     summary["endpoint"] = {"name": answer["endpoint_name"], "url": state["url"]}
+        if self.options.tracking_uri:
+            self._summarise_tracking(summary)
+
+    def _summarise_tracking(self, summary: dict[str, Any]) -> None:
+        """MLflow: the registered version's ARN, number and status as tags of its run (the package names the run
+        in its CustomerMetadataProperties), and the command that opens the UI on this store."""
+        from entrypoints import tracking
+
+        uri = str(self.options.tracking_uri)
+        arn = summary.get("model_package", {}).get("ModelPackageArn")
+        if arn:
+            try:
+                package = local_sagemaker.LocalSageMaker(self.workdir).registry.by_arn(arn)
+            except RegistryError:
+                package = None
+            if package is not None:
+                summary["tracking_run"] = tracking.tag_registered_version(package, uri)
+        ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+        summary["tracking"] = {"uri": uri, "ui": ui}
 
 
 # The longest workdir path (bytes) a run accepts: the run writes paths up to about 3 KB below it (job folders,

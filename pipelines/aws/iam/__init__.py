@@ -34,6 +34,9 @@ KMS_SID_PREFIX = "Kms"
 VPC_SID_PREFIX = "Vpc"
 EXTRA_INPUTS_SID_PREFIX = "ReadExtraInputs"
 DEPLOY_STEP_SID_PREFIX = "InvokeTheDeployFunction"
+# Added only with an MLflow tracking server (--mlflow-tracking-arn): the jobs' MLflow calls on that server alone.
+MLFLOW_SID = "TrackRunsOnTheMlflowTrackingServer"
+MLFLOW_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:(mlflow-tracking-server|mlflow-app)/[a-zA-Z0-9-]+")
 # The statements that say "Resource": "*", each because AWS offers no resource-level permission for its actions:
 #   ecr:GetAuthorizationToken   - the registry login token is account-wide, it names no repository;
 #   cloudwatch:PutMetricData    - metrics have no ARN; the statement pins the cloudwatch:namespace instead;
@@ -144,6 +147,7 @@ def render_pipeline_role_policy(
     serving_image: str = config.SERVING_IMAGE,
     serving_image_uri: str | None = None,
     serving_instance_type: str = config.SERVING_INSTANCE_TYPE,
+    mlflow_tracking_arn: str | None = None,
 ) -> dict[str, Any]:
     """The pipeline execution role's least-privilege policy: pipeline_role_policy.json filled in.
 
@@ -161,6 +165,8 @@ def render_pipeline_role_policy(
         image_uris: the container images to allow pulling (default: :func:`pipeline_image_uris` of the region).
         partition: the ARN partition (default: the region's).
         serving_image / serving_image_uri / serving_instance_type: as given to ``upsert`` (its --serving-* flags).
+        mlflow_tracking_arn: the SageMaker MLflow tracking server (or app) given to ``upsert
+            --mlflow-tracking-arn``: adds ``sagemaker-mlflow:*`` on that ARN alone (default: no such statement).
 
     Raises:
         ValueError: naming the bad argument.
@@ -240,6 +246,15 @@ def render_pipeline_role_policy(
                 statements.append({**fill(statement, extra), "Sid": f"{sid}{number}"})
             continue
         statements.append(fill(statement, {}))
+    if mlflow_tracking_arn is not None:
+        if not MLFLOW_ARN.fullmatch(mlflow_tracking_arn):
+            raise ValueError(
+                f"MLflow tracking ARN {mlflow_tracking_arn!r} is not a SageMaker MLflow tracking server or app ARN "
+                "(arn:aws:sagemaker:<region>:<account>:mlflow-tracking-server/<name>)"
+            )
+        statements.append(
+            {"Sid": MLFLOW_SID, "Effect": "Allow", "Action": ["sagemaker-mlflow:*"], "Resource": [mlflow_tracking_arn]}
+        )
     policy = {"Version": template["Version"], "Statement": statements}
     check_placeholders_filled(policy, "the pipeline role policy")
     return policy
