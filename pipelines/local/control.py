@@ -112,7 +112,7 @@ class RegisterModelExecutor(StepExecutor):
             context.local_path(uri, "a file of the model package")
         metadata = {**request.get("CustomerMetadataProperties", {}), "run": context.execution.run_id}
         try:
-            created = self.sagemaker.create_model_package(**request, CustomerMetadataProperties=metadata)
+            created = self.sagemaker.create_model_package(**{**request, "CustomerMetadataProperties": metadata})
             package = self.sagemaker.describe_model_package(ModelPackageName=created["ModelPackageArn"])
         except ClientError as error:
             raise StepFailure(error.response["Error"]["Message"]) from error
