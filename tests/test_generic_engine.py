@@ -68,6 +68,11 @@ def test_a_hand_written_definition_runs_end_to_end(
     package = record["Summary"]["model_package"]
     assert package["ModelPackageVersion"] == 1 and package["ModelApprovalStatus"] == "PendingManualApproval"
     assert package["ModelPackageArn"].endswith("model-package/toy-models/1")
+    from pipelines.local.sagemaker import LocalSageMaker
+
+    described = LocalSageMaker(tmp_path).describe_model_package(ModelPackageName=package["ModelPackageArn"])
+    metadata = described["CustomerMetadataProperties"]  # the definition's own, beside the run that registered it
+    assert metadata["owner"] == "toy-team" and metadata["run"] == "run-0001"
     assert "test_accuracy" not in record["Summary"]  # the project's summary is not made of another's run
     assert record["PipelineArn"].endswith(":pipeline/toy")
 
