@@ -22,6 +22,7 @@ from botocore.exceptions import ClientError
 
 from pipelines.definition.expressions import ExpressionError, as_text
 from pipelines.local.executor import LocalExecution, StepContext, StepExecutor, StepFailure, StepResult
+from pipelines.local.objectstore import s3_uris
 
 LambdaFunction = Callable[[Any, Path], Mapping[str, Any]]  # (event, log file) -> the function's answer
 _OUTPUT_TYPES: dict[str, Callable[[Any], Any]] = {
@@ -108,7 +109,7 @@ class RegisterModelExecutor(StepExecutor):
 
     def run(self, context: StepContext) -> StepResult:
         request = dict(context.arguments)
-        for uri in _s3_uris(request):  # a missing file fails here, naming what it is
+        for uri in s3_uris(request):  # a missing file fails here, naming what it is
             context.local_path(uri, "a file of the model package")
         metadata = {**request.get("CustomerMetadataProperties", {}), "run": context.execution.run_id}
         try:
@@ -125,16 +126,6 @@ class RegisterModelExecutor(StepExecutor):
             detail=f"{package['ModelPackageGroupName']} version {version} ({status})",
             summary={"model_package": summary},
         )
-
-
-def _s3_uris(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value] if value.startswith("s3://") else []
-    if isinstance(value, Mapping):
-        return [uri for item in value.values() for uri in _s3_uris(item)]
-    if isinstance(value, list):
-        return [uri for item in value for uri in _s3_uris(item)]
-    return []
 
 
 def function_name(arn: str) -> str:

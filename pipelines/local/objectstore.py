@@ -13,7 +13,9 @@ the store.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pipelines.util import fsutil
 
@@ -86,3 +88,14 @@ class ObjectStore:
                 raise ObjectStoreError(f"{uri} holds no object (looked in {path})")
             self._hashes[uri] = fsutil.content_hash(path)
         return self._hashes[uri]
+
+
+def s3_uris(value: Any) -> list[str]:
+    """Every ``s3://`` string in a request (its mappings and lists walked), in order."""
+    if isinstance(value, str):
+        return [value] if value.startswith("s3://") else []
+    if isinstance(value, Mapping):
+        return [uri for item in value.values() for uri in s3_uris(item)]
+    if isinstance(value, list):
+        return [uri for item in value for uri in s3_uris(item)]
+    return []

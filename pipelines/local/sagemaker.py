@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +32,7 @@ from botocore.exceptions import ClientError
 
 from pipelines.definition import names
 from pipelines.local import runs
-from pipelines.local.objectstore import ObjectStore, ObjectStoreError
+from pipelines.local.objectstore import ObjectStore, ObjectStoreError, s3_uris
 from pipelines.local.registry import APPROVAL_STATUSES, LocalModelRegistry, RegistryError, changed_files
 from pipelines.util import fsutil
 
@@ -125,7 +125,7 @@ class LocalSageMaker:
     def create_model_package(self, **request: Any) -> dict[str, Any]:
         """A new version in the group, whatever earlier versions hold; s3:// files come from the object store."""
         try:
-            files = {uri: self._object(uri) for uri in _s3_uris(request)}
+            files = {uri: self._object(uri) for uri in s3_uris(request)}
             package = self.registry.register(request, files)
         except (RegistryError, ObjectStoreError, fsutil.WorkdirBusy) as error:
             raise client_error("CreateModelPackage", str(error)) from error
@@ -438,13 +438,3 @@ def _state_problem(state: Any) -> str | None:
     if not isinstance(state, dict) or not all(isinstance(state.get(kind), dict) for kind in kinds):
         return f"it does not hold the {', '.join(kinds)} objects"
     return None
-
-
-def _s3_uris(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value] if value.startswith("s3://") else []
-    if isinstance(value, Mapping):
-        return [uri for item in value.values() for uri in _s3_uris(item)]
-    if isinstance(value, list):
-        return [uri for item in value for uri in _s3_uris(item)]
-    return []
