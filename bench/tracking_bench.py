@@ -20,31 +20,15 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from local_pipeline_bench import run_local  # noqa: E402  (one way to time a local run, for both benches)
+
 TARGET_RATIO = 1 / 1.05
-
-
-def run_local(workdir: Path, extra: list[str]) -> tuple[float, dict]:
-    started = time.perf_counter()
-    completed = subprocess.run(
-        [sys.executable, "-m", "pipelines.run", "local", "--workdir", str(workdir), *extra],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    elapsed = time.perf_counter() - started
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
-        raise SystemExit(f"the local run failed with exit status {completed.returncode}")
-    newest = max(workdir.glob("run-*"), key=lambda p: p.name)
-    return elapsed, json.loads((newest / "run.json").read_text())
 
 
 def check_store(workdir: Path, record: dict) -> list[str]:
