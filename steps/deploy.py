@@ -14,6 +14,10 @@ permission). The handler
    deleted: SageMaker switches to the new one only once the new fleet is healthy;
 4. registers target-tracking autoscaling on invocations per instance when MIN_CAPACITY/MAX_CAPACITY are set.
 
+Whenever it handles a package of its group whose metadata names an MLflow run (a tracked pipeline's), it first
+tags that run and its parent with the package's ARN, version and approval status (:func:`tag_mlflow_run`); with
+tracking the rule sends rejections too, for that tag alone.
+
 An endpoint that is busy (Creating, Updating, ...) raises :class:`EndpointBusyError`, which Lambda retries for
 asynchronous (EventBridge) invocations. AWS errors are logged with the package ARN and re-raised.
 

@@ -267,7 +267,9 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="track the Tune, Train and Evaluate jobs in this SageMaker MLflow tracking server or app (its ARN): "
         "sets MLFLOW_TRACKING_URI and the experiment (the pipeline's name) in exactly those jobs; the pipeline "
-        "role needs sagemaker-mlflow:* on it (iam pipeline-policy --mlflow-tracking-arn) (default: no tracking)",
+        "role needs sagemaker-mlflow:* on it (iam pipeline-policy --mlflow-tracking-arn), and the deploy function, "
+        "which tags the registered version's run, its own statement (iam deploy-policy --mlflow-tracking-arn) "
+        "(default: no tracking)",
     )
     images.add_serving_arguments(parser)
 
