@@ -14,6 +14,10 @@ permission). The handler
    deleted: SageMaker switches to the new one only once the new fleet is healthy;
 4. registers target-tracking autoscaling on invocations per instance when MIN_CAPACITY/MAX_CAPACITY are set.
 
+Whenever it handles a package of its group whose metadata names an MLflow run (a tracked pipeline's), it first
+tags that run and its parent with the package's ARN, version and approval status (:func:`tag_mlflow_run`); with
+tracking the rule sends rejections too, for that tag alone.
+
 An endpoint that is busy (Creating, Updating, ...) raises :class:`EndpointBusyError`, which Lambda retries for
 asynchronous (EventBridge) invocations. AWS errors are logged with the package ARN and re-raised.
 
@@ -59,6 +63,9 @@ logger.setLevel(logging.INFO)  # until the settings' LOG_LEVEL is read (handler)
 EVENT_SOURCE = "aws.sagemaker"
 EVENT_DETAIL_TYPE = "SageMaker Model Package State Change"
 APPROVED = "Approved"
+REJECTED = "Rejected"
+# What a tracked pipeline's rule sends the function: approvals to deploy, and rejections for the MLflow run's tag.
+TRACKED_STATUSES = (APPROVED, REJECTED)
 PENDING_APPROVAL = "PendingManualApproval"
 AWAITING_APPROVAL = "awaiting-approval"  # the Deploy step's action for a package that waits for a person
 PIPELINE_PAYLOAD_KEY = "model_package_arn"  # the Deploy LambdaStep's input
@@ -951,6 +958,7 @@ def _deploy(
             f"package belongs to group {group!r}, not {settings.model_package_group!r}",
             model_package_arn=package_arn,
         )
+    tag_mlflow_run(package)  # the run learns its version and status, whatever the deployment does next
     if status != APPROVED:
         # The event said Approved, but someone changed it since: deploy only what is approved now.
         return _ignored(
@@ -1037,6 +1045,142 @@ def _update_endpoint(
         deployment_config=deployment,
     )
     return {"action": "updated", "previous_endpoint_config_name": current, "deployment_config": deployment}
+
+
+# --- the MLflow run of the package ----------------------------------------------------------------------------
+#
+# A package registered with tracking names its MLflow run in CustomerMetadataProperties (the Register step writes
+# them; entrypoints/tracking.py owns the keys, copied here because this file is zipped alone). The function tags
+# that run and its parent with the package's ARN, version and approval status, so that on SageMaker, too, the run
+# leads to its version. It speaks MLflow's REST API over urllib (no mlflow in the function) and reaches a
+# SageMaker MLflow ARN the way the sagemaker-mlflow plugin does (its host metadata provider, header provider and
+# auth provider): the region's MLflow endpoint, a header that names the ARN, and SigV4 for the plugin's signing
+# name. A plain http(s) URI is called unsigned; any other URI (sqlite:, file:) is the local runner's to tag.
+# Tagging is best effort: a failure is one log line and the deployment goes on (the registry is the record).
+
+MLFLOW_RUN_ID_KEY = "mlflow-run-id"
+MLFLOW_TRACKING_URI_KEY = "mlflow-tracking-uri"
+MLFLOW_NOT_TRACKED = "not-tracked"  # the run ID a package gets when its Evaluate job did not track
+MLFLOW_PARENT_TAG = "mlflow.parentRunId"
+MLFLOW_TIMEOUT_SECONDS = 5.0  # per request; the first failure ends the tagging, so a dead server costs one wait
+# The plugin's own override of the endpoint (a VPC endpoint, a proxy), honoured the same way.
+MLFLOW_ENDPOINT_VARIABLE = "SAGEMAKER_MLFLOW_CUSTOM_ENDPOINT"
+MLFLOW_ARN_PATTERN = re.compile(
+    r"arn:(?P<partition>aws[a-z-]*):sagemaker:(?P<region>[a-z0-9-]+):\d{12}:"
+    r"(?P<kind>mlflow-tracking-server|mlflow-app)/[a-zA-Z0-9-]+"
+)
+# Per ARN kind, as sagemaker-mlflow 0.5.0 does it: (endpoint, routing header, SigV4 signing name).
+MLFLOW_ARN_KINDS = {
+    "mlflow-tracking-server": (
+        "https://{region}.experiments.sagemaker.aws",
+        "x-mlflow-sm-tracking-server-arn",
+        "sagemaker-mlflow",
+    ),
+    "mlflow-app": ("https://mlflow.sagemaker.{region}.app.aws", "x-sm-mlflow-app-arn", "sagemaker"),
+}
+MLFLOW_PARTITIONS = ("aws", "aws-us-gov")  # the partitions the plugin has an endpoint for
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """Where a tracking URI's REST API answers: its base URL, the headers every request carries, and the SigV4
+    signing name and region (None: unsigned)."""
+
+    url: str
+    headers: Mapping[str, str]
+    signing_name: str | None = None
+    region: str | None = None
+
+
+def mlflow_server(uri: str, environ: Mapping[str, str] | None = None) -> MlflowServer | None:
+    """The server of a tracking URI; None for a URI the function leaves alone. Raises ValueError for an ARN that is
+    no SageMaker MLflow tracking server or app ARN."""
+    if uri.startswith(("http://", "https://")):
+        return MlflowServer(uri.rstrip("/"), {})
+    if not uri.startswith("arn:"):
+        return None
+    match = MLFLOW_ARN_PATTERN.fullmatch(uri)
+    if match is None or match["partition"] not in MLFLOW_PARTITIONS:
+        raise ValueError(f"{uri} is not a SageMaker MLflow tracking server or app ARN in {'/'.join(MLFLOW_PARTITIONS)}")
+    endpoint, header, signing_name = MLFLOW_ARN_KINDS[match["kind"]]
+    override = (os.environ if environ is None else environ).get(MLFLOW_ENDPOINT_VARIABLE, "").strip()
+    url = override or endpoint.format(region=match["region"])
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{MLFLOW_ENDPOINT_VARIABLE}={override!r} is not an http(s) URL")
+    return MlflowServer(url.rstrip("/"), {header: uri}, signing_name, match["region"])
+
+
+def _mlflow_request(server: MlflowServer, method: str, path: str, body: Any, credentials: Any) -> dict[str, Any]:
+    """One call of MLflow's REST API (``/api/2.0/mlflow/<path>``), signed when the server needs it."""
+    import urllib.parse
+    import urllib.request
+
+    url = f"{server.url}/api/2.0/mlflow/{path}"
+    data = None
+    headers = dict(server.headers)
+    if method == "GET":
+        url += "?" + urllib.parse.urlencode(body)
+    else:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if server.signing_name is not None:
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        headers["X-Amz-Content-SHA256"] = hashlib.sha256(data or b"").hexdigest()
+        signed = AWSRequest(method=method, url=url, data=data, headers=headers)
+        SigV4Auth(credentials, server.signing_name, server.region).add_auth(signed)
+        headers = dict(signed.headers.items())
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310 - http(s) only
+    with urllib.request.urlopen(request, timeout=MLFLOW_TIMEOUT_SECONDS) as response:  # noqa: S310
+        return json.loads(response.read() or b"{}")
+
+
+def _aws_credentials() -> Any:
+    import boto3  # in the Lambda runtime: the function's role
+
+    credentials = boto3.session.Session().get_credentials()
+    if credentials is None:
+        raise ValueError("no AWS credentials to sign the MLflow requests with")
+    return credentials.get_frozen_credentials()
+
+
+def mlflow_run_tags(package: Mapping[str, Any]) -> dict[str, str]:
+    """The tags that lead a run to its model package (the same as the local runner's)."""
+    tags = {
+        "model_package.arn": package.get("ModelPackageArn"),
+        "model_package.version": package.get("ModelPackageVersion"),
+        "model_package.status": package.get("ModelApprovalStatus"),
+    }
+    return {key: str(value) for key, value in tags.items() if value is not None}
+
+
+def tag_mlflow_run(package: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> str | None:
+    """Tag the run the package names, and its parent, with :func:`mlflow_run_tags`. Returns the run ID tagged, or
+    None when the package names no run, its URI is left to the local runner, or tagging fails (one log line)."""
+    metadata = package.get("CustomerMetadataProperties") or {}
+    run_id, uri = metadata.get(MLFLOW_RUN_ID_KEY), str(metadata.get(MLFLOW_TRACKING_URI_KEY) or "")
+    if not run_id or run_id == MLFLOW_NOT_TRACKED or not uri:
+        return None
+    try:
+        server = mlflow_server(uri, environ)
+        if server is None:
+            return None
+        credentials = _aws_credentials() if server.signing_name is not None else None
+        run = _mlflow_request(server, "GET", "runs/get", {"run_id": run_id}, credentials)
+        tags = {tag.get("key"): tag.get("value") for tag in run.get("run", {}).get("data", {}).get("tags", [])}
+        parent = tags.get(MLFLOW_PARENT_TAG)
+        for target in filter(None, (run_id, parent)):
+            for key, value in mlflow_run_tags(package).items():
+                body = {"run_id": target, "key": key, "value": value}
+                _mlflow_request(server, "POST", "runs/set-tag", body, credentials)
+    except Exception as error:  # the registry is the system of record: never fail the deployment for this
+        text = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {text[0][:300] if text else ''}"
+        _log(logging.WARNING, "mlflow run not tagged", run_id=run_id, tracking_uri=uri, error=reason)
+        return None
+    _log(logging.INFO, "mlflow run tagged", run_id=run_id, parent_run_id=parent, **mlflow_run_tags(package))
+    return str(run_id)
 
 
 # --- the serving image ----------------------------------------------------------------------------------------
@@ -1136,8 +1280,28 @@ def handle_event(
     if arn is None:
         detail = event.get("detail") if isinstance(event, Mapping) else None
         arn_in_event = detail.get("ModelPackageArn") if isinstance(detail, Mapping) else None
+        _tag_status_change(event, settings, clients)
         return _ignored(reason or "ignored", model_package_arn=arn_in_event, event_id=_event_id(event))
     return deploy_model_package(arn, settings, clients, deadline=deadline, sleep=sleep)
+
+
+def _tag_status_change(event: Any, settings: DeploySettings, clients: DeployClients) -> None:
+    """A rejection (or any other status but Approved) of a package of the group: nothing to deploy, but the
+    package's MLflow run learns the new status. Only a tracked pipeline's rule sends such events here."""
+    detail = event.get("detail") if isinstance(event, Mapping) else None
+    if not isinstance(detail, Mapping) or event.get("detail-type") != EVENT_DETAIL_TYPE:
+        return
+    arn = detail.get("ModelPackageArn")
+    if detail.get("ModelPackageGroupName") != settings.model_package_group:
+        return
+    if not isinstance(arn, str) or ":model-package/" not in arn:
+        return
+    try:
+        package = clients.sagemaker.describe_model_package(ModelPackageName=arn)
+    except ClientError as error:
+        _log(logging.WARNING, "mlflow run not tagged", model_package_arn=arn, error=_error_message(error))
+        return
+    tag_mlflow_run(package)
 
 
 def _event_id(event: Any) -> Any:

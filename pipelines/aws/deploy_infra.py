@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pipelines import config
-from pipelines.aws.iam import check_placeholders_filled
+from pipelines.aws.iam import check_placeholders_filled, mlflow_statement
 from pipelines.definition.names import partition_for_region
 from pipelines.util.errors import CommandError
 from steps import deploy
@@ -44,6 +44,10 @@ ROLLBACK_ALARMS_SID_PREFIX = "RollbackAlarms"
 # resource-level permissions, and a scalable target's ARN carries an ID assigned when it is registered, so
 # RegisterScalableTarget/PutScalingPolicy cannot name it in advance either.
 STATEMENTS_NEEDING_ANY_RESOURCE = ("AutoscalingRegisterTargetAndPolicy",)
+# Only with MLflow tracking: the two REST calls the function makes to tag the package's run (runs/get for the
+# parent, runs/set-tag), on that tracking server alone.
+MLFLOW_SID = "TagTheRegisteredModelsMlflowRun"
+MLFLOW_TAG_ACTIONS = ("sagemaker-mlflow:GetRun", "sagemaker-mlflow:SetTag")
 
 
 # --- arguments: made from the settings table of steps/deploy.py -----------------------------------------------
@@ -200,12 +204,14 @@ def code_sha256(zip_bytes: bytes) -> str:
     return base64.b64encode(hashlib.sha256(zip_bytes).digest()).decode()
 
 
-def event_pattern(model_package_group: str) -> dict[str, Any]:
-    """Approvals of this group only: any other group, and any status but Approved, never reaches the function."""
+def event_pattern(model_package_group: str, tracking: bool = False) -> dict[str, Any]:
+    """Approvals of this group only: any other group, and any status but Approved, never reaches the function.
+    With MLflow tracking, rejections too: the function tags the package's run with its new status."""
+    statuses = list(deploy.TRACKED_STATUSES) if tracking else [deploy.APPROVED]
     return {
         "source": [deploy.EVENT_SOURCE],
         "detail-type": [deploy.EVENT_DETAIL_TYPE],
-        "detail": {"ModelPackageGroupName": [model_package_group], "ModelApprovalStatus": [deploy.APPROVED]},
+        "detail": {"ModelPackageGroupName": [model_package_group], "ModelApprovalStatus": statuses},
     }
 
 
@@ -299,11 +305,14 @@ def upsert_function(
     }
 
 
-def upsert_rule(events_client: Any, *, rule_name: str, model_package_group: str) -> dict[str, Any]:
+def upsert_rule(
+    events_client: Any, *, rule_name: str, model_package_group: str, tracking: bool = False
+) -> dict[str, Any]:
     from botocore.exceptions import ClientError
 
-    pattern = event_pattern(model_package_group)
-    description = f"Approved model packages of {model_package_group} -> deploy Lambda"
+    pattern = event_pattern(model_package_group, tracking)
+    statuses = "Approved and rejected" if tracking else "Approved"
+    description = f"{statuses} model packages of {model_package_group} -> deploy Lambda"
     try:
         current = events_client.describe_rule(Name=rule_name)
     except ClientError as error:
@@ -421,7 +430,8 @@ def upsert_from_args(args: argparse.Namespace, boto_session: Any, model_package_
         environment=environment,
         description=f"Deploys approved packages of {model_package_group} to {settings.resolved_endpoint_name}"[:256],
     )
-    rule = upsert_rule(events_client, rule_name=rule_name, model_package_group=model_package_group)
+    tracking = bool(getattr(args, "mlflow_tracking_arn", None))  # rejections then reach the run too
+    rule = upsert_rule(events_client, rule_name=rule_name, model_package_group=model_package_group, tracking=tracking)
     target = ensure_rule_target(events_client, rule_name=rule_name, function_arn=function["arn"])
     permission = ensure_invoke_permission(
         lambda_client, function_name=function_name, rule_arn=rule["arn"], rule_name=rule_name
@@ -452,9 +462,11 @@ def render_deploy_policy(
     autoscaling: bool = False,
     rollback_alarm_names: Sequence[str] = (),
     partition: str | None = None,
+    mlflow_tracking_arn: str | None = None,
 ) -> dict[str, Any]:
     """The deploy function's least-privilege policy: steps/deploy_policy.json with its placeholders filled in,
-    keeping the autoscaling statements only with ``autoscaling`` and the alarm statement only with alarms."""
+    keeping the autoscaling statements only with ``autoscaling`` and the alarm statement only with alarms; with
+    ``mlflow_tracking_arn`` (a SageMaker MLflow tracking server or app), the run-tagging calls on it alone."""
     if not (account_id.isdigit() and len(account_id) == 12):
         raise ValueError(f"account ID {account_id!r} is not 12 digits")
     base_name = deploy.resource_base_name(resource_name_prefix, model_package_group)
@@ -489,6 +501,8 @@ def render_deploy_policy(
                 continue
             statement = {**statement, "Resource": [alarm_arn + name for name in rollback_alarm_names]}
         statements.append(json.loads(fill(json.dumps(statement))))
+    if mlflow_tracking_arn is not None:
+        statements.append(mlflow_statement(mlflow_tracking_arn, MLFLOW_TAG_ACTIONS, MLFLOW_SID))
     policy = {"Version": template["Version"], "Statement": statements}
     check_placeholders_filled(policy, "the deploy policy")
     return policy

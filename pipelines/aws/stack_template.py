@@ -321,19 +321,37 @@ def _check_references(template: Mapping[str, Any], node: dict[str, Any], variabl
 # --- the whole template ----------------------------------------------------------------------------------------
 
 
-def _fill_policy_documents(node: Any, images: Registries) -> Any:
+def _fill_policy_documents(node: Any, images: Registries, extra: Mapping[str, list[Any]]) -> Any:
+    """Each named policy file's document, with the ``extra`` statements of that file appended."""
     if isinstance(node, dict):
-        return {
-            key: (
-                _policy_document(value, images)
-                if key in ("PolicyDocument", "AssumeRolePolicyDocument") and isinstance(value, str)
-                else _fill_policy_documents(value, images)
-            )
-            for key, value in node.items()
-        }
+        filled = {}
+        for key, value in node.items():
+            if key in ("PolicyDocument", "AssumeRolePolicyDocument") and isinstance(value, str):
+                document = _policy_document(value, images)
+                document["Statement"] = [*document["Statement"], *extra.get(value, [])]
+                filled[key] = document
+            else:
+                filled[key] = _fill_policy_documents(value, images, extra)
+        return filled
     if isinstance(node, list):
-        return [_fill_policy_documents(item, images) for item in node]
+        return [_fill_policy_documents(item, images, extra) for item in node]
     return node
+
+
+def mlflow_statements(mlflow_tracking_arn: str | None) -> dict[str, list[dict[str, Any]]]:
+    """Policy file -> the statements a tracked pipeline adds to it (``upsert --mlflow-tracking-arn`` in the stack's
+    UpsertArguments): the pipeline role's and the deploy function's, each as its own renderer writes it. None: no
+    statement anywhere."""
+    if mlflow_tracking_arn is None:
+        return {}
+    from pipelines.aws import deploy_infra, iam
+
+    return {
+        "pipelines/aws/iam/pipeline_role_policy.json": [iam.mlflow_statement(mlflow_tracking_arn)],
+        "steps/deploy_policy.json": [
+            iam.mlflow_statement(mlflow_tracking_arn, deploy_infra.MLFLOW_TAG_ACTIONS, deploy_infra.MLFLOW_SID)
+        ],
+    }
 
 
 def skeleton() -> dict[str, Any]:
@@ -341,15 +359,19 @@ def skeleton() -> dict[str, Any]:
     return load_yaml(TEMPLATE_PATH.read_text(encoding="utf-8"))
 
 
-def render_template(template: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The complete template: policies from their files, names expanded, registries and region rule added.
+def render_template(
+    template: Mapping[str, Any] | None = None, mlflow_tracking_arn: str | None = None
+) -> dict[str, Any]:
+    """The complete template: policies from their files, names expanded, registries and region rule added; with
+    ``mlflow_tracking_arn``, the roles' MLflow statements on that ARN (:func:`mlflow_statements`).
 
     Raises:
         TemplateError: naming what could not be resolved and where to fix it.
+        ValueError: the MLflow ARN is no tracking server's or app's.
     """
     source = copy.deepcopy(dict(template) if template is not None else skeleton())
     images = registries()
-    rendered = _fill_policy_documents(source, images)
+    rendered = _fill_policy_documents(source, images, mlflow_statements(mlflow_tracking_arn))
     names = _names(rendered)
     for node, variables in _sub_strings(rendered):
         text = node["Fn::Sub"][0] if isinstance(node["Fn::Sub"], list) else node["Fn::Sub"]

@@ -243,8 +243,9 @@ def names_taken_outside(session: Any, names: Mapping[str, str], in_stack: set[st
     return adoptable, blocking
 
 
-def check_upsert_arguments(value: str) -> None:
-    """The extra upsert flags parse as ``upsert`` flags and leave alone the ones the buildspec sets from the stack.
+def check_upsert_arguments(value: str) -> argparse.Namespace:
+    """The extra upsert flags parse as ``upsert`` flags and leave alone the ones the buildspec sets from the stack;
+    returns them parsed.
 
     Raises:
         CommandError: naming the flags that are wrong and why.
@@ -275,10 +276,29 @@ def check_upsert_arguments(value: str) -> None:
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):
-            parser.parse_args(["upsert", *words])
+            return parser.parse_args(["upsert", *words])
     except SystemExit:
         reason = messages.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
         raise CommandError(f"--upsert-arguments {value!r}: upsert says: {reason}") from None
+
+
+def upsert_mlflow_tracking_arn(upsert_arguments: str | None) -> str | None:
+    """The ``--mlflow-tracking-arn`` that the stack's UpsertArguments give the build's upsert (parsed as upsert
+    parses it), or None: the stack's roles get the MLflow statements only with it."""
+    if not upsert_arguments:
+        return None
+    return getattr(check_upsert_arguments(upsert_arguments), "mlflow_tracking_arn", None)
+
+
+def _rendered_template_text(upsert_arguments: str | None) -> str:
+    """The stack's template for these UpsertArguments (raises CommandError for a bad MLflow ARN)."""
+    try:
+        template = stack_template.render_template(mlflow_tracking_arn=upsert_mlflow_tracking_arn(upsert_arguments))
+    except stack_template.TemplateError:
+        raise
+    except ValueError as error:
+        raise CommandError(f"--upsert-arguments: {error}") from error
+    return stack_template.template_text(template)
 
 
 def buildspec_upsert_flags() -> set[str]:
@@ -294,8 +314,8 @@ def buildspec_upsert_flags() -> set[str]:
 # --- the command -----------------------------------------------------------------------------------------------
 
 
-def _write_template(path: str) -> None:
-    text = stack_template.template_text()
+def _write_template(path: str, upsert_arguments: str | None = None) -> None:
+    text = _rendered_template_text(upsert_arguments)
     if path == "-":
         sys.stdout.write(text)
         return
@@ -321,7 +341,7 @@ def _stack_resources(cloudformation_client: Any, stack_name: str) -> set[str]:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """Check the input, create or update the stack through a change set, print outputs and next steps."""
     if args.print_template is not None:
-        _write_template(args.print_template)
+        _write_template(args.print_template, args.upsert_arguments)
         return 0
     try:
         return _bootstrap(args)
@@ -355,7 +375,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
             f"model package group {group} exists outside the stack (an earlier upsert makes one): the stack takes it "
             "over, versions and all"
         )
-    body = stack_template.template_text()
+    body = _rendered_template_text(values.get("UpsertArguments"))
     if len(body.encode()) > MAX_TEMPLATE_BODY_BYTES:
         raise CommandError(
             f"the template is {len(body.encode())} bytes, over CloudFormation's {MAX_TEMPLATE_BODY_BYTES} for an "

@@ -157,6 +157,12 @@ def _add_deploy_policy(documents: Any) -> None:
         default=config.DEPLOY_FUNCTION_NAME,
         help="name of the deploy Lambda (its log group) (default: %(default)s)",
     )
+    policy.add_argument(
+        "--mlflow-tracking-arn",
+        default=None,
+        help="the SageMaker MLflow tracking server ARN given to upsert: the function may tag the registered "
+        "model's run on it (default: none)",
+    )
     deploy_infra.add_endpoint_arguments(policy.add_argument_group("the endpoint settings given to upsert"))
     policy.set_defaults(func=cmd_deploy_policy)
 
@@ -252,6 +258,7 @@ def cmd_deploy_policy(args: argparse.Namespace) -> int:
             resource_name_prefix=settings.resource_name_prefix,
             autoscaling=settings.autoscaling,
             rollback_alarm_names=settings.rollback_alarm_names,
+            mlflow_tracking_arn=args.mlflow_tracking_arn,
         )
 
     return _print_policy(args, render)

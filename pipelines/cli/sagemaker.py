@@ -267,7 +267,9 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="track the Tune, Train and Evaluate jobs in this SageMaker MLflow tracking server or app (its ARN): "
         "sets MLFLOW_TRACKING_URI and the experiment (the pipeline's name) in exactly those jobs; the pipeline "
-        "role needs sagemaker-mlflow:* on it (iam pipeline-policy --mlflow-tracking-arn) (default: no tracking)",
+        "role needs sagemaker-mlflow:* on it (iam pipeline-policy --mlflow-tracking-arn), and the deploy function, "
+        "which tags the registered version's run, its own statement (iam deploy-policy --mlflow-tracking-arn) "
+        "(default: no tracking)",
     )
     images.add_serving_arguments(parser)
 
@@ -907,6 +909,14 @@ def resolve_model_package(sagemaker_client: Any, group: str, reference: str) -> 
     raise CommandError(f"model package group {group} has no version {reference}: see `models`")
 
 
+def _tag_mlflow_run(sagemaker_client: Any, arn: str) -> None:
+    """The version's MLflow run (named in the package's metadata) learns its new status, on either executor; with
+    MLflow missing or the server out of reach, tracking says so in one line and the approval stands."""
+    from entrypoints import tracking
+
+    tracking.tag_registered_version(sagemaker_client.describe_model_package(ModelPackageName=arn))
+
+
 @_aws_errors
 def cmd_set_approval(args: argparse.Namespace) -> int:
     """Set a package's approval status (approve / reject); with --local an approval also deploys, as the deploy
@@ -918,10 +928,7 @@ def cmd_set_approval(args: argparse.Namespace) -> int:
         request["ApprovalDescription"] = args.description
     sagemaker_client.update_model_package(**request)
     print(f"{arn}: {args.approval_status}")
-    if args.local:  # the version's MLflow run learns its status (on SageMaker the package names its run)
-        from entrypoints import tracking
-
-        tracking.tag_registered_version(sagemaker_client.describe_model_package(ModelPackageName=arn))
+    _tag_mlflow_run(sagemaker_client, arn)
     if args.local and args.approval_status == "Approved" and not args.no_deploy:
         backend.deploy_on_approval(args, sagemaker_client, arn)
     return 0

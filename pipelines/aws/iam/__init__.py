@@ -37,6 +37,10 @@ DEPLOY_STEP_SID_PREFIX = "InvokeTheDeployFunction"
 # Added only with an MLflow tracking server (--mlflow-tracking-arn): the jobs' MLflow calls on that server alone.
 MLFLOW_SID = "TrackRunsOnTheMlflowTrackingServer"
 MLFLOW_ARN = re.compile(r"arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:(mlflow-tracking-server|mlflow-app)/[a-zA-Z0-9-]+")
+MLFLOW_JOB_ACTIONS = ("sagemaker-mlflow:*",)  # the jobs' MLflow client: experiments, runs, metrics, artifacts
+# An MLflow app's REST API is also gated by this SageMaker action (the plugin signs an app's requests for the
+# service "sagemaker"): granted on the app alone, and only for an app's ARN.
+MLFLOW_APP_ACTION = "sagemaker:CallMlflowAppApi"
 # The statements that say "Resource": "*", each because AWS offers no resource-level permission for its actions:
 #   ecr:GetAuthorizationToken   - the registry login token is account-wide, it names no repository;
 #   cloudwatch:PutMetricData    - metrics have no ARN; the statement pins the cloudwatch:namespace instead;
@@ -247,17 +251,34 @@ def render_pipeline_role_policy(
             continue
         statements.append(fill(statement, {}))
     if mlflow_tracking_arn is not None:
-        if not MLFLOW_ARN.fullmatch(mlflow_tracking_arn):
-            raise ValueError(
-                f"MLflow tracking ARN {mlflow_tracking_arn!r} is not a SageMaker MLflow tracking server or app ARN "
-                "(arn:aws:sagemaker:<region>:<account>:mlflow-tracking-server/<name>)"
-            )
-        statements.append(
-            {"Sid": MLFLOW_SID, "Effect": "Allow", "Action": ["sagemaker-mlflow:*"], "Resource": [mlflow_tracking_arn]}
-        )
+        statements.append(mlflow_statement(mlflow_tracking_arn))
     policy = {"Version": template["Version"], "Statement": statements}
     check_placeholders_filled(policy, "the pipeline role policy")
     return policy
+
+
+def mlflow_statement(
+    tracking_arn: str, actions: Sequence[str] = MLFLOW_JOB_ACTIONS, sid: str = MLFLOW_SID
+) -> dict[str, Any]:
+    """The one statement that lets a role use a SageMaker MLflow tracking server or app: ``actions`` on that ARN
+    alone (plus the app's own gate for an app). The pipeline role, the deploy function's role and the bootstrap
+    stack's roles all take it from here.
+
+    Raises:
+        ValueError: the ARN is not a tracking server's or an app's (a wildcard included).
+    """
+    if not MLFLOW_ARN.fullmatch(tracking_arn):
+        raise ValueError(
+            f"MLflow tracking ARN {tracking_arn!r} is not a SageMaker MLflow tracking server or app ARN "
+            "(arn:aws:sagemaker:<region>:<account>:mlflow-tracking-server/<name>)"
+        )
+    app = ":mlflow-app/" in tracking_arn
+    return {
+        "Sid": sid,
+        "Effect": "Allow",
+        "Action": [*actions, *([MLFLOW_APP_ACTION] if app else [])],
+        "Resource": [tracking_arn],
+    }
 
 
 def _read(name: str) -> str:
