@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -148,13 +147,8 @@ def servers_of(workdir: Path, name: str) -> list[int]:
 def _stop_server(pid: int, session: bool) -> list[int]:
     """SIGTERM (the server shuts its app down, a Ray host its cluster too), SIGKILL after a grace period; then
     whatever is left of its session, by PID. Returns the PIDs of the session's other processes stopped."""
-    if _is_our_server(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while _is_our_server(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _is_our_server(pid):
-            os.kill(pid, signal.SIGKILL)
+    if _is_our_server(pid):  # the server alone first: it shuts down what it started
+        processes.terminate([pid], STOP_TIMEOUT_S)
     child = _children.pop(pid, None)
     if child is not None:
         child.wait(timeout=STOP_TIMEOUT_S)
