@@ -37,10 +37,9 @@ from pipelines.definition.check import (
     iter_references,
     iter_steps,
     own_arguments,
-    split_property_path,
     step_dependencies,
 )
-from pipelines.definition.expressions import ExpressionError, Scope
+from pipelines.definition.expressions import ExpressionError, Scope, split_property_path
 from pipelines.local import sagemaker as sagemaker_api
 from pipelines.local.cache import StepCache
 from pipelines.local.console import Console
@@ -384,12 +383,8 @@ class LocalExecution:
     # --- what executors read -------------------------------------------------------------------------------------
     def known_before_the_run(self, value: Any) -> Any:
         """``value`` resolved if it reads no step property (literals, parameters, execution variables), else None."""
-        if any(reference.startswith("Steps.") for reference in iter_references(value)):
-            return None
-        try:
-            return self.scope.resolve(value)
-        except ExpressionError:
-            return None
+        resolved = self.scope.resolve_known(value)  # what only the run can tell is left an expression
+        return None if iter_references(resolved) else resolved
 
     def missing_object(self, uri: Any) -> str | None:
         """Why ``uri`` (known before the run) names nothing in the object store, or None if it does."""
