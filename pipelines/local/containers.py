@@ -288,6 +288,25 @@ def run_logged(
     return duration
 
 
+def _run_job(
+    root: Path, job_name: str, command: Sequence[str], cwd: Path, env: Mapping[str, str], on_line: LineCallback | None
+) -> tuple[Path, float]:
+    """(log, duration) of a job's command run in its container folder ``root``, with its own TMPDIR; a failure
+    names what the script wrote to /opt/ml/output/failure."""
+    log_path = root / "log.txt"
+    try:
+        with temporary_folder(root) as tmp:
+            full_env = base_environment({**tmp, **env})  # the job's Environment may name its own TMPDIR
+            return log_path, run_logged(
+                command, cwd=cwd, env=full_env, log_path=log_path, job_name=job_name, on_line=on_line
+            )
+    except JobError as error:
+        reason = _failure_reason(root)
+        if reason:
+            error.args = (f"{error.args[0]}: {reason}",)
+        raise
+
+
 def _failure_reason(root: Path) -> str | None:
     """What the script wrote to /opt/ml/output/failure (or message): SageMaker's FailureReason / ExitMessage."""
     for name in ("failure", "message"):
@@ -364,20 +383,10 @@ class ProcessingJob:
             },
         )
         fsutil.write_json_atomic(config_dir / "resourceconfig.json", {"current_host": HOST, "hosts": [HOST]})
-        log_path = self.root / "log.txt"
         cwd = self.container_path(PROCESSING_WORKDIR)
         cwd.mkdir(parents=True, exist_ok=True)
-        try:
-            with temporary_folder(self.root) as tmp:
-                env = base_environment({**_thread_environment(self.cpus), **tmp, **self.env})
-                duration = run_logged(
-                    self.command(), cwd=cwd, env=env, log_path=log_path, job_name=self.job_name, on_line=on_line
-                )
-        except JobError as error:
-            reason = _failure_reason(self.root)
-            if reason:
-                error.args = (f"{error.args[0]}: {reason}",)
-            raise
+        env = {**_thread_environment(self.cpus), **self.env}
+        log_path, duration = _run_job(self.root, self.job_name, self.command(), cwd, env, on_line)
         outputs = {item.output_name: self.container_path(item.source) for item in self.outputs}
         return JobResult(self.job_name, log_path, duration, outputs)
 
@@ -577,19 +586,10 @@ class TrainingJob:
         command = self.command(
             [*arguments, *(map_container_argument(self.root, argument) for argument in self.extra_arguments)]
         )
-        log_path = self.root / "log.txt"
         threads = _thread_environment(self.cpus // self.processes)  # the processes share the job's cores
-        try:
-            with temporary_folder(self.root) as tmp:
-                full_env = base_environment({**threads, **tmp, **self.env, **env})
-                duration = run_logged(
-                    command, cwd=opt / "code", env=full_env, log_path=log_path, job_name=self.job_name, on_line=on_line
-                )
-        except JobError as error:
-            reason = _failure_reason(self.root)
-            if reason:
-                error.args = (f"{error.args[0]}: {reason}",)
-            raise
+        log_path, duration = _run_job(
+            self.root, self.job_name, command, opt / "code", {**threads, **self.env, **env}, on_line
+        )
         model_dir = opt / "model"
         if not any(model_dir.iterdir()):
             raise JobError(self.job_name, f"the script wrote nothing to SM_MODEL_DIR ({model_dir})", log_path)

@@ -24,7 +24,6 @@ with what only a local run has under each step's ``Local``.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import threading
 import time
 from collections.abc import Mapping
@@ -136,10 +135,8 @@ class StepContext:
     _arguments: Any = None
 
     def resolve(self, value: Any) -> Any:
-        try:
-            return self.execution.scope.resolve(value)
-        except ExpressionError as error:
-            raise StepFailure(str(error)) from error
+        """``value`` evaluated (an ExpressionError fails the step: :meth:`LocalExecution._run_step`)."""
+        return self.execution.scope.resolve(value)
 
     @property
     def arguments(self) -> Any:
@@ -165,10 +162,6 @@ class StepContext:
     def content_hash(self, uri: str, what: str) -> str:
         self.local_path(uri, what)
         return self.store.content_hash(uri)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _without_execution_variables(arguments: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +287,7 @@ class LocalExecution:
         return True
 
     def run(self) -> dict[str, Any]:
-        self.record.update({"PipelineExecutionStatus": "Executing", "StartTime": _now()})
+        self.record.update({"PipelineExecutionStatus": "Executing", "StartTime": fsutil.utc_now()})
         problems = self.problems()
         if problems:
             self.record["FailureReason"] = DefinitionInvalid(problems).args[0]
@@ -433,7 +426,7 @@ class LocalExecution:
             "StepName": step["Name"],
             "StepDisplayName": step.get("DisplayName", step["Name"]),
             "StepDescription": step.get("Description", ""),
-            "StartTime": _now(),
+            "StartTime": fsutil.utc_now(),
             "StepStatus": "Executing",
             "AttemptCount": 1,
             "Metadata": {},
@@ -444,7 +437,7 @@ class LocalExecution:
         return record
 
     def _finish(self, record: dict[str, Any], status: str, seconds: float, detail: str, failure: str = "") -> None:
-        record.update(StepStatus=status, EndTime=_now())
+        record.update(StepStatus=status, EndTime=fsutil.utc_now())
         record["Local"].update(DurationSeconds=round(seconds, 2), Detail=detail)
         if failure:
             record["FailureReason"] = failure
@@ -456,12 +449,12 @@ class LocalExecution:
     def _mark_executing(self, status: str) -> None:
         for record in self.record["PipelineExecutionSteps"]:
             if record["StepStatus"] == "Executing":
-                record.update(StepStatus=status, EndTime=_now())
+                record.update(StepStatus=status, EndTime=fsutil.utc_now())
 
     def write_record(self, status: str) -> dict[str, Any]:
         with self._lock:
             self.record["PipelineExecutionStatus"] = status
-            self.record["LastModifiedTime"] = _now()
+            self.record["LastModifiedTime"] = fsutil.utc_now()
             self.record["ElapsedSeconds"] = round(time.perf_counter() - self._started, 2)
             fsutil.write_json_atomic(self.run_dir / RUN_RECORD, self.record)
         return self.record

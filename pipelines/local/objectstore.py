@@ -91,9 +91,11 @@ class ObjectStore:
 
 
 def s3_uris(value: Any) -> list[str]:
-    """Every ``s3://`` string in a request (its mappings and lists walked), in order."""
+    """Every ``s3://`` string in a request or a definition (its mappings and lists walked, a hyperparameter's JSON
+    string read), in order."""
     if isinstance(value, str):
-        return [value] if value.startswith("s3://") else []
+        text = value[1:-1] if value.startswith('"s3://') and value.endswith('"') else value
+        return [text] if text.startswith("s3://") else []
     if isinstance(value, Mapping):
         return [uri for item in value.values() for uri in s3_uris(item)]
     if isinstance(value, list):

@@ -85,10 +85,6 @@ def _time(value: Any) -> Any:
         return value
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
 class EndpointHost(Protocol):
     """What serves an endpoint here (the runner's host starts the local server)."""
 
@@ -233,16 +229,17 @@ class LocalSageMaker:
         if isinstance(earlier, dict) and earlier.get(status_key) == "InProgress":
             message = f"a {kind} named {name} is in progress ({path}); if no run executes it, delete that file"
             raise client_error(f"Create{kind}", message, "ResourceInUse")
-        job_arn = arn(resource, name)
-        record = {**request, name_key.replace("Name", "Arn"): job_arn, status_key: "InProgress", "CreationTime": _now()}
+        answer = {name_key.replace("Name", "Arn"): arn(resource, name)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        fsutil.write_json_atomic(path, record)
-        return {name_key.replace("Name", "Arn"): job_arn}
+        fsutil.write_json_atomic(
+            path, {**request, **answer, status_key: "InProgress", "CreationTime": fsutil.utc_now()}
+        )
+        return answer
 
     def end_job(self, kind: str, name: str, status: str, **described: Any) -> dict[str, Any]:
         """What SageMaker records when a job ends (the local executors call it): its status and Describe fields."""
         path = self._job_path(kind, name, f"Describe{kind}")
-        record = {**(_read_record(path) or {}), **described, JOB_KINDS[kind][3]: status, "EndTime": _now()}
+        record = {**(_read_record(path) or {}), **described, JOB_KINDS[kind][3]: status, "EndTime": fsutil.utc_now()}
         fsutil.write_json_atomic(path, record)
         return record
 

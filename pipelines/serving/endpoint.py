@@ -17,7 +17,6 @@ it), stops them and sets the record aside.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import subprocess
@@ -92,17 +91,20 @@ def read_record(workdir: Path, name: str) -> dict[str, Any] | None:
         raise DamagedRecord(str(error)) from error
 
 
+def _arguments(pid: int) -> list[str]:
+    """The command line of ``pid`` (empty once it has gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
 def _is_our_server(pid: int) -> bool:
     """True when ``pid`` is alive and is one of our endpoint servers (not a recycled pid)."""
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z" and SERVER_MODULE.encode() in cmdline
+    return processes.is_alive(pid) and SERVER_MODULE in _arguments(pid)
 
 
 def ping(url: str, timeout: float = 2.0) -> bool:
@@ -123,10 +125,6 @@ def status(workdir: Path, name: str) -> dict[str, Any] | None:
     return record
 
 
-def _lock(workdir: Path, purpose: str) -> Any:
-    return fsutil.workdir_lock(workdir, purpose)
-
-
 def servers_of(workdir: Path, name: str) -> list[int]:
     """PIDs of the live servers serving a model folder of this endpoint (read from /proc: no record needed)."""
     folder = endpoint_folder(workdir, name).resolve()
@@ -134,10 +132,7 @@ def servers_of(workdir: Path, name: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or not _is_our_server(int(entry.name)):
             continue
-        try:
-            arguments = Path(entry, "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
+        arguments = _arguments(int(entry.name))
         model_dir = arguments[arguments.index("--model-dir") + 1] if "--model-dir" in arguments[:-1] else ""
         if model_dir and Path(model_dir).resolve().is_relative_to(folder):
             found.append(int(entry.name))
@@ -163,7 +158,7 @@ def stop(workdir: Path, name: str) -> dict[str, Any] | None:
     folders are stopped instead, and the record is set aside (``<name>.json.damaged-<time>``) with ``damaged``
     saying so.
     """
-    with _lock(workdir, f"stopping endpoint {name}"):
+    with fsutil.workdir_lock(workdir, f"stopping endpoint {name}"):
         try:
             record = read_record(workdir, name)
         except DamagedRecord as error:
@@ -201,7 +196,7 @@ def deploy(
     which). Re-deploying the package an endpoint already serves, on the same host, leaves it running and says so
     (``unchanged``). A damaged record is reported on standard error and replaced, after its servers are stopped.
     """
-    with _lock(workdir, f"deploying version {package['ModelPackageVersion']} to endpoint {name}"):
+    with fsutil.workdir_lock(workdir, f"deploying version {package['ModelPackageVersion']} to endpoint {name}"):
         try:
             current = status(workdir, name)
         except DamagedRecord as error:
@@ -236,7 +231,7 @@ def deploy(
             "ModelPackageVersion": version,
             "model_dir": str(folder / "model"),
             "log": str(folder / "server.log"),
-            "CreationTime": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "CreationTime": fsutil.utc_now(),
         }
         fsutil.write_json_atomic(record_path(workdir, name), record)
         record["EndpointStatus"] = "InService"
