@@ -24,7 +24,7 @@ import importlib.util
 import json
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,14 +184,13 @@ def _shortened(problem: str, shown: int = 6) -> str:
 # --- fixed hyperparameters --------------------------------------------------------------------------------------------
 
 
-def _training_jobs(definition: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(step name, hyperparameters) of every training job the definition starts (a tuning step's static ones)."""
-    for step in iter_steps(definition):
-        arguments = step.get("Arguments", {})
-        if step.get("Type") == "Training":
-            yield step["Name"], arguments.get("HyperParameters", {})
-        elif step.get("Type") == "Tuning":
-            yield step["Name"], arguments.get("TrainingJobDefinition", {}).get("StaticHyperParameters", {})
+def _hyperparameters(step: dict[str, Any]) -> dict[str, Any] | None:
+    """The hyperparameters every training job of a step starts with (a tuning step's static ones); None for a step
+    that starts no training job."""
+    arguments = step.get("Arguments", {})
+    if step.get("Type") == "Tuning":
+        return arguments.get("TrainingJobDefinition", {}).get("StaticHyperParameters", {})
+    return arguments.get("HyperParameters", {}) if step.get("Type") == "Training" else None
 
 
 def fixed_hyperparameter_problems(definition: dict[str, Any], fixed: Mapping[str, Any], local: bool) -> list[str]:
@@ -213,7 +212,10 @@ def fixed_hyperparameter_problems(definition: dict[str, Any], fixed: Mapping[str
                             "to every job (they share this machine's cores); leave it out")  # fmt: skip
             continue
         elsewhere = []
-        for step, hyperparameters in _training_jobs(definition):
+        jobs = [
+            (step["Name"], found) for step in iter_steps(definition) if (found := _hyperparameters(step)) is not None
+        ]
+        for step, hyperparameters in jobs:
             given = hyperparameters.get(key)
             if given is None:
                 elsewhere.append(f"{step} does not get it")
@@ -342,12 +344,9 @@ def _step_checks(
     if step.get("Type") == "Processing":
         script, flags, origins = _processing_arguments(step, parameters)
         return script, [flags], origins, _check_processing_arguments
-    if step.get("Type") not in ("Training", "Tuning"):
+    hyperparameters = _hyperparameters(step)
+    if hyperparameters is None:
         return None
-    if step["Type"] == "Tuning":
-        hyperparameters = arguments.get("TrainingJobDefinition", {}).get("StaticHyperParameters", {})
-    else:
-        hyperparameters = arguments.get("HyperParameters", {})
     script, known, origins = _training_arguments(hyperparameters, parameters, fixed)
     ranges = _range_values(arguments.get("HyperParameterTuningJobConfig", {}).get("ParameterRanges", {}))
     origins.update({f"--{name}": f"the tuner's range of {name}" for name in ranges})

@@ -40,7 +40,7 @@ from pipelines.definition.check import (
 )
 from pipelines.definition.expressions import ExpressionError, Scope, split_property_path
 from pipelines.local import sagemaker as sagemaker_api
-from pipelines.local.cache import StepCache
+from pipelines.local.cache import RESULT_KEYS, StepCache
 from pipelines.local.console import Console
 from pipelines.local.objectstore import ObjectStore, ObjectStoreError
 from pipelines.local.runs import RUN_RECORD
@@ -102,7 +102,7 @@ class StepResult:
     cacheable: bool = True  # False: a result a later run must not reuse (a trial was ended by a signal)
 
     def cached_form(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("properties", "metadata", "detail", "summary", "notes", "outcome")}
+        return {key: getattr(self, key) for key in RESULT_KEYS}
 
 
 class StepExecutor:
