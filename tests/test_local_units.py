@@ -20,7 +20,7 @@ from entrypoints import contract
 from pipelines import config
 from pipelines.cli.backend import local_report_reader
 from pipelines.config import HyperparameterRange
-from pipelines.local import cache, containers, objectstore, registry, tuning
+from pipelines.local import cache, containers, jobs, objectstore, registry, tuning
 from pipelines.local.sagemaker import arn
 
 # --- tuning -------------------------------------------------------------------------------------------------------
@@ -84,8 +84,9 @@ def test_objective_is_the_last_value_found_with_the_metric_regex() -> None:
             contract.format_metrics_line(2, 0.5, 0.6, 0.8),
         ]
     )
-    assert tuning.final_objective(log, config.METRIC_DEFINITIONS, config.OBJECTIVE_METRIC) == pytest.approx(0.8)
-    assert tuning.final_objective("no metrics", config.METRIC_DEFINITIONS, config.OBJECTIVE_METRIC) is None
+    final = jobs.final_metrics  # the FinalMetricDataList the tuner ranks trials by
+    assert final(log, config.METRIC_DEFINITIONS).get(config.OBJECTIVE_METRIC) == pytest.approx(0.8)
+    assert final("no metrics", config.METRIC_DEFINITIONS).get(config.OBJECTIVE_METRIC) is None
     outcomes = [
         tuning.TrialOutcome("a", {}, 0.8, "Completed"),
         tuning.TrialOutcome("b", {}, 0.9, "Completed"),

@@ -184,7 +184,6 @@ def stop_job(process: subprocess.Popen, grace_seconds: float) -> None:
 class JobResult:
     job_name: str
     log_path: Path
-    duration_s: float
     outputs: dict[str, Path] = field(default_factory=dict)
 
 
@@ -290,21 +289,20 @@ def run_logged(
 
 def _run_job(
     root: Path, job_name: str, command: Sequence[str], cwd: Path, env: Mapping[str, str], on_line: LineCallback | None
-) -> tuple[Path, float]:
-    """(log, duration) of a job's command run in its container folder ``root``, with its own TMPDIR; a failure
+) -> Path:
+    """The log of a job's command run in its container folder ``root``, with its own TMPDIR; a failure
     names what the script wrote to /opt/ml/output/failure."""
     log_path = root / "log.txt"
     try:
         with temporary_folder(root) as tmp:
             full_env = base_environment({**tmp, **env})  # the job's Environment may name its own TMPDIR
-            return log_path, run_logged(
-                command, cwd=cwd, env=full_env, log_path=log_path, job_name=job_name, on_line=on_line
-            )
+            run_logged(command, cwd=cwd, env=full_env, log_path=log_path, job_name=job_name, on_line=on_line)
     except JobError as error:
         reason = _failure_reason(root)
         if reason:
             error.args = (f"{error.args[0]}: {reason}",)
         raise
+    return log_path
 
 
 def _failure_reason(root: Path) -> str | None:
@@ -386,9 +384,9 @@ class ProcessingJob:
         cwd = self.container_path(PROCESSING_WORKDIR)
         cwd.mkdir(parents=True, exist_ok=True)
         env = {**_thread_environment(self.cpus), **self.env}
-        log_path, duration = _run_job(self.root, self.job_name, self.command(), cwd, env, on_line)
+        log_path = _run_job(self.root, self.job_name, self.command(), cwd, env, on_line)
         outputs = {item.output_name: self.container_path(item.source) for item in self.outputs}
-        return JobResult(self.job_name, log_path, duration, outputs)
+        return JobResult(self.job_name, log_path, outputs)
 
 
 def container_path(root: Path, path: str) -> Path:
@@ -587,9 +585,7 @@ class TrainingJob:
             [*arguments, *(map_container_argument(self.root, argument) for argument in self.extra_arguments)]
         )
         threads = _thread_environment(self.cpus // self.processes)  # the processes share the job's cores
-        log_path, duration = _run_job(
-            self.root, self.job_name, command, opt / "code", {**threads, **self.env, **env}, on_line
-        )
+        log_path = _run_job(self.root, self.job_name, command, opt / "code", {**threads, **self.env, **env}, on_line)
         model_dir = opt / "model"
         if not any(model_dir.iterdir()):
             raise JobError(self.job_name, f"the script wrote nothing to SM_MODEL_DIR ({model_dir})", log_path)
@@ -598,4 +594,4 @@ class TrainingJob:
         output_data = opt / "output/data"
         if any(output_data.iterdir()):
             outputs["output"] = fsutil.make_tarball(output_data, self.root / "output" / "output.tar.gz")
-        return JobResult(self.job_name, log_path, duration, outputs)
+        return JobResult(self.job_name, log_path, outputs)

@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +107,7 @@ def _is_our_server(pid: int) -> bool:
 
 
 def ping(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urls.urlopen(f"{url}/ping", timeout=timeout) as response:  # never through a proxy
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    return urls.status_of(f"{url}/ping", timeout) == 200
 
 
 def status(workdir: Path, name: str) -> dict[str, Any] | None:
