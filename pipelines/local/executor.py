@@ -3,16 +3,16 @@
 It knows nothing of this project's DAG. It reads the definition:
 
 - **parameters**: the declared defaults, overridden by the run's values;
-- **order**: the step graph of the ``Get`` references and ``DependsOn`` lists (``definition_check.step_dependencies``);
+- **order**: the step graph of the ``Get`` references and ``DependsOn`` lists (``definition.check.step_dependencies``);
   a ConditionStep's outcome picks the branch that runs;
 - **steps**: one executor per step type (:mod:`.jobs` for Processing, Training and Tuning, :mod:`.control` for
   Condition, Fail, RegisterModel and Lambda), each reading only the step's ``Arguments``, resolved by
-  :mod:`.expressions`; S3 URIs live in the local object store (:mod:`.objectstore`);
+  :mod:`pipelines.definition.expressions`; S3 URIs live in the local object store (:mod:`.objectstore`);
 - **caching**: steps whose ``CacheConfig`` is enabled are keyed by their resolved arguments and the content of
   their inputs (:mod:`.cache`); a hit reuses the earlier run's properties, as SageMaker does.
 
 A definition it cannot run fails before the first step (:class:`DefinitionInvalid`): the SageMaker API checks
-of ``definition_check.check_definition`` (unknown steps, parameters, property files and outputs, property paths the
+of ``definition.check.check_definition`` (unknown steps, parameters, property files and outputs, property paths the
 producing step's Describe response lacks), a step type with no local executor, a property the local executor of
 the producing step does not fill, and what each executor checks. Every message names the step and the reference.
 

@@ -226,12 +226,10 @@ class LocalSageMaker:
         _, resource, name_key, status_key = JOB_KINDS[kind]
         name = request.get(name_key)
         path = self._job_path(kind, name, f"Create{kind}")
-        earlier = _read_record(path)
-        if isinstance(earlier, dict) and earlier.get(status_key) == "InProgress":
+        if (_read_record(path) or {}).get(status_key) == "InProgress":
             message = f"a {kind} named {name} is in progress ({path}); if no run executes it, delete that file"
             raise client_error(f"Create{kind}", message, "ResourceInUse")
         answer = {name_key.replace("Name", "Arn"): arn(resource, name)}
-        path.parent.mkdir(parents=True, exist_ok=True)
         fsutil.write_json_atomic(
             path, {**request, **answer, status_key: "InProgress", "CreationTime": fsutil.utc_now()}
         )
@@ -395,10 +393,7 @@ class LocalSageMaker:
 
     def list_pipeline_execution_steps(self, PipelineExecutionArn: str, **_: Any) -> dict[str, Any]:
         record = self._execution(PipelineExecutionArn, "ListPipelineExecutionSteps")
-        steps = list(record.get("PipelineExecutionSteps") or [])
-        if runs.shown_status(record) == runs.PROCESS_GONE:
-            steps = [{**s, "StepStatus": runs.PROCESS_GONE} if s.get("StepStatus") == "Executing" else s for s in steps]
-        return {"PipelineExecutionSteps": steps}
+        return {"PipelineExecutionSteps": runs.shown_steps(record)}
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
