@@ -60,11 +60,7 @@ class ObjectStore:
         path = self.path(uri)
         if path.is_file() and path.read_bytes() == body:
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_bytes(body)
-        partial.replace(path)
-        return path
+        return fsutil.write_atomic(path, body, make_parents=True)
 
     def put(self, uri: str, source: Path) -> Path:
         """Upload a file or a folder's files to ``uri`` (hard links where possible), replacing what was there."""
