@@ -24,17 +24,25 @@ import importlib.util
 import json
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipelines import config
+from pipelines.definition.check import check_definition, iter_references, iter_steps
+from pipelines.definition.expressions import Scope, as_text, is_expression
+from pipelines.definition.hyperparameters import (
+    TOOLKIT_PARAMETERS,
+    TOOLKIT_PREFIX,
+    decode_hyperparameter,
+    hyperparameter_flags,
+    split_hyperparameters,
+)
 from pipelines.definition.names import parse_number
 from pipelines.util.errors import CommandError
 
 # The scripts the definition runs, by the file name its entrypoint names, and the module that is that file here.
 SCRIPT_MODULES = {"preprocess.py": "steps.preprocess", "evaluate.py": "steps.evaluate", "train.py": "entrypoints.train"}
-TOOLKIT_PREFIX = "sagemaker_"  # hyperparameters the training toolkit keeps for itself (and _tuning_objective_metric)
 
 
 # --- names, ports and bounded values (also argparse types, so a flag is refused as it is read) -----------------------
@@ -111,32 +119,15 @@ def parameter_overrides(definition: dict[str, Any], overrides: Sequence[tuple[st
 # --- the definition's values, resolved with the run's parameters --------------------------------------------------
 
 
-def _references(value: Any) -> list[str]:
-    from pipelines.definition.check import iter_references
-
-    return iter_references(value)
-
-
-def _resolved(value: Any, parameters: Mapping[str, Any], only: str | None = None) -> Any:
-    """``value`` with each expression that reads parameters alone (``only``: that one alone) evaluated."""
-    from pipelines.definition.expressions import Scope, is_expression
-
-    if is_expression(value):
-        wanted = {f"Parameters.{only}"} if only else None
-        references = set(_references(value))
-        if references and all(r.startswith("Parameters.") for r in references) and (not wanted or references <= wanted):
-            return Scope(dict(parameters), {}).resolve(value)
-        return value
-    if isinstance(value, dict):
-        return {key: _resolved(item, parameters, only) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_resolved(item, parameters, only) for item in value]
-    return value
+def _resolved(value: Any, parameters: Mapping[str, Any]) -> Any:
+    """``value`` with each expression that reads these parameters alone evaluated (the others are known only during
+    the run)."""
+    return Scope(dict(parameters), {}).resolve_known(value)
 
 
 def _origin(value: Any, key: str, fixed: Mapping[str, Any]) -> str:
     """Where a value of the definition comes from, as the user would change it."""
-    parameters = sorted({r.split(".", 1)[1] for r in _references(value) if r.startswith("Parameters.")})
+    parameters = sorted({r.split(".", 1)[1] for r in iter_references(value) if r.startswith("Parameters.")})
     if parameters:
         return ", ".join(f"--param {name}" for name in parameters)
     return f"--hp {key}" if key in fixed else "the preset"
@@ -170,12 +161,10 @@ def parameter_problems(definition: dict[str, Any], values: Mapping[str, Any]) ->
 def shape_problems(definition: dict[str, Any], values: Mapping[str, Any]) -> list[str]:
     """Each parameter's value against SageMaker's API shapes where it lands in ``definition``: the rules of any
     definition, none of this project's."""
-    from pipelines.definition.check import check_definition
-
     problems = []
-    before = set(check_definition(definition))
+    before = set(check_definition(_resolved(definition, {})))
     for name, value in values.items():
-        placed = _resolved(definition, {name: value}, only=name)
+        placed = _resolved(definition, {name: value})
         for problem in check_definition(placed):
             if problem not in before and not problem.startswith(f"parameter {name} is declared but never used"):
                 problems.append(f"{name}={value}: {_shortened(problem)}")
@@ -195,23 +184,13 @@ def _shortened(problem: str, shown: int = 6) -> str:
 # --- fixed hyperparameters --------------------------------------------------------------------------------------------
 
 
-def _training_jobs(definition: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(step name, hyperparameters) of every training job the definition starts (a tuning step's static ones)."""
-    from pipelines.definition.check import iter_steps
-
-    for step in iter_steps(definition):
-        arguments = step.get("Arguments", {})
-        if step.get("Type") == "Training":
-            yield step["Name"], arguments.get("HyperParameters", {})
-        elif step.get("Type") == "Tuning":
-            yield step["Name"], arguments.get("TrainingJobDefinition", {}).get("StaticHyperParameters", {})
-
-
-def _decoded(value: Any) -> Any:
-    try:
-        return json.loads(value) if isinstance(value, str) else value
-    except ValueError:
-        return value
+def _hyperparameters(step: dict[str, Any]) -> dict[str, Any] | None:
+    """The hyperparameters every training job of a step starts with (a tuning step's static ones); None for a step
+    that starts no training job."""
+    arguments = step.get("Arguments", {})
+    if step.get("Type") == "Tuning":
+        return arguments.get("TrainingJobDefinition", {}).get("StaticHyperParameters", {})
+    return arguments.get("HyperParameters", {}) if step.get("Type") == "Training" else None
 
 
 def fixed_hyperparameter_problems(definition: dict[str, Any], fixed: Mapping[str, Any], local: bool) -> list[str]:
@@ -225,7 +204,7 @@ def fixed_hyperparameter_problems(definition: dict[str, Any], fixed: Mapping[str
             problems.append(f"{shown}: the container contract sets --{key} (SM_* folders and the job's configs); "
                             "leave it out")  # fmt: skip
             continue
-        if key.startswith(TOOLKIT_PREFIX) or key.startswith("_"):
+        if key in TOOLKIT_PARAMETERS or key.startswith(TOOLKIT_PREFIX):
             problems.append(f"{shown}: the training toolkit keeps {key} for itself; leave it out")
             continue
         if key in local_flags:
@@ -233,14 +212,17 @@ def fixed_hyperparameter_problems(definition: dict[str, Any], fixed: Mapping[str
                             "to every job (they share this machine's cores); leave it out")  # fmt: skip
             continue
         elsewhere = []
-        for step, hyperparameters in _training_jobs(definition):
+        jobs = [
+            (step["Name"], found) for step in iter_steps(definition) if (found := _hyperparameters(step)) is not None
+        ]
+        for step, hyperparameters in jobs:
             given = hyperparameters.get(key)
             if given is None:
                 elsewhere.append(f"{step} does not get it")
-            elif _references(given):
+            elif iter_references(given):
                 elsewhere.append(f"{step} takes {key} from {_origin(given, key, {})}")
-            elif _decoded(given) != value:
-                elsewhere.append(f"{step} gets {key}={_decoded(given)!r}")
+            elif decode_hyperparameter(given) != value:
+                elsewhere.append(f"{step} gets {key}={decode_hyperparameter(given)!r}")
         if elsewhere:
             problems.append(f"{shown} does not reach the training jobs as given: {'; '.join(elsewhere)}")
     return problems
@@ -305,15 +287,13 @@ def _processing_arguments(step: dict[str, Any], parameters: Mapping[str, Any]) -
     script = str((app.get("ContainerEntrypoint") or [""])[-1]).rsplit("/", 1)[-1]
     arguments: list[str] = []
     origins: dict[str, str] = {}
-    from pipelines.definition.expressions import as_text, is_expression
-
     for item in app.get("ContainerArguments", []):
         value = _resolved(item, parameters)
         if is_expression(value):  # reads a step's property: known only during the run
             if arguments and arguments[-1].startswith("--"):
                 arguments.pop()
             continue
-        if _references(item) and arguments and arguments[-1].startswith("--"):
+        if iter_references(item) and arguments and arguments[-1].startswith("--"):
             origins[arguments[-1]] = _origin(item, "", {})
         arguments.append(as_text(value))
     return script, arguments, origins
@@ -322,21 +302,12 @@ def _processing_arguments(step: dict[str, Any], parameters: Mapping[str, Any]) -
 def _training_arguments(
     hyperparameters: Mapping[str, Any], parameters: Mapping[str, Any], fixed: Mapping[str, Any]
 ) -> tuple[str, dict[str, Any], dict[str, str]]:
-    """(script, decoded hyperparameters known before the run, flag -> where its value comes from)."""
-    from pipelines.definition.expressions import as_text, is_expression
-
-    script = str(_decoded(hyperparameters.get("sagemaker_program", "")))
-    known: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    for key, value in hyperparameters.items():
-        if key.startswith(TOOLKIT_PREFIX) or key.startswith("_"):
-            continue
-        resolved = _resolved(value, parameters)
-        if is_expression(resolved):  # a tuned value the tuning step picks
-            continue
-        known[key] = _decoded(as_text(resolved))
-        origins[f"--{key}"] = _origin(value, key, fixed)
-    return script, known, origins
+    """(script, the script's hyperparameters known before the run, decoded and split from the toolkit's own as the
+    toolkit does, flag -> where its value comes from); a tuned value, picked by the tuning step, is left out."""
+    resolved = _resolved(dict(hyperparameters), parameters)
+    toolkit, known = split_hyperparameters({k: as_text(v) for k, v in resolved.items() if not is_expression(v)})
+    origins = {f"--{key}": _origin(hyperparameters[key], key, fixed) for key in known}
+    return str(toolkit.get("sagemaker_program", "")), known, origins
 
 
 def _range_values(parameter_ranges: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -346,7 +317,7 @@ def _range_values(parameter_ranges: Mapping[str, Any]) -> dict[str, list[str]]:
         for item in parameter_ranges.get(kind, []):
             values[item["Name"]] = [str(item["MinValue"]), str(item["MaxValue"])]
     for item in parameter_ranges.get("CategoricalParameterRanges", []):
-        values[item["Name"]] = [str(_decoded(value)) for value in item["Values"]]
+        values[item["Name"]] = [str(decode_hyperparameter(value)) for value in item["Values"]]
     return values
 
 
@@ -369,18 +340,13 @@ def _step_checks(
     A tuning step gets one list per value at the ends of its ranges. ``local``: the job runs here, with the local
     executor's flags, so train.py's cross-checks that read the machine (the device, a weights file) run too.
     """
-    from pipelines.definition.hyperparameters import hyperparameter_flags
-
     arguments = step.get("Arguments", {})
     if step.get("Type") == "Processing":
         script, flags, origins = _processing_arguments(step, parameters)
         return script, [flags], origins, _check_processing_arguments
-    if step.get("Type") not in ("Training", "Tuning"):
+    hyperparameters = _hyperparameters(step)
+    if hyperparameters is None:
         return None
-    if step["Type"] == "Tuning":
-        hyperparameters = arguments.get("TrainingJobDefinition", {}).get("StaticHyperParameters", {})
-    else:
-        hyperparameters = arguments.get("HyperParameters", {})
     script, known, origins = _training_arguments(hyperparameters, parameters, fixed)
     ranges = _range_values(arguments.get("HyperParameterTuningJobConfig", {}).get("ParameterRanges", {}))
     origins.update({f"--{name}": f"the tuner's range of {name}" for name in ranges})
@@ -420,8 +386,6 @@ def script_argument_problems(
     ``accepted``: a folder of marks, one per argument lists the same script code accepted before; those are not
     parsed again, so a run with nothing changed does not import the scripts (train.py brings torch: seconds).
     """
-    from pipelines.definition.check import iter_steps
-
     refusals: dict[str, list[str]] = {}  # "<script> refuses <what>" -> the steps it refuses it in
     with tempfile.TemporaryDirectory(prefix="channel-") as channel:
         for step in iter_steps(definition):

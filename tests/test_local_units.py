@@ -20,7 +20,7 @@ from entrypoints import contract
 from pipelines import config
 from pipelines.cli.backend import local_report_reader
 from pipelines.config import HyperparameterRange
-from pipelines.local import cache, containers, objectstore, registry, tuning
+from pipelines.local import cache, containers, jobs, objectstore, registry, tuning
 from pipelines.local.sagemaker import arn
 
 # --- tuning -------------------------------------------------------------------------------------------------------
@@ -84,8 +84,9 @@ def test_objective_is_the_last_value_found_with_the_metric_regex() -> None:
             contract.format_metrics_line(2, 0.5, 0.6, 0.8),
         ]
     )
-    assert tuning.final_objective(log, config.METRIC_DEFINITIONS, config.OBJECTIVE_METRIC) == pytest.approx(0.8)
-    assert tuning.final_objective("no metrics", config.METRIC_DEFINITIONS, config.OBJECTIVE_METRIC) is None
+    final = jobs.final_metrics  # the FinalMetricDataList the tuner ranks trials by
+    assert final(log, config.METRIC_DEFINITIONS).get(config.OBJECTIVE_METRIC) == pytest.approx(0.8)
+    assert final("no metrics", config.METRIC_DEFINITIONS).get(config.OBJECTIVE_METRIC) is None
     outcomes = [
         tuning.TrialOutcome("a", {}, 0.8, "Completed"),
         tuning.TrialOutcome("b", {}, 0.9, "Completed"),
@@ -378,3 +379,63 @@ def test_horizontal_flip_can_be_turned_off(tmp_path: Path) -> None:
     parser = train.get_args_parser()
     assert parser.parse_args(["--horizontal-flip", "False"]).horizontal_flip is False
     assert parser.parse_args([]).horizontal_flip is None  # default: on
+
+
+# --- one reading of a definition, one way to stop a process tree --------------------------------------------------
+
+
+def test_what_a_scope_can_read_before_the_run_is_evaluated_and_the_rest_left_as_it_is() -> None:
+    from pipelines.definition.expressions import Scope
+
+    later = {"Get": "Steps.Train.ModelArtifacts.S3ModelArtifacts"}
+    value = {
+        "epochs": {"Get": "Parameters.Epochs"},
+        "uri": {"Std:Join": {"On": "/", "Values": ["s3://b", {"Get": "Parameters.Epochs"}]}},
+        "model": later,
+        "mixed": {"Std:Join": {"On": "/", "Values": [{"Get": "Parameters.Epochs"}, later]}},
+        "other": [{"Get": "Parameters.Other"}, {"Get": "Execution.PipelineExecutionId"}],
+    }
+    resolved = Scope({"Epochs": 3}, {}).resolve_known(value)
+    assert resolved == {**value, "epochs": 3, "uri": "s3://b/3"}  # a step property, an unknown name: left
+    assert Scope({"Epochs": 3}, {"PipelineExecutionId": "run-1"}).resolve_known(value)["other"][1] == "run-1"
+
+
+def test_validation_parses_the_flags_the_training_job_gets(tmp_path: Path) -> None:
+    from pipelines import validation
+    from pipelines.definition.hyperparameters import hyperparameter_flags
+
+    hyperparameters = {
+        "epochs": {"Get": "Parameters.Epochs"},
+        "lr": '"0.01"',
+        "_internal": "1",  # not the toolkit's: the script gets it as a flag
+        "_tuning_objective_metric": '"valid_accuracy"',
+        "sagemaker_program": '"train.py"',
+        "sagemaker_submit_directory": '"s3://b/code.tar.gz"',
+    }
+    script, known, origins = validation._training_arguments(hyperparameters, {"Epochs": 2}, {"lr": 0.01})
+    job = containers.TrainingJob(
+        "job-1", tmp_path, tmp_path / "code.tar.gz", "train.py", {**hyperparameters, "epochs": "2"}, {}
+    )
+    assert script == "train.py" and hyperparameter_flags(known) == job.environment()[1]
+    assert origins == {"--epochs": "--param Epochs", "--lr": "--hp lr", "--_internal": "the preset"}
+
+
+def test_stopping_a_tree_ends_what_ignores_sigterm_and_leaves_the_leaders_status_to_its_popen() -> None:
+    import signal
+    import subprocess
+
+    from pipelines.util import processes
+
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    )
+    leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {stubborn!r}]); time.sleep(60)"
+    process = subprocess.Popen(
+        [sys.executable, "-c", leader], start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline() == "up\n"
+    (child,) = processes.descendants(process.pid)
+    stopped = processes.terminate(processes.tree(process.pid), 1.0, group=process.pid, reap=False)
+    assert child in stopped and not processes.is_alive(child)
+    assert process.wait(timeout=5) == -signal.SIGTERM  # not reaped behind the Popen's back (it would read 0)
+    process.stdout.close()

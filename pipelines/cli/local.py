@@ -30,7 +30,7 @@ from typing import Any
 
 from pipelines import config, validation
 from pipelines.cli.sagemaker import add_model_package_group_argument, add_param_argument, add_shape_arguments
-from pipelines.definition import names
+from pipelines.definition import hyperparameters, names
 from pipelines.util.errors import CommandError
 
 EXIT_PIPELINE_FAILED = 1
@@ -469,10 +469,7 @@ def print_summary(record: dict[str, Any], workdir: Path) -> None:
 
 
 def _decoded(value: str) -> str:
-    try:
-        decoded = json.loads(value)
-    except (TypeError, ValueError):
-        return value
+    decoded = hyperparameters.decode_hyperparameter(value)
     return decoded if isinstance(decoded, str) else value
 
 

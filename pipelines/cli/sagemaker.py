@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from entrypoints.contract import accuracy_from_report
 from pipelines import config, images, sdk, validation
 from pipelines.cli import backend
-from pipelines.definition import names
+from pipelines.definition import hyperparameters, names
 from pipelines.local.runs import format_step
 from pipelines.util import fsutil
 from pipelines.util.errors import CommandError
@@ -50,11 +50,7 @@ def _hyperparameter(text: str) -> tuple[str, Any]:
     key, separator, value = text.partition("=")
     if not separator or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (for example lr=0.01), got {text!r}")
-    try:
-        decoded = json.loads(value)
-    except ValueError:
-        decoded = value.strip()
-    return key.strip().lstrip("-"), decoded
+    return key.strip().lstrip("-"), hyperparameters.decode_hyperparameter(value.strip())
 
 
 def add_shape_arguments(parser: argparse.ArgumentParser, preset_help: str) -> None:

@@ -3,7 +3,7 @@
 SageMaker validates a pipeline's job arguments only when a step runs, hours into an execution. These checks read
 botocore's SageMaker service model instead, so a wrong member name, a missing required member, a bad enum value or
 a reference to something that does not exist fails ``definition``/``upsert`` and the tests. The helpers that walk
-a definition (``iter_steps``, ``iter_references``, ``split_property_path``, ``step_dependencies``) serve the local
+a definition (``iter_steps``, ``iter_references``, ``step_dependencies``) serve the local
 executor too. Nothing here imports the SageMaker SDK.
 """
 
@@ -13,6 +13,8 @@ import functools
 import json
 import re
 from typing import Any
+
+from pipelines.definition.expressions import is_expression, split_property_path
 
 # Step type -> (the API call its Arguments are the request of, the Describe call its properties come from).
 STEP_API_OPERATIONS = {
@@ -67,10 +69,6 @@ def iter_steps(definition: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def _is_expression(value: Any) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("Get", "Std:Join", "Std:JsonGet")
-
-
 def iter_references(value: Any) -> list[str]:
     """All ``{"Get": ...}`` reference strings anywhere inside value."""
     found = []
@@ -83,18 +81,6 @@ def iter_references(value: Any) -> list[str]:
         for item in value:
             found.extend(iter_references(item))
     return found
-
-
-def split_property_path(path: str) -> list[str | int]:
-    """Split a property path: ``A.B['x'].C[0]`` gives ``["A", "B", "x", "C", 0]``."""
-    tokens: list[str | int] = []
-    for match in re.finditer(r"([^.\[\]]+)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]", path):
-        name, index, quoted, double = match.groups()
-        if index is not None:
-            tokens.append(int(index))
-        else:
-            tokens.append(next(text for text in (name, quoted, double) if text is not None))
-    return tokens
 
 
 class DefinitionChecker:
@@ -146,7 +132,7 @@ class DefinitionChecker:
     # -- shapes -------------------------------------------------------------------------------------------------
     def _check_value(self, value: Any, shape: Any, where: str, top_level: bool = False) -> None:
         kind = shape.type_name
-        if _is_expression(value):
+        if is_expression(value):
             value_type = self._expression_type(value, where)
             if kind not in _ACCEPTED_TYPES:
                 self.problems.append(f"{where}: an expression cannot stand for a {kind} ({shape.name})")
@@ -225,7 +211,7 @@ class DefinitionChecker:
         ((function, body),) = expression.items()
         if function == "Std:Join":
             for item in body.get("Values", []):
-                if _is_expression(item):
+                if is_expression(item):
                     self._expression_type(item, where)
             return "string"
         if function == "Std:JsonGet":

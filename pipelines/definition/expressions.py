@@ -13,14 +13,25 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.definition.check import split_property_path
-
 # A list indexed by name in a property path (processing outputs by OutputName, Lambda outputs by Name, ...).
 _LIST_KEYS = ("OutputName", "InputName", "ChannelName", "Name", "MetricName")
+
+
+def split_property_path(path: str) -> list[str | int]:
+    """Split a property path: ``A.B['x'].C[0]`` gives ``["A", "B", "x", "C", 0]``."""
+    tokens: list[str | int] = []
+    for match in re.finditer(r"([^.\[\]]+)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]", path):
+        name, index, quoted, double = match.groups()
+        if index is not None:
+            tokens.append(int(index))
+        else:
+            tokens.append(next(text for text in (name, quoted, double) if text is not None))
+    return tokens
 
 
 class ExpressionError(Exception):
@@ -83,6 +94,20 @@ class Scope:
             return {key: self.resolve(item) for key, item in value.items()}
         if isinstance(value, list):
             return [self.resolve(item) for item in value]
+        return value
+
+    def resolve_known(self, value: Any) -> Any:
+        """``value`` with each expression this scope can read evaluated; one that reads anything else (a step that
+        has not run, a parameter or execution variable the scope lacks) is left as it is."""
+        if is_expression(value):
+            try:
+                return self.evaluate(value)
+            except ExpressionError:
+                return value
+        if isinstance(value, dict):
+            return {key: self.resolve_known(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.resolve_known(item) for item in value]
         return value
 
     def evaluate(self, expression: dict[str, Any]) -> Any:

@@ -73,7 +73,8 @@ class CacheEntry:
         return {name: workdir / relative for name, relative in self.outputs.items()}
 
 
-_RESULT_KEYS = frozenset({"properties", "metadata", "detail", "summary", "notes", "outcome"})
+# What a step result keeps in an entry (executor.StepResult's fields a later run reuses).
+RESULT_KEYS = ("properties", "metadata", "detail", "summary", "notes", "outcome")
 
 
 def entry_problem(data: Any, key: str, workdir: Path) -> str | None:
@@ -81,7 +82,7 @@ def entry_problem(data: Any, key: str, workdir: Path) -> str | None:
     names = {item.name for item in fields(CacheEntry)}
     if not isinstance(data, dict) or not names - {"files"} <= set(data) <= names:
         return f"it does not hold the fields of a cache entry ({', '.join(sorted(names))})"
-    if data["key"] != key or not isinstance(data["result"], dict) or not set(data["result"]) <= _RESULT_KEYS:
+    if data["key"] != key or not isinstance(data["result"], dict) or not set(data["result"]) <= set(RESULT_KEYS):
         return "its key or its step result is not this entry's"
     if not isinstance(data["outputs"], dict) or not all(isinstance(v, str) for v in data["outputs"].values()):
         return "its outputs are not paths"
@@ -143,7 +144,8 @@ class StepCache:
         if data is None:
             return None
         entry = CacheEntry(**data)
-        if expire_after and _now() - dt.datetime.fromisoformat(entry.created) > parse_duration(expire_after):
+        age = dt.datetime.fromisoformat(fsutil.utc_now()) - dt.datetime.fromisoformat(entry.created)
+        if expire_after and age > parse_duration(expire_after):
             return None
         if not all(path.exists() for path in entry.output_paths(self.workdir).values()):
             return None  # the run that made it was deleted: run the step again
@@ -179,7 +181,7 @@ class StepCache:
                 name: path.resolve().relative_to(self.workdir.resolve()).as_posix() for name, path in outputs.items()
             },
             result=result,
-            created=_now().isoformat(timespec="seconds"),
+            created=fsutil.utc_now(),
             files=_manifests({name: path for name, path in outputs.items() if name not in UNVERIFIED_OUTPUTS}),
         )
         with fsutil.workdir_lock(self.workdir, f"caching {step}"):
@@ -190,10 +192,6 @@ class StepCache:
 def _manifests(outputs: dict[str, Path]) -> dict[str, dict[str, list[Any]]]:
     seen: dict[tuple[int, ...], str] = {}
     return {name: fsutil.file_manifest(path, seen) for name, path in outputs.items()}
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 _DURATION = re.compile(

@@ -25,8 +25,6 @@ class Progress:
     def __init__(self, console: Console, label: str, total: int) -> None:
         self.console = console
         self.label = label
-        self.total = total
-        self.done = 0
         self._lock = threading.Lock()
         self._bar: Any = None
         if console.interactive:
@@ -36,7 +34,6 @@ class Progress:
 
     def epoch(self, who: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
         with self._lock:
-            self.done += 1
             parts = " ".join(f"{name}={value:.4f}" for name, value in metrics.items())
             if self._bar is not None:
                 self._bar.set_postfix_str(f"{who} {parts}".rstrip())
@@ -72,10 +69,3 @@ class Console:
 
     def progress(self, label: str, total: int) -> Progress:
         return Progress(self, label, total)
-
-    def table(self, title: str, rows: list[tuple[str, str]]) -> None:
-        self.write()
-        self.write(title)
-        width = max((len(key) for key, _ in rows), default=0)
-        for key, value in rows:
-            self.write(f"  {key:<{width}}  {value}")

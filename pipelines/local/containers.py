@@ -21,7 +21,7 @@ mapped to the job root, so the pipeline's arguments are written once, the way th
 
 Every job process starts in a session of its own (:func:`run_logged`, the one place they start), so stopping a
 job reaches all it started: its process group, and every process below it (a launcher's workers in sessions of
-their own included). :func:`stop_jobs` stops them all at once (SIGTERM, SIGKILL after a grace period) and keeps
+their own included). ``JOBS.stop_all`` stops them all at once (SIGTERM, SIGKILL after a grace period) and keeps
 new ones from starting: what the runner does on SIGINT or SIGTERM.
 """
 
@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.definition.hyperparameters import decode_hyperparameter, hyperparameter_flags
+from pipelines.definition.hyperparameters import TOOLKIT_PARAMETERS, hyperparameter_flags, split_hyperparameters
 from pipelines.util import fsutil, processes
 
 CONTAINER_ROOT = "/opt/ml"
@@ -50,22 +50,6 @@ CONTAINER_PYTHONS = ("python3", "python")  # the image's interpreter: this proce
 PROCESSING_WORKDIR = "/opt/ml/processing"
 HOST = "algo-1"
 LOG_TAIL_LINES = 25
-# Hyperparameters the training toolkit keeps for itself: never passed to the script as flags.
-TOOLKIT_PARAMETERS = frozenset(
-    {
-        "sagemaker_program",
-        "sagemaker_submit_directory",
-        "sagemaker_enable_cloudwatch_metrics",
-        "sagemaker_region",
-        "sagemaker_container_log_level",
-        "sagemaker_job_name",
-        "default_user_module_name",
-        "_tuning_objective_metric",
-        "sagemaker_s3_output",
-    }
-)
-TOOLKIT_PREFIX = "sagemaker_"
-TUNING_METRIC_PARAMETER = "_tuning_objective_metric"
 # The toolkit's launcher switches (sagemaker_training.environment); torch_distributed is the one run here.
 TORCH_DISTRIBUTED_PARAMETER = "sagemaker_torch_distributed_enabled"
 PROCESSES_PER_HOST_PARAMETER = "sagemaker_mpi_num_of_processes_per_host"
@@ -172,17 +156,14 @@ class JobProcesses:
             self._running.pop(process.pid, None)
         stop_job(process, grace_seconds)
 
-    def stop_all(self, signal_name: str, grace_seconds: float) -> list[int]:
-        """Keep new jobs from starting, SIGTERM every running job's process tree now and SIGKILL what is left of it
-        after ``grace_seconds`` (in a thread: this returns at once, so a signal handler may call it)."""
+    def stop_all(self, signal_name: str, grace_seconds: float) -> None:
+        """Keep new jobs from starting and stop every running job's process tree, in threads: this returns at
+        once, so a signal handler may call it."""
         with self._lock:
             self.stopping, self.signal_name = f"the run was stopped by {signal_name}", signal_name
             running = list(self._running.values())
-        trees = {process.pid: _tree(process.pid) for process in running}
-        for pids in trees.values():
-            _signal_all(pids, signal.SIGTERM)
-        threading.Thread(target=_kill_later, args=(trees, grace_seconds), daemon=True).start()
-        return sorted(pid for pids in trees.values() for pid in pids)
+        for process in running:
+            threading.Thread(target=stop_job, args=(process, grace_seconds), daemon=True).start()
 
     def allow(self) -> None:
         with self._lock:
@@ -194,54 +175,15 @@ JOBS = JobProcesses()
 
 def stop_job(process: subprocess.Popen, grace_seconds: float) -> None:
     """SIGTERM to the job's process group and every process below it, SIGKILL after ``grace_seconds``."""
-    tree = _tree(process.pid)
-    if process.poll() is None or len(tree) > 1:
-        _signal_all(tree, signal.SIGTERM)
-        _kill_later({process.pid: tree}, grace_seconds)
+    processes.terminate(processes.tree(process.pid), grace_seconds, group=process.pid, reap=False)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_seconds)
-
-
-def _tree(pid: int) -> list[int]:
-    """The job's leader first, then its session's processes and every live process below it."""
-    members = processes.session_members(pid) if processes.is_alive(pid) or _group_alive(pid) else []
-    return [pid, *sorted({*members, *processes.descendants(pid)} - {pid})]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except OSError:
-        return False
-    return True
-
-
-def _signal_all(pids: Sequence[int], number: int) -> None:
-    leader = pids[0] if pids else None
-    with contextlib.suppress(OSError):
-        if leader is not None:
-            os.killpg(leader, number)  # the leader's group: the job and what it forked
-    for pid in pids:
-        if processes.is_alive(pid):
-            with contextlib.suppress(OSError):
-                os.kill(pid, number)
-
-
-def _kill_later(trees: Mapping[int, list[int]], grace_seconds: float) -> None:
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline and any(processes.is_alive(p) for pids in trees.values() for p in pids):
-        time.sleep(0.05)
-    for leader, pids in trees.items():
-        left = sorted({*pids, *processes.descendants(leader)})
-        if any(processes.is_alive(pid) for pid in left) or _group_alive(leader):
-            _signal_all([leader, *left], signal.SIGKILL)
 
 
 @dataclass
 class JobResult:
     job_name: str
     log_path: Path
-    duration_s: float
     outputs: dict[str, Path] = field(default_factory=dict)
 
 
@@ -345,6 +287,24 @@ def run_logged(
     return duration
 
 
+def _run_job(
+    root: Path, job_name: str, command: Sequence[str], cwd: Path, env: Mapping[str, str], on_line: LineCallback | None
+) -> Path:
+    """The log of a job's command run in its container folder ``root``, with its own TMPDIR; a failure
+    names what the script wrote to /opt/ml/output/failure."""
+    log_path = root / "log.txt"
+    try:
+        with temporary_folder(root) as tmp:
+            full_env = base_environment({**tmp, **env})  # the job's Environment may name its own TMPDIR
+            run_logged(command, cwd=cwd, env=full_env, log_path=log_path, job_name=job_name, on_line=on_line)
+    except JobError as error:
+        reason = _failure_reason(root)
+        if reason:
+            error.args = (f"{error.args[0]}: {reason}",)
+        raise
+    return log_path
+
+
 def _failure_reason(root: Path) -> str | None:
     """What the script wrote to /opt/ml/output/failure (or message): SageMaker's FailureReason / ExitMessage."""
     for name in ("failure", "message"):
@@ -421,22 +381,12 @@ class ProcessingJob:
             },
         )
         fsutil.write_json_atomic(config_dir / "resourceconfig.json", {"current_host": HOST, "hosts": [HOST]})
-        log_path = self.root / "log.txt"
         cwd = self.container_path(PROCESSING_WORKDIR)
         cwd.mkdir(parents=True, exist_ok=True)
-        try:
-            with temporary_folder(self.root) as tmp:
-                env = base_environment({**_thread_environment(self.cpus), **tmp, **self.env})
-                duration = run_logged(
-                    self.command(), cwd=cwd, env=env, log_path=log_path, job_name=self.job_name, on_line=on_line
-                )
-        except JobError as error:
-            reason = _failure_reason(self.root)
-            if reason:
-                error.args = (f"{error.args[0]}: {reason}",)
-            raise
+        env = {**_thread_environment(self.cpus), **self.env}
+        log_path = _run_job(self.root, self.job_name, self.command(), cwd, env, on_line)
         outputs = {item.output_name: self.container_path(item.source) for item in self.outputs}
-        return JobResult(self.job_name, log_path, duration, outputs)
+        return JobResult(self.job_name, log_path, outputs)
 
 
 def container_path(root: Path, path: str) -> Path:
@@ -460,13 +410,6 @@ def _env_value(value: object) -> str:
     if value is None:
         return ""
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def split_hyperparameters(hyperparameters: Mapping[str, str]) -> tuple[dict[str, object], dict[str, object]]:
-    """(the toolkit's own, the script's): decoded as the toolkit decodes them."""
-    decoded = {key: decode_hyperparameter(value) for key, value in hyperparameters.items()}
-    toolkit = {k: v for k, v in decoded.items() if k in TOOLKIT_PARAMETERS or k.startswith(TOOLKIT_PREFIX)}
-    return toolkit, {k: v for k, v in decoded.items() if k not in toolkit}
 
 
 def torch_distributed(hyperparameters: Mapping[str, str]) -> bool:
@@ -641,19 +584,8 @@ class TrainingJob:
         command = self.command(
             [*arguments, *(map_container_argument(self.root, argument) for argument in self.extra_arguments)]
         )
-        log_path = self.root / "log.txt"
         threads = _thread_environment(self.cpus // self.processes)  # the processes share the job's cores
-        try:
-            with temporary_folder(self.root) as tmp:
-                full_env = base_environment({**threads, **tmp, **self.env, **env})
-                duration = run_logged(
-                    command, cwd=opt / "code", env=full_env, log_path=log_path, job_name=self.job_name, on_line=on_line
-                )
-        except JobError as error:
-            reason = _failure_reason(self.root)
-            if reason:
-                error.args = (f"{error.args[0]}: {reason}",)
-            raise
+        log_path = _run_job(self.root, self.job_name, command, opt / "code", {**threads, **self.env, **env}, on_line)
         model_dir = opt / "model"
         if not any(model_dir.iterdir()):
             raise JobError(self.job_name, f"the script wrote nothing to SM_MODEL_DIR ({model_dir})", log_path)
@@ -662,4 +594,4 @@ class TrainingJob:
         output_data = opt / "output/data"
         if any(output_data.iterdir()):
             outputs["output"] = fsutil.make_tarball(output_data, self.root / "output" / "output.tar.gz")
-        return JobResult(self.job_name, log_path, duration, outputs)
+        return JobResult(self.job_name, log_path, outputs)

@@ -20,7 +20,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from pipelines.definition.expressions import ExpressionError, as_text
+from pipelines.definition.expressions import as_text
 from pipelines.local.executor import LocalExecution, StepContext, StepExecutor, StepFailure, StepResult
 from pipelines.local.objectstore import s3_uris
 
@@ -46,12 +46,7 @@ class ConditionExecutor(StepExecutor):
 
     def run(self, context: StepContext) -> StepResult:
         arguments = context.step["Arguments"]
-        readings = []
-        for condition in arguments.get("Conditions", []):
-            try:
-                readings.append(context.execution.scope.condition(condition))
-            except ExpressionError as error:
-                raise StepFailure(str(error)) from error
+        readings = [context.execution.scope.condition(item) for item in arguments.get("Conditions", [])]
         outcome = all(result for result, _ in readings)
         branch = [step["Name"] for step in arguments.get("IfSteps" if outcome else "ElseSteps", [])]
         shown = " and ".join(_readable(text) for _, text in readings)

@@ -3,16 +3,16 @@
 It knows nothing of this project's DAG. It reads the definition:
 
 - **parameters**: the declared defaults, overridden by the run's values;
-- **order**: the step graph of the ``Get`` references and ``DependsOn`` lists (``definition_check.step_dependencies``);
+- **order**: the step graph of the ``Get`` references and ``DependsOn`` lists (``definition.check.step_dependencies``);
   a ConditionStep's outcome picks the branch that runs;
 - **steps**: one executor per step type (:mod:`.jobs` for Processing, Training and Tuning, :mod:`.control` for
   Condition, Fail, RegisterModel and Lambda), each reading only the step's ``Arguments``, resolved by
-  :mod:`.expressions`; S3 URIs live in the local object store (:mod:`.objectstore`);
+  :mod:`pipelines.definition.expressions`; S3 URIs live in the local object store (:mod:`.objectstore`);
 - **caching**: steps whose ``CacheConfig`` is enabled are keyed by their resolved arguments and the content of
   their inputs (:mod:`.cache`); a hit reuses the earlier run's properties, as SageMaker does.
 
 A definition it cannot run fails before the first step (:class:`DefinitionInvalid`): the SageMaker API checks
-of ``definition_check.check_definition`` (unknown steps, parameters, property files and outputs, property paths the
+of ``definition.check.check_definition`` (unknown steps, parameters, property files and outputs, property paths the
 producing step's Describe response lacks), a step type with no local executor, a property the local executor of
 the producing step does not fill, and what each executor checks. Every message names the step and the reference.
 
@@ -24,7 +24,6 @@ with what only a local run has under each step's ``Local``.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import threading
 import time
 from collections.abc import Mapping
@@ -37,12 +36,11 @@ from pipelines.definition.check import (
     iter_references,
     iter_steps,
     own_arguments,
-    split_property_path,
     step_dependencies,
 )
-from pipelines.definition.expressions import ExpressionError, Scope
+from pipelines.definition.expressions import ExpressionError, Scope, split_property_path
 from pipelines.local import sagemaker as sagemaker_api
-from pipelines.local.cache import StepCache
+from pipelines.local.cache import RESULT_KEYS, StepCache
 from pipelines.local.console import Console
 from pipelines.local.objectstore import ObjectStore, ObjectStoreError
 from pipelines.local.runs import RUN_RECORD
@@ -104,7 +102,7 @@ class StepResult:
     cacheable: bool = True  # False: a result a later run must not reuse (a trial was ended by a signal)
 
     def cached_form(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("properties", "metadata", "detail", "summary", "notes", "outcome")}
+        return {key: getattr(self, key) for key in RESULT_KEYS}
 
 
 class StepExecutor:
@@ -137,10 +135,8 @@ class StepContext:
     _arguments: Any = None
 
     def resolve(self, value: Any) -> Any:
-        try:
-            return self.execution.scope.resolve(value)
-        except ExpressionError as error:
-            raise StepFailure(str(error)) from error
+        """``value`` evaluated (an ExpressionError fails the step: :meth:`LocalExecution._run_step`)."""
+        return self.execution.scope.resolve(value)
 
     @property
     def arguments(self) -> Any:
@@ -166,10 +162,6 @@ class StepContext:
     def content_hash(self, uri: str, what: str) -> str:
         self.local_path(uri, what)
         return self.store.content_hash(uri)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _without_execution_variables(arguments: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any]:
@@ -295,7 +287,7 @@ class LocalExecution:
         return True
 
     def run(self) -> dict[str, Any]:
-        self.record.update({"PipelineExecutionStatus": "Executing", "StartTime": _now()})
+        self.record.update({"PipelineExecutionStatus": "Executing", "StartTime": fsutil.utc_now()})
         problems = self.problems()
         if problems:
             self.record["FailureReason"] = DefinitionInvalid(problems).args[0]
@@ -384,12 +376,8 @@ class LocalExecution:
     # --- what executors read -------------------------------------------------------------------------------------
     def known_before_the_run(self, value: Any) -> Any:
         """``value`` resolved if it reads no step property (literals, parameters, execution variables), else None."""
-        if any(reference.startswith("Steps.") for reference in iter_references(value)):
-            return None
-        try:
-            return self.scope.resolve(value)
-        except ExpressionError:
-            return None
+        resolved = self.scope.resolve_known(value)  # what only the run can tell is left an expression
+        return None if iter_references(resolved) else resolved
 
     def missing_object(self, uri: Any) -> str | None:
         """Why ``uri`` (known before the run) names nothing in the object store, or None if it does."""
@@ -438,7 +426,7 @@ class LocalExecution:
             "StepName": step["Name"],
             "StepDisplayName": step.get("DisplayName", step["Name"]),
             "StepDescription": step.get("Description", ""),
-            "StartTime": _now(),
+            "StartTime": fsutil.utc_now(),
             "StepStatus": "Executing",
             "AttemptCount": 1,
             "Metadata": {},
@@ -449,7 +437,7 @@ class LocalExecution:
         return record
 
     def _finish(self, record: dict[str, Any], status: str, seconds: float, detail: str, failure: str = "") -> None:
-        record.update(StepStatus=status, EndTime=_now())
+        record.update(StepStatus=status, EndTime=fsutil.utc_now())
         record["Local"].update(DurationSeconds=round(seconds, 2), Detail=detail)
         if failure:
             record["FailureReason"] = failure
@@ -461,12 +449,12 @@ class LocalExecution:
     def _mark_executing(self, status: str) -> None:
         for record in self.record["PipelineExecutionSteps"]:
             if record["StepStatus"] == "Executing":
-                record.update(StepStatus=status, EndTime=_now())
+                record.update(StepStatus=status, EndTime=fsutil.utc_now())
 
     def write_record(self, status: str) -> dict[str, Any]:
         with self._lock:
             self.record["PipelineExecutionStatus"] = status
-            self.record["LastModifiedTime"] = _now()
+            self.record["LastModifiedTime"] = fsutil.utc_now()
             self.record["ElapsedSeconds"] = round(time.perf_counter() - self._started, 2)
             fsutil.write_json_atomic(self.run_dir / RUN_RECORD, self.record)
         return self.record

@@ -36,6 +36,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from pipelines.definition.expressions import as_text, is_expression
+from pipelines.definition.hyperparameters import TUNING_METRIC_PARAMETER, decode_hyperparameter
 from pipelines.local import containers, tuning
 from pipelines.local.console import Progress
 from pipelines.local.executor import LocalExecution, StepContext, StepExecutor, StepFailure, StepResult
@@ -94,7 +95,7 @@ def _job_error(error: containers.JobError) -> StepFailure:
 
 def _decoded(value: Any) -> Any:
     """A hyperparameter as the training toolkit reads it: JSON where it parses."""
-    return containers.decode_hyperparameter(as_text(value))
+    return decode_hyperparameter(as_text(value))
 
 
 def _file_counts(folder: Path) -> int:
@@ -540,7 +541,7 @@ class TuningExecutor(StepExecutor):
                 "HyperParameters": {
                     **static,
                     **tuned,
-                    containers.TUNING_METRIC_PARAMETER: json.dumps(objective["MetricName"]),
+                    TUNING_METRIC_PARAMETER: json.dumps(objective["MetricName"]),
                 },
             }
             job_name = f"{tuning_job}-{run.run_id}-{index:03d}"

@@ -60,11 +60,7 @@ class ObjectStore:
         path = self.path(uri)
         if path.is_file() and path.read_bytes() == body:
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_bytes(body)
-        partial.replace(path)
-        return path
+        return fsutil.write_atomic(path, body, make_parents=True)
 
     def put(self, uri: str, source: Path) -> Path:
         """Upload a file or a folder's files to ``uri`` (hard links where possible), replacing what was there."""
@@ -91,9 +87,11 @@ class ObjectStore:
 
 
 def s3_uris(value: Any) -> list[str]:
-    """Every ``s3://`` string in a request (its mappings and lists walked), in order."""
+    """Every ``s3://`` string in a request or a definition (its mappings and lists walked, a hyperparameter's JSON
+    string read), in order."""
     if isinstance(value, str):
-        return [value] if value.startswith("s3://") else []
+        text = value[1:-1] if value.startswith('"s3://') and value.endswith('"') else value
+        return [text] if text.startswith("s3://") else []
     if isinstance(value, Mapping):
         return [uri for item in value.values() for uri in s3_uris(item)]
     if isinstance(value, list):

@@ -18,7 +18,6 @@ naming it and what to do. Changes hold the workdir's lock.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import stat
@@ -45,10 +44,6 @@ DAMAGED_REMEDY = (
     "restore it from a copy, or move it aside to start an empty registry (the versions' files stay in "
     f"{ARTIFACTS_DIR}/); nothing was changed"
 )
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 Arn = Callable[[str, str], str]  # (resource type, name) -> ARN: pipelines.local.sagemaker.arn
@@ -100,7 +95,6 @@ class LocalModelRegistry:
         approved = [p for p in self.list_model_packages(group) if p["ModelApprovalStatus"] == "Approved"]
         return approved[-1] if approved else None
 
-    # --- writing ----------------------------------------------------------------------------------------------
     def by_arn(self, arn: str) -> dict[str, Any]:
         """``DescribeModelPackage(ModelPackageName=<arn>)``."""
         for group in self._load()["ModelPackageGroups"].values():
@@ -133,7 +127,7 @@ class LocalModelRegistry:
         model_uri = request["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
         if model_uri not in files:
             raise RegistryError(f"the model {model_uri} has no local file")
-        with self._locked(f"registering a version of {group}"):
+        with fsutil.workdir_lock(self.workdir, f"registering a version of {group}"):
             data = self._load()
             packages = self._group(data, group)["ModelPackages"]
             version = max((p["ModelPackageVersion"] for p in packages), default=0) + 1
@@ -143,7 +137,7 @@ class LocalModelRegistry:
                 raise RegistryError(str(error)) from error
             fsutil.remove_path(folder)  # what a registration that died before recording it left
             stored = {uri: _frozen_copy(path, folder / path.name) for uri, path in files.items()}
-            now = _now()
+            now = fsutil.utc_now()
             package = {
                 **_replace_strings(dict(request), {uri: path.as_uri() for uri, path in stored.items()}),
                 "ModelPackageGroupName": group,
@@ -166,9 +160,6 @@ class LocalModelRegistry:
             fsutil.write_json_atomic(self.path, data)
         return package
 
-    def _locked(self, purpose: str) -> Any:
-        return fsutil.workdir_lock(self.workdir, purpose)
-
     def _group(self, data: dict[str, Any], group: str) -> dict[str, Any]:
         groups = data["ModelPackageGroups"]
         if group not in groups:
@@ -176,31 +167,26 @@ class LocalModelRegistry:
                 "ModelPackageGroupName": group,
                 "ModelPackageGroupArn": self.arn("model-package-group", group),
                 "ModelPackageGroupDescription": "Image classifiers registered by the local pipeline",
-                "CreationTime": _now(),
+                "CreationTime": fsutil.utc_now(),
                 "ModelPackageGroupStatus": "Completed",
                 "ModelPackages": [],
             }
         return groups[group]
 
-    @staticmethod
-    def _set_status(package: dict[str, Any], status: str, description: str) -> None:
-        package["ModelApprovalStatus"] = status
-        package["LastModifiedTime"] = _now()
-        if description:
-            package["ApprovalDescription"] = description
-
     def update_approval(self, group: str, version: int, status: str, description: str = "") -> dict[str, Any]:
         """``UpdateModelPackage(ModelApprovalStatus=...)``."""
         if status not in APPROVAL_STATUSES:
             raise RegistryError(f"approval status {status!r} is not one of {', '.join(APPROVAL_STATUSES)}")
-        with self._locked(f"setting version {version} of {group} {status}"):
+        with fsutil.workdir_lock(self.workdir, f"setting version {version} of {group} {status}"):
             data = self._load()
             group_data = data["ModelPackageGroups"].get(group)
             if not group_data:
                 raise RegistryError(f"model package group {group!r} does not exist in {self.path}")
             for package in group_data["ModelPackages"]:
                 if package["ModelPackageVersion"] == version:
-                    self._set_status(package, status, description)
+                    package.update(ModelApprovalStatus=status, LastModifiedTime=fsutil.utc_now())
+                    if description:
+                        package["ApprovalDescription"] = description
                     fsutil.write_json_atomic(self.path, data)
                     return package
         raise RegistryError(f"{group!r} has no version {version}")

@@ -47,7 +47,7 @@ from pipelines.local import sagemaker as local_sagemaker
 from pipelines.local.cache import CACHE_DIR, StepCache
 from pipelines.local.console import Console
 from pipelines.local.executor import DEFINITION_FILE, LocalExecution, RunStopped, StepExecutor
-from pipelines.local.objectstore import ObjectStore, ObjectStoreError, split_uri
+from pipelines.local.objectstore import ObjectStore, ObjectStoreError, s3_uris, split_uri
 from pipelines.local.registry import RegistryError
 from pipelines.local.runs import RUN_ID
 from pipelines.serving import endpoint
@@ -205,27 +205,13 @@ def read_definition_file(path: Path) -> dict[str, Any]:
     return definition
 
 
-def _s3_uris(value: Any) -> Iterator[str]:
-    """Every literal s3:// URI in a definition (hyperparameters hold JSON-encoded strings)."""
-    if isinstance(value, dict):
-        for item in value.values():
-            yield from _s3_uris(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _s3_uris(item)
-    elif isinstance(value, str):
-        text = value[1:-1] if value.startswith('"s3://') and value.endswith('"') else value
-        if text.startswith("s3://"):
-            yield text
-
-
 def runs_project_code(definition: dict[str, Any], objects: dict[str, bytes | Path], store: ObjectStore) -> bool:
     """Whether a job of ``definition`` runs this project's code: an object it names (given for this run, or in
     the store already) holds the same bytes as a code object the builder packs from this checkout."""
     from pipelines.packaging import code_artifacts
 
     ours = {hashlib.sha256(artifact.body).hexdigest() for artifact in code_artifacts(config.LOCAL_BUCKET, "any").all()}
-    for uri in dict.fromkeys(_s3_uris(definition)):
+    for uri in dict.fromkeys(s3_uris(definition)):
         given = objects.get(uri)
         if isinstance(given, bytes):
             if hashlib.sha256(given).hexdigest() in ours:

@@ -84,6 +84,14 @@ def shown_status(record: dict[str, Any]) -> str:
     return status if running else PROCESS_GONE
 
 
+def shown_steps(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's steps as they stand: one left Executing by a process that has gone shows as stopped too."""
+    steps = list(record.get("PipelineExecutionSteps") or [])
+    if shown_status(record) != PROCESS_GONE:
+        return steps
+    return [{**step, "StepStatus": PROCESS_GONE} if step.get("StepStatus") == "Executing" else step for step in steps]
+
+
 def summary_lines(workdir: Path) -> list[str]:
     """One line per run: ID, status, start, the last step reached."""
     lines = []
@@ -136,10 +144,7 @@ def detail_lines(workdir: Path, run_id: str | None) -> list[str]:
     for key in ("FailureReason", "StoppedBy"):
         if record.get(key):
             lines.append(f"{'reason' if key == 'FailureReason' else 'stopped':<9} {record[key]}")
-    steps = record.get("PipelineExecutionSteps") or []
+    steps = shown_steps(record)
     lines.append("steps:" if steps else "steps:    none started")
-    for step in steps:
-        if status == PROCESS_GONE and step.get("StepStatus") == "Executing":
-            step = {**step, "StepStatus": PROCESS_GONE}
-        lines.append(f"  {format_step(step)}")
+    lines.extend(f"  {format_step(step)}" for step in steps)
     return lines

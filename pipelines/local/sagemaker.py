@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +51,7 @@ JOB_KINDS = {  # API noun -> (record folder, ARN resource type, name field, stat
         "HyperParameterTuningJobStatus",
     ),
 }
+_JOB_NOUNS = {re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower(): kind for kind in JOB_KINDS}  # training_job -> ...
 JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")  # SageMaker's job name pattern (it names a file here)
 
 
@@ -83,10 +84,6 @@ def _time(value: Any) -> Any:
         return dt.datetime.fromisoformat(value) if isinstance(value, str) else value
     except ValueError:
         return value
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class EndpointHost(Protocol):
@@ -229,20 +226,19 @@ class LocalSageMaker:
         _, resource, name_key, status_key = JOB_KINDS[kind]
         name = request.get(name_key)
         path = self._job_path(kind, name, f"Create{kind}")
-        earlier = _read_record(path)
-        if isinstance(earlier, dict) and earlier.get(status_key) == "InProgress":
+        if (_read_record(path) or {}).get(status_key) == "InProgress":
             message = f"a {kind} named {name} is in progress ({path}); if no run executes it, delete that file"
             raise client_error(f"Create{kind}", message, "ResourceInUse")
-        job_arn = arn(resource, name)
-        record = {**request, name_key.replace("Name", "Arn"): job_arn, status_key: "InProgress", "CreationTime": _now()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fsutil.write_json_atomic(path, record)
-        return {name_key.replace("Name", "Arn"): job_arn}
+        answer = {name_key.replace("Name", "Arn"): arn(resource, name)}
+        fsutil.write_json_atomic(
+            path, {**request, **answer, status_key: "InProgress", "CreationTime": fsutil.utc_now()}
+        )
+        return answer
 
     def end_job(self, kind: str, name: str, status: str, **described: Any) -> dict[str, Any]:
         """What SageMaker records when a job ends (the local executors call it): its status and Describe fields."""
         path = self._job_path(kind, name, f"Describe{kind}")
-        record = {**(_read_record(path) or {}), **described, JOB_KINDS[kind][3]: status, "EndTime": _now()}
+        record = {**(_read_record(path) or {}), **described, JOB_KINDS[kind][3]: status, "EndTime": fsutil.utc_now()}
         fsutil.write_json_atomic(path, record)
         return record
 
@@ -252,7 +248,7 @@ class LocalSageMaker:
             raise not_found(f"Describe{kind}", f"{kind} {name}")
         return {key: _time(value) for key, value in record.items()}
 
-    def _list_jobs(self, kind: str, **_: Any) -> dict[str, Any]:
+    def _list_jobs(self, kind: str) -> dict[str, Any]:
         folder, _, name_key, status_key = JOB_KINDS[kind]
         summaries = []
         for path in sorted((self.workdir / JOBS_DIR / folder).glob("*.json")):
@@ -261,9 +257,7 @@ class LocalSageMaker:
                 keys = (name_key, name_key.replace("Name", "Arn"), status_key, "CreationTime", "EndTime")
                 summaries.append({key: _time(record[key]) for key in keys if key in record})
         summaries.sort(key=lambda summary: str(summary.get("CreationTime")), reverse=True)
-        return {
-            f"{kind}Summaries" if kind != "HyperParameterTuningJob" else "HyperParameterTuningJobSummaries": summaries
-        }
+        return {f"{kind}Summaries": summaries}
 
     def _stop_job(self, kind: str, name: str) -> dict[str, Any]:
         status = self._describe_job(kind, name)[JOB_KINDS[kind][3]]
@@ -272,41 +266,22 @@ class LocalSageMaker:
             reason = f"The request was rejected because the {kind} is in status {status}."
         raise client_error(f"Stop{kind}", reason)
 
-    def create_processing_job(self, **request: Any) -> dict[str, Any]:
-        return self._create_job("ProcessingJob", request)
-
-    def describe_processing_job(self, ProcessingJobName: str) -> dict[str, Any]:
-        return self._describe_job("ProcessingJob", ProcessingJobName)
-
-    def list_processing_jobs(self, **request: Any) -> dict[str, Any]:
-        return self._list_jobs("ProcessingJob", **request)
-
-    def stop_processing_job(self, ProcessingJobName: str) -> dict[str, Any]:
-        return self._stop_job("ProcessingJob", ProcessingJobName)
-
-    def create_training_job(self, **request: Any) -> dict[str, Any]:
-        return self._create_job("TrainingJob", request)
-
-    def describe_training_job(self, TrainingJobName: str) -> dict[str, Any]:
-        return self._describe_job("TrainingJob", TrainingJobName)
-
-    def list_training_jobs(self, **request: Any) -> dict[str, Any]:
-        return self._list_jobs("TrainingJob", **request)
-
-    def stop_training_job(self, TrainingJobName: str) -> dict[str, Any]:
-        return self._stop_job("TrainingJob", TrainingJobName)
-
-    def create_hyper_parameter_tuning_job(self, **request: Any) -> dict[str, Any]:
-        return self._create_job("HyperParameterTuningJob", request)
-
-    def describe_hyper_parameter_tuning_job(self, HyperParameterTuningJobName: str) -> dict[str, Any]:
-        return self._describe_job("HyperParameterTuningJob", HyperParameterTuningJobName)
-
-    def list_hyper_parameter_tuning_jobs(self, **request: Any) -> dict[str, Any]:
-        return self._list_jobs("HyperParameterTuningJob", **request)
-
-    def stop_hyper_parameter_tuning_job(self, HyperParameterTuningJobName: str) -> dict[str, Any]:
-        return self._stop_job("HyperParameterTuningJob", HyperParameterTuningJobName)
+    def __getattr__(self, operation: str) -> Any:
+        """``create_``, ``describe_``, ``list_`` and ``stop_`` of each kind of :data:`JOB_KINDS`
+        (``describe_training_job(TrainingJobName=...)``, ``list_hyper_parameter_tuning_jobs()``): made from the
+        table, as botocore makes a client's methods from the service model."""
+        verb, _, noun = operation.partition("_")
+        kind = _JOB_NOUNS.get(noun.removesuffix("s") if verb == "list" else noun)
+        if kind is None or verb not in ("create", "describe", "list", "stop"):
+            raise AttributeError(f"{type(self).__name__} has no attribute {operation!r}")
+        name_key = JOB_KINDS[kind][2]
+        calls: dict[str, Callable[..., dict[str, Any]]] = {
+            "create": lambda **request: self._create_job(kind, request),
+            "describe": lambda **request: self._describe_job(kind, request[name_key]),
+            "list": lambda **request: self._list_jobs(kind),
+            "stop": lambda **request: self._stop_job(kind, request[name_key]),
+        }
+        return calls[verb]
 
     # --- models, endpoint configs, endpoints ------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -418,10 +393,7 @@ class LocalSageMaker:
 
     def list_pipeline_execution_steps(self, PipelineExecutionArn: str, **_: Any) -> dict[str, Any]:
         record = self._execution(PipelineExecutionArn, "ListPipelineExecutionSteps")
-        steps = list(record.get("PipelineExecutionSteps") or [])
-        if runs.shown_status(record) == runs.PROCESS_GONE:
-            steps = [{**s, "StepStatus": runs.PROCESS_GONE} if s.get("StepStatus") == "Executing" else s for s in steps]
-        return {"PipelineExecutionSteps": steps}
+        return {"PipelineExecutionSteps": runs.shown_steps(record)}
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

@@ -13,15 +13,14 @@ values as the shortest decimal of the float, integers as decimals, categorical v
 
 Objective: SageMaker's tuner ranks a training job by the *latest* value of the objective metric it emitted
 (``FinalHyperParameterTuningJobObjectiveMetric``), found in the log with the metric definition's regex, so the
-local tuner takes the last value of the objective's metric, read with the definition's own ``MetricDefinitions``.
-Ties go to the earlier trial.
+local tuner takes the last value of the objective's metric, read with the definition's own ``MetricDefinitions``
+(``jobs.final_metrics``, the job's FinalMetricDataList). Ties go to the earlier trial.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -87,26 +86,6 @@ def sample_trials(ranges: Mapping[str, HyperparameterRange], trials: int, seed: 
         generator.shuffle(strata)
         columns[name] = strata
     return [{name: encode_value(ranges[name], columns[name][row]) for name in sorted(ranges)} for row in range(trials)]
-
-
-def objective_values(log_text: str, metric_definitions: list[dict[str, str]], metric_name: str) -> list[float]:
-    """Every value of ``metric_name`` in a training log, in order, found with its definition's regex."""
-    definition = next((d for d in metric_definitions if d["Name"] == metric_name), None)
-    if definition is None:
-        raise ValueError(f"no metric definition named {metric_name!r}")
-    pattern = re.compile(definition["Regex"])
-    values = []
-    for line in log_text.splitlines():
-        match = pattern.search(line)
-        if match:
-            values.append(float(match.group(1)))
-    return values
-
-
-def final_objective(log_text: str, metric_definitions: list[dict[str, str]], metric_name: str) -> float | None:
-    """The latest value emitted (what SageMaker's tuner ranks a training job by), or None if none was."""
-    values = objective_values(log_text, metric_definitions, metric_name)
-    return values[-1] if values else None
 
 
 @dataclass

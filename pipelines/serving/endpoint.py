@@ -17,14 +17,11 @@ it), stops them and sets the record aside.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -93,25 +90,24 @@ def read_record(workdir: Path, name: str) -> dict[str, Any] | None:
         raise DamagedRecord(str(error)) from error
 
 
+def _arguments(pid: int) -> list[str]:
+    """The command line of ``pid`` (empty once it has gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
 def _is_our_server(pid: int) -> bool:
     """True when ``pid`` is alive and is one of our endpoint servers (not a recycled pid)."""
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z" and SERVER_MODULE.encode() in cmdline
+    return processes.is_alive(pid) and SERVER_MODULE in _arguments(pid)
 
 
 def ping(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urls.urlopen(f"{url}/ping", timeout=timeout) as response:  # never through a proxy
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    return urls.status_of(f"{url}/ping", timeout) == 200
 
 
 def status(workdir: Path, name: str) -> dict[str, Any] | None:
@@ -124,10 +120,6 @@ def status(workdir: Path, name: str) -> dict[str, Any] | None:
     return record
 
 
-def _lock(workdir: Path, purpose: str) -> Any:
-    return fsutil.workdir_lock(workdir, purpose)
-
-
 def servers_of(workdir: Path, name: str) -> list[int]:
     """PIDs of the live servers serving a model folder of this endpoint (read from /proc: no record needed)."""
     folder = endpoint_folder(workdir, name).resolve()
@@ -135,10 +127,7 @@ def servers_of(workdir: Path, name: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or not _is_our_server(int(entry.name)):
             continue
-        try:
-            arguments = Path(entry, "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
+        arguments = _arguments(int(entry.name))
         model_dir = arguments[arguments.index("--model-dir") + 1] if "--model-dir" in arguments[:-1] else ""
         if model_dir and Path(model_dir).resolve().is_relative_to(folder):
             found.append(int(entry.name))
@@ -148,13 +137,8 @@ def servers_of(workdir: Path, name: str) -> list[int]:
 def _stop_server(pid: int, session: bool) -> list[int]:
     """SIGTERM (the server shuts its app down, a Ray host its cluster too), SIGKILL after a grace period; then
     whatever is left of its session, by PID. Returns the PIDs of the session's other processes stopped."""
-    if _is_our_server(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while _is_our_server(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _is_our_server(pid):
-            os.kill(pid, signal.SIGKILL)
+    if _is_our_server(pid):  # the server alone first: it shuts down what it started
+        processes.terminate([pid], STOP_TIMEOUT_S)
     child = _children.pop(pid, None)
     if child is not None:
         child.wait(timeout=STOP_TIMEOUT_S)
@@ -169,7 +153,7 @@ def stop(workdir: Path, name: str) -> dict[str, Any] | None:
     folders are stopped instead, and the record is set aside (``<name>.json.damaged-<time>``) with ``damaged``
     saying so.
     """
-    with _lock(workdir, f"stopping endpoint {name}"):
+    with fsutil.workdir_lock(workdir, f"stopping endpoint {name}"):
         try:
             record = read_record(workdir, name)
         except DamagedRecord as error:
@@ -207,7 +191,7 @@ def deploy(
     which). Re-deploying the package an endpoint already serves, on the same host, leaves it running and says so
     (``unchanged``). A damaged record is reported on standard error and replaced, after its servers are stopped.
     """
-    with _lock(workdir, f"deploying version {package['ModelPackageVersion']} to endpoint {name}"):
+    with fsutil.workdir_lock(workdir, f"deploying version {package['ModelPackageVersion']} to endpoint {name}"):
         try:
             current = status(workdir, name)
         except DamagedRecord as error:
@@ -242,7 +226,7 @@ def deploy(
             "ModelPackageVersion": version,
             "model_dir": str(folder / "model"),
             "log": str(folder / "server.log"),
-            "CreationTime": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "CreationTime": fsutil.utc_now(),
         }
         fsutil.write_json_atomic(record_path(workdir, name), record)
         record["EndpointStatus"] = "InService"

@@ -24,8 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,7 +162,7 @@ class RayServeCluster:
         while time.monotonic() < deadline and not should_stop():
             if self.serve_run is not None and self.serve_run.poll() is not None:
                 raise RayHostError(f"serve run exited with status {self.serve_run.returncode}; see the lines above")
-            if _status(f"{url}/-/healthz") == 200 and _status(f"{url}/") == 200:
+            if urls.status_of(f"{url}/-/healthz") == 200 and urls.status_of(f"{url}/") == 200:
                 return
             time.sleep(0.5)
         if not should_stop():
@@ -184,13 +182,3 @@ class RayServeCluster:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         return stopped
-
-
-def _status(url: str) -> int:
-    try:
-        with urls.urlopen(url, timeout=2.0) as response:  # a local URL: never through a proxy
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except (urllib.error.URLError, OSError):
-        return 0

@@ -4,6 +4,7 @@ the workdir's guards: paths proven inside it, state files read whole or reported
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import gzip
 import hashlib
 import io
@@ -277,6 +278,11 @@ def write_json_atomic(path: Path, value: Any) -> None:
     """Write JSON so a reader never sees half a file (:func:`atomic_output`, creating missing folders)."""
     text = json.dumps(value, indent=2, sort_keys=False, default=str) + "\n"
     write_atomic(path, text, make_parents=True)
+
+
+def utc_now() -> str:
+    """The time a record written now carries: UTC, ISO 8601, to the second."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -1,9 +1,10 @@
-"""Processes: those of a local endpoint (every one it starts shares the server's session, and is stopped by PID),
-and what names a process in a record (PID, host, start time) so that a later command can tell it has gone.
+"""Process trees and how they are stopped (the one way: :func:`terminate`), and what names a process in a record
+(PID, host, start time) so that a later command can tell it has gone.
 
-The endpoint server runs as a session leader (``start_new_session``), so its session ID is its PID and every
-process it starts (Ray's daemons included, which ``ray start`` detaches from their parent) keeps that session.
-Stopping an endpoint signals exactly those PIDs, read from ``/proc``, never processes found by name.
+A local job and an endpoint server each run as a session leader (``start_new_session``), so the session ID is the
+leader's PID and every process it starts (a launcher's workers, Ray's daemons, which ``ray start`` detaches from
+their parent) keeps that session or lies below the leader. Stopping signals exactly those PIDs, read from
+``/proc``, never processes found by name.
 """
 
 from __future__ import annotations
@@ -63,26 +64,46 @@ def descendants(pid: int) -> list[int]:
     return sorted(found)
 
 
-def terminate(pids: Iterable[int], grace_seconds: float) -> list[int]:
-    """SIGTERM each PID, SIGKILL those still alive after ``grace_seconds``; returns the PIDs signalled."""
+def group_alive(pgid: int) -> bool:
+    """True while the process group ``pgid`` has a member (a leader's group may outlive the leader)."""
+    try:
+        os.killpg(pgid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` first, then its session's live processes (while it or its group lives) and every one below it."""
+    members = session_members(pid) if is_alive(pid) or group_alive(pid) else []
+    return [pid, *sorted({*members, *descendants(pid)} - {pid})]
+
+
+def terminate(pids: Iterable[int], grace_seconds: float, *, group: int | None = None, reap: bool = True) -> list[int]:
+    """SIGTERM each live PID (and the process group ``group``: what its leader forked), SIGKILL what is left after
+    ``grace_seconds`` (with what ``group``'s leader started meanwhile); returns the PIDs signalled. ``reap``
+    collects the exit status of those that are this process's children: not where a ``Popen`` waits for its own."""
     pids = [pid for pid in pids if is_alive(pid)]
     for signal_number in (signal.SIGTERM, signal.SIGKILL):
+        if signal_number == signal.SIGKILL and group is not None:
+            pids = sorted({*pids, *descendants(group)})
+        stragglers = bool(pids) and group is not None and group_alive(group)  # forked after the PIDs were read
+        if not stragglers and not any(is_alive(pid) for pid in pids):
+            break
+        if group is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal_number)
         for pid in pids:
             if is_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal_number)
         deadline = time.monotonic() + grace_seconds
         while time.monotonic() < deadline and any(is_alive(pid) for pid in pids):
-            _reap(pids)
+            for pid in pids if reap else ():  # this process's children that have ended: their exit status
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
             time.sleep(0.05)
     return pids
-
-
-def _reap(pids: Iterable[int]) -> None:
-    """Collect the exit status of those of ``pids`` that are this process's children and have ended."""
-    for pid in pids:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
 
 
 def become_subreaper() -> None:

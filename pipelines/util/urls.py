@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import urllib.error
 import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,3 +44,14 @@ def urlopen(request: urllib.request.Request | str, timeout: float) -> Any:
     if is_loopback(url):
         return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=timeout)
     return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) URLs, checked by the callers
+
+
+def status_of(url: str, timeout: float = 2.0) -> int:
+    """The HTTP status a GET of ``url`` answers (a local URL: never through a proxy); 0 when nothing answers."""
+    try:
+        with urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, OSError):
+        return 0
