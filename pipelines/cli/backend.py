@@ -20,9 +20,24 @@ from pipelines.util.errors import CommandError
 
 def workdir_argument(text: str) -> Path:
     path = Path(text)
-    if path.exists() and not path.is_dir():
+    try:
+        is_file = path.exists() and not path.is_dir()
+    except OSError as error:  # a path longer than the system takes (ENAMETOOLONG), a folder not readable
+        raise argparse.ArgumentTypeError(
+            f"a path of {len(text)} characters cannot be used ({error.strerror})"
+        ) from None
+    if is_file:
         raise argparse.ArgumentTypeError(f"{text} is a file: pass a folder")
     return path
+
+
+def add_workdir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workdir",
+        type=workdir_argument,
+        default=Path(config.LOCAL_WORKDIR),
+        help="folder of runs, step cache, local model registry and endpoints",
+    )
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser, what: str = "the local workdir's") -> None:
@@ -44,19 +59,29 @@ def add_local_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a local approval's deployment serves (what the deploy function's settings say on SageMaker)."""
     group = parser.add_argument_group("with --local: the approval deploys, as the deploy function does on SageMaker")
     group.add_argument("--no-deploy", action="store_true", help="change the status only; deploy nothing")
-    group.add_argument(
-        "--endpoint-name",
-        type=names.name_argument("endpoint"),
-        default=config.LOCAL_ENDPOINT_NAME,
-        help="the local endpoint (default: %(default)s)",
-    )
-    group.add_argument(
+    add_local_endpoint_arguments(group)
+
+
+def add_local_endpoint_arguments(parser: Any, name_flag: str | None = "--endpoint-name") -> None:
+    """The local endpoint a command serves on: its name (under ``name_flag``), ``--port`` and ``--ray``."""
+    if name_flag:
+        parser.add_argument(
+            name_flag,
+            type=names.name_argument("endpoint"),
+            default=config.LOCAL_ENDPOINT_NAME,
+            help="the local endpoint (default: %(default)s)",
+        )
+    parser.add_argument(
         "--port",
         type=validation.port_argument,
         default=config.LOCAL_ENDPOINT_PORT,
         help="port of the local endpoint (default: %(default)s)",
     )
-    group.add_argument("--ray", action="store_true", help="serve on a local Ray Serve cluster (needs ray[serve])")
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
+    )
 
 
 def local_client(args: argparse.Namespace) -> Any:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipelines import config, validation
+from pipelines import config
 from pipelines.aws import deploy_infra
 from pipelines.cli import backend
 from pipelines.cli.sagemaker import add_hidden_alias, add_model_package_group_argument
@@ -64,11 +64,7 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument("--smoke-test-images", type=int, default=20, help="images endpoint-test sends (default: 20)")
     deploy_infra.add_endpoint_arguments(parser)
     backend.add_backend_arguments(parser, "a local endpoint and the local registry's")
-    local = parser.add_argument_group("with --local")
-    local.add_argument(
-        "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint"
-    )
-    local.add_argument("--ray", action="store_true", help="serve on a local Ray Serve cluster (needs ray[serve])")
+    backend.add_local_endpoint_arguments(parser.add_argument_group("with --local"), name_flag=None)
     parser.set_defaults(func=run_deploy)
 
 
