@@ -65,12 +65,7 @@ def add_local_deploy_arguments(parser: argparse.ArgumentParser) -> None:
 def add_local_endpoint_arguments(parser: Any, name_flag: str | None = "--endpoint-name") -> None:
     """The local endpoint a command serves on: its name (under ``name_flag``), ``--port`` and ``--ray``."""
     if name_flag:
-        parser.add_argument(
-            name_flag,
-            type=names.name_argument("endpoint"),
-            default=config.LOCAL_ENDPOINT_NAME,
-            help="the local endpoint (default: %(default)s)",
-        )
+        add_endpoint_name_argument(parser, name_flag)
     parser.add_argument(
         "--port",
         type=validation.port_argument,
@@ -81,6 +76,16 @@ def add_local_endpoint_arguments(parser: Any, name_flag: str | None = "--endpoin
         "--ray",
         action="store_true",
         help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
+    )
+
+
+def add_endpoint_name_argument(parser: Any, flag: str) -> None:
+    """A local endpoint's name, checked against SageMaker's pattern (it names files in the workdir)."""
+    parser.add_argument(
+        flag,
+        type=names.name_argument("endpoint"),
+        default=config.LOCAL_ENDPOINT_NAME,
+        help="the local endpoint (default: %(default)s)",
     )
 
 
