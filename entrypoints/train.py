@@ -187,10 +187,8 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error(f"torchrun's environment: {error}")
     device, num_gpus, backend = _resolve_device(args, world, parser)
     amp = device.type == "cuda" if args.amp is None else args.amp
-    if device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        amp_dtype = torch.bfloat16  # CPU autocast supports bfloat16 only
+    # float16 only on a GPU without bfloat16 (CPU autocast supports bfloat16 only)
+    amp_dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     workers = data.auto_workers(world.local_world_size) if args.workers == "auto" else int(args.workers)
     resize_size = args.resize_size or round(
