@@ -144,6 +144,20 @@ def deploy_on_approval(args: argparse.Namespace, client: Any, package_arn: str) 
     print(f"{endpoint_name}: {action}, version {package['ModelPackageVersion']}{where}")
 
 
+def previous_approved_package(sagemaker_client: Any, group: str, before_version: int) -> dict[str, Any] | None:
+    """The newest Approved package of ``group`` older than ``before_version``, or None (a rollback's target, on
+    SageMaker or locally)."""
+    best: dict[str, Any] | None = None
+    paginator = sagemaker_client.get_paginator("list_model_packages")
+    for page in paginator.paginate(ModelPackageGroupName=group, ModelApprovalStatus="Approved"):
+        for summary in page.get("ModelPackageSummaryList", []):
+            version = summary.get("ModelPackageVersion")
+            newer = best is None or (isinstance(version, int) and version > best["ModelPackageVersion"])
+            if isinstance(version, int) and version < before_version and newer:
+                best = summary
+    return best
+
+
 def disk_error_line(error: OSError, workdir: Path) -> str:
     """A failed write or read of the workdir (a full disk, no permission) in one line. Its state files are written
     whole or not at all, so what was there before is still there."""

@@ -207,19 +207,6 @@ def _wait_in_service(sagemaker_client: Any, endpoint_name: str, config_name: str
 # to change a package's approval status (UpdateModelPackage). The person running `deploy` may.
 
 
-def previous_approved_package(sagemaker_client: Any, group: str, before_version: int) -> dict[str, Any] | None:
-    """The newest Approved package of ``group`` older than ``before_version``, or None."""
-    best: dict[str, Any] | None = None
-    paginator = sagemaker_client.get_paginator("list_model_packages")
-    for page in paginator.paginate(ModelPackageGroupName=group, ModelApprovalStatus="Approved"):
-        for summary in page.get("ModelPackageSummaryList", []):
-            version = summary.get("ModelPackageVersion")
-            newer = best is None or (isinstance(version, int) and version > best["ModelPackageVersion"])
-            if isinstance(version, int) and version < before_version and newer:
-                best = summary
-    return best
-
-
 def roll_back(
     failed_package_arn: str,
     reason: str,
@@ -240,7 +227,7 @@ def roll_back(
 
     package = clients.sagemaker.describe_model_package(ModelPackageName=failed_package_arn)
     group, version = package["ModelPackageGroupName"], package["ModelPackageVersion"]
-    previous = previous_approved_package(clients.sagemaker, group, version)
+    previous = backend.previous_approved_package(clients.sagemaker, group, version)
     if previous is None:
         raise deploy.DeployError(
             f"cannot roll back: {group} has no Approved version before {version}; the endpoint keeps serving it. "

@@ -385,14 +385,13 @@ def rollback_local(workdir: Path, name: str, record: dict[str, Any], reason: str
     client = LocalSageMaker(workdir)
     group, version = record["ModelPackageGroupName"], record["ModelPackageVersion"]
     try:
-        summaries = client.list_model_packages(ModelPackageGroupName=group, ModelApprovalStatus="Approved")
+        earlier = backend.previous_approved_package(client, group, version)
     except (ClientError, RegistryError) as error:
         message = f"no rollback: {_first_line(error)}; the endpoint keeps serving version {version}"
         raise CommandError(message) from error
-    earlier = [s for s in summaries["ModelPackageSummaryList"] if s["ModelPackageVersion"] < version]
-    if not earlier:
+    if earlier is None:
         return f"no rollback: {group} has no Approved version before {version}; the endpoint keeps serving it"
-    previous_arn = max(earlier, key=lambda summary: summary["ModelPackageVersion"])["ModelPackageArn"]
+    previous_arn = earlier["ModelPackageArn"]
     ray = record.get("host") == "ray"
     try:
         client.verified_package(previous_arn)
