@@ -11,7 +11,8 @@ even in one folder they all use (a SageMaker job's ``checkpoint_s3_uri`` brings 
 and the pipeline keys that prefix by the best trial, which a cached Tune reuses).
 
 Files hold only tensors and plain values: they load with ``torch.load(weights_only=True)``. Shipped in the
-training ``source_dir``: imports only torch (torchvision for its version) and the standard library.
+training ``source_dir``: imports only torch (torchvision for its version), the standard library and its sibling
+``contract.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:  # works both as ``entrypoints.checkpoints`` and beside ``python train.py`` inside the training container
+    from . import contract
+except ImportError:  # pragma: no cover - exercised by the script-mode tests in a subprocess
+    import contract  # type: ignore[no-redef]
 
 FORMAT = 2  # 1: unkeyed names, no data in the fingerprint (read only to explain why it is not resumed)
 KEPT = 2  # newest checkpoints kept per key
@@ -50,12 +56,8 @@ def code_digest(folder: Path | None = None) -> str:
 
 
 def file_digest(path: Path) -> str:
-    """``sha256:<hex>`` of a file's bytes, read in chunks (pretrained weights of a few hundred MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    """``sha256:<hex>`` of a file's bytes."""
+    return f"sha256:{contract.file_sha256(path)}"
 
 
 def key_of(fingerprint: dict[str, Any]) -> str:

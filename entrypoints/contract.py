@@ -7,6 +7,7 @@ pipeline needs from here, so each value is written down once.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Any
@@ -125,6 +126,15 @@ ENV_SERVE_MAX_BATCH_SIZE = "INFERENCE_MAX_BATCH_SIZE"
 ENV_SERVE_BATCH_WAIT_MS = "INFERENCE_BATCH_WAIT_MS"
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_WAIT_MS = 5.0
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks (input archives, pretrained weights of hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # --- the machine ---------------------------------------------------------------------------------------------------

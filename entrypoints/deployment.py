@@ -28,6 +28,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import io
 import itertools
 import json
@@ -83,15 +84,6 @@ class ServingPlan:
     batch_wait_ms: float = contract.DEFAULT_BATCH_WAIT_MS  # longest a request waits for others to join it
 
 
-def _env_count(environ: Mapping[str, str], name: str) -> int | None:
-    value = environ.get(name, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer (or unset for the default)")
-    return int(value)
-
-
 def _env_milliseconds(environ: Mapping[str, str], name: str, default: float) -> float:
     value = environ.get(name, "").strip()
     if not value:
@@ -111,12 +103,13 @@ def serving_plan(cpus: int, gpus: int = 0, environ: Mapping[str, str] | None = N
     A replica takes at least as many requests at once as it batches, so that a batch can fill.
     """
     environ = os.environ if environ is None else environ
+    count = functools.partial(inference.env_count, environ=environ)
     cpus = max(1, cpus)
-    replicas = _env_count(environ, contract.ENV_SERVE_REPLICAS) or (gpus or max(1, cpus // CPUS_PER_REPLICA))
-    threads = _env_count(environ, contract.ENV_INFERENCE_THREADS) or max(1, cpus // replicas)
-    batch = _env_count(environ, contract.ENV_SERVE_MAX_BATCH_SIZE) or contract.DEFAULT_MAX_BATCH_SIZE
+    replicas = count(contract.ENV_SERVE_REPLICAS) or (gpus or max(1, cpus // CPUS_PER_REPLICA))
+    threads = count(contract.ENV_INFERENCE_THREADS) or max(1, cpus // replicas)
+    batch = count(contract.ENV_SERVE_MAX_BATCH_SIZE) or contract.DEFAULT_MAX_BATCH_SIZE
     wait_ms = _env_milliseconds(environ, contract.ENV_SERVE_BATCH_WAIT_MS, contract.DEFAULT_BATCH_WAIT_MS)
-    ongoing = _env_count(environ, contract.ENV_SERVE_MAX_ONGOING_REQUESTS) or max(4, 2 * threads, batch)
+    ongoing = count(contract.ENV_SERVE_MAX_ONGOING_REQUESTS) or max(4, 2 * threads, batch)
     gpus_per_replica = min(1.0, gpus / replicas) if gpus else 0.0
     return ServingPlan(replicas, threads, ongoing, gpus_per_replica, batch, wait_ms)
 

@@ -54,7 +54,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,13 +277,21 @@ class ServingModel:
         return _softmax(self.logits(images))
 
 
+def env_count(name: str, environ: Mapping[str, str] | None = None) -> int | None:
+    """A positive whole number from the environment (None where unset); anything else is refused, naming it."""
+    value = (os.environ if environ is None else environ).get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer (or unset for the default)")
+    return int(value)
+
+
 def inference_threads() -> int:
     """Intra-op threads for this worker: the env setting, else CPUs shared among the server's workers."""
-    value = os.environ.get(contract.ENV_INFERENCE_THREADS, "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"{contract.ENV_INFERENCE_THREADS}={value!r} must be a positive integer")
-        return int(value)
+    threads = env_count(contract.ENV_INFERENCE_THREADS)
+    if threads:
+        return threads
     workers = os.environ.get(contract.ENV_MODEL_SERVER_WORKERS, "").strip()
     if workers.isdigit() and int(workers) > 0:
         return max(1, contract.available_cpus() // int(workers))

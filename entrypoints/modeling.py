@@ -31,16 +31,7 @@ class _Family:
 
 
 _RESNET = _Family("fc", ("conv1", "layer1", "layer2", "layer3", "layer4"))
-_DENSENET = _Family(
-    "classifier",
-    (
-        "features.conv0",
-        "features.denseblock1",
-        "features.denseblock2",
-        "features.denseblock3",
-        "features.denseblock4",
-    ),
-)
+_DENSENET = _Family("classifier", ("features.conv0", *(f"features.denseblock{i}" for i in range(1, 5))))
 _EFFICIENTNET = _Family("classifier.1", tuple(f"features.{i}" for i in range(9)))
 _MOBILENET_V3_LARGE = _Family("classifier.3", tuple(f"features.{i}" for i in range(17)))
 _MOBILENET_V3_SMALL = _Family("classifier.3", tuple(f"features.{i}" for i in range(13)))

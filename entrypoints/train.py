@@ -59,6 +59,11 @@ HISTORY_FILE = "training_history.json"
 SKIPPED_FILES_REPORT = "skipped_files.json"
 FAILURE_FILE = "failure"  # in SM_OUTPUT_DIR: SageMaker shows its first 1024 characters as the FailureReason
 DISABLED = ("", "none", "off", "false")
+# The flags that are hyperparameters as given (Settings.hyperparameters adds those it resolves), in their order.
+HYPERPARAMETER_FLAGS = (
+    "architecture", "weights", "epochs", "batch-size", "lr", "lr-scaling", "optimizer", "weight-decay", "eps",
+    "label-smoothing", "dropout", "hidden-units", "trainable-blocks", "scheduler", "seed", "input-size",
+)  # fmt: skip
 _PROCESS_STARTED = time.time()  # a failure file older than this is an earlier run's
 
 
@@ -102,27 +107,22 @@ class Settings:
 
     def hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters this run used, keyed like the flags (without "--"), as the pipeline passes them."""
-        a = self.args
+        values = {flag: getattr(self.args, flag.replace("-", "_")) for flag in HYPERPARAMETER_FLAGS}
         return {
-            "architecture": a.architecture,
-            "weights": a.weights,
-            "epochs": a.epochs,
-            "batch-size": a.batch_size,
-            "lr": a.lr,
-            "lr-scaling": a.lr_scaling,
-            "optimizer": a.optimizer,
-            "weight-decay": a.weight_decay,
-            "eps": a.eps,
-            "label-smoothing": a.label_smoothing,
-            "dropout": a.dropout,
-            "hidden-units": a.hidden_units,
-            "trainable-blocks": a.trainable_blocks,
-            "scheduler": a.scheduler,
-            "seed": a.seed,
-            "input-size": a.input_size,
+            **values,
             "resize-size": self.resize_size,
-            "horizontal-flip": a.horizontal_flip is not False,
-            "sync-batchnorm": bool(a.sync_batchnorm) and self.world.world_size > 1,
+            "horizontal-flip": self.args.horizontal_flip is not False,
+            "sync-batchnorm": bool(self.args.sync_batchnorm) and self.world.world_size > 1,
+        }
+
+    def run_arguments(self, global_batch: int) -> dict[str, Any]:
+        """The hyperparameters as this run resolved them: the artifact's hyperparameters.json and MLflow's params."""
+        return {
+            **self.hyperparameters(),
+            "weights": self.weights,
+            "processes": self.world.world_size,
+            "global-batch-size": global_batch,
+            "effective-lr": self.lr,
         }
 
 
@@ -187,10 +187,8 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error(f"torchrun's environment: {error}")
     device, num_gpus, backend = _resolve_device(args, world, parser)
     amp = device.type == "cuda" if args.amp is None else args.amp
-    if device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        amp_dtype = torch.bfloat16  # CPU autocast supports bfloat16 only
+    # float16 only on a GPU without bfloat16 (CPU autocast supports bfloat16 only)
+    amp_dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     workers = data.auto_workers(world.local_world_size) if args.workers == "auto" else int(args.workers)
     resize_size = args.resize_size or round(
@@ -757,19 +755,18 @@ def _metrics_line(epoch: int, metrics: dict[str, float]) -> str:
 
 
 TRACKED_METRICS = ("train_loss", "valid_loss", "valid_accuracy", "lr", "images_per_second")
+# TensorBoard's tag of each tracked metric, in that order.
+TENSORBOARD_TAGS = ("loss/train", "loss/valid", "accuracy/valid", "lr", "throughput/train_images_per_second")
 
 
 def _record(writer, history: dict[str, list[float]], epoch: int, metrics: dict[str, float], tracker=None) -> None:
-    for key in ("epoch", "train_loss", "valid_loss", "valid_accuracy", "lr", "images_per_second"):
+    for key in ("epoch", *TRACKED_METRICS):
         history.setdefault(key, []).append(epoch if key == "epoch" else metrics[key])
     if tracker is not None:
         tracker.log_metrics({key: metrics[key] for key in TRACKED_METRICS if key in metrics}, step=epoch)
     if writer is not None:
-        writer.add_scalar("loss/train", metrics["train_loss"], epoch)
-        writer.add_scalar("loss/valid", metrics["valid_loss"], epoch)
-        writer.add_scalar("accuracy/valid", metrics["valid_accuracy"], epoch)
-        writer.add_scalar("lr", metrics["lr"], epoch)
-        writer.add_scalar("throughput/train_images_per_second", metrics["images_per_second"], epoch)
+        for tag, key in zip(TENSORBOARD_TAGS, TRACKED_METRICS, strict=True):
+            writer.add_scalar(tag, metrics[key], epoch)
         writer.flush()
 
 
@@ -838,16 +835,7 @@ def write_outputs(
     """Rank 0: the artifact (with the arguments the run used), the history, the curves, the skipped files."""
     args = settings.args
     model.eval()
-    hyperparameters = settings.hyperparameters()
-    hyperparameters.update(
-        {
-            "weights": settings.weights,
-            "processes": settings.world.world_size,
-            "global-batch-size": global_batch,
-            "effective-lr": settings.lr,
-        }
-    )
-    model_dir = modeling.save_artifact(model, args.model_dir, config, hyperparameters)
+    model_dir = modeling.save_artifact(model, args.model_dir, config, settings.run_arguments(global_batch))
     log(f"model artifact (last epoch's weights) written to {model_dir}")
     output_dir = Path(args.output_data_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -959,15 +947,7 @@ def start_tracking(settings: Settings, global_batch: int) -> tracking.Tracker | 
     )
     if not tracker.active:
         return None
-    tracker.log_params(
-        {
-            **settings.hyperparameters(),
-            "weights": settings.weights,
-            "processes": settings.world.world_size,
-            "global-batch-size": global_batch,
-            "effective-lr": settings.lr,
-        }
-    )
+    tracker.log_params(settings.run_arguments(global_batch))
     return tracker
 
 

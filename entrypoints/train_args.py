@@ -9,6 +9,7 @@ The flags fall into groups, one helper each: model, optimisation, speed, several
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -50,24 +51,11 @@ def _number(kind: type, value: str, minimum: float | None = None, maximum: float
     return number
 
 
-def _positive_int(value: str) -> int:
-    return _number(int, value, 0, strict=True)
-
-
-def _non_negative_int(value: str) -> int:
-    return _number(int, value, 0)
-
-
-def _int(value: str) -> int:
-    return _number(int, value)
-
-
-def _positive_float(value: str) -> float:
-    return _number(float, value, 0.0, strict=True)
-
-
-def _non_negative_float(value: str) -> float:
-    return _number(float, value, 0.0)
+_positive_int = functools.partial(_number, int, minimum=0, strict=True)
+_non_negative_int = functools.partial(_number, int, minimum=0)
+_int = functools.partial(_number, int)
+_positive_float = functools.partial(_number, float, minimum=0.0, strict=True)
+_non_negative_float = functools.partial(_number, float, minimum=0.0)
 
 
 def _fraction(value: str) -> float:

@@ -150,11 +150,7 @@ class _InputTree:
 
 
 def _archive_kind_by_name(name: str) -> str | None:
-    lowered = name.lower()
-    for suffix, kind in ARCHIVE_SUFFIXES.items():
-        if lowered.endswith(suffix):
-            return kind
-    return None
+    return next((kind for suffix, kind in ARCHIVE_SUFFIXES.items() if name.lower().endswith(suffix)), None)
 
 
 def _archive_kind(path: Path) -> str | None:
@@ -204,14 +200,6 @@ def _safe_relpath(name: str) -> str:
     if any("\x00" in part for part in parts):
         raise PreprocessError(f"archive entry {name!r} has a NUL character in its name: refusing the archive")
     return "/".join(parts)
-
-
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_zip(path: Path) -> _InputTree:
@@ -461,18 +449,11 @@ def _dog_breed_layout(
         if split in split_of_folder.values():
             raise PreprocessError(f"two folders for the {split} split in {root or 'the input'}: keep one")
         split_of_folder[folder] = split
-    items: list[_Item] = []
     classes: set[str] = set()
     for folder in split_of_folder:
         class_dirs, _ = _children(paths, dirs, _join(root, folder))
         classes.update(class_dirs)
-    start = len(root) + 1 if root else 0
-    for relpath in paths:
-        parts = relpath[start:].split("/")
-        if len(parts) < 3:
-            skipped.append((relpath, "not inside a class folder (expected <split>/<class>/<image>)"))
-            continue
-        items.append(_Item(relpath, parts[1], _flat_name(parts[2:]), tree.files[relpath], split_of_folder[parts[0]]))
+    items = _class_items(tree, paths, root, skipped, split_of_folder)
     present = set(split_of_folder.values())
     missing = {}
     if "valid" not in present:
@@ -495,16 +476,27 @@ def _imagefolder_layout(
     child_dirs: set[str],
     skipped: list[tuple[str, str]],
 ) -> _Layout:
-    items: list[_Item] = []
-    start = len(root) + 1 if root else 0
-    for relpath in paths:
-        parts = relpath[start:].split("/")
-        if len(parts) < 2:
-            skipped.append((relpath, "not inside a class folder (expected <class>/<image>)"))
-            continue
-        items.append(_Item(relpath, parts[0], _flat_name(parts[1:]), tree.files[relpath]))
+    items = _class_items(tree, paths, root, skipped)
     note = {"train": "stratified split of the class folders", "valid": "stratified share", "test": "stratified share"}
     return _Layout(LAYOUT_IMAGEFOLDER, root, sorted(child_dirs), items, skipped, {}, note)
+
+
+def _class_items(
+    tree: _InputTree, paths: list[str], root: str, skipped: list[tuple[str, str]], splits: dict[str, str] | None = None
+) -> list[_Item]:
+    """An item per file in a class folder below ``root`` (below its split folder where ``splits`` maps them)."""
+    depth = 0 if splits is None else 1
+    expected = "<split>/<class>/<image>" if depth else "<class>/<image>"
+    start = len(root) + 1 if root else 0
+    items: list[_Item] = []
+    for relpath in paths:
+        parts = relpath[start:].split("/")
+        if len(parts) < depth + 2:
+            skipped.append((relpath, f"not inside a class folder (expected {expected})"))
+            continue
+        split = splits[parts[0]] if splits is not None else None
+        items.append(_Item(relpath, parts[depth], _flat_name(parts[depth + 1 :]), tree.files[relpath], split))
+    return items
 
 
 # --- CIFAR-10: the python batches are pickles, read with an unpickler that can only rebuild numpy arrays ---------
@@ -1032,7 +1024,7 @@ def preprocess(
     pool = _start_pool(workers, options, str(source_path) if kind == "zip" else None) if workers > 1 else None
     # The archive's checksum is read in a thread while the images are processed (hashlib releases the GIL).
     hashing = ThreadPoolExecutor(1)
-    digest: Future[str] | None = hashing.submit(_sha256_of_file, source_path) if kind != "folder" else None
+    digest: Future[str] | None = hashing.submit(contract.file_sha256, source_path) if kind != "folder" else None
     try:
         if kind == "zip":
             tree = _read_zip(source_path)
@@ -1282,49 +1274,31 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Validate, split and resize an image dataset archive into train/valid/test ImageFolders.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--input",
-        type=Path,
-        default=Path(DEFAULT_INPUT),
-        help="archive (.zip, .tar, .tar.gz, .tgz) or folder; a folder holding exactly one archive means that archive",
-    )
-    parser.add_argument(
-        "--output-dir", type=Path, default=Path(DEFAULT_OUTPUT_DIR), help="splits go to <output-dir>/{train,valid,test}"
-    )
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        default=DEFAULT_IMAGE_SIZE,
-        help="largest short side in pixels: larger images shrink to it, smaller ones are not enlarged",
-    )
-    parser.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=DEFAULT_VALID_FRACTION,
-        help="share of each class for valid where the input has no valid split",
-    )
-    parser.add_argument(
-        "--test-fraction",
-        type=float,
-        default=DEFAULT_TEST_FRACTION,
-        help="share of each class for test where the input has no test split",
-    )
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the stratified split")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=default_workers(),
-        help="processes decoding images (all CPUs this process may use)",
-    )
-    parser.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        help="images with more pixels are skipped as possible decompression bombs",
-    )
-    parser.add_argument(
-        "--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY, help="quality of the re-encoded JPEG files"
-    )
+    flags = {  # flag: (type, default, help)
+        "--input": (
+            Path,
+            Path(DEFAULT_INPUT),
+            "archive (.zip, .tar, .tar.gz, .tgz) or folder; a folder holding exactly one archive means that archive",
+        ),
+        "--output-dir": (Path, Path(DEFAULT_OUTPUT_DIR), "splits go to <output-dir>/{train,valid,test}"),
+        "--image-size": (
+            int,
+            DEFAULT_IMAGE_SIZE,
+            "largest short side in pixels: larger images shrink to it, smaller ones are not enlarged",
+        ),
+        "--valid-fraction": (float, DEFAULT_VALID_FRACTION, "share of each class for valid where the input has none"),
+        "--test-fraction": (float, DEFAULT_TEST_FRACTION, "share of each class for test where the input has none"),
+        "--seed": (int, DEFAULT_SEED, "seed of the stratified split"),
+        "--workers": (int, default_workers(), "processes decoding images (all CPUs this process may use)"),
+        "--max-image-pixels": (
+            int,
+            DEFAULT_MAX_IMAGE_PIXELS,
+            "images with more pixels are skipped as possible decompression bombs",
+        ),
+        "--jpeg-quality": (int, DEFAULT_JPEG_QUALITY, "quality of the re-encoded JPEG files"),
+    }
+    for flag, (kind, default, help_text) in flags.items():
+        parser.add_argument(flag, type=kind, default=default, help=help_text)
     return parser
 
 
@@ -1339,18 +1313,9 @@ def _raise_stopped(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_stopped)
+    options = vars(args)  # every flag is a keyword of preprocess(), --input its first argument
     try:
-        preprocess(
-            input_path=args.input,
-            output_dir=args.output_dir,
-            image_size=args.image_size,
-            valid_fraction=args.valid_fraction,
-            test_fraction=args.test_fraction,
-            seed=args.seed,
-            workers=args.workers,
-            max_image_pixels=args.max_image_pixels,
-            jpeg_quality=args.jpeg_quality,
-        )
+        preprocess(options.pop("input"), **options)
     except PreprocessError as error:
         message = " ".join(str(error).split())  # one line, whatever the file names hold
         print(f"error: {message}", file=sys.stderr)

@@ -20,9 +20,24 @@ from pipelines.util.errors import CommandError
 
 def workdir_argument(text: str) -> Path:
     path = Path(text)
-    if path.exists() and not path.is_dir():
+    try:
+        is_file = path.exists() and not path.is_dir()
+    except OSError as error:  # a path longer than the system takes (ENAMETOOLONG), a folder not readable
+        raise argparse.ArgumentTypeError(
+            f"a path of {len(text)} characters cannot be used ({error.strerror})"
+        ) from None
+    if is_file:
         raise argparse.ArgumentTypeError(f"{text} is a file: pass a folder")
     return path
+
+
+def add_workdir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workdir",
+        type=workdir_argument,
+        default=Path(config.LOCAL_WORKDIR),
+        help="folder of runs, step cache, local model registry and endpoints",
+    )
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser, what: str = "the local workdir's") -> None:
@@ -44,19 +59,34 @@ def add_local_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a local approval's deployment serves (what the deploy function's settings say on SageMaker)."""
     group = parser.add_argument_group("with --local: the approval deploys, as the deploy function does on SageMaker")
     group.add_argument("--no-deploy", action="store_true", help="change the status only; deploy nothing")
-    group.add_argument(
-        "--endpoint-name",
-        type=names.name_argument("endpoint"),
-        default=config.LOCAL_ENDPOINT_NAME,
-        help="the local endpoint (default: %(default)s)",
-    )
-    group.add_argument(
+    add_local_endpoint_arguments(group)
+
+
+def add_local_endpoint_arguments(parser: Any, name_flag: str | None = "--endpoint-name") -> None:
+    """The local endpoint a command serves on: its name (under ``name_flag``), ``--port`` and ``--ray``."""
+    if name_flag:
+        add_endpoint_name_argument(parser, name_flag)
+    parser.add_argument(
         "--port",
         type=validation.port_argument,
         default=config.LOCAL_ENDPOINT_PORT,
         help="port of the local endpoint (default: %(default)s)",
     )
-    group.add_argument("--ray", action="store_true", help="serve on a local Ray Serve cluster (needs ray[serve])")
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
+    )
+
+
+def add_endpoint_name_argument(parser: Any, flag: str) -> None:
+    """A local endpoint's name, checked against SageMaker's pattern (it names files in the workdir)."""
+    parser.add_argument(
+        flag,
+        type=names.name_argument("endpoint"),
+        default=config.LOCAL_ENDPOINT_NAME,
+        help="the local endpoint (default: %(default)s)",
+    )
 
 
 def local_client(args: argparse.Namespace) -> Any:
@@ -112,6 +142,20 @@ def deploy_on_approval(args: argparse.Namespace, client: Any, package_arn: str) 
     where = f" at {state['url']} (pid {state['pid']})" if state and state["EndpointStatus"] == "InService" else ""
     action = "unchanged (it already serves this version)" if answer["action"] == "unchanged" else answer["action"]
     print(f"{endpoint_name}: {action}, version {package['ModelPackageVersion']}{where}")
+
+
+def previous_approved_package(sagemaker_client: Any, group: str, before_version: int) -> dict[str, Any] | None:
+    """The newest Approved package of ``group`` older than ``before_version``, or None (a rollback's target, on
+    SageMaker or locally)."""
+    best: dict[str, Any] | None = None
+    paginator = sagemaker_client.get_paginator("list_model_packages")
+    for page in paginator.paginate(ModelPackageGroupName=group, ModelApprovalStatus="Approved"):
+        for summary in page.get("ModelPackageSummaryList", []):
+            version = summary.get("ModelPackageVersion")
+            newer = best is None or (isinstance(version, int) and version > best["ModelPackageVersion"])
+            if isinstance(version, int) and version < before_version and newer:
+                best = summary
+    return best
 
 
 def disk_error_line(error: OSError, workdir: Path) -> str:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipelines import config, validation
+from pipelines import config
 from pipelines.aws import deploy_infra
 from pipelines.cli import backend
 from pipelines.cli.sagemaker import add_hidden_alias, add_model_package_group_argument
@@ -64,11 +64,7 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument("--smoke-test-images", type=int, default=20, help="images endpoint-test sends (default: 20)")
     deploy_infra.add_endpoint_arguments(parser)
     backend.add_backend_arguments(parser, "a local endpoint and the local registry's")
-    local = parser.add_argument_group("with --local")
-    local.add_argument(
-        "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint"
-    )
-    local.add_argument("--ray", action="store_true", help="serve on a local Ray Serve cluster (needs ray[serve])")
+    backend.add_local_endpoint_arguments(parser.add_argument_group("with --local"), name_flag=None)
     parser.set_defaults(func=run_deploy)
 
 
@@ -211,19 +207,6 @@ def _wait_in_service(sagemaker_client: Any, endpoint_name: str, config_name: str
 # to change a package's approval status (UpdateModelPackage). The person running `deploy` may.
 
 
-def previous_approved_package(sagemaker_client: Any, group: str, before_version: int) -> dict[str, Any] | None:
-    """The newest Approved package of ``group`` older than ``before_version``, or None."""
-    best: dict[str, Any] | None = None
-    paginator = sagemaker_client.get_paginator("list_model_packages")
-    for page in paginator.paginate(ModelPackageGroupName=group, ModelApprovalStatus="Approved"):
-        for summary in page.get("ModelPackageSummaryList", []):
-            version = summary.get("ModelPackageVersion")
-            newer = best is None or (isinstance(version, int) and version > best["ModelPackageVersion"])
-            if isinstance(version, int) and version < before_version and newer:
-                best = summary
-    return best
-
-
 def roll_back(
     failed_package_arn: str,
     reason: str,
@@ -244,7 +227,7 @@ def roll_back(
 
     package = clients.sagemaker.describe_model_package(ModelPackageName=failed_package_arn)
     group, version = package["ModelPackageGroupName"], package["ModelPackageVersion"]
-    previous = previous_approved_package(clients.sagemaker, group, version)
+    previous = backend.previous_approved_package(clients.sagemaker, group, version)
     if previous is None:
         raise deploy.DeployError(
             f"cannot roll back: {group} has no Approved version before {version}; the endpoint keeps serving it. "

@@ -31,6 +31,7 @@ from typing import Any
 
 from entrypoints import contract
 from pipelines import config
+from pipelines.cli import backend
 from pipelines.definition import names
 from pipelines.serving.predict import content_type_of
 from pipelines.util import fsutil, urls
@@ -275,12 +276,7 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument("--model", type=Path, default=None, help="the served model.tar.gz or folder (default: found)")
     parser.add_argument("--region", default=None, help="AWS region of --endpoint-name (default: AWS_REGION)")
     parser.add_argument("--workdir", type=Path, default=Path(config.LOCAL_WORKDIR), help="the local workdir")
-    parser.add_argument(
-        "--name",
-        type=names.name_argument("endpoint"),
-        default=config.LOCAL_ENDPOINT_NAME,
-        help="the local endpoint",
-    )
+    backend.add_endpoint_name_argument(parser, "--name")
     parser.add_argument(
         "--rollback",
         action="store_true",
@@ -389,14 +385,13 @@ def rollback_local(workdir: Path, name: str, record: dict[str, Any], reason: str
     client = LocalSageMaker(workdir)
     group, version = record["ModelPackageGroupName"], record["ModelPackageVersion"]
     try:
-        summaries = client.list_model_packages(ModelPackageGroupName=group, ModelApprovalStatus="Approved")
+        earlier = backend.previous_approved_package(client, group, version)
     except (ClientError, RegistryError) as error:
         message = f"no rollback: {_first_line(error)}; the endpoint keeps serving version {version}"
         raise CommandError(message) from error
-    earlier = [s for s in summaries["ModelPackageSummaryList"] if s["ModelPackageVersion"] < version]
-    if not earlier:
+    if earlier is None:
         return f"no rollback: {group} has no Approved version before {version}; the endpoint keeps serving it"
-    previous_arn = max(earlier, key=lambda summary: summary["ModelPackageVersion"])["ModelPackageArn"]
+    previous_arn = earlier["ModelPackageArn"]
     ray = record.get("host") == "ray"
     try:
         client.verified_package(previous_arn)

@@ -65,69 +65,50 @@ def _add_pipeline_policy(documents: Any) -> None:
         "pipeline-policy", help="the pipeline role's least-privilege permissions policy (JSON)"
     )
     _add_account_arguments(policy)
-    policy.add_argument(
-        "--bucket",
-        default=os.environ.get(config.ENV_BUCKET),
-        help=f"artifact bucket name (default: ${config.ENV_BUCKET})",
-    )
-    policy.add_argument(
-        "--pipeline-name", default=config.PIPELINE_NAME, help="pipeline name, its S3 prefix (default: %(default)s)"
-    )
-    policy.add_argument(
-        "--model-package-group",
-        default=config.MODEL_PACKAGE_GROUP,
-        help="model package group the pipeline registers into (default: %(default)s)",
-    )
-    policy.add_argument(
-        "--base-job-prefix", default=config.BASE_JOB_PREFIX, help="prefix of every job name (default: %(default)s)"
-    )
-    policy.add_argument(
-        "--deploy-function-name",
-        default=config.DEPLOY_FUNCTION_NAME,
-        help="the deploy Lambda the pipeline's Deploy step invokes, as given to upsert (default: %(default)s)",
-    )
+    plain_flags = {  # flag: (default, help)
+        "--bucket": (os.environ.get(config.ENV_BUCKET), f"artifact bucket name (default: ${config.ENV_BUCKET})"),
+        "--pipeline-name": (config.PIPELINE_NAME, "pipeline name, its S3 prefix (default: %(default)s)"),
+        "--model-package-group": (
+            config.MODEL_PACKAGE_GROUP,
+            "model package group the pipeline registers into (default: %(default)s)",
+        ),
+        "--base-job-prefix": (config.BASE_JOB_PREFIX, "prefix of every job name (default: %(default)s)"),
+        "--deploy-function-name": (
+            config.DEPLOY_FUNCTION_NAME,
+            "the deploy Lambda the pipeline's Deploy step invokes, as given to upsert (default: %(default)s)",
+        ),
+        "--role": (
+            os.environ.get(config.ENV_ROLE_ARN),
+            f"the role's own ARN, for iam:PassRole on itself (default: ${config.ENV_ROLE_ARN}, else "
+            "role/<--role-name> in the account)",
+        ),
+        "--role-name": (DEFAULT_ROLE_NAME, "the role's name when no ARN is given (default: %(default)s)"),
+        "--kms-key": (
+            None,
+            "the KMS key given to upsert --kms-key, as its ARN: IAM names keys by ARN (default: no KMS statements)",
+        ),
+        "--mlflow-tracking-arn": (
+            None,
+            "the SageMaker MLflow tracking server ARN given to upsert: sagemaker-mlflow:* on it (default: none)",
+        ),
+    }
+    for flag, (default, help_text) in plain_flags.items():
+        policy.add_argument(flag, default=default, help=help_text)
     policy.add_argument(
         "--skip-deploy-wiring",
         action="store_true",
         help="the pipeline was upserted with --skip-deploy-wiring (no Deploy step): no lambda:InvokeFunction",
     )
-    policy.add_argument(
-        "--role",
-        default=os.environ.get(config.ENV_ROLE_ARN),
-        help=f"the role's own ARN, for iam:PassRole on itself (default: ${config.ENV_ROLE_ARN}, "
-        "else role/<--role-name> in the account)",
-    )
-    policy.add_argument(
-        "--role-name", default=DEFAULT_ROLE_NAME, help="the role's name when no ARN is given (default: %(default)s)"
-    )
-    policy.add_argument(
-        "--kms-key",
-        default=None,
-        help="the KMS key given to upsert --kms-key, as its ARN: IAM names keys by ARN (default: no KMS statements)",
-    )
-    policy.add_argument(
-        "--subnets",
-        type=_comma_list,
-        default=(),
-        help="comma-separated subnet IDs of VPC jobs (default: no VPC statements)",
-    )
-    policy.add_argument(
-        "--security-group-ids",
-        type=_comma_list,
-        default=(),
-        help="comma-separated security group IDs of VPC jobs (default: no VPC statements)",
-    )
+    for flag, what in (("--subnets", "subnet IDs"), ("--security-group-ids", "security group IDs")):
+        policy.add_argument(
+            flag, type=_comma_list, default=(), help=f"comma-separated {what} of VPC jobs (default: no VPC statements)"
+        )
     policy.add_argument(
         "--extra-input-s3-uri",
         action="append",
         default=[],
         help="an s3:// prefix outside s3://<bucket>/<pipeline>/ that jobs read, e.g. an InputDataUri, "
         "--weights-uri or --serving-wheels-uri elsewhere; repeat for more (default: none)",
-    )
-    policy.add_argument(
-        "--mlflow-tracking-arn",
-        default=None,
-        help="the SageMaker MLflow tracking server ARN given to upsert: sagemaker-mlflow:* on it (default: none)",
     )
     images.add_serving_arguments(policy)  # the serving image the model's role pulls, as upsert picks it
     policy.set_defaults(func=cmd_pipeline_policy)
@@ -167,14 +148,14 @@ def _add_deploy_policy(documents: Any) -> None:
     policy.set_defaults(func=cmd_deploy_policy)
 
 
-def _print_policy(args: argparse.Namespace, render: Callable[[str, str], dict[str, Any]]) -> int:
-    """Render a policy for the region and account (flags, else the AWS configuration and STS) and print it or
-    write it to ``--output``; a bad value becomes a CommandError that names it."""
+def _print_policy(args: argparse.Namespace, render: Callable[..., dict[str, Any]], **values: Any) -> int:
+    """``render(region=, account_id=, **values)`` for the region and account (flags, else the AWS configuration
+    and STS), printed or written to ``--output``; a bad value becomes a CommandError that names it."""
     if args.output:
         _checked_output(args.output)  # before any AWS call: a wrong path costs nothing
     try:
         region, account_id = _region_and_account(args)
-        policy = render(region, account_id)
+        policy = render(region=region, account_id=account_id, **values)
     except ValueError as error:
         raise CommandError(str(error)) from error
     return _print_document(policy, args.output)
@@ -214,27 +195,29 @@ def cmd_pipeline_policy(args: argparse.Namespace) -> int:
     if not args.bucket:
         raise CommandError(f"pass --bucket or set {config.ENV_BUCKET}")
     sdk.quiet()  # the image URIs come from the SageMaker SDK's tables
-
-    def render(region: str, account_id: str) -> dict[str, Any]:
-        return render_pipeline_role_policy(
-            region=region,
-            account_id=account_id,
-            bucket=args.bucket,
-            pipeline_name=args.pipeline_name,
-            model_package_group=args.model_package_group,
-            base_job_prefix=args.base_job_prefix,
-            deploy_function_name=None if args.skip_deploy_wiring else args.deploy_function_name,
-            role=args.role,
-            role_name=args.role_name,
-            kms_key=args.kms_key,
-            subnets=args.subnets,
-            security_group_ids=args.security_group_ids,
-            extra_input_s3_uris=args.extra_input_s3_uri,
-            mlflow_tracking_arn=args.mlflow_tracking_arn,
-            **images.serving_options(args),
-        )
-
-    return _print_policy(args, render)
+    if args.output:
+        _checked_output(args.output)  # before the serving image is checked, as before any AWS call
+    try:
+        serving = images.serving_options(args)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    return _print_policy(
+        args,
+        render_pipeline_role_policy,
+        bucket=args.bucket,
+        pipeline_name=args.pipeline_name,
+        model_package_group=args.model_package_group,
+        base_job_prefix=args.base_job_prefix,
+        deploy_function_name=None if args.skip_deploy_wiring else args.deploy_function_name,
+        role=args.role,
+        role_name=args.role_name,
+        kms_key=args.kms_key,
+        subnets=args.subnets,
+        security_group_ids=args.security_group_ids,
+        extra_input_s3_uris=args.extra_input_s3_uri,
+        mlflow_tracking_arn=args.mlflow_tracking_arn,
+        **serving,
+    )
 
 
 def cmd_pipeline_trust_policy(args: argparse.Namespace) -> int:
@@ -246,22 +229,18 @@ def cmd_deploy_policy(args: argparse.Namespace) -> int:
     if not args.role:
         raise CommandError(f"pass --role or set {config.ENV_ROLE_ARN}: the deployed model's execution role")
     _, settings = deploy_infra.settings_from_args(args, args.model_package_group, args.role)
-
-    def render(region: str, account_id: str) -> dict[str, Any]:
-        return deploy_infra.render_deploy_policy(
-            region=region,
-            account_id=account_id,
-            execution_role_arn=settings.execution_role_arn,
-            model_package_group=settings.model_package_group,
-            endpoint_name=settings.endpoint_name or None,
-            function_name=args.deploy_function_name,
-            resource_name_prefix=settings.resource_name_prefix,
-            autoscaling=settings.autoscaling,
-            rollback_alarm_names=settings.rollback_alarm_names,
-            mlflow_tracking_arn=args.mlflow_tracking_arn,
-        )
-
-    return _print_policy(args, render)
+    return _print_policy(
+        args,
+        deploy_infra.render_deploy_policy,
+        execution_role_arn=settings.execution_role_arn,
+        model_package_group=settings.model_package_group,
+        endpoint_name=settings.endpoint_name or None,
+        function_name=args.deploy_function_name,
+        resource_name_prefix=settings.resource_name_prefix,
+        autoscaling=settings.autoscaling,
+        rollback_alarm_names=settings.rollback_alarm_names,
+        mlflow_tracking_arn=args.mlflow_tracking_arn,
+    )
 
 
 def cmd_deploy_trust_policy(args: argparse.Namespace) -> int:

@@ -29,22 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import config, validation
+from pipelines.cli import backend
 from pipelines.cli.sagemaker import add_model_package_group_argument, add_param_argument, add_shape_arguments
 from pipelines.definition import hyperparameters, names
 from pipelines.util.errors import CommandError
 
 EXIT_PIPELINE_FAILED = 1
-
-
-# Flags kept as conveniences: each sets one pipeline parameter (as --param Name=Value would).
-PARAMETER_FLAGS = {
-    "trials": "MaxTuningJobs",
-    "parallel": "MaxParallelTuningJobs",
-    "tuning_epochs": "TuningEpochs",
-    "epochs": "TrainingEpochs",
-    "image_size": "ImageSize",
-    "threshold": "AccuracyThreshold",
-}
 
 
 def _positive_int(text: str) -> int:
@@ -57,20 +47,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _workdir(text: str) -> Path:
-    path = Path(text)
-    try:
-        is_file = path.exists() and not path.is_dir()
-    except OSError as error:  # a path longer than the system takes (ENAMETOOLONG), a folder not readable
-        raise argparse.ArgumentTypeError(
-            f"a path of {len(text)} characters cannot be used ({error.strerror})"
-        ) from None
-    if is_file:
-        raise argparse.ArgumentTypeError(f"{text} is a file: pass a folder")
-    return path
-
-
-ENDPOINT_NAME = names.name_argument("endpoint")
+# Flags kept as conveniences: each sets one pipeline parameter (as --param Name=Value would): flag -> (the
+# parameter, how the flag's value is read).
+PARAMETER_FLAGS = {
+    "--trials": ("MaxTuningJobs", _positive_int),
+    "--parallel": ("MaxParallelTuningJobs", _positive_int),
+    "--tuning-epochs": ("TuningEpochs", _positive_int),
+    "--epochs": ("TrainingEpochs", _positive_int),
+    "--image-size": ("ImageSize", validation.parameter_argument("ImageSize", int)),
+    "--threshold": ("AccuracyThreshold", validation.parameter_argument("AccuracyThreshold", float)),
+}
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -84,23 +70,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         add_command(subparsers)
 
 
-def _add_workdir_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--workdir",
-        type=_workdir,
-        default=Path(config.LOCAL_WORKDIR),
-        help="folder of runs, step cache, local model registry and endpoints",
-    )
-
-
-def _add_ray_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--ray",
-        action="store_true",
-        help="serve on a local Ray Serve cluster as AWS's Ray Serve container does (slower start; needs ray[serve])",
-    )
-
-
 def _add_local_command(subparsers: argparse._SubParsersAction) -> None:
     local = subparsers.add_parser(
         "local",
@@ -111,7 +80,7 @@ def _add_local_command(subparsers: argparse._SubParsersAction) -> None:
         "endpoint. Without --data it runs the demo preset on the built-in demo data (scikit-learn's digits).",
     )
     local.add_argument("--data", type=Path, default=None, help="archive or folder of images (default: built-in demo)")
-    _add_workdir_argument(local)
+    backend.add_workdir_argument(local)
     add_shape_arguments(
         local,
         "builder options: 'demo' (a small CNN from random weights on small images, config.DEMO_*) or 'default' "
@@ -129,25 +98,11 @@ def _add_local_command(subparsers: argparse._SubParsersAction) -> None:
         help="--param ModelApprovalStatus=Approved: register the version Approved, and the Deploy step serves it on "
         "a local endpoint (stop it with 'endpoint stop')",
     )
-    conveniences.add_argument("--trials", type=_positive_int, default=None, help="--param MaxTuningJobs=N")
-    conveniences.add_argument("--parallel", type=_positive_int, default=None, help="--param MaxParallelTuningJobs=N")
-    conveniences.add_argument("--tuning-epochs", type=_positive_int, default=None, help="--param TuningEpochs=N")
-    conveniences.add_argument("--epochs", type=_positive_int, default=None, help="--param TrainingEpochs=N")
-    conveniences.add_argument(
-        "--image-size", type=validation.parameter_argument("ImageSize", int), default=None, help="--param ImageSize=N"
-    )
-    conveniences.add_argument(
-        "--threshold",
-        type=validation.parameter_argument("AccuracyThreshold", float),
-        default=None,
-        help="--param AccuracyThreshold=X",
-    )
+    for flag, (name, kind) in PARAMETER_FLAGS.items():
+        value = "X" if name == "AccuracyThreshold" else "N"
+        conveniences.add_argument(flag, type=kind, default=None, help=f"--param {name}={value}")
     local.add_argument("--no-cache", dest="cache", action="store_false", help="run every step, reuse nothing")
-    local.add_argument("--endpoint-name", type=ENDPOINT_NAME, default=config.LOCAL_ENDPOINT_NAME, help="local endpoint")
-    local.add_argument(
-        "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint"
-    )
-    _add_ray_argument(local)
+    backend.add_local_endpoint_arguments(local)
     add_model_package_group_argument(
         local, "model package group: the ModelPackageGroupName default and the deploy function's group", dest="group"
     )
@@ -267,7 +222,7 @@ def _add_predict_command(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--top-k", type=_positive_int, default=None, help="classes per image (default: the endpoint's)"
     )
-    _add_workdir_argument(predict)
+    backend.add_workdir_argument(predict)
     predict.add_argument("--json", action="store_true", help="print the endpoint's JSON answer as is")
     predict.set_defaults(func=run_predict)
 
@@ -280,16 +235,12 @@ def _add_endpoint_command(subparsers: argparse._SubParsersAction) -> None:
         "'start' is the older spelling of `deploy --local`.",
     )
     endpoint.add_argument("action", choices=("status", "start", "stop"), help="what to do")
-    _add_workdir_argument(endpoint)
-    endpoint.add_argument("--name", type=ENDPOINT_NAME, default=config.LOCAL_ENDPOINT_NAME, help="endpoint name")
+    backend.add_workdir_argument(endpoint)
     add_model_package_group_argument(endpoint, "model package group (start)", dest="group")
     endpoint.add_argument(
         "--version", type=_positive_int, default=None, help="version to serve (start; default: the newest approved)"
     )
-    endpoint.add_argument(
-        "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port (start)"
-    )
-    _add_ray_argument(endpoint)
+    backend.add_local_endpoint_arguments(endpoint, "--name")
     endpoint.set_defaults(func=run_endpoint)
 
 
@@ -299,19 +250,12 @@ def _add_models_command(subparsers: argparse._SubParsersAction) -> None:
         description="The local model registry (<workdir>/model-registry.json). Approving a version deploys it to "
         "the local endpoint, as the deploy Lambda does on SageMaker.",
     )
-    _add_workdir_argument(models)
+    backend.add_workdir_argument(models)
     add_model_package_group_argument(models, "model package group", dest="group")
     decision = models.add_mutually_exclusive_group()
     decision.add_argument("--approve", type=_positive_int, metavar="VERSION", default=None, help="approve and deploy")
     decision.add_argument("--reject", type=_positive_int, metavar="VERSION", default=None, help="reject a version")
-    models.add_argument("--no-deploy", action="store_true", help="approve without deploying")
-    models.add_argument(
-        "--endpoint-name", type=ENDPOINT_NAME, default=config.LOCAL_ENDPOINT_NAME, help="endpoint to deploy to"
-    )
-    models.add_argument(
-        "--port", type=validation.port_argument, default=config.LOCAL_ENDPOINT_PORT, help="port of the local endpoint"
-    )
-    _add_ray_argument(models)
+    backend.add_local_deploy_arguments(models)
     models.set_defaults(func=run_models)
 
 
@@ -324,7 +268,7 @@ def _add_status_command(subparsers: argparse._SubParsersAction) -> None:
     )
     runs.add_argument("run", nargs="?", default=None, help="run ID, e.g. run-0003 (default: the newest)")
     runs.add_argument("--all", action="store_true", help="one line per run")
-    _add_workdir_argument(runs)
+    backend.add_workdir_argument(runs)
     runs.set_defaults(func=run_status)
 
 
@@ -334,7 +278,7 @@ def _add_status_command(subparsers: argparse._SubParsersAction) -> None:
 def local_parameters(args: argparse.Namespace) -> list[tuple[str, str]]:
     """--param pairs and the shorthand flags, each parameter given once."""
     pairs = list(args.params)
-    shorthands = [(name, getattr(args, flag)) for flag, name in PARAMETER_FLAGS.items()]
+    shorthands = [(name, getattr(args, flag[2:].replace("-", "_"))) for flag, (name, _) in PARAMETER_FLAGS.items()]
     if args.approve:
         shorthands.append(("ModelApprovalStatus", "Approved"))
     for name, value in shorthands:
@@ -418,11 +362,18 @@ def run_local(args: argparse.Namespace) -> int:
 
 def print_definition_summary(record: dict[str, Any]) -> None:
     """The run of a definition that is not this project's: its steps and what it registered."""
-    rows = [("run", f"{record['RunId']} ({record['ElapsedSeconds']:.1f} s): {record['RunFolder']}")]
-    rows += [(step["StepName"], step["StepStatus"]) for step in record["PipelineExecutionSteps"]]
+    rows = [_run_row(record), *((step["StepName"], step["StepStatus"]) for step in record["PipelineExecutionSteps"])]
     package = record["Summary"].get("model_package")
     if package:
         rows.append(("registry", f"{package['ModelPackageArn']} {package['ModelApprovalStatus']}"))
+    _print_rows(rows)
+
+
+def _run_row(record: dict[str, Any]) -> tuple[str, str]:
+    return "run", f"{record['RunId']} ({record['ElapsedSeconds']:.1f} s): {record['RunFolder']}"
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(key) for key, _ in rows)
     print("\n".join(["", "Summary", *(f"  {key:<{width}}  {value}" for key, value in rows)]), flush=True)
 
@@ -434,7 +385,7 @@ def print_summary(record: dict[str, Any], workdir: Path) -> None:
     package = summary.get("model_package", {})
     accuracy = summary.get("test_accuracy")
     rows = [
-        ("run", f"{record['RunId']} ({record['ElapsedSeconds']:.1f} s): {record['RunFolder']}"),
+        _run_row(record),
         ("best hyperparameters", f"{best} ({summary.get('best_trial', '?')})"),
         ("test accuracy", f"{accuracy:.4f}" if accuracy is not None else "(not evaluated)"),
         ("confusion matrix", summary.get("confusion_matrix") or "(not written)"),
@@ -451,21 +402,13 @@ def print_summary(record: dict[str, Any], workdir: Path) -> None:
         rows.append(("stop it with", f"python -m pipelines.run endpoint stop --workdir {workdir}"))
     elif answers and answers[0].get("action") == "awaiting-approval":
         version = package.get("ModelPackageVersion", "N")
-        rows.append(
-            (
-                "endpoint",
-                f"none: version {version} awaits approval (python -m pipelines.run approve {version} --local "
-                f"--workdir {workdir}, or run with --approve)",
-            )
-        )
+        awaiting = f"approve {version} --local --workdir {workdir}, or run with --approve"
+        rows.append(("endpoint", f"none: version {version} awaits approval (python -m pipelines.run {awaiting})"))
     else:
         rows.append(("endpoint", "none: run with --approve, or 'python -m pipelines.run approve N --local'"))
     if "tracking" in summary:
         rows.append(("MLflow", f"{summary['tracking']['ui']} (experiment: the pipeline's name)"))
-    lines = ["", "Summary"]
-    width = max(len(key) for key, _ in rows)
-    lines.extend(f"  {key:<{width}}  {value}" for key, value in rows)
-    print("\n".join(lines), flush=True)
+    _print_rows(rows)
 
 
 def _decoded(value: str) -> str:
@@ -511,7 +454,6 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_endpoint(args: argparse.Namespace) -> int:
     from botocore.exceptions import ClientError
 
-    from pipelines.cli import backend
     from pipelines.serving import endpoint as local_endpoint
     from pipelines.util import fsutil
 
