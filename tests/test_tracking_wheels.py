@@ -245,3 +245,19 @@ def test_a_failing_install_costs_one_line_and_the_evaluation_finishes_untracked(
     report = json.loads((out_dir / contract.EVALUATION_FILE).read_text())
     assert report[evaluate.TRACKING_SECTION][evaluate.TRACKING_RUN_ID] == evaluate.NOT_TRACKED
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_inactive_tracker_logs_nothing_and_needs_no_mlflow(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Where the client could not be had, the step still calls the tracker's methods: none may import MLflow."""
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    tracker = tracking.Tracker.start("evaluate", environ={tracking.ENV_TRACKING_URI: "sqlite:///unused.db"})
+    assert not tracker.active
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"accuracy": 1.0}, step=0)
+    tracker.set_tags({"serving.precision": "fp32"})
+    tracker.log_dict({}, "serving.json")
+    tracker.end("FINISHED", end_parent=True)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "MLflow is not installed" in out[0]
