@@ -248,11 +248,13 @@ def test_a_failing_install_costs_one_line_and_the_evaluation_finishes_untracked(
 
 
 def test_an_inactive_tracker_logs_nothing_and_needs_no_mlflow(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """Where the client could not be had, the step still calls the tracker's methods: none may import MLflow."""
-    monkeypatch.setitem(sys.modules, "mlflow", None)
-    tracker = tracking.Tracker.start("evaluate", environ={tracking.ENV_TRACKING_URI: "sqlite:///unused.db"})
+    for name in [name for name in sys.modules if name == "mlflow" or name.startswith("mlflow.")] + ["mlflow"]:
+        monkeypatch.setitem(sys.modules, name, None)  # earlier tests may have imported its submodules
+    store = tmp_path / "unused.db"
+    tracker = tracking.Tracker.start("evaluate", environ={tracking.ENV_TRACKING_URI: f"sqlite:///{store}"})
     assert not tracker.active
     tracker.log_params({"a": 1})
     tracker.log_metrics({"accuracy": 1.0}, step=0)
@@ -260,4 +262,4 @@ def test_an_inactive_tracker_logs_nothing_and_needs_no_mlflow(
     tracker.log_dict({}, "serving.json")
     tracker.end("FINISHED", end_parent=True)
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "MLflow is not installed" in out[0]
+    assert len(out) == 1 and "MLflow is not installed" in out[0] and not store.exists()
