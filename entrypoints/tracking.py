@@ -244,11 +244,15 @@ class Tracker:
             self._call(lambda chunk=chunk: self.client.log_batch(run_id or self.run_id, **{kind: chunk}))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.active:  # MLflow may not even be importable
+            return
         from mlflow.entities import Param
 
         self._batches(None, "params", [Param(str(k), str(v)[:6000]) for k, v in params.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
+        if not self.active:  # MLflow may not even be importable
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -256,6 +260,8 @@ class Tracker:
         self._batches(run_id, "metrics", items)
 
     def set_tags(self, tags: Mapping[str, Any], run_id: str | None = None) -> None:
+        if not self.active:  # MLflow may not even be importable
+            return
         from mlflow.entities import RunTag
 
         self._batches(run_id, "tags", [RunTag(str(k), str(v)) for k, v in tags.items() if v is not None])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines import config
 from pipelines.util import fsutil
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -66,26 +67,73 @@ def _content_hash(files: list[tuple[str, bytes]]) -> str:
     return digest.hexdigest()
 
 
-def with_tracking_requirements(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    """The training files with the MLflow client appended to requirements.txt (entrypoints/tracking.py's list),
-    which the training toolkit pip-installs before train.py starts."""
+# The training image's Python ("py312" -> "3.12") and machine: the marker on every wheelhouse requirement, so a
+# container on another Python skips the wheels (and goes on untracked) instead of failing to install them.
+TRAINING_IMAGE_PYTHON = f"{config.PYTHON_VERSION[2]}.{config.PYTHON_VERSION[3:]}"
+TRAINING_IMAGE_MACHINE = "x86_64"
+# The Tune and Train jobs' input channel holding the wheelhouse's tracking/ folder (with --serving-wheels-uri).
+TRACKING_CHANNEL = "tracking"
+TRACKING_WHEELS_FOLDER = "tracking"
+
+
+def requirement_marker(python_version: str, machine: str) -> str:
+    """The environment marker that limits a wheelhouse's requirement to the image its wheels were fetched for."""
+    return f'python_version == "{python_version}" and platform_machine == "{machine}"'
+
+
+def tracking_requirements_text(find_links: str | None, marker: str, requirements: tuple[str, ...] = ()) -> str:
+    """The MLflow client's pinned requirements (``requirements``, default tracking.JOB_REQUIREMENTS), each with
+    ``marker``: the wheelhouse's ``tracking/requirements.txt`` (``find_links`` None: the installer names the
+    folder), and what a training job with a wheelhouse appends to its requirements (``find_links`` its channel: no
+    package index is asked)."""
     from entrypoints import tracking
 
-    lines = "\n# MLflow tracking (--mlflow-tracking-arn): the client and SageMaker's auth plugin\n"
-    lines += "".join(f"{requirement}\n" for requirement in tracking.JOB_REQUIREMENTS)
+    lines = ["# MLflow tracking: the client and SageMaker's auth plugin, from a wheelhouse's tracking/ wheels"]
+    if find_links is not None:
+        lines += ["--no-index", f"--find-links {find_links}"]
+    lines += [f"{requirement} ; {marker}" for requirement in requirements or tracking.JOB_REQUIREMENTS]
+    return "\n".join(lines) + "\n"
+
+
+def training_requirements(project_root: Path | None = None) -> tuple[str, ...]:
+    """The requirement lines of the training source directory's requirements.txt (no comments, no options)."""
+    path = (Path(project_root) if project_root else PROJECT_ROOT) / "entrypoints" / "requirements.txt"
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return tuple(line for line in lines if line and not line.startswith("-"))
+
+
+def with_tracking_requirements(
+    files: list[tuple[str, bytes]], wheels_dir: str | None = None
+) -> list[tuple[str, bytes]]:
+    """The training files with the MLflow client appended to requirements.txt (entrypoints/tracking.py's list),
+    which the training toolkit pip-installs before train.py starts: from the package index, or with ``wheels_dir``
+    (the tracking channel's folder) from those wheels only, with no index."""
+    from entrypoints import tracking
+
+    if wheels_dir is None:
+        lines = "\n# MLflow tracking (--mlflow-tracking-arn): the client and SageMaker's auth plugin\n"
+        lines += "".join(f"{requirement}\n" for requirement in tracking.JOB_REQUIREMENTS)
+    else:
+        marker = requirement_marker(TRAINING_IMAGE_PYTHON, TRAINING_IMAGE_MACHINE)
+        lines = "\n" + tracking_requirements_text(wheels_dir, marker)
     files = dict(files)
     files["requirements.txt"] = files.get("requirements.txt", b"") + lines.encode()
     return sorted(files.items(), key=lambda item: Path(item[0]).parts)
 
 
 def code_artifacts(
-    bucket: str, pipeline_name: str, project_root: Path | None = None, tracking: bool = False
+    bucket: str,
+    pipeline_name: str,
+    project_root: Path | None = None,
+    tracking: bool = False,
+    tracking_wheels_dir: str | None = None,
 ) -> CodeArtifacts:
     """The code objects, at ``s3://<bucket>/<pipeline_name>/code/<content hash>/<file>``.
 
     Pure: reads local files only. ``upload_code_artifacts`` puts them in S3 (``upsert`` does that). With
     ``tracking`` the training requirements also install the MLflow client, and tracking.py is an object of its
-    own for the Evaluate step; without, the objects are what they were.
+    own for the Evaluate step; without, the objects are what they were. ``tracking_wheels_dir`` (with
+    ``tracking``): the training jobs install the client from the wheels in that folder, with no index.
     """
     root = Path(project_root) if project_root else PROJECT_ROOT
 
@@ -108,7 +156,7 @@ def code_artifacts(
         raise FileNotFoundError(f"training entry point {training_dir / 'train.py'} is missing")
     tracking_artifact = None
     if tracking:
-        training_files = with_tracking_requirements(training_files)
+        training_files = with_tracking_requirements(training_files, tracking_wheels_dir)
         path = root / "entrypoints" / "tracking.py"
         files = [(path.name, path.read_bytes())]
         tracking_artifact = artifact(files, path.name, files[0][1])

@@ -111,7 +111,13 @@ from pipelines.config import (  # step names and container paths
     HyperparameterRange,
 )
 from pipelines.definition.names import LAMBDA_FUNCTION_NAME, parse_number, partition_for_region
-from pipelines.packaging import CodeArtifacts, code_artifacts, s3_uri
+from pipelines.packaging import (
+    TRACKING_CHANNEL,
+    TRACKING_WHEELS_FOLDER,
+    CodeArtifacts,
+    code_artifacts,
+    s3_uri,
+)
 from steps import evaluate as evaluate_step_script
 
 # tracking.py beside the Evaluate script (/opt/ml/processing/input/{code,tracking}), as Preprocess has contract.py
@@ -121,6 +127,7 @@ EVALUATE_TRACKING_DIR = f"{config.PROCESSING_ROOT}/input/tracking"
 PROPERTY_FILE_EVALUATION = "EvaluationReport"
 
 WEIGHTS_CHANNEL = "weights"
+TRAINING_CHANNELS_DIR = "/opt/ml/input/data"  # where a training job finds each channel, by its name
 
 # Hyperparameters that pipeline parameters fill (so they are neither static values nor tuned).
 PARAMETER_HYPERPARAMETERS = ("architecture", "epochs")
@@ -179,7 +186,9 @@ class PipelineOptions:
             serving when its test accuracy is within a point of fp32's (off: fp32 only; always off for GPU
             serving instance types).
         serving_wheels_uri: s3:// prefix of a serving wheelhouse (``python -m pipelines.run wheelhouse``): ONNX
-            Runtime for the evaluation container, and for the served artifact on an image that lacks it.
+            Runtime for the evaluation container, and for the served artifact on an image that lacks it; with
+            tracking, the MLflow client too: its ``tracking/`` folder is the Tune and Train jobs' ``tracking``
+            channel, and their requirements install the client from it with no package index.
         hyperparameters: flags of entrypoints/train.py set for every job, keyed without "--"; a flag left out
             keeps train.py's default (entrypoints/train_args.py, the one place those are written). Those in
             ``hyperparameter_ranges`` are tuned (the final training takes the best trial's values); "architecture"
@@ -196,8 +205,9 @@ class PipelineOptions:
         mlflow_tracking_uri: MLflow tracking for the Tune, Train and Evaluate jobs (entrypoints/tracking.py): a
             SageMaker MLflow tracking server's or app's ARN (``--mlflow-tracking-arn``), or locally any MLflow URI.
             Sets the URI, the experiment (the pipeline's name) and the execution's ID in exactly those jobs'
-            environments, ships tracking.py to Evaluate, adds the MLflow client to the training requirements and
-            the run ID to the model package's metadata. None (the default) leaves the definition as it was.
+            environments, ships tracking.py to Evaluate, adds the MLflow client to the training requirements (from
+            the wheelhouse, given one) and the run ID to the model package's metadata. None (the default) leaves
+            the definition as it was.
     """
 
     pipeline_name: str = config.PIPELINE_NAME
@@ -275,7 +285,9 @@ class PipelineOptions:
         if self.mlflow_tracking_uri is not None and self.network_isolation:
             raise ValueError(
                 "MLflow tracking needs the jobs to reach the tracking server, and network isolation cuts them off "
-                "from every network (the MLflow client could not be installed either): drop one of the two"
+                "from every network: drop one of the two; to track with no internet access, run the jobs in "
+                "subnets with no internet route and an interface VPC endpoint for SageMaker MLflow (and the "
+                "SageMaker API), and pass a wheelhouse (--serving-wheels-uri) that carries the MLflow client"
             )
         if not LAMBDA_FUNCTION_NAME.fullmatch(self.deploy_function_name):
             raise ValueError(
@@ -609,6 +621,26 @@ class _Build:
         return self.options.base_job_prefix
 
 
+def tracking_wheels_uri(options: PipelineOptions) -> str | None:
+    """The wheelhouse's tracking/ folder when the jobs track and a wheelhouse is given (None otherwise): the Tune
+    and Train jobs' tracking channel, so they install the MLflow client with no package index."""
+    if not (options.mlflow_tracking_uri and options.serving_wheels_uri):
+        return None
+    return f"{options.serving_wheels_uri.rstrip('/')}/{TRACKING_WHEELS_FOLDER}/"
+
+
+def pipeline_code(bucket: str, options: PipelineOptions, project_root: Path | None = None) -> CodeArtifacts:
+    """The code objects a definition built with ``options`` names (``upsert`` uploads exactly these)."""
+    wheels_dir = f"{TRAINING_CHANNELS_DIR}/{TRACKING_CHANNEL}" if tracking_wheels_uri(options) else None
+    return code_artifacts(
+        bucket,
+        options.pipeline_name,
+        project_root,
+        tracking=bool(options.mlflow_tracking_uri),
+        tracking_wheels_dir=wheels_dir,
+    )
+
+
 def _build_settings(
     session: PipelineSession,
     role: str,
@@ -630,7 +662,7 @@ def _build_settings(
         account_id=account_id or account_of_role(role),
         options=options,
         params=make_parameters(options, bucket),
-        code=code_artifacts(bucket, options.pipeline_name, project_root, tracking=bool(options.mlflow_tracking_uri)),
+        code=pipeline_code(bucket, options, project_root),
         cache=(
             CacheConfig(enable_caching=True, expire_after=options.cache_expire_after)
             if options.cache_expire_after
@@ -732,6 +764,9 @@ def _training_jobs(build: _Build, step_preprocess: ProcessingStep) -> _TrainingJ
     }
     if options.weights_uri:
         channels[WEIGHTS_CHANNEL] = TrainingInput(s3_data=options.weights_uri)
+    wheels = tracking_wheels_uri(options)
+    if wheels:  # the MLflow client's wheels, which the training requirements install with no index
+        channels[TRACKING_CHANNEL] = TrainingInput(s3_data=wheels)
     estimator: dict[str, Any] = {
         "entry_point": "train.py",
         "source_dir": build.code.training.s3_uri,

@@ -67,6 +67,11 @@ SERVING_SECTION = "serving"
 # when the container lacks onnx/onnxruntime, and wheels (with their requirements.txt) for the serving image.
 WHEELS_FOR_EVALUATION = "evaluation"
 WHEELS_FOR_SERVING = "serving"
+WHEELS_FOR_TRACKING = "tracking"  # the MLflow client and what it needs, with its requirements.txt
+# How long installing the MLflow client may take (pip's own per-request timeout and retries are bounded too): past
+# it the job goes on untracked, as with any other tracking failure.
+TRACKING_INSTALL_SECONDS = 180
+TRACKING_CLIENT = "mlflow"  # the module whose absence makes the step install the client
 # --calibration-method -> onnxruntime.quantization.CalibrationMethod
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 # Modules of the artifact's code/ folder; imported fresh from each artifact and put back afterwards.
@@ -188,7 +193,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--wheels",
         default=None,
         help="a serving wheelhouse: its evaluation/ wheels are installed here when onnx or onnxruntime is missing, "
-        "its serving/ wheels ship in the served artifact (default: none)",
+        "its tracking/ wheels when MLflow is (and a tracking URI is set), its serving/ wheels ship in the served "
+        "artifact (default: none)",
     )
     return parser
 
@@ -470,6 +476,21 @@ class Int8Plan:
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def pip_install(arguments: Sequence[str], target: Path, timeout: float | None = None) -> str | None:
+    """``pip install --target`` into a scratch folder (the image's site-packages stay as they are): None when it
+    worked, else why not (the end of pip's error, or the timeout)."""
+    command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
+    try:
+        result = subprocess.run(
+            [*command, "--target", str(target), *arguments], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return f"pip did not finish within {timeout:.0f} s"
+    if result.returncode != 0:
+        return result.stderr.strip()[-500:] or f"pip exited with status {result.returncode}"
+    return None
+
+
 def quantization_tools(wheels: Path | None, scratch: Path) -> ModuleType:
     """``onnxruntime.quantization``, installed from the wheelhouse's evaluation wheels when the image lacks it.
 
@@ -491,10 +512,9 @@ def quantization_tools(wheels: Path | None, scratch: Path) -> ModuleType:
             "(python -m pipelines.run wheelhouse builds one), or install them"
         )
     target = scratch / "site-packages"
-    command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--target", str(target)]
-    result = subprocess.run([*command, *map(str, found)], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise EvaluationError(f"the wheels in {folder} do not install here: {result.stderr.strip()[-500:]}")
+    failure = pip_install(["--no-index", "--no-deps", *map(str, found)], target)
+    if failure:
+        raise EvaluationError(f"the wheels in {folder} do not install here: {failure}")
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
     try:
@@ -768,14 +788,52 @@ def _processing_job_name() -> str:
         return fallback
 
 
-def start_tracking() -> Any:
-    """This job's MLflow run (an inactive tracker without a tracking URI, MLflow or server); None when off."""
+def install_tracking_client(wheels: str | None, requirements: Sequence[str], scratch: Path) -> bool:
+    """Make MLflow importable when the image lacks it (the SageMaker training image does): from the
+    wheelhouse's tracking/ wheels with no index, else ``requirements`` from the package index, into a scratch
+    folder put last on sys.path (the image's own packages come first), within TRACKING_INSTALL_SECONDS. False, and
+    one line, when that fails: the job then goes on untracked."""
+    try:
+        importlib.import_module(TRACKING_CLIENT)
+        return True
+    except ImportError:
+        pass
+    folder = Path(wheels) / WHEELS_FOR_TRACKING if wheels else None
+    if folder is not None and (folder / "requirements.txt").is_file():
+        source = f"the wheels in {folder}"
+        arguments = ["--no-index", "--find-links", str(folder), "-r", str(folder / "requirements.txt")]
+    else:  # no wheelhouse: pip's per-request timeout and retries bounded, the whole install by the timeout
+        source = "the package index"
+        arguments = ["--timeout", "15", "--retries", "1", *requirements]
+    target = scratch / "tracking-site-packages"
+    failure = pip_install(arguments, target, timeout=TRACKING_INSTALL_SECONDS)
+    if failure is None:
+        sys.path.append(str(target))
+        importlib.invalidate_caches()
+        try:
+            importlib.import_module(TRACKING_CLIENT)
+            print(f"MLflow tracking: the client is not in this image; installed it from {source}")
+            return True
+        except ImportError as error:
+            failure = f"installed, but does not import here: {error}"
+    reason = " ".join(failure.split())[-300:]
+    print(
+        f"MLflow tracking: off: the client is not in this image and did not install from {source} ({reason}); "
+        "the job goes on untracked"
+    )
+    return False
+
+
+def start_tracking(wheels: str | None, scratch: Path) -> Any:
+    """This job's MLflow run (an inactive tracker without MLflow or a server); None when no tracking URI is set."""
     if not os.environ.get("MLFLOW_TRACKING_URI", "").strip():
         return None
     module = tracking_module()
     if module is None:
         print("MLflow tracking: off (tracking.py is not beside this script: no tracking input); the job goes on")
         return None
+    if not install_tracking_client(wheels, module.JOB_REQUIREMENTS, scratch):
+        return module.Tracker()  # inactive: evaluation.json still gets its tracking section (not-tracked)
     return module.Tracker.start(_processing_job_name(), tags={"job_name": _processing_job_name()})
 
 
@@ -817,16 +875,17 @@ def track_evaluation(tracker: Any, report: dict[str, Any], output_dir: Path) -> 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     require_matplotlib()
-    tracker = start_tracking()
-    try:
-        report = _evaluate(args, tracker)
-    except BaseException:
+    with tempfile.TemporaryDirectory(prefix="tracking-") as scratch:  # the MLflow client, when installed here
+        tracker = start_tracking(args.wheels, Path(scratch))
+        try:
+            report = _evaluate(args, tracker)
+        except BaseException:
+            if tracker is not None:
+                tracker.end("FAILED")
+            raise
         if tracker is not None:
-            tracker.end("FAILED")
-        raise
-    if tracker is not None:
-        track_evaluation(tracker, report, Path(args.output_dir))
-        tracker.end("FINISHED", end_parent=True)  # the execution's last tracked job
+            track_evaluation(tracker, report, Path(args.output_dir))
+            tracker.end("FINISHED", end_parent=True)  # the execution's last tracked job
     return report
 
 

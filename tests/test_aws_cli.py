@@ -462,3 +462,27 @@ def test_models_approve_reject(aws: Any, capsys: pytest.CaptureFixture[str]) -> 
 def test_aws_refusals_become_one_line_errors(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(capsys, "approve", f"arn:aws:sagemaker:{REGION}:123456789012:model-package/none/1")
     assert code == 2 and err.splitlines()[-1].startswith("error: AWS refused UpdateModelPackage: ValidationException")
+
+
+def test_upsert_with_tracking_and_a_wheelhouse_uploads_the_code_the_definition_names(
+    aws: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The training source directory then installs MLflow from the tracking channel: upsert must upload that one,
+    not the one tracking alone would make."""
+    import io
+    import tarfile
+
+    arn = f"arn:aws:sagemaker:{REGION}:123456789012:mlflow-tracking-server/team"
+    wheels = "s3://wheels-bucket/wheelhouse/"
+    code, _, err = _run(
+        capsys, "upsert", "--skip-deploy-wiring", "--mlflow-tracking-arn", arn, "--serving-wheels-uri", wheels
+    )
+    assert code == 0, err
+    described = aws.client("sagemaker").describe_pipeline(PipelineName=config.PIPELINE_NAME)
+    listed = aws.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=f"{config.PIPELINE_NAME}/code/")["Contents"]
+    sourcedirs = [item["Key"] for item in listed if item["Key"].endswith("/sourcedir.tar.gz")]
+    assert len(sourcedirs) == 1 and f"s3://{BUCKET}/{sourcedirs[0]}" in described["PipelineDefinition"]
+    body = aws.client("s3").get_object(Bucket=BUCKET, Key=sourcedirs[0])["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
+        requirements = archive.extractfile("requirements.txt").read().decode()
+    assert "--no-index" in requirements.splitlines() and "--find-links /opt/ml/input/data/tracking" in requirements

@@ -5,21 +5,19 @@ that turn int8 off; the serving wheelhouse ships ONNX Runtime into the artifact 
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import tarfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from _evaluation import GREYS, LOGITS, known_model, model_config, png, write_split
+from _wheels import make_wheel
 from PIL import Image
 
 from entrypoints import contract, deployment, inference, modeling
@@ -181,27 +179,6 @@ def test_int8_is_off_on_a_gpu(int8_served, auto_precision, monkeypatch: pytest.M
 # --- ONNX Runtime without a package index ------------------------------------------------------------------------
 
 
-def make_wheel(folder: Path, name: str, version: str, tag: str, files: dict[str, str]) -> Path:
-    """A minimal installable wheel ``<name>-<version>-<tag>.whl`` holding ``files`` (path -> text)."""
-    dist_info = f"{name}-{version}.dist-info"
-    contents = {
-        **files,
-        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist_info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: {tag}\n",
-    }
-    record = []
-    for path, text in contents.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(text.encode())}")
-    record.append(f"{dist_info}/RECORD,,")
-    folder.mkdir(parents=True, exist_ok=True)
-    wheel = folder / f"{name}-{version}-{tag}.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for path, text in {**contents, f"{dist_info}/RECORD": "\n".join(record) + "\n"}.items():
-            archive.writestr(path, text)
-    return wheel
-
-
 def _pip_install_offline(requirements: Path, target: Path) -> subprocess.CompletedProcess:
     """What the serving container does at every start, here with no package index or pip configuration."""
     environment = {**os.environ, "PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
@@ -249,14 +226,16 @@ def test_the_wheelhouse_command_fetches_each_images_wheels_for_its_python_and_pl
     index = tmp_path / "index"
     for target in wheelhouse.TARGETS:
         python = "cp" + target.python_version.replace(".", "")
-        for requirement in target.requirements:
-            name, version = requirement.split("==")
-            make_wheel(index, name, version, f"{python}-{python}-manylinux_2_28_x86_64", {f"{name}/__init__.py": ""})
+        for requirement in target.downloads():
+            name, _, version = requirement.partition("==")
+            name = name.replace("-", "_")
+            tag = f"{python}-{python}-manylinux_2_28_x86_64"
+            make_wheel(index, name, version or "1.0", tag, {f"{name}/__init__.py": ""})
     make_wheel(index, "onnxruntime", "1.32.0", "cp311-cp311-manylinux_2_28_x86_64", {"onnxruntime/__init__.py": ""})
     from pipelines.run import main
 
     assert main(["wheelhouse", "--output", str(tmp_path / "house"), "--find-links", str(index)]) == 0
-    assert "wrote 7 wheels" in capsys.readouterr().out
+    assert f"wrote {7 + len(wheelhouse.TRACKING.downloads())} wheels" in capsys.readouterr().out
     serving = sorted(path.name for path in (tmp_path / "house" / "serving").iterdir())
     assert serving == [
         "flatbuffers-25.12.19-cp313-cp313-manylinux_2_28_x86_64.whl",

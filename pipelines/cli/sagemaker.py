@@ -230,8 +230,9 @@ def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--serving-wheels-uri",
         default=None,
         help="s3:// prefix of a serving wheelhouse (python -m pipelines.run wheelhouse): ONNX Runtime for the "
-        "evaluation job and, for int8, inside the registered artifact (default: none: int8 needs onnxruntime in "
-        "the evaluation image, and an image without it serves fp32)",
+        "evaluation job and, for int8, inside the registered artifact; with --mlflow-tracking-arn also the MLflow "
+        "client, which the jobs then install from it with no package index (default: none: int8 needs onnxruntime "
+        "in the evaluation image, an image without it serves fp32, and the jobs install MLflow from PyPI)",
     )
     parser.add_argument(
         "--network-isolation",
@@ -587,7 +588,8 @@ def _pipeline_exists(sagemaker_client: Any, name: str) -> bool:
 @_aws_errors
 def cmd_upsert(args: argparse.Namespace) -> int:
     """Create or update the pipeline, its model package group, its code objects and the deploy trigger."""
-    from pipelines.packaging import code_artifacts, upload_code_artifacts
+    from pipelines.packaging import upload_code_artifacts
+    from pipelines.pipeline import pipeline_code
 
     require_build_values(args)
     boto_session = make_boto_session(args)
@@ -602,7 +604,7 @@ def cmd_upsert(args: argparse.Namespace) -> int:
 
     group_state = ensure_model_package_group(sagemaker_client, args.model_package_group, tags)
     print(f"model package group {args.model_package_group}: {group_state}")
-    artifacts = code_artifacts(bucket, args.pipeline_name, tracking=bool(args.mlflow_tracking_arn))
+    artifacts = pipeline_code(bucket, pipeline_options(args))  # exactly what the definition names
     uploaded = upload_code_artifacts(boto_session, artifacts, kms_key=args.kms_key)
     for uri in uploaded:
         print(f"code: {uri}")

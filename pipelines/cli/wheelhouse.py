@@ -1,4 +1,5 @@
-"""The serving wheelhouse: ONNX Runtime as wheels, for containers that lack it and may have no network.
+"""The serving wheelhouse: ONNX Runtime and the MLflow client as wheels, for containers that lack them and may have
+no network.
 
 Neither image the int8 path runs in has ONNX Runtime: the SageMaker PyTorch training image that runs the Evaluate
 step (Python 3.12), nor AWS's Ray Serve inference image (Python 3.13). Jobs and endpoints may run under network
@@ -13,6 +14,13 @@ Layout (what ``steps/evaluate.py --wheels`` reads):
 
 - ``evaluation/*.whl``: onnx, onnxruntime and what they need beyond the training image, installed by the Evaluate
   step into a scratch folder (no index, no dependency resolution) when the image lacks them;
+- ``tracking/*.whl`` and ``tracking/requirements.txt``: the MLflow client (``tracking.JOB_REQUIREMENTS``) and every
+  package it needs, resolved for the training image, plus the training source directory's own requirements
+  (TensorBoard). With ``--mlflow-tracking-arn`` the folder is the Tune and Train jobs' ``tracking`` channel: their
+  ``requirements.txt`` then installs with ``--no-index --find-links /opt/ml/input/data/tracking``, taking from the
+  wheels only what the image lacks. The Evaluate step installs the client from it into a scratch folder. The
+  requirements carry the training image's Python and machine as a marker, so another Python skips them (and the
+  job goes on untracked, saying so);
 - ``serving/*.whl`` and ``serving/requirements.txt``: onnxruntime (and flatbuffers) for the Ray Serve image. The
   Evaluate step copies them into ``code/wheels/`` of an artifact it serves as int8 and appends the requirements to
   ``code/requirements.txt``: ``--no-index --find-links wheels`` and each wheel pinned with a marker for the
@@ -29,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from entrypoints import tracking
+from pipelines import packaging
 from pipelines.util.errors import CommandError
 
 # manylinux tags the images' glibc accepts (Amazon Linux 2023 and Ubuntu 22.04: glibc >= 2.34), newest first.
@@ -47,9 +57,14 @@ class WheelTarget:
     requirements: tuple[str, ...]
     machine: str = "x86_64"
     writes_requirements: bool = False  # a requirements.txt for the artifact's code/ folder
+    with_dependencies: bool = False  # pip resolves what the requirements need (for the target), not just them
 
     def marker(self) -> str:
-        return f'python_version == "{self.python_version}" and platform_machine == "{self.machine}"'
+        return packaging.requirement_marker(self.python_version, self.machine)
+
+    def downloads(self) -> tuple[str, ...]:
+        """What ``pip download`` is asked for."""
+        return self.requirements
 
     def requirements_text(self) -> str:
         """``code/requirements.txt`` lines: these wheels from ``code/wheels``, never from an index."""
@@ -72,7 +87,35 @@ EVALUATION = WheelTarget(
     X86_64_LINUX,
     (ONNXRUNTIME, FLATBUFFERS, "onnx==1.23.2", "ml_dtypes==0.6.0", "protobuf==6.33.6"),
 )
-TARGETS = (EVALUATION, SERVING)
+
+
+@dataclass(frozen=True)
+class TrackingTarget(WheelTarget):
+    """The MLflow client for the training image, with every package it needs, and the source directory's own
+    requirements: with a wheelhouse a training job's whole requirements.txt installs with no index."""
+
+    also: tuple[str, ...] = ()  # fetched beside the requirements (with what they need), not written in the file
+
+    def downloads(self) -> tuple[str, ...]:
+        return (*self.requirements, *self.also)
+
+    def requirements_text(self) -> str:
+        """``tracking/requirements.txt``: the client's pins with the image's marker (the installer names the folder)."""
+        return packaging.tracking_requirements_text(None, self.marker(), self.requirements)
+
+
+# The pins have one owner, tracking.JOB_REQUIREMENTS; pip resolves their dependencies for the training image.
+TRACKING = TrackingTarget(
+    packaging.TRACKING_WHEELS_FOLDER,
+    packaging.TRAINING_IMAGE_PYTHON,
+    X86_64_LINUX,
+    tracking.JOB_REQUIREMENTS,
+    machine=packaging.TRAINING_IMAGE_MACHINE,
+    writes_requirements=True,
+    with_dependencies=True,
+    also=packaging.training_requirements(),
+)
+TARGETS = (EVALUATION, SERVING, TRACKING)
 
 
 class WheelhouseError(RuntimeError):
@@ -80,7 +123,8 @@ class WheelhouseError(RuntimeError):
 
 
 def download(target: WheelTarget, folder: Path, find_links: Path | None = None) -> list[Path]:
-    """``pip download`` of the target's wheels (binary only, no dependencies) into ``folder``."""
+    """``pip download`` of the target's wheels (binary only; dependencies only ``with_dependencies``) into
+    ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
@@ -89,7 +133,7 @@ def download(target: WheelTarget, folder: Path, find_links: Path | None = None) 
         "download",
         "--disable-pip-version-check",
         "--only-binary=:all:",
-        "--no-deps",
+        *([] if target.with_dependencies else ["--no-deps"]),
         "--implementation",
         "cp",
         "--python-version",
@@ -100,8 +144,9 @@ def download(target: WheelTarget, folder: Path, find_links: Path | None = None) 
     ]
     if find_links is not None:  # an offline source (tests, a mirror on disk)
         command += ["--no-index", "--find-links", str(find_links)]
-    print(f"{target.folder}: {', '.join(target.requirements)} for Python {target.python_version}", flush=True)
-    result = subprocess.run([*command, *target.requirements], capture_output=True, text=True, check=False)
+    also = " and what they need" if target.with_dependencies else ""
+    print(f"{target.folder}: {', '.join(target.downloads())}{also} for Python {target.python_version}", flush=True)
+    result = subprocess.run([*command, *target.downloads()], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise WheelhouseError(f"pip could not download the {target.folder} wheels: {result.stderr.strip()[-800:]}")
     if target.writes_requirements:
@@ -131,7 +176,8 @@ def add_commands(subparsers: Any) -> None:
     """Add ``wheelhouse`` to ``python -m pipelines.run``."""
     parser = subparsers.add_parser(
         "wheelhouse",
-        help="download ONNX Runtime wheels for the evaluation and serving images (int8 with no network there)",
+        help="download ONNX Runtime wheels for the evaluation and serving images (int8 with no network there) "
+        "and the MLflow client for the training image (tracking with no package index)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

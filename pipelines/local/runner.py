@@ -154,8 +154,7 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
     import boto3
     from sagemaker.workflow.pipeline_context import PipelineSession
 
-    from pipelines.packaging import code_artifacts
-    from pipelines.pipeline import get_pipeline, preset_options
+    from pipelines.pipeline import get_pipeline, pipeline_code, preset_options
 
     pipeline_options = preset_options(
         options.resolved_preset,
@@ -179,7 +178,7 @@ def build_definition(options: LocalRunOptions) -> tuple[dict[str, Any], Any, Any
             account_id=local_sagemaker.ACCOUNT_ID,
         )
         definition = json.loads(pipeline.definition())
-    artifacts = code_artifacts(config.LOCAL_BUCKET, pipeline_options.pipeline_name, tracking=bool(options.tracking_uri))
+    artifacts = pipeline_code(config.LOCAL_BUCKET, pipeline_options)  # exactly what the definition names
     return definition, artifacts, pipeline_options
 
 
