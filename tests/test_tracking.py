@@ -6,8 +6,7 @@
   prints the same metric lines, saying once that it does not track;
 - the definition built with ``--mlflow-tracking-arn`` carries it on exactly Tune, Train and Evaluate, and the
   pipeline role's policy allows sagemaker-mlflow on that ARN alone; without the option neither appears;
-- a tiny local run tracked into a real ``mlflow server``: one parent, a child per trial, Train and Evaluate with
-  their metrics and artifacts, and the registered version and its run naming each other (slow).
+- (a tiny local run tracked into a real ``mlflow server`` is test_local_pipeline.py's first run.)
 """
 
 from __future__ import annotations
@@ -383,78 +382,6 @@ def test_a_bad_arn_is_refused_before_anything_is_built(tmp_path: Path, monkeypat
     with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
         code = main(["definition", "--role", ROLE, "--bucket", "b-1", "--mlflow-tracking-arn", "http://x:5000"])
     assert code != 0 and "not a SageMaker MLflow" in errors.getvalue()
-
-
-# --- a whole local run, tracked into a real server ------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)  # a whole pipeline run on a shared 2-core machine
-def test_a_local_run_is_tracked_on_a_real_server(tmp_path: Path) -> None:
-    from pipelines import demo_data
-    from pipelines.local.sagemaker import LocalSageMaker
-
-    server = MlflowServer(tmp_path / "server").start()
-    try:
-        data = demo_data.write_digits_archive(tmp_path / "digits.zip", image_size=16, per_class_limit=6)
-        workdir = tmp_path / "runs"
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            code = main(
-                [
-                    "local", "--data", str(data), "--workdir", str(workdir), "--preset", "demo",
-                    "--trials", "2", "--parallel", "2", "--tuning-epochs", "2", "--epochs", "3", "--no-int8",
-                    "--image-size", "16", "--threshold", "0", "--port", "0", "--tracking-uri", server.url,
-                ]
-            )  # fmt: skip
-        assert code == 0, out.getvalue()[-3000:]
-        assert f"open {server.url}" in out.getvalue()
-        client = MlflowClient(server.url)
-        active = _runs(client, "ImageClassificationPipeline")
-        by_role: dict[str, list] = {}
-        for run in active:
-            by_role.setdefault(run.data.tags.get(tracking.TAG_ROLE, "?"), []).append(run)
-        assert {role: len(runs) for role, runs in by_role.items()} == {
-            "execution": 1,
-            "trial": 2,
-            "train": 1,
-            "evaluate": 1,
-        }
-        parent = by_role["execution"][0].info.run_id
-        for role, epochs in (("trial", 2), ("train", 3)):
-            for run in by_role[role]:
-                assert run.data.tags[tracking.TAG_PARENT] == parent
-                for metric in ("train_loss", "valid_loss", "valid_accuracy", "lr"):
-                    history = client.get_metric_history(run.info.run_id, metric)
-                    assert sorted(m.step for m in history) == list(range(1, epochs + 1)), (role, metric)
-                assert run.data.params["architecture"]
-                artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-                assert {"training_curves.png", "training_history.json", "hyperparameters.json"} <= artifacts
-        evaluate = by_role["evaluate"][0]
-        assert evaluate.data.tags[tracking.TAG_PARENT] == parent
-        report_path = next(workdir.glob("run-*/evaluate/**/evaluation.json"))
-        report = json.loads(report_path.read_text())
-        accuracy = report["multiclass_classification_metrics"]["accuracy"]["value"]
-        assert evaluate.data.metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-12)
-        assert {"top_5_accuracy", "macro_f1", "weighted_f1"} <= set(evaluate.data.metrics)
-        assert evaluate.data.tags["int8.gate"] == "not-built"  # --no-int8
-        artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
-        assert {"evaluation.json", "confusion_matrix.png", "serving.json"} <= artifacts
-        # The registered version names its run, and the run its version.
-        assert report["tracking"]["mlflow_run_id"] == evaluate.info.run_id
-        package = LocalSageMaker(workdir.resolve()).registry.describe("ImageClassificationModels")
-        assert package["CustomerMetadataProperties"]["mlflow-run-id"] == evaluate.info.run_id
-        tags = client.get_run(evaluate.info.run_id).data.tags
-        assert tags["model_package.arn"] == package["ModelPackageArn"]
-        assert tags["model_package.version"] == str(package["ModelPackageVersion"])
-        assert tags["model_package.status"] == package["ModelApprovalStatus"]
-        assert client.get_run(parent).info.status == "FINISHED"
-        # Approving the version later updates its run's status tag.
-        with contextlib.redirect_stdout(io.StringIO()):
-            main(["approve", "1", "--local", "--workdir", str(workdir), "--no-deploy"])
-        assert client.get_run(evaluate.info.run_id).data.tags["model_package.status"] == "Approved"
-    finally:
-        server.stop()
 
 
 def test_network_isolation_and_tracking_are_refused_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
