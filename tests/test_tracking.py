@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _mlflow import MlflowServer, free_port
+from _mlflow import MlflowServer, free_port, fresh_store
 from _training import TRAIN_SCRIPT, subprocess_env, train_argv, write_split
 
 from entrypoints import tracking
@@ -60,10 +60,11 @@ def _parents(runs: list) -> list:
 # --- one parent per execution ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_parallel_jobs_racing_on_a_real_store_end_with_one_parent(tmp_path: Path) -> None:
     """Four jobs of one execution start at once and all find no parent, so each creates a candidate (the race,
     held open by a barrier); after they end, one parent is left and every child is under it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     assert tracking.prepare(uri, "Exp") is not None
     jobs = 4
     barrier = threading.Barrier(jobs, timeout=60)
@@ -96,10 +97,11 @@ def test_parallel_jobs_racing_on_a_real_store_end_with_one_parent(tmp_path: Path
     assert {run.data.tags[tracking.TAG_PARENT] for run in children} == {parents[0].info.run_id}
 
 
+@pytest.mark.slow
 def test_a_job_that_joined_a_losing_candidate_is_moved_under_the_winner(tmp_path: Path) -> None:
     """The interleaving the barrier cannot force: A creates and elects itself before B's candidate exists, B (which
     looked before A created) creates one later. Whichever wins, once both ended there is one parent with both."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     tracking.prepare(uri, "Exp")
     b_looked = threading.Event()
     a_done = threading.Event()
@@ -132,8 +134,9 @@ def test_a_job_that_joined_a_losing_candidate_is_moved_under_the_winner(tmp_path
     assert {run.data.tags[tracking.TAG_PARENT] for run in children} == {parents[0].info.run_id}
 
 
+@pytest.mark.slow
 def test_another_execution_gets_its_own_parent(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     first = tracking.Tracker.start("t1", environ=_env(uri, execution="exec-1"))
     second = tracking.Tracker.start("t2", environ=_env(uri, execution="exec-2"))
     again = tracking.Tracker.start("t3", environ=_env(uri, execution="exec-1", step="Train"))
@@ -200,6 +203,7 @@ def untracked(channels: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
     return out, _finish(_train(channels, out, {}))
 
 
+@pytest.mark.slow
 def test_train_without_mlflow_installed_runs_and_says_so_once(
     channels: tuple[Path, Path], untracked: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -295,6 +299,7 @@ def _environments(definition: dict) -> dict[str, dict]:
     return found
 
 
+@pytest.mark.slow
 def test_the_arn_reaches_exactly_tune_train_and_evaluate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plain = _definition(tmp_path, monkeypatch)
     tracked = _definition(tmp_path, monkeypatch, "--mlflow-tracking-arn", ARN)
@@ -337,6 +342,7 @@ def test_a_tracked_definition_ships_the_client_in_the_training_requirements() ->
         assert requirement not in requirements(plain.training)
 
 
+@pytest.mark.slow
 def test_the_role_policy_allows_sagemaker_mlflow_on_that_arn_alone(tmp_path: Path) -> None:
     from pipelines.aws import iam
 
@@ -393,9 +399,10 @@ def test_network_isolation_and_tracking_are_refused_together(tmp_path: Path, mon
     assert code != 0 and "network isolation" in errors.getvalue()
 
 
+@pytest.mark.slow
 def test_a_refused_request_turns_tracking_off_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """MLflow refuses to change a logged parameter: the job's tracker says so once and sends nothing more."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     tracker = tracking.Tracker.start("t", environ=_env(uri))
     run_id = tracker.run_id
     tracker.log_params({"lr": 0.1})
@@ -409,9 +416,10 @@ def test_a_refused_request_turns_tracking_off_with_one_line(tmp_path: Path, caps
     assert run.data.params == {"lr": "0.1"} and "after" not in run.data.metrics
 
 
+@pytest.mark.slow
 def test_many_metrics_go_in_several_batches(tmp_path: Path) -> None:
     """A 1000-class evaluation logs over a thousand per-class scores: more than one log_batch may carry."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     tracker = tracking.Tracker.start("t", environ=_env(uri, step="Evaluate"))
     tracker.log_metrics({f"f1_{i:04d}": i / 2500 for i in range(2500)}, step=0)
     tracker.set_tags({f"tag{i}": i for i in range(250)})
