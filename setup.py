@@ -38,6 +38,7 @@ RAY_REQUIREMENTS = ["ray[serve]==2.57.0", "protobuf<7"]
 DEV_REQUIREMENTS = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    "pytest-xdist>=3.6",  # the suite runs on two workers (pyproject.toml's addopts)
     "moto[s3,sagemaker,lambda,events,sqs,iam,sts,cloudformation,codebuild,codepipeline]>=5.0,<6",
     "cfn-lint>=1.20",  # lints the CloudFormation template in the tests
     "ruff>=0.6",

@@ -24,3 +24,28 @@ def _no_sagemaker_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
     except ImportError:  # pragma: no cover - the SDK is a runtime dependency
         return
     monkeypatch.setattr(telemetry, "_send_telemetry_request", lambda *args, **kwargs: None)
+
+
+# The files that take longest, longest first (quiet 2-core machine). The suite runs on two pytest-xdist workers,
+# a whole file to a worker (`--dist loadfile`, so a module's fixtures are made once); handing out the longest
+# files first keeps one worker from starting a long file while the other has nothing left.
+LONGEST_FIRST = (
+    "test_local_pipeline.py",
+    "test_local_signals.py",
+    "test_train.py",
+    "test_tracking.py",
+    "test_ray_serving.py",
+    "test_int8_serving.py",
+    "test_distributed_training.py",
+    "test_local_executor.py",
+    "test_pipeline.py",
+    "test_local_guards.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file, which its module fixtures may rely on, is kept

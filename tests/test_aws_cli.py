@@ -92,6 +92,7 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert flag in upsert_help
 
 
+@pytest.mark.slow
 def test_definition_writes_a_checked_definition(aws: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "out" / "definition.json"
     output.parent.mkdir()  # a command writes into a folder that exists, as any shell redirection does
@@ -119,6 +120,7 @@ def test_definition_refuses_a_bad_option(aws: Any, capsys: pytest.CaptureFixture
 # --- upsert -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_upsert_creates_then_updates(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     sagemaker = aws.client("sagemaker")
     code, out, err = _run(capsys, "upsert", "--tag", "team=vision")
@@ -168,6 +170,7 @@ def test_upsert_refuses_a_role_of_another_account(aws: Any, capsys: pytest.Captu
     assert aws.client("sagemaker").list_pipelines()["PipelineSummaries"] == []
 
 
+@pytest.mark.slow
 def test_definition_takes_the_demo_preset_and_fixed_hyperparameters(
     aws: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -186,6 +189,7 @@ def test_definition_takes_the_demo_preset_and_fixed_hyperparameters(
     assert exit_info.value.code == 2 and "expected KEY=VALUE" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_upsert_uses_the_names_given(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(
         capsys,
@@ -255,6 +259,7 @@ def test_start_with_overrides(upserted: Any, capsys: pytest.CaptureFixture[str])
     assert described["PipelineExecutionDisplayName"] == "ci-1"
 
 
+@pytest.mark.slow
 def test_start_refuses_bad_overrides(upserted: Any, capsys: pytest.CaptureFixture[str]) -> None:
     cases = [
         ("MaxTuningJob=3", "no such pipeline parameter; the parameters are InputDataUri"),
@@ -416,6 +421,7 @@ def _register(session: Any, group: str, accuracy: float | None) -> str:
     return sagemaker.create_model_package(**request)["ModelPackageArn"]
 
 
+@pytest.mark.slow
 def test_models_approve_reject(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     group = "VisionModels"
     sagemaker = aws.client("sagemaker")

@@ -94,6 +94,7 @@ def _no_stack(session: Any) -> bool:
 # --- create, then nothing to change ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bootstrap_creates_the_stack_and_a_second_run_changes_nothing(
     aws: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -173,6 +174,7 @@ def _normalised(policy: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.slow
 def test_a_changed_template_shows_its_changes_and_updates_the_stack(
     aws: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -546,6 +548,7 @@ def test_the_first_failure_skips_knock_on_cancellations() -> None:
 # --- the template for people who deploy with their own tooling -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_print_template_writes_the_complete_template_without_aws(
     tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

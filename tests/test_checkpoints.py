@@ -88,6 +88,7 @@ def test_a_checkpoint_of_the_old_unkeyed_format_is_not_resumed(channels, tmp_pat
     assert (folder / "checkpoint-epoch-0002.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_run_that_finds_every_epoch_done_prints_the_last_metrics_line_again(channels, tmp_path, capsys) -> None:
     assert train.main(train_argv(channels, tmp_path)) == 0
     first = capsys.readouterr().out
@@ -185,6 +186,7 @@ def test_a_plain_command_has_no_default_checkpoint_folder(channels, tmp_path, ca
     assert not [p for p in written if p.suffix == ".pt" and p.name != contract.WEIGHTS_FILE]
 
 
+@pytest.mark.slow
 def test_the_toolkit_environment_gives_its_own_checkpoint_folder_which_a_later_run_resumes(
     channels, tmp_path, capsys, monkeypatch
 ) -> None:

@@ -76,6 +76,7 @@ def _follow(document: dict, dotted_path: str):
     return document
 
 
+@pytest.mark.slow
 def test_known_answers_and_the_model_quality_format(
     model_archive: Path, test_split: Path, tmp_path: Path, eager: None
 ) -> None:
@@ -145,6 +146,7 @@ def test_known_answers_and_the_model_quality_format(
         assert json.load(served.extractfile(contract.SERVING_DECISION_FILE)) == serving
 
 
+@pytest.mark.slow
 def test_runs_with_nothing_but_its_own_file_and_the_artifact(
     model_archive: Path, test_split: Path, tmp_path: Path
 ) -> None:
@@ -277,6 +279,7 @@ def test_the_model_argument_takes_an_archive_a_folder_with_one_or_an_extracted_a
         evaluate.resolve_model_dir(tmp_path / "empty", tmp_path / "e")
 
 
+@pytest.mark.slow
 def test_the_picture_labels_every_one_of_133_classes(tmp_path: Path) -> None:
     names = [f"{i:03d}.Breed_name_{i}" for i in range(1, 134)]
     rng = np.random.default_rng(0)

@@ -6,6 +6,7 @@ project flag or variable handed to it would make it fail or show), and the metri
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -45,6 +46,7 @@ def _steps(record: dict[str, Any]) -> dict[str, str]:
     return {step["StepName"]: step["StepStatus"] for step in record["PipelineExecutionSteps"]}
 
 
+@pytest.mark.slow
 def test_a_hand_written_definition_runs_end_to_end(
     tmp_path: Path, objects: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -77,6 +79,7 @@ def test_a_hand_written_definition_runs_end_to_end(
     assert record["PipelineArn"].endswith(":pipeline/toy")
 
 
+@pytest.mark.slow
 def test_a_parameter_flips_the_condition_to_the_fail_step(
     tmp_path: Path, objects: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -156,7 +159,9 @@ def test_a_job_deep_in_the_file_system_can_open_multiprocessing_sockets(tmp_path
         "import os, tempfile\nfrom multiprocessing.connection import Listener\n"
         "Listener(family='AF_UNIX').close()\nprint('tmp', tempfile.gettempdir())\n"
     )
-    for root in (tmp_path / "job", tmp_path / ("deep-" * 12) / "run-0001" / "a-step-with-a-long-name"):
+    short = Path(tempfile.mkdtemp(prefix="j-"))  # tmp_path itself may be long (pytest-xdist adds a folder)
+    deep = tmp_path / ("deep-" * 12) / "run-0001" / "a-step-with-a-long-name"
+    for root in (short / "job", deep):
         job = containers.ProcessingJob(
             job_name="listen",
             root=root,
@@ -171,6 +176,7 @@ def test_a_job_deep_in_the_file_system_can_open_multiprocessing_sockets(tmp_path
             assert used == root / "tmp"
         else:  # the short one, removed when the job ended
             assert used.parent == Path(tempfile.gettempdir()) and not used.exists()
+    shutil.rmtree(short)
 
 
 def test_the_runner_hands_the_engine_the_projects_extras_only_for_its_code(tmp_path: Path) -> None:

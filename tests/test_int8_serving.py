@@ -97,6 +97,7 @@ def test_int8_is_served_when_its_test_accuracy_is_within_a_point_of_fp32(int8_se
     assert (health["precision"], health["runtime"]) == ("int8", "onnxruntime-int8")
 
 
+@pytest.mark.slow
 def test_a_bad_calibration_set_fails_the_gate_and_the_served_artifact_runs_fp32(
     splits, tmp_path: Path, auto_precision, capsys: pytest.CaptureFixture
 ) -> None:
@@ -120,6 +121,7 @@ def test_a_bad_calibration_set_fails_the_gate_and_the_served_artifact_runs_fp32(
         (("--serving-device", "gpu"), "int8 is off on GPU instances"),
     ],
 )
+@pytest.mark.slow
 def test_the_switch_and_gpu_serving_register_fp32_without_building_int8(
     splits, tmp_path: Path, flags: tuple[str, ...], reason: str
 ) -> None:
@@ -186,6 +188,7 @@ def _pip_install_offline(requirements: Path, target: Path) -> subprocess.Complet
     return subprocess.run([*command, "-r", str(requirements)], env=environment, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_the_wheelhouse_ships_in_an_int8_artifact_and_installs_with_no_index(
     splits, tmp_path: Path, auto_precision
 ) -> None:
@@ -219,6 +222,7 @@ def test_the_wheelhouse_ships_in_an_int8_artifact_and_installs_with_no_index(
         assert not (tmp_path / "skipped").exists() or not any((tmp_path / "skipped").iterdir())
 
 
+@pytest.mark.slow
 def test_the_wheelhouse_command_fetches_each_images_wheels_for_its_python_and_platform(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -247,6 +251,7 @@ def test_the_wheelhouse_command_fetches_each_images_wheels_for_its_python_and_pl
     assert "pip could not download the evaluation wheels" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_without_onnx_the_step_installs_the_wheelhouse_or_names_what_is_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -262,6 +267,7 @@ def test_without_onnx_the_step_installs_the_wheelhouse_or_names_what_is_missing(
     assert (tmp_path / "site-packages" / "onnx_probe.py").is_file() and sys.path[0] == str(tmp_path / "site-packages")
 
 
+@pytest.mark.slow
 def test_the_served_archive_is_the_same_bytes_for_the_same_evaluation(splits, tmp_path: Path) -> None:
     """So that registering the same evaluated model again finds the version it already is."""
     for name in ("first", "second"):

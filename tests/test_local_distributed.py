@@ -155,6 +155,7 @@ def test_a_training_instance_count_the_executor_cannot_run_stops_the_run_before_
     assert problem.startswith("Train: InstanceCount 0: a training job needs a whole number of instances")
 
 
+@pytest.mark.slow
 def test_training_instance_count_without_torch_distributed_is_refused_with_the_flag_to_use(
     tmp_path: Path,
 ) -> None:

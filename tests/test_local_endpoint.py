@@ -90,6 +90,7 @@ def test_invocations_forward_the_raw_body_the_two_headers_and_the_sagemaker_ones
     assert backend.calls[-1][1:3] == ("application/json", "application/json")
 
 
+@pytest.mark.slow
 def test_ping_is_red_until_the_app_has_loaded(tmp_path: Path) -> None:
     switch = server.SwitchableBackend()
     endpoint, url = _start(switch)
@@ -180,6 +181,7 @@ def test_the_servers_own_refusals_are_4xx_json_with_a_code_and_it_serves_on(reco
     assert exchange(url, "GET", "/ping")[0] == 200
 
 
+@pytest.mark.slow
 def test_the_app_refusals_reach_the_client_unchanged(tmp_path: Path) -> None:
     backend = server.InProcessBackend(make_artifact(tmp_path))
     backend.load()
@@ -253,6 +255,7 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_read_deadline(recordi
     assert received.startswith(b"HTTP/1.1 408")
 
 
+@pytest.mark.slow
 def test_many_slow_connections_do_not_stop_others_from_being_served(recording) -> None:
     _, url, _ = recording
     port = int(url.rsplit(":", 1)[1])

@@ -187,6 +187,7 @@ BROKEN: list[tuple[Callable[[dict[str, Any]], None], list[str]]] = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mutate", "expected"), BROKEN, ids=[mutate.__name__.strip("_") for mutate, _ in BROKEN])
 def test_a_definition_that_cannot_run_fails_before_any_step(
     demo_build: tuple[dict[str, Any], Any, Any],
@@ -218,6 +219,7 @@ def test_a_definition_that_cannot_run_fails_before_any_step(
     assert sorted(p.name for p in run_dir.iterdir()) == ["definition.json", "run.json"]  # no step folder
 
 
+@pytest.mark.slow
 def test_refused_options_and_parameters_leave_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipelines.run import main
 

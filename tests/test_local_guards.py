@@ -193,6 +193,7 @@ def test_concurrent_approvals_deploy_once_and_the_second_says_it_changed_nothing
     assert not _server_pids(workdir)
 
 
+@pytest.mark.slow
 def test_a_command_that_finds_the_workdir_locked_waits_and_says_who_holds_it(tmp_path: Path) -> None:
     workdir = tmp_path / "runs"
     model = tmp_path / "model.tar.gz"
@@ -308,6 +309,7 @@ def test_a_run_left_executing_by_a_gone_process_shows_as_stopped(tmp_path: Path)
 # --- damaged state files ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_damaged_registry_stops_every_command_with_one_line_and_is_never_rewritten(tmp_path: Path) -> None:
     workdir = tmp_path / "runs"
     data = tmp_path / "data.zip"
@@ -410,6 +412,7 @@ def test_state_files_keep_the_users_umask(tmp_path: Path, umask: int) -> None:
 # --- early validation -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_values_that_could_only_fail_late_are_refused_before_anything_runs(tmp_path: Path) -> None:
     workdir = tmp_path / "runs"
     data = tmp_path / "data.zip"
@@ -464,6 +467,7 @@ def test_values_that_could_only_fail_late_are_refused_before_anything_runs(tmp_p
     assert not workdir.exists() or not list(workdir.glob("run-*"))
 
 
+@pytest.mark.slow
 def test_arguments_a_script_accepted_are_not_parsed_again_until_they_or_the_code_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,7 +7,12 @@ The runs share one workdir (module-scoped fixtures, in order): the first run (Mo
 deployed), then `reject 1 --local` and the same run again with ModelApprovalStatus=Approved (every job step cached,
 yet a version 2 of its own, deployed; version 1 stays Rejected), a run with a changed parameter and the Train step under
 torchrun with two processes (Train and Evaluate re-run, Preprocess and Tune cached; the new version awaits approval)
-and a run whose accuracy threshold cannot be met.
+and a run whose accuracy threshold cannot be met; last, a fork of the template with one more step (tests/_fork.py)
+in the same workdir, which reuses every job step and runs its own.
+
+Every run tracks into one real ``mlflow server`` (a module fixture): the first run's parent, trial, Train and
+Evaluate runs are checked through MLflow's REST client, and the registered versions and their runs name each other.
+(The default, a SQLite store in the workdir, is tracked by the stopped runs of test_local_signals.py.)
 """
 
 from __future__ import annotations
@@ -19,24 +24,29 @@ import json
 import re
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _fork import REPORT_CODE, REPORT_SCRIPT, with_data_report
 from _http import post_invocation
+from _mlflow import MlflowServer
 from PIL import Image
 
-from entrypoints import contract
+from entrypoints import contract, tracking
 from pipelines import config, demo_data
+from pipelines import pipeline as builder
 from pipelines.cli.backend import local_report_reader
 from pipelines.cli.sagemaker import package_summaries
 from pipelines.local import containers, registry
+from pipelines.local.objectstore import ObjectStore
 from pipelines.local.sagemaker import ACCOUNT_ID, REGION, LocalSageMaker, arn
 from pipelines.run import main
 from pipelines.serving import endpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # whole runs, on a 2-core machine that may be busy
 
 SMALL = ["--preset", "demo", "--trials", "1", "--tuning-epochs", "1", "--epochs", "1", "--port", "0"]
 # Set as pipeline parameters by the first run (and checked where the definition says they go).
@@ -74,18 +84,27 @@ class Run:
 
 
 def _local(workdir: Path, data: Path, *extra: str) -> Run:
+    """A run in the module's workdir, tracked into the module's MLflow server (one URI for all: it is part of
+    each tracked job's environment, and so of its cache key)."""
     before = {p.name for p in workdir.iterdir()} if workdir.is_dir() else set()
     out, err = io.StringIO(), io.StringIO()
+    tracked = ["--tracking-uri", _SERVER[0].url]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["local", "--data", str(data), "--workdir", str(workdir), *SMALL, *extra])
+        code = main(["local", "--data", str(data), "--workdir", str(workdir), *SMALL, *tracked, *extra])
     new = sorted(p for p in workdir.iterdir() if p.name.startswith("run-") and p.name not in before)
     assert len(new) == 1, (out.getvalue(), err.getvalue())
     return Run(code, out.getvalue(), err.getvalue(), new[0])
 
 
+_SERVER: list[MlflowServer] = []  # the module's server, set by the workdir fixture
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("local") / "runs"
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    _SERVER[:] = [server]
+    yield tmp_path_factory.mktemp("local") / "runs"
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +159,9 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
     record = first_run.record
     assert record["PipelineExecutionStatus"] == "Succeeded"
     # the very definition `definition --preset demo` builds (with the local account, role and bucket), tracked into
-    # the workdir's MLflow store as `local` does by default
+    # the MLflow server given by --tracking-uri
     definition = first_run.definition
-    tracking_uri = f"sqlite:///{(first_run.folder.parent / 'mlflow.db').resolve().as_posix()}"
-    assert definition == build_definition(LocalRunOptions(preset="demo", tracking_uri=tracking_uri))[0]
+    assert definition == build_definition(LocalRunOptions(preset="demo", tracking_uri=_SERVER[0].url))[0]
     # every step ran, the Deploy LambdaStep included; none was skipped (only the Fail branch was not taken)
     else_branch = {s["Name"] for s in definition["Steps"][-1]["Arguments"]["ElseSteps"]}
     expected = [step["Name"] for step in iter_steps(definition) if step["Name"] not in else_branch]
@@ -240,6 +258,62 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
     assert decision == report["serving"] and decision["precision"] in contract.PRECISIONS
     (row,) = package_summaries(LocalSageMaker(workdir), local_report_reader(workdir), config.MODEL_PACKAGE_GROUP, 5)
     assert row["accuracy"] == accuracy  # what `models --local` shows, read from the version's own report
+
+
+def _tracked_runs(execution: str) -> dict[str, list]:
+    """The server's runs of one execution (run-0001, ...), by their role: execution (the parent), trial, train,
+    evaluate."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(_SERVER[0].url)
+    experiment = client.get_experiment_by_name(config.PIPELINE_NAME).experiment_id
+    by_role: dict[str, list] = {}
+    for run in client.search_runs([experiment], filter_string=f"tags.`{tracking.TAG_EXECUTION}` = '{execution}'"):
+        by_role.setdefault(run.data.tags.get(tracking.TAG_ROLE, "?"), []).append(run)
+    return by_role
+
+
+def test_the_first_run_is_tracked_on_a_real_server(first_run: Run) -> None:
+    """One parent for the execution; a child per trial and for Train, with a metric per epoch and their artifacts;
+    Evaluate's child with the report's accuracy; the registered version and its run name each other."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(_SERVER[0].url)
+    assert f"open {_SERVER[0].url}" in first_run.stdout  # the summary says where to look
+    by_role = _tracked_runs(first_run.folder.name)
+    counts = {role: len(runs) for role, runs in by_role.items()}
+    assert counts == {"execution": 1, "trial": 1, "train": 1, "evaluate": 1}
+    parent = by_role["execution"][0].info.run_id
+    for role in ("trial", "train"):
+        (run,) = by_role[role]
+        assert run.data.tags[tracking.TAG_PARENT] == parent
+        for metric in ("train_loss", "valid_loss", "valid_accuracy", "lr"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1], (role, metric)
+        assert run.data.params["architecture"] == PARAMETERS["Architecture"]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"training_curves.png", "training_history.json", "hyperparameters.json"} <= artifacts
+    (evaluate,) = by_role["evaluate"]
+    assert evaluate.data.tags[tracking.TAG_PARENT] == parent
+    report = json.loads((first_run.folder / "evaluate/opt/ml/processing/evaluation/evaluation.json").read_text())
+    accuracy = report["multiclass_classification_metrics"]["accuracy"]["value"]
+    assert evaluate.data.metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert {"top_5_accuracy", "macro_f1", "weighted_f1"} <= set(evaluate.data.metrics)
+    serving = report["serving"]  # int8 built and gated (this run does not pass --no-int8)
+    assert serving["int8_accuracy"] is not None
+    assert evaluate.data.tags["int8.gate"] == ("passed" if serving["precision"] == "int8" else "failed")
+    assert evaluate.data.tags["serving.precision"] == serving["precision"]
+    assert {"evaluation.json", "confusion_matrix.png", "serving.json"} <= {
+        a.path for a in client.list_artifacts(evaluate.info.run_id)
+    }
+    # The registered version names its run, and the run (and its parent) its version.
+    assert report["tracking"]["mlflow_run_id"] == evaluate.info.run_id
+    package = LocalSageMaker(first_run.folder.parent).registry.describe(config.MODEL_PACKAGE_GROUP)
+    assert package["CustomerMetadataProperties"]["mlflow-run-id"] == evaluate.info.run_id
+    for run_id in (evaluate.info.run_id, parent):
+        tags = client.get_run(run_id).data.tags
+        assert tags["model_package.arn"] == package["ModelPackageArn"]
+        assert tags["model_package.version"] == "1" and tags["model_package.status"] == "Approved"
+    assert client.get_run(parent).info.status == "FINISHED"
 
 
 def _references(value: Any, name: str, path: tuple = ()) -> list[tuple]:
@@ -353,6 +427,13 @@ def test_a_cached_rerun_registers_a_version_of_its_own_and_a_rejected_one_stays_
         == packages[1]["CustomerMetadataProperties"]["ModelSha256"]
     )
     assert [p["ModelApprovalStatus"] for p in packages] == ["Rejected", "Approved"]  # reject --local holds
+    # Both versions come from run-0001's (cached) Evaluate: its run names the newest, as on SageMaker's cache.
+    (evaluated,) = _tracked_runs("run-0001")["evaluate"]
+    assert {key: evaluated.data.tags[f"model_package.{key}"] for key in ("version", "status")} == {
+        "version": "2",
+        "status": "Approved",
+    }
+    assert packages[1]["CustomerMetadataProperties"]["mlflow-run-id"] == evaluated.info.run_id
     assert ours != registry.model_data_path(packages[0]) and ours.stat().st_nlink == 1  # a copy of its own
     assert cached_run.output("Deploy", "action") == "updated"  # the new version is deployed ...
     assert cached_run.output("Deploy", "model_package_arn") == packages[1]["ModelPackageArn"]
@@ -484,3 +565,43 @@ def test_endpoint_stop(first_run: Run, capsys: pytest.CaptureFixture[str]) -> No
     assert "stopped" in capsys.readouterr().out
     assert not endpoint.ping(url, timeout=1)
     assert endpoint.status(workdir.resolve(), config.LOCAL_ENDPOINT_NAME) is None
+
+
+@pytest.fixture(scope="module")
+def fork_run(failed_run: Run, workdir: Path, data: Path) -> Iterator[Run]:
+    """The fork of docs/customizing.md (tests/_fork.py) in the same workdir, with the first run's values."""
+    ObjectStore(workdir).put_bytes(REPORT_CODE, REPORT_SCRIPT.read_bytes())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(builder, "get_pipeline", with_data_report(builder.get_pipeline))
+        yield _local(workdir, data, "--threshold", "0", *_same_as_first())
+
+
+def test_a_fork_with_a_data_report_step_runs_locally_end_to_end(fork_run: Run) -> None:
+    """One more step, made through the builder alone: it runs on Preprocess's output, and the job steps it did not
+    change are reused from the first run (adding a step moves no other step's cache key)."""
+    assert fork_run.code == 0, fork_run.stderr
+    assert fork_run.statuses() == {
+        "Preprocess": "Succeeded",
+        "DataReport": "Succeeded",
+        "Tune": "Succeeded",
+        "Train": "Succeeded",
+        "Evaluate": "Succeeded",
+        "CheckAccuracy": "Succeeded",
+        REGISTER: "Succeeded",
+        "Deploy": "Succeeded",
+    }
+    assert fork_run.cached_from("DataReport") is None
+    assert {name: fork_run.cached_from(name) for name in JOB_STEPS} == dict.fromkeys(JOB_STEPS, "run-0001")
+    workdir = fork_run.folder.parent
+    report_folder = workdir / fork_run.step("DataReport")["Local"]["Outputs"]["report"]
+    report = json.loads((report_folder / "report.json").read_text())
+    train = workdir / fork_run.step("Preprocess")["Local"]["Outputs"]["train"]
+    labels = json.loads((train / "labels.json").read_text())
+    assert report["classes"] == len(labels) == 10
+    assert report["per_class"] == {label: len(list((train / label).iterdir())) for label in labels}
+    assert report["images"] == sum(report["per_class"].values()) > 0
+    added = next(step for step in fork_run.definition["Steps"] if step["Name"] == "DataReport")
+    assert added["Arguments"]["ProcessingInputs"][0]["S3Input"]["S3Uri"] == {
+        "Get": "Steps.Preprocess.ProcessingOutputConfig.Outputs['train'].S3Output.S3Uri"
+    }
+    assert fork_run.output("Deploy", "action") == "awaiting-approval"  # version 4, not approved

@@ -2,7 +2,8 @@
 or SIGTERM during Tune, and SIGHUP during Train after a trial was killed with SIGKILL. Every job process ends
 within seconds, the run is recorded Stopped, and a tuning step with a trial ended by a signal is never cached.
 (The mechanism on its own, with a job whose worker sits in a session of its own and ignores SIGTERM, is in
-test_local_guards.py.)"""
+test_local_guards.py.) These runs track into the default store, the workdir's SQLite file, and one test reads it.
+"""
 
 from __future__ import annotations
 
@@ -133,3 +134,16 @@ def test_a_trial_killed_from_outside_is_never_cached_and_sighup_stops_the_traini
     assert tune["StepStatus"] == "Succeeded"  # the other trial finished: the run went on, as SageMaker's would
     assert "not cached: imgclf-tune-run-0001-002 ended by SIGKILL" in tune["Local"]["Detail"]
     assert _cached_steps(workdir) == {"Preprocess"}  # the weaker tuning result is never reused
+    # By default a run tracks into the workdir's SQLite store: the finished trial's run is there, under the parent.
+    from mlflow.tracking import MlflowClient
+
+    from entrypoints import tracking
+    from pipelines import config
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(config.PIPELINE_NAME).experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`{tracking.TAG_EXECUTION}` = 'run-0001'")
+    (parent,) = [run for run in runs if run.data.tags[tracking.TAG_ROLE] == tracking.ROLE_PARENT]
+    finished = [run for run in runs if run.data.tags[tracking.TAG_ROLE] == "trial" and run.info.status == "FINISHED"]
+    assert len(finished) == 1 and finished[0].data.tags[tracking.TAG_PARENT] == parent.info.run_id
+    assert [m.step for m in client.get_metric_history(finished[0].info.run_id, "valid_accuracy")] == [1]

@@ -25,7 +25,14 @@ def _config(arch: str = "resnet18", hidden_units: int = 0, dropout: float = 0.0)
     )
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "resnet18",
+        "mobilenet_v3_small",
+        *(pytest.param(name, marks=pytest.mark.slow) for name in ("densenet121", "efficientnet_b0", "convnext_tiny")),
+    ],
+)
 def test_every_family_gets_a_new_head_with_the_right_number_of_classes(arch: str) -> None:
     model = modeling.build_model(_config(arch)).eval()
     with torch.inference_mode():
@@ -80,6 +87,7 @@ def test_unknown_architecture_is_refused_with_the_choices() -> None:
         modeling.ModelConfig("resnet18", 2, ["a"])
 
 
+@pytest.mark.slow
 def test_artifact_round_trip_predicts_the_same(tmp_path) -> None:
     torch.manual_seed(0)
     config = _config(hidden_units=8, dropout=0.1)
@@ -102,6 +110,7 @@ def test_artifact_round_trip_predicts_the_same(tmp_path) -> None:
     torch.testing.assert_close(before, after)
 
 
+@pytest.mark.slow
 def test_backbone_weights_load_from_a_state_dict_file(tmp_path) -> None:
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18-custom.pth"

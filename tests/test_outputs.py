@@ -151,6 +151,7 @@ def test_iam_pipeline_policy_without_credentials_asks_for_the_account_id(
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_endpoint_test_of_a_sagemaker_endpoint_without_credentials_is_one_line(
     no_aws: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -155,6 +155,7 @@ def _evaluate_arguments(definition: dict[str, Any]) -> tuple[dict[str, str], dic
     return flags, {item["InputName"]: item for item in arguments["ProcessingInputs"]}
 
 
+@pytest.mark.slow
 def test_evaluate_builds_int8_from_the_validation_split_unless_turned_off_or_serving_on_gpu(
     built: dict[str, Any],
 ) -> None:
@@ -678,6 +679,7 @@ def test_code_object_addresses_and_bytes_are_pinned(tmp_path: Path) -> None:
         assert archive.getnames() == ["a/x.py", "a.py", "b.py", "contract.py", "train.py"]
 
 
+@pytest.mark.slow
 def test_definition_command_is_offline_and_stable_across_processes(built: dict[str, Any], tmp_path: Path) -> None:
     """`definition` in a fresh process with no credentials and another hash seed gives the same JSON."""
     output = tmp_path / "definition.json"

@@ -392,6 +392,7 @@ def test_trust_policy_lets_only_sagemaker_assume_the_role() -> None:
     assert statement["Action"] == "sts:AssumeRole"
 
 
+@pytest.mark.slow
 def test_command_prints_the_rendered_policy(built: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     options = built["options"]
     argv = [

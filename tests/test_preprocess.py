@@ -92,6 +92,7 @@ def test_file_names_equal_the_contract():
     assert str(defaults["output_dir"]) == "/opt/ml/processing/output"
 
 
+@pytest.mark.slow
 def test_step_runs_as_a_script_with_the_contract_shipped_beside_it(tmp_path):
     """In the processing container the script has contract.py as the step's "contract" input, beside its code
     input: a name changed in contract.py (here the labels file) reaches the script, which keeps no copy."""
@@ -502,6 +503,7 @@ def _run_script(input_path: Path, output_dir: Path, **popen: object) -> subproce
         ("holder/only.zip", b"PK\x03\x04 cut short", "not a readable zip archive"),  # a folder with one archive
     ],
 )
+@pytest.mark.slow
 def test_a_refused_archive_prints_one_line_and_no_worker_traceback(tmp_path, name, content, words):
     source = tmp_path / name
     source.parent.mkdir(parents=True, exist_ok=True)
@@ -515,6 +517,7 @@ def test_a_refused_archive_prints_one_line_and_no_worker_traceback(tmp_path, nam
     assert_nothing_published(tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGINT to the process group", "SIGTERM to the step"])
 def test_a_stopped_run_publishes_nothing_prints_no_traceback_and_leaves_no_worker(tmp_path, stop):
     archive = write_zip(tmp_path / "many.zip", imagefolder_entries({"a": 300, "b": 300}, size=(64, 64)))

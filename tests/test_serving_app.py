@@ -66,6 +66,7 @@ def test_the_deployment_module_compiles_on_the_images_pythons(artifact: Path, ve
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_requirements_install_with_no_package_index_reachable(artifact: Path, tmp_path: Path) -> None:
     """What the container does at every start, under network isolation: no index, no configured mirror."""
     environment = {**os.environ, "PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
@@ -135,6 +136,7 @@ def artifact_module(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     sys.modules.update(saved)
 
 
+@pytest.mark.slow
 def test_the_model_folder_is_the_modules_own_or_sm_model_dir_never_the_cwd(
     artifact_module, artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -428,6 +430,7 @@ def test_a_lone_request_does_not_wait_for_company(batching_replica) -> None:
     assert reply.status == 200 and time.perf_counter() - started < 0.2  # well under the 200 ms wait
 
 
+@pytest.mark.slow
 def test_batching_is_off_with_a_batch_size_of_one(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(contract.ENV_SERVE_MAX_BATCH_SIZE, "1")
     monkeypatch.setenv(contract.ENV_INFERENCE_THREADS, "1")

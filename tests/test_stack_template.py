@@ -59,6 +59,7 @@ def _values(template: dict[str, Any], region: str, project: str = PROJECT) -> di
 # --- cfn-lint --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cfn_lint_is_clean_in_every_region_the_template_allows(template: dict[str, Any]) -> None:
     from cfnlint.api import ManualArgs, lint
 
@@ -94,6 +95,7 @@ def _policy_of(template: dict[str, Any], logical_id: str, values: dict[str, str]
     return resolve(document, template, values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("region", ["us-east-1", "eu-west-1", "ap-east-1"])
 def test_roles_carry_the_policies_the_project_renders_statement_for_statement(
     template: dict[str, Any], region: str

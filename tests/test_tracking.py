@@ -6,8 +6,7 @@
   prints the same metric lines, saying once that it does not track;
 - the definition built with ``--mlflow-tracking-arn`` carries it on exactly Tune, Train and Evaluate, and the
   pipeline role's policy allows sagemaker-mlflow on that ARN alone; without the option neither appears;
-- a tiny local run tracked into a real ``mlflow server``: one parent, a child per trial, Train and Evaluate with
-  their metrics and artifacts, and the registered version and its run naming each other (slow).
+- (a tiny local run tracked into a real ``mlflow server`` is test_local_pipeline.py's first run.)
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _mlflow import MlflowServer, free_port
+from _mlflow import MlflowServer, free_port, fresh_store
 from _training import TRAIN_SCRIPT, subprocess_env, train_argv, write_split
 
 from entrypoints import tracking
@@ -61,10 +60,11 @@ def _parents(runs: list) -> list:
 # --- one parent per execution ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_parallel_jobs_racing_on_a_real_store_end_with_one_parent(tmp_path: Path) -> None:
     """Four jobs of one execution start at once and all find no parent, so each creates a candidate (the race,
     held open by a barrier); after they end, one parent is left and every child is under it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     assert tracking.prepare(uri, "Exp") is not None
     jobs = 4
     barrier = threading.Barrier(jobs, timeout=60)
@@ -97,10 +97,11 @@ def test_parallel_jobs_racing_on_a_real_store_end_with_one_parent(tmp_path: Path
     assert {run.data.tags[tracking.TAG_PARENT] for run in children} == {parents[0].info.run_id}
 
 
+@pytest.mark.slow
 def test_a_job_that_joined_a_losing_candidate_is_moved_under_the_winner(tmp_path: Path) -> None:
     """The interleaving the barrier cannot force: A creates and elects itself before B's candidate exists, B (which
     looked before A created) creates one later. Whichever wins, once both ended there is one parent with both."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     tracking.prepare(uri, "Exp")
     b_looked = threading.Event()
     a_done = threading.Event()
@@ -133,8 +134,9 @@ def test_a_job_that_joined_a_losing_candidate_is_moved_under_the_winner(tmp_path
     assert {run.data.tags[tracking.TAG_PARENT] for run in children} == {parents[0].info.run_id}
 
 
+@pytest.mark.slow
 def test_another_execution_gets_its_own_parent(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     first = tracking.Tracker.start("t1", environ=_env(uri, execution="exec-1"))
     second = tracking.Tracker.start("t2", environ=_env(uri, execution="exec-2"))
     again = tracking.Tracker.start("t3", environ=_env(uri, execution="exec-1", step="Train"))
@@ -201,6 +203,7 @@ def untracked(channels: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
     return out, _finish(_train(channels, out, {}))
 
 
+@pytest.mark.slow
 def test_train_without_mlflow_installed_runs_and_says_so_once(
     channels: tuple[Path, Path], untracked: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -296,6 +299,7 @@ def _environments(definition: dict) -> dict[str, dict]:
     return found
 
 
+@pytest.mark.slow
 def test_the_arn_reaches_exactly_tune_train_and_evaluate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plain = _definition(tmp_path, monkeypatch)
     tracked = _definition(tmp_path, monkeypatch, "--mlflow-tracking-arn", ARN)
@@ -338,6 +342,7 @@ def test_a_tracked_definition_ships_the_client_in_the_training_requirements() ->
         assert requirement not in requirements(plain.training)
 
 
+@pytest.mark.slow
 def test_the_role_policy_allows_sagemaker_mlflow_on_that_arn_alone(tmp_path: Path) -> None:
     from pipelines.aws import iam
 
@@ -385,78 +390,6 @@ def test_a_bad_arn_is_refused_before_anything_is_built(tmp_path: Path, monkeypat
     assert code != 0 and "not a SageMaker MLflow" in errors.getvalue()
 
 
-# --- a whole local run, tracked into a real server ------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)  # a whole pipeline run on a shared 2-core machine
-def test_a_local_run_is_tracked_on_a_real_server(tmp_path: Path) -> None:
-    from pipelines import demo_data
-    from pipelines.local.sagemaker import LocalSageMaker
-
-    server = MlflowServer(tmp_path / "server").start()
-    try:
-        data = demo_data.write_digits_archive(tmp_path / "digits.zip", image_size=16, per_class_limit=6)
-        workdir = tmp_path / "runs"
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            code = main(
-                [
-                    "local", "--data", str(data), "--workdir", str(workdir), "--preset", "demo",
-                    "--trials", "2", "--parallel", "2", "--tuning-epochs", "2", "--epochs", "3", "--no-int8",
-                    "--image-size", "16", "--threshold", "0", "--port", "0", "--tracking-uri", server.url,
-                ]
-            )  # fmt: skip
-        assert code == 0, out.getvalue()[-3000:]
-        assert f"open {server.url}" in out.getvalue()
-        client = MlflowClient(server.url)
-        active = _runs(client, "ImageClassificationPipeline")
-        by_role: dict[str, list] = {}
-        for run in active:
-            by_role.setdefault(run.data.tags.get(tracking.TAG_ROLE, "?"), []).append(run)
-        assert {role: len(runs) for role, runs in by_role.items()} == {
-            "execution": 1,
-            "trial": 2,
-            "train": 1,
-            "evaluate": 1,
-        }
-        parent = by_role["execution"][0].info.run_id
-        for role, epochs in (("trial", 2), ("train", 3)):
-            for run in by_role[role]:
-                assert run.data.tags[tracking.TAG_PARENT] == parent
-                for metric in ("train_loss", "valid_loss", "valid_accuracy", "lr"):
-                    history = client.get_metric_history(run.info.run_id, metric)
-                    assert sorted(m.step for m in history) == list(range(1, epochs + 1)), (role, metric)
-                assert run.data.params["architecture"]
-                artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-                assert {"training_curves.png", "training_history.json", "hyperparameters.json"} <= artifacts
-        evaluate = by_role["evaluate"][0]
-        assert evaluate.data.tags[tracking.TAG_PARENT] == parent
-        report_path = next(workdir.glob("run-*/evaluate/**/evaluation.json"))
-        report = json.loads(report_path.read_text())
-        accuracy = report["multiclass_classification_metrics"]["accuracy"]["value"]
-        assert evaluate.data.metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-12)
-        assert {"top_5_accuracy", "macro_f1", "weighted_f1"} <= set(evaluate.data.metrics)
-        assert evaluate.data.tags["int8.gate"] == "not-built"  # --no-int8
-        artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
-        assert {"evaluation.json", "confusion_matrix.png", "serving.json"} <= artifacts
-        # The registered version names its run, and the run its version.
-        assert report["tracking"]["mlflow_run_id"] == evaluate.info.run_id
-        package = LocalSageMaker(workdir.resolve()).registry.describe("ImageClassificationModels")
-        assert package["CustomerMetadataProperties"]["mlflow-run-id"] == evaluate.info.run_id
-        tags = client.get_run(evaluate.info.run_id).data.tags
-        assert tags["model_package.arn"] == package["ModelPackageArn"]
-        assert tags["model_package.version"] == str(package["ModelPackageVersion"])
-        assert tags["model_package.status"] == package["ModelApprovalStatus"]
-        assert client.get_run(parent).info.status == "FINISHED"
-        # Approving the version later updates its run's status tag.
-        with contextlib.redirect_stdout(io.StringIO()):
-            main(["approve", "1", "--local", "--workdir", str(workdir), "--no-deploy"])
-        assert client.get_run(evaluate.info.run_id).data.tags["model_package.status"] == "Approved"
-    finally:
-        server.stop()
-
-
 def test_network_isolation_and_tracking_are_refused_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     errors = io.StringIO()
@@ -466,9 +399,10 @@ def test_network_isolation_and_tracking_are_refused_together(tmp_path: Path, mon
     assert code != 0 and "network isolation" in errors.getvalue()
 
 
+@pytest.mark.slow
 def test_a_refused_request_turns_tracking_off_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """MLflow refuses to change a logged parameter: the job's tracker says so once and sends nothing more."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     tracker = tracking.Tracker.start("t", environ=_env(uri))
     run_id = tracker.run_id
     tracker.log_params({"lr": 0.1})
@@ -482,9 +416,10 @@ def test_a_refused_request_turns_tracking_off_with_one_line(tmp_path: Path, caps
     assert run.data.params == {"lr": "0.1"} and "after" not in run.data.metrics
 
 
+@pytest.mark.slow
 def test_many_metrics_go_in_several_batches(tmp_path: Path) -> None:
     """A 1000-class evaluation logs over a thousand per-class scores: more than one log_batch may carry."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     tracker = tracking.Tracker.start("t", environ=_env(uri, step="Evaluate"))
     tracker.log_metrics({f"f1_{i:04d}": i / 2500 for i in range(2500)}, step=0)
     tracker.set_tags({f"tag{i}": i for i in range(250)})

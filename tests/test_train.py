@@ -46,6 +46,7 @@ def _metric_rows(text: str) -> list[dict[str, float]]:
 # --- training runs ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loss_falls_and_only_the_epoch_lines_match_the_tuner_regexes(channels, tmp_path, capsys) -> None:
     tensorboard = ("--tensorboard-dir", str(tmp_path / "tb"))
     code = train.main(train_argv(channels, tmp_path, "--epochs", "4", "--scheduler", "none", *tensorboard))
@@ -91,6 +92,7 @@ def _settings(argv: list[str]) -> train.Settings:
     return train.resolve_settings(parser.parse_args(argv), parser)
 
 
+@pytest.mark.slow
 def test_artifact_loads_back_and_predicts_what_the_trained_model_predicted(channels, tmp_path) -> None:
     result = train.run_training(
         _settings(train_argv(channels, tmp_path, "--hidden-units", "16", "--dropout", "0.3", "--trainable-blocks", "2"))
@@ -124,6 +126,7 @@ def test_artifact_loads_back_and_predicts_what_the_trained_model_predicted(chann
     torch.load(model_dir / contract.WEIGHTS_FILE, weights_only=True)  # no pickled code needed
 
 
+@pytest.mark.slow
 def test_restarted_run_resumes_from_the_newest_checkpoint_and_matches_an_uninterrupted_run(
     channels, tmp_path, capsys, monkeypatch
 ) -> None:
@@ -160,6 +163,7 @@ def test_restarted_run_resumes_from_the_newest_checkpoint_and_matches_an_uninter
     assert state["epoch"] == 3 and state["history"]["epoch"] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_spot_restart_mid_cosine_schedule_ends_where_the_uninterrupted_run_ends(channels, tmp_path, capsys) -> None:
     argv = train_argv(channels, tmp_path, "--epochs", "3", "--scheduler", "cosine")
     assert train.main(argv) == 0
@@ -176,6 +180,7 @@ def test_spot_restart_mid_cosine_schedule_ends_where_the_uninterrupted_run_ends(
         torch.testing.assert_close(restarted[key], final[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_frozen_blocks_stay_frozen_parameters_and_batch_norm_buffers(channels, tmp_path) -> None:
     torch.manual_seed(3)
     initial = torchvision.models.resnet18(weights=None)
@@ -288,6 +293,7 @@ def test_other_classes_in_the_valid_channel_are_refused(channels, tmp_path, caps
     assert code == 1 and "different labels.json" in err and "same names in another order" in err
 
 
+@pytest.mark.slow
 def test_debugger_config_without_smdebug_trains_and_says_so_once(channels, tmp_path, capsys, monkeypatch) -> None:
     config = tmp_path / "debughookconfig.json"
     config.write_text(json.dumps({"LocalPath": str(tmp_path / "tensors")}))
@@ -303,6 +309,7 @@ def test_debugger_config_without_smdebug_trains_and_says_so_once(channels, tmp_p
 # --- launched the way SageMaker launches it --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_runs_as_a_script_from_any_folder_with_sagemaker_environment(channels, tmp_path) -> None:
     env = subprocess_env(
         SM_CHANNEL_TRAIN=str(channels[0]),
@@ -330,6 +337,7 @@ def test_runs_as_a_script_from_any_folder_with_sagemaker_environment(channels, t
     assert (tmp_path / "output" / train.CURVES_IMAGE).is_file()
 
 
+@pytest.mark.slow
 def test_sagemaker_training_toolkit_runs_the_entry_point_unchanged(channels, tmp_path) -> None:
     """The toolkit's own ``train`` command (the container's entry point) on an /opt/ml layout in tmp.
 
