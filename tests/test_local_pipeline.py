@@ -40,7 +40,8 @@ from pipelines import config, demo_data
 from pipelines import pipeline as builder
 from pipelines.cli.backend import local_report_reader
 from pipelines.cli.sagemaker import package_summaries
-from pipelines.local import containers, registry
+from pipelines.definition.hyperparameters import decode_hyperparameter
+from pipelines.local import registry
 from pipelines.local.objectstore import ObjectStore
 from pipelines.local.sagemaker import ACCOUNT_ID, REGION, LocalSageMaker, arn
 from pipelines.run import main
@@ -360,7 +361,7 @@ def test_parameters_reach_the_same_places_locally_as_in_the_sagemaker_definition
                 received = received_by[step]["AppSpecification"]["ContainerArguments"][path[2]]
             else:  # ("HyperParameters", key) or ("TrainingJobDefinition", "StaticHyperParameters", key)
                 key = path[1] if path[0] == "HyperParameters" else path[2]
-                received = str(containers.decode_hyperparameter(received_by[step][key]))
+                received = str(decode_hyperparameter(received_by[step][key]))
             assert received == value, (parameter, step, path, job_arguments)
     # ... and the scripts got them as flags
     assert f"--image-size {PARAMETERS['ImageSize']}" in (first_run.folder / "preprocess/log.txt").read_text()
