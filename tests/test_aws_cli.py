@@ -112,6 +112,7 @@ def test_definition_writes_a_checked_definition(aws: Any, tmp_path: Path, capsys
     assert code == 0 and json.loads(out)["Steps"][0]["Name"] == "Preprocess"
 
 
+@pytest.mark.slow
 def test_definition_refuses_a_bad_option(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(capsys, "definition", "--network-isolation")
     assert code == 2 and "weights URI" in err
@@ -164,6 +165,7 @@ def test_upsert_creates_then_updates(aws: Any, capsys: pytest.CaptureFixture[str
     assert len(sagemaker.list_pipelines()["PipelineSummaries"]) == 1
 
 
+@pytest.mark.slow
 def test_upsert_refuses_a_role_of_another_account(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(capsys, "upsert", "--role", "arn:aws:iam::210987654321:role/PipelineRole")
     assert code == 2 and "account 210987654321" in err and "123456789012" in err and "nothing was changed" in err
@@ -211,6 +213,7 @@ def test_upsert_uses_the_names_given(aws: Any, capsys: pytest.CaptureFixture[str
     assert _approval_rule_groups(aws) == {config.DEPLOY_RULE_NAME: ["VisionModels"]}
 
 
+@pytest.mark.slow
 def test_upsert_without_a_deploy_role_changes_nothing(
     aws: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -362,6 +365,7 @@ def test_follow_execution_gives_up_after_the_timeout(monkeypatch: pytest.MonkeyP
         aws_cli.follow_execution(fake, "arn:execution", poll_seconds=0, timeout_seconds=-1, out=io.StringIO())
 
 
+@pytest.mark.slow
 def test_start_wait_and_status_against_moto(
     upserted: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -470,6 +474,7 @@ def test_aws_refusals_become_one_line_errors(aws: Any, capsys: pytest.CaptureFix
     assert code == 2 and err.splitlines()[-1].startswith("error: AWS refused UpdateModelPackage: ValidationException")
 
 
+@pytest.mark.slow
 def test_upsert_with_tracking_and_a_wheelhouse_uploads_the_code_the_definition_names(
     aws: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -194,6 +194,7 @@ def test_a_changed_template_shows_its_changes_and_updates_the_stack(
     assert values["Branch"] == "release/2.x" and values["Repository"] == "owner/repo"  # kept from the first run
 
 
+@pytest.mark.slow
 def test_no_execute_leaves_the_change_set_for_review(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(capsys, *CREATE, "--no-execute")
     assert code == 0, err
@@ -357,6 +358,7 @@ def test_the_builds_upsert_and_start_need_nothing_the_build_role_lacks(
         ),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_gets_one_line_and_makes_no_stack(
     aws: Any, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
 ) -> None:
@@ -367,6 +369,7 @@ def test_bad_input_gets_one_line_and_makes_no_stack(
     assert _no_stack(aws)
 
 
+@pytest.mark.slow
 def test_a_connection_still_pending_says_to_finish_the_handshake(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     aws.connections.connections[CONNECTION] = ("PENDING", "GitHub")
     code, _, err = _run(capsys, *CREATE)
@@ -375,6 +378,7 @@ def test_a_connection_still_pending_says_to_finish_the_handshake(aws: Any, capsy
     assert _no_stack(aws)
 
 
+@pytest.mark.slow
 def test_a_gitlab_repository_may_sit_in_subgroups(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     aws.connections.connections[CONNECTION] = ("AVAILABLE", "GitLab")
     code, out, err = _run(capsys, "bootstrap", "--connection-arn", CONNECTION, "--repository", "group/team/repo")
@@ -382,6 +386,7 @@ def test_a_gitlab_repository_may_sit_in_subgroups(aws: Any, capsys: pytest.Captu
     assert "group/team/repo@main through GitLab" in out
 
 
+@pytest.mark.slow
 def test_a_stack_in_rollback_complete_says_how_to_remove_it(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from moto.cloudformation.models import cloudformation_backends
 
@@ -423,6 +428,7 @@ def test_names_taken_outside_the_stack_stop_it_before_any_change(aws: Any, capsy
     assert _no_stack(aws)
 
 
+@pytest.mark.slow
 def test_a_model_package_group_made_by_upsert_is_taken_over_not_made_twice(
     aws: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

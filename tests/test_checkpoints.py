@@ -77,6 +77,7 @@ def test_a_second_run_in_the_same_folder_with_other_data_or_settings_starts_fres
         assert _same(_weights(first), _weights(tmp_path / "alone"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_old_unkeyed_format_is_not_resumed(channels, tmp_path, capsys) -> None:
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -172,6 +173,7 @@ def _toolkit_env(monkeypatch: pytest.MonkeyPatch, base: Path | None, machine_bas
         monkeypatch.setenv("SM_OUTPUT_DIR", str(base / "output"))
 
 
+@pytest.mark.slow
 def test_a_plain_command_has_no_default_checkpoint_folder(channels, tmp_path, capsys, monkeypatch) -> None:
     _toolkit_env(monkeypatch, None, tmp_path / "no-opt-ml")
     monkeypatch.chdir(tmp_path)

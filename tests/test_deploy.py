@@ -292,6 +292,7 @@ def test_serverless_endpoint_config(sagemaker, recorder, function_env, monkeypat
     assert "InstanceType" not in variant and "InitialInstanceCount" not in variant
 
 
+@pytest.mark.slow
 def test_autoscaling_registered_when_min_and_max_capacity_are_set(aws, sagemaker, recorder, function_env, monkeypatch):
     monkeypatch.setenv("MIN_CAPACITY", "1")
     monkeypatch.setenv("MAX_CAPACITY", "4")

@@ -141,6 +141,7 @@ def test_a_roll_back_whose_deploy_fails_leaves_the_tested_version_approved(
     assert sagemaker.describe_model_package(ModelPackageName=tested)["ModelApprovalStatus"] == "Approved"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("smoke_test_passes", [True, False])
 def test_deploy_with_a_smoke_test_rolls_back_when_it_fails(
     aws, sagemaker, recorder, capsys, monkeypatch, smoke_test_passes: bool

@@ -78,6 +78,7 @@ def _run(served, *extra: str) -> int:
     return run.main(["endpoint-test", "--test-dir", test_dir, "--endpoint", url, "--model", model, *extra])
 
 
+@pytest.mark.slow
 def test_a_faithful_endpoint_passes_with_its_latency(served, tampering, capsys) -> None:
     assert _run(served, "--images", "7") == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
@@ -91,6 +92,7 @@ def test_the_images_are_taken_in_turn_from_each_class(served) -> None:
     assert [Path(name).parent.name for name, _ in chosen] == ["cat", "dog", "fox", "cat"]
 
 
+@pytest.mark.slow
 def test_one_answer_that_differs_fails_the_test_and_names_the_image(served, tampering, capsys) -> None:
     def another_class(answer: server.Answer) -> server.Answer:
         body = json.loads(answer.body)
@@ -108,6 +110,7 @@ def test_one_answer_that_differs_fails_the_test_and_names_the_image(served, tamp
     assert out.strip().endswith("FAILED")
 
 
+@pytest.mark.slow
 def test_a_server_error_fails_the_test(served, tampering, capsys) -> None:
     tampering.nth = 3
     tampering.change = lambda answer: server.error_answer(500, "the model server failed", "internal_error")
@@ -174,6 +177,7 @@ def test_a_local_rollback_serves_the_previous_approved_version_and_rejects_the_t
     assert "no rollback" in endpoint_test.rollback_local(tmp_path, "imgclf-local", record, "again")
 
 
+@pytest.mark.slow
 def test_a_rollback_whose_earlier_model_cannot_be_read_changes_nothing_and_says_so_in_one_line(
     served, tampering, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

@@ -196,6 +196,7 @@ def test_runs_with_nothing_but_its_own_file_and_the_artifact(
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_test_split_of_other_classes_is_refused_and_nothing_is_written(
     model_archive: Path, test_split: Path, tmp_path: Path, eager: None, capsys: pytest.CaptureFixture
 ) -> None:
@@ -265,6 +266,7 @@ def test_archives_cannot_write_outside_their_folder(
     assert not any(target.rglob("*"))
 
 
+@pytest.mark.slow
 def test_the_model_argument_takes_an_archive_a_folder_with_one_or_an_extracted_artifact(
     model_archive: Path, tmp_path: Path
 ) -> None:

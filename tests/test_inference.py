@@ -324,6 +324,7 @@ def test_every_runtime_gives_the_eager_answers(reference_model: torch.nn.Module,
     np.testing.assert_allclose(forward(images), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_auto_falls_back_when_onnxruntime_is_missing_or_disagrees(
     reference_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -142,6 +142,7 @@ def test_the_gate_allows_exactly_the_configured_drop() -> None:
 # --- at load time ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_inference_precision_fp32_turns_int8_off_and_int8_insists(
     int8_served, auto_precision, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -278,6 +279,7 @@ def test_the_served_archive_is_the_same_bytes_for_the_same_evaluation(splits, tm
         assert all(member.mtime == 0 for member in archive.getmembers())
 
 
+@pytest.mark.slow
 def test_local_no_int8_builds_the_definition_whose_evaluate_builds_no_int8(tmp_path: Path) -> None:
     from pipelines.local import runner
     from pipelines.run import build_parser

@@ -173,6 +173,7 @@ def test_training_instance_count_without_torch_distributed_is_refused_with_the_f
     assert not list(workdir.glob("run-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("aws")
 def test_definition_takes_the_flag_as_local_does(tmp_path: Path) -> None:
     from pipelines.run import main

@@ -172,6 +172,7 @@ _PROTOCOL_ERRORS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(_PROTOCOL_ERRORS))
 def test_the_servers_own_refusals_are_4xx_json_with_a_code_and_it_serves_on(recording, case: str) -> None:
     _, url, _ = recording
@@ -230,6 +231,7 @@ def _closed_within(url: str, data: bytes, trickle: bytes = b"", every: float = 0
     return time.monotonic() - started, received
 
 
+@pytest.mark.slow
 def test_an_idle_connection_is_closed_after_the_idle_timeout(recording) -> None:
     _, url, _ = recording  # idle timeout 1 s
     elapsed, received = _closed_within(url, b"")
@@ -238,6 +240,7 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout(recording) -> None:
     assert elapsed < 10
 
 
+@pytest.mark.slow
 def test_a_request_that_stops_half_way_is_cut(recording) -> None:
     _, url, _ = recording
     elapsed, received = _closed_within(url, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
@@ -247,6 +250,7 @@ def test_a_request_that_stops_half_way_is_cut(recording) -> None:
     assert elapsed < 10
 
 
+@pytest.mark.slow
 def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_read_deadline(recording) -> None:
     _, url, _ = recording  # idle timeout 1 s, read deadline 2 s: a byte every 0.5 s never idles long enough
     header = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n\r\n"

@@ -391,6 +391,7 @@ def _split_run(workdir: Path, run_id: str, writer: _SplitWriter, lines: list[str
     return execution.record["PipelineExecutionSteps"][0]
 
 
+@pytest.mark.slow
 def test_a_cache_hit_counts_only_while_its_outputs_hold_the_recorded_files(tmp_path: Path) -> None:
     writer, lines = _SplitWriter(), []
     _split_run(tmp_path, "run-0001", writer, lines)

@@ -232,6 +232,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_a_stop_signal_ends_every_process_of_every_job_within_seconds(tmp_path: Path) -> None:
     from pipelines.local.executor import RunStopped
     from pipelines.local.runner import stopped_by_signals

@@ -230,6 +230,7 @@ def _both(capsys: pytest.CaptureFixture[str], workdir: Path, *argv: str) -> tupl
     return printed[0], printed[1]
 
 
+@pytest.mark.slow
 def test_models_approve_reject_print_the_same_on_sagemaker_and_locally(
     aws: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -420,6 +420,7 @@ def test_validation_parses_the_flags_the_training_job_gets(tmp_path: Path) -> No
     assert origins == {"--epochs": "--param Epochs", "--lr": "--hp lr", "--_internal": "the preset"}
 
 
+@pytest.mark.slow
 def test_stopping_a_tree_ends_what_ignores_sigterm_and_leaves_the_leaders_status_to_its_popen() -> None:
     import signal
     import subprocess

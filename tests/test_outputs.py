@@ -125,6 +125,7 @@ def no_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
+@pytest.mark.slow
 def test_definition_without_flags_names_every_missing_value_at_once(
     no_aws: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

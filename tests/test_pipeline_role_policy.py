@@ -112,6 +112,7 @@ def test_policy_is_least_privilege(built: dict[str, Any], all_options: bool) -> 
     }
 
 
+@pytest.mark.slow
 def test_deploy_step_may_invoke_exactly_the_deploy_function(built: dict[str, Any]) -> None:
     (deploy,) = [step for step in _iter_steps(built["definitions"]["default"]) if step["Type"] == "Lambda"]
     function_arn = f"arn:aws:lambda:{built['region']}:{ACCOUNT_ID}:function:{config.DEPLOY_FUNCTION_NAME}"
@@ -263,6 +264,7 @@ def _object_arn(uri: str) -> str:
     return "arn:aws:s3:::" + uri.removeprefix("s3://").rstrip("/") + "/object-key"
 
 
+@pytest.mark.slow
 def test_every_s3_location_of_the_definition_is_reachable_and_only_those(built: dict[str, Any]) -> None:
     bucket = built["bucket"]
     read_only = (built["options"]["weights_uri"], built["options"]["serving_wheels_uri"])

@@ -155,6 +155,7 @@ def test_the_model_folder_is_the_modules_own_or_sm_model_dir_never_the_cwd(
 # --- the replica ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_model_loads_once_then_one_warm_up_request_runs(artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(contract.ENV_INFERENCE_THREADS, "1")  # the replica sets it for model_fn
     calls: list[str] = []
@@ -289,6 +290,7 @@ def test_a_batch_still_decoding_does_not_hold_up_a_small_request(replica) -> Non
     assert finished["second"] < finished["first"]
 
 
+@pytest.mark.slow
 def test_two_large_batches_decoding_hold_a_small_request_up_for_a_few_image_decodes_only(replica) -> None:
     """Both decode threads busy with batches of slow images: the small request waits a decode or two, not a batch."""
     decode_s, images = 0.15, 16  # each batch: 2.4 s of decoding

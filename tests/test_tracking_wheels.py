@@ -190,6 +190,7 @@ def _tracking_house(tmp_path: Path) -> Path:
     return house
 
 
+@pytest.mark.slow
 def test_evaluate_installs_the_client_from_the_wheelhouse_with_no_index(
     tmp_path: Path, no_client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

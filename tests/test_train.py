@@ -207,6 +207,7 @@ def test_frozen_blocks_stay_frozen_parameters_and_batch_norm_buffers(channels, t
     assert "layer4.1.conv2.weight" in changed and "layer4.1.bn2.running_mean" in changed
 
 
+@pytest.mark.slow
 def test_weights_of_another_network_are_refused_naming_the_flag(channels, tmp_path, capsys) -> None:
     other = tmp_path / "mobilenet.pth"
     torch.save(torchvision.models.mobilenet_v3_small().state_dict(), other)
