@@ -1244,8 +1244,9 @@ def apply_serving_image(config_request: dict[str, Any], image: str, settings: De
 # --- the event ------------------------------------------------------------------------------------------------
 
 
-def parse_event(event: Any, settings: DeploySettings) -> tuple[str | None, str | None]:
-    """(model package ARN, None) for an approval of the configured group, else (None, why it is ignored)."""
+def parse_event(event: Any, settings: DeploySettings, status: str | None = APPROVED) -> tuple[str | None, str | None]:
+    """(model package ARN, None) for a change of a package of the configured group to ``status`` (an approval; None:
+    any status), else (None, why it is ignored)."""
     if not isinstance(event, Mapping):
         return None, f"event is a {type(event).__name__}, not an EventBridge event object"
     if event.get("source") != EVENT_SOURCE or event.get("detail-type") != EVENT_DETAIL_TYPE:
@@ -1255,10 +1256,10 @@ def parse_event(event: Any, settings: DeploySettings) -> tuple[str | None, str |
     detail = event.get("detail")
     if not isinstance(detail, Mapping):
         return None, "event has no detail object"
-    status = detail.get("ModelApprovalStatus")
+    changed_to = detail.get("ModelApprovalStatus")
     group = detail.get("ModelPackageGroupName")
-    if status != APPROVED:
-        return None, f"approval status is {status!r}, not 'Approved'"
+    if status is not None and changed_to != status:
+        return None, f"approval status is {changed_to!r}, not {status!r}"
     if group != settings.model_package_group:
         return None, f"model package group is {group!r}, not {settings.model_package_group!r}"
     arn = detail.get("ModelPackageArn") or (event.get("resources") or [None])[0]
@@ -1280,22 +1281,16 @@ def handle_event(
     if arn is None:
         detail = event.get("detail") if isinstance(event, Mapping) else None
         arn_in_event = detail.get("ModelPackageArn") if isinstance(detail, Mapping) else None
-        _tag_status_change(event, settings, clients)
+        changed, _ = parse_event(event, settings, status=None)
+        if changed is not None:  # a rejection, say: nothing to deploy, but the package's MLflow run learns it
+            _tag_status_change(changed, clients)
         return _ignored(reason or "ignored", model_package_arn=arn_in_event, event_id=_event_id(event))
     return deploy_model_package(arn, settings, clients, deadline=deadline, sleep=sleep)
 
 
-def _tag_status_change(event: Any, settings: DeploySettings, clients: DeployClients) -> None:
-    """A rejection (or any other status but Approved) of a package of the group: nothing to deploy, but the
-    package's MLflow run learns the new status. Only a tracked pipeline's rule sends such events here."""
-    detail = event.get("detail") if isinstance(event, Mapping) else None
-    if not isinstance(detail, Mapping) or event.get("detail-type") != EVENT_DETAIL_TYPE:
-        return
-    arn = detail.get("ModelPackageArn")
-    if detail.get("ModelPackageGroupName") != settings.model_package_group:
-        return
-    if not isinstance(arn, str) or ":model-package/" not in arn:
-        return
+def _tag_status_change(arn: str, clients: DeployClients) -> None:
+    """A package of the group changed to a status other than Approved: its MLflow run learns the new status. Only
+    a tracked pipeline's rule sends such events here."""
     try:
         package = clients.sagemaker.describe_model_package(ModelPackageName=arn)
     except ClientError as error:

@@ -834,7 +834,8 @@ def start_tracking(wheels: str | None, scratch: Path) -> Any:
         return None
     if not install_tracking_client(wheels, module.JOB_REQUIREMENTS, scratch):
         return module.Tracker()  # inactive: evaluation.json still gets its tracking section (not-tracked)
-    return module.Tracker.start(_processing_job_name(), tags={"job_name": _processing_job_name()})
+    job_name = _processing_job_name()
+    return module.Tracker.start(job_name, tags={"job_name": job_name})
 
 
 def _metric_name(text: str) -> str:
