@@ -84,12 +84,12 @@ class Run:
         return dict((o["Name"], o["Value"]) for o in self.step(name)["Metadata"]["Lambda"]["OutputParameters"])[key]
 
 
-def _local(workdir: Path, data: Path, *extra: str) -> Run:
+def _local(workdir: Path, data: Path, server: MlflowServer, *extra: str) -> Run:
     """A run in the module's workdir, tracked into the module's MLflow server (one URI for all: it is part of
     each tracked job's environment, and so of its cache key)."""
     before = {p.name for p in workdir.iterdir()} if workdir.is_dir() else set()
     out, err = io.StringIO(), io.StringIO()
-    tracked = ["--tracking-uri", _SERVER[0].url]
+    tracked = ["--tracking-uri", server.url]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["local", "--data", str(data), "--workdir", str(workdir), *SMALL, *tracked, *extra])
     new = sorted(p for p in workdir.iterdir() if p.name.startswith("run-") and p.name not in before)
@@ -97,15 +97,16 @@ def _local(workdir: Path, data: Path, *extra: str) -> Run:
     return Run(code, out.getvalue(), err.getvalue(), new[0])
 
 
-_SERVER: list[MlflowServer] = []  # the module's server, set by the workdir fixture
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    _SERVER[:] = [server]
-    yield tmp_path_factory.mktemp("local") / "runs"
-    server.stop()
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("local") / "runs"
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +117,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_run(workdir: Path, data: Path):
+def first_run(workdir: Path, data: Path, server: MlflowServer):
     parameters = [argument for name, value in PARAMETERS.items() for argument in ("--param", f"{name}={value}")]
-    run = _local(workdir, data, "--threshold", "0", *parameters, "--param", "ModelApprovalStatus=Approved")
+    run = _local(workdir, data, server, "--threshold", "0", *parameters, "--param", "ModelApprovalStatus=Approved")
     yield run
     endpoint.stop(workdir.resolve(), config.LOCAL_ENDPOINT_NAME)  # if a test failed before stopping it
 
@@ -128,9 +129,9 @@ def _same_as_first(*extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cached_run(first_run: Run, workdir: Path, data: Path) -> Run:
+def cached_run(first_run: Run, workdir: Path, data: Path, server: MlflowServer) -> Run:
     assert main(["reject", "1", "--local", "--workdir", str(workdir)]) == 0  # a person rejects version 1
-    return _local(workdir, data, "--threshold", "0", *_same_as_first("--param", "ModelApprovalStatus=Approved"))
+    return _local(workdir, data, server, "--threshold", "0", *_same_as_first("--param", "ModelApprovalStatus=Approved"))
 
 
 # The changed run's Train step: SageMaker's torch_distributed launcher on two (CPU) instances, here two processes.
@@ -138,20 +139,20 @@ TWO_PROCESSES = ("--torch-distributed", "--param", "TrainingInstanceCount=2")
 
 
 @pytest.fixture(scope="module")
-def changed_run(cached_run: Run, workdir: Path, data: Path) -> Run:
-    return _local(workdir, data, "--threshold", "0", *_same_as_first("--epochs", "2", *TWO_PROCESSES))
+def changed_run(cached_run: Run, workdir: Path, data: Path, server: MlflowServer) -> Run:
+    return _local(workdir, data, server, "--threshold", "0", *_same_as_first("--epochs", "2", *TWO_PROCESSES))
 
 
 @pytest.fixture(scope="module")
-def failed_run(changed_run: Run, workdir: Path, data: Path) -> Run:
-    return _local(workdir, data, "--threshold", "1", *_same_as_first("--epochs", "2", *TWO_PROCESSES))
+def failed_run(changed_run: Run, workdir: Path, data: Path, server: MlflowServer) -> Run:
+    return _local(workdir, data, server, "--threshold", "1", *_same_as_first("--epochs", "2", *TWO_PROCESSES))
 
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix == ".jpg")
 
 
-def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) -> None:
+def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run, server: MlflowServer) -> None:
     from pipelines.definition.check import iter_steps
     from pipelines.local.runner import LocalRunOptions, build_definition
 
@@ -162,7 +163,7 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
     # the very definition `definition --preset demo` builds (with the local account, role and bucket), tracked into
     # the MLflow server given by --tracking-uri
     definition = first_run.definition
-    assert definition == build_definition(LocalRunOptions(preset="demo", tracking_uri=_SERVER[0].url))[0]
+    assert definition == build_definition(LocalRunOptions(preset="demo", tracking_uri=server.url))[0]
     # every step ran, the Deploy LambdaStep included; none was skipped (only the Fail branch was not taken)
     else_branch = {s["Name"] for s in definition["Steps"][-1]["Arguments"]["ElseSteps"]}
     expected = [step["Name"] for step in iter_steps(definition) if step["Name"] not in else_branch]
@@ -261,12 +262,12 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run) ->
     assert row["accuracy"] == accuracy  # what `models --local` shows, read from the version's own report
 
 
-def _tracked_runs(execution: str) -> dict[str, list]:
+def _tracked_runs(server: MlflowServer, execution: str) -> dict[str, list]:
     """The server's runs of one execution (run-0001, ...), by their role: execution (the parent), trial, train,
     evaluate."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(_SERVER[0].url)
+    client = MlflowClient(server.url)
     experiment = client.get_experiment_by_name(config.PIPELINE_NAME).experiment_id
     by_role: dict[str, list] = {}
     for run in client.search_runs([experiment], filter_string=f"tags.`{tracking.TAG_EXECUTION}` = '{execution}'"):
@@ -274,14 +275,14 @@ def _tracked_runs(execution: str) -> dict[str, list]:
     return by_role
 
 
-def test_the_first_run_is_tracked_on_a_real_server(first_run: Run) -> None:
+def test_the_first_run_is_tracked_on_a_real_server(first_run: Run, server: MlflowServer) -> None:
     """One parent for the execution; a child per trial and for Train, with a metric per epoch and their artifacts;
     Evaluate's child with the report's accuracy; the registered version and its run name each other."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(_SERVER[0].url)
-    assert f"open {_SERVER[0].url}" in first_run.stdout  # the summary says where to look
-    by_role = _tracked_runs(first_run.folder.name)
+    client = MlflowClient(server.url)
+    assert f"open {server.url}" in first_run.stdout  # the summary says where to look
+    by_role = _tracked_runs(server, first_run.folder.name)
     counts = {role: len(runs) for role, runs in by_role.items()}
     assert counts == {"execution": 1, "trial": 1, "train": 1, "evaluate": 1}
     parent = by_role["execution"][0].info.run_id
@@ -418,7 +419,9 @@ def test_second_run_reuses_every_job_step(cached_run: Run) -> None:
     assert "cached from run-0001" in cached_run.stdout
 
 
-def test_a_cached_rerun_registers_a_version_of_its_own_and_a_rejected_one_stays_rejected(cached_run: Run) -> None:
+def test_a_cached_rerun_registers_a_version_of_its_own_and_a_rejected_one_stays_rejected(
+    cached_run: Run, server: MlflowServer
+) -> None:
     workdir = cached_run.folder.parent
     packages = registry.LocalModelRegistry(workdir, arn).list_model_packages(config.MODEL_PACKAGE_GROUP)
     assert [p["ModelPackageVersion"] for p in packages] == [1, 2]  # the same model bytes, a new version
@@ -429,7 +432,7 @@ def test_a_cached_rerun_registers_a_version_of_its_own_and_a_rejected_one_stays_
     )
     assert [p["ModelApprovalStatus"] for p in packages] == ["Rejected", "Approved"]  # reject --local holds
     # Both versions come from run-0001's (cached) Evaluate: its run names the newest, as on SageMaker's cache.
-    (evaluated,) = _tracked_runs("run-0001")["evaluate"]
+    (evaluated,) = _tracked_runs(server, "run-0001")["evaluate"]
     assert {key: evaluated.data.tags[f"model_package.{key}"] for key in ("version", "status")} == {
         "version": "2",
         "status": "Approved",
@@ -542,14 +545,14 @@ def test_unmet_threshold_runs_the_fail_step_with_its_message(failed_run: Run, fi
     assert set(first_run.statuses()) | set(failed_run.statuses()) == everything
 
 
-def test_failing_script_names_the_step_and_shows_its_log(workdir: Path, tmp_path: Path) -> None:
+def test_failing_script_names_the_step_and_shows_its_log(workdir: Path, tmp_path: Path, server: MlflowServer) -> None:
     one_class = tmp_path / "one_class.zip"
     with zipfile.ZipFile(one_class, "w") as archive:
         for name in ("cat/a.jpg", "cat/b.jpg"):
             image = io.BytesIO()
             Image.new("RGB", (16, 16), "white").save(image, "JPEG")
             archive.writestr(name, image.getvalue())
-    run = _local(workdir, one_class)
+    run = _local(workdir, one_class, server)
     assert run.code == 1
     assert "step Preprocess failed: exit status 2" in run.stderr
     last_line = (run.folder / "preprocess/log.txt").read_text().strip().splitlines()[-1]
@@ -569,12 +572,12 @@ def test_endpoint_stop(first_run: Run, capsys: pytest.CaptureFixture[str]) -> No
 
 
 @pytest.fixture(scope="module")
-def fork_run(failed_run: Run, workdir: Path, data: Path) -> Iterator[Run]:
+def fork_run(failed_run: Run, workdir: Path, data: Path, server: MlflowServer) -> Iterator[Run]:
     """The fork of docs/customizing.md (tests/_fork.py) in the same workdir, with the first run's values."""
     ObjectStore(workdir).put_bytes(REPORT_CODE, REPORT_SCRIPT.read_bytes())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(builder, "get_pipeline", with_data_report(builder.get_pipeline))
-        yield _local(workdir, data, "--threshold", "0", *_same_as_first())
+        yield _local(workdir, data, server, "--threshold", "0", *_same_as_first())
 
 
 def test_a_fork_with_a_data_report_step_runs_locally_end_to_end(fork_run: Run) -> None:
