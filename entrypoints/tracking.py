@@ -287,12 +287,16 @@ class Tracker:
         self.run_id = None
 
 
-def prepare(uri: str, experiment_name: str) -> str | None:
+def prepare(uri: str, experiment_name: str | None) -> str | None:
     """Create the store's tables and the experiment before any job starts (parallel trials that each create a
-    fresh SQLite store's tables collide); the experiment's ID, or None and one line when that fails."""
+    fresh SQLite store's tables collide); the experiment's ID, or None and one line when that fails. With no
+    experiment name, the store alone: "" once its tables are there."""
     try:
         client_class, _ = _load_mlflow()
         client = client_class(tracking_uri=uri)
+        if experiment_name is None:
+            client.search_experiments(max_results=1)
+            return ""
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is not None:
             return str(experiment.experiment_id)

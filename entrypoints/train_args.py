@@ -266,7 +266,7 @@ def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
         help="data-loading processes; 'auto' = one per available CPU, shared by the processes of this host",
     )
     _add_switch(speed, "amp", "automatic mixed precision (default: on with a GPU; bfloat16 on CPU when asked)")
-    _add_switch(speed, "channels-last", "NHWC memory layout (default: on with a GPU)")
+    _add_switch(speed, "channels-last", "NHWC memory layout (default: on)")
     speed.add_argument(
         "--num-gpus",
         type=_non_negative_int,

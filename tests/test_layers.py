@@ -27,7 +27,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "aws": {"aws", "template", "container", "contract", "definition", "util"},
     "cli": {"cli", "aws", "runner", "engine", "serving", "template", "container", "contract", "definition", "util"},
 }
-RUNNER_MODULES = {"pipelines.local.runner", "pipelines.local.deploy_function"}
+RUNNER_MODULES = {"pipelines.local.runner", "pipelines.local.deploy_function", "pipelines.local.tracking_store"}
 
 
 def layer_of(module: str) -> str:

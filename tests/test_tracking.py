@@ -27,6 +27,7 @@ from _mlflow import MlflowServer, free_port, fresh_store
 from _training import TRAIN_SCRIPT, subprocess_env, train_argv, write_split
 
 from entrypoints import tracking
+from pipelines.local.tracking_store import TrackingStore
 from pipelines.run import main
 
 mlflow = pytest.importorskip("mlflow")
@@ -144,6 +145,51 @@ def test_another_execution_gets_its_own_parent(tmp_path: Path) -> None:
     for tracker in (first, second, again):
         tracker.end()
     assert len(_parents(_runs(MlflowClient(uri)))) == 2
+
+
+# --- the runner's helper process (pipelines/local/tracking_store.py) -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_runners_helper_makes_the_store_only_when_asked_and_tags_the_version(tmp_path: Path) -> None:
+    """The helper imports MLflow and migrates a template while the runner builds, yet writes nothing where the
+    store goes until ``prepare``; then the store holds the experiment, and ``tag`` tags the version's run."""
+    database = tmp_path / "runs" / "mlflow.db"
+    uri = f"sqlite:///{database}"
+    helper = TrackingStore(uri)
+    try:
+        time.sleep(1)  # the helper is at work meanwhile
+        assert not database.parent.exists()  # a run refused now leaves nothing behind
+        database.parent.mkdir()
+        experiment_id = helper.prepare("Exp")
+        client = MlflowClient(uri)
+        assert client.get_experiment_by_name("Exp").experiment_id == experiment_id
+        assert helper.prepare("Exp") == experiment_id  # an existing store and experiment are kept
+        tracker = tracking.Tracker.start("train", environ=_env(uri, step="Train"))
+        run_id = tracker.run_id
+        tracker.end()
+        package = {
+            "ModelPackageArn": "arn:aws:sagemaker:us-east-1:000000000000:model-package/models/3",
+            "ModelPackageVersion": 3,
+            "ModelApprovalStatus": "Approved",
+            "CustomerMetadataProperties": {tracking.PACKAGE_RUN_ID: run_id},
+        }
+        assert helper.tag_registered_version(package) == run_id
+        tags = client.get_run(run_id).data.tags
+        assert (tags["model_package.version"], tags["model_package.status"]) == ("3", "Approved")
+    finally:
+        helper.close()
+    assert helper.process is None and helper.prepare("Exp") is None  # closed: asks nothing, breaks nothing
+
+
+def test_a_helper_that_died_costs_one_line_and_the_run_goes_on(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    helper = TrackingStore(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert helper.process is not None
+    helper.process.kill()
+    helper.process.wait()
+    assert helper.prepare("Exp") is None
+    assert "the runner's tracking helper failed" in capfd.readouterr().err
+    assert helper.process is None and not (tmp_path / "mlflow.db").exists()
 
 
 # --- tracking never breaks a job -------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from pipelines.local.executor import DEFINITION_FILE, LocalExecution, RunStopped
 from pipelines.local.objectstore import ObjectStore, ObjectStoreError, s3_uris, split_uri
 from pipelines.local.registry import RegistryError
 from pipelines.local.runs import RUN_ID
+from pipelines.local.tracking_store import TrackingStore
 from pipelines.serving import endpoint
 from pipelines.util import fsutil, processes
 
@@ -302,6 +303,7 @@ class LocalPipeline:
         self.run_dir = Path()
         self.execution: LocalExecution | None = None
         self.project = True  # the definition runs this project's code (known once it is prepared)
+        self.tracking: TrackingStore | None = None  # MLflow's side of a tracked run (pipelines/local/tracking_store.py)
 
     def _data_input(self, store: ObjectStore, pipeline_name: str, image_size: int) -> str:
         """Put the input data in the object store; returns its prefix (the run's InputDataUri).
@@ -434,6 +436,15 @@ class LocalPipeline:
             local_sagemaker.LocalSageMaker(self.workdir).registry.check()
         except RegistryError as error:
             raise InvalidOptions([str(error)]) from error
+        if self.options.tracking_uri:  # MLflow imported, and a store migrated, while the definition is built
+            self.tracking = TrackingStore(self.options.tracking_uri)
+        try:
+            return self._execute(started)
+        finally:
+            if self.tracking is not None:
+                self.tracking.close()
+
+    def _execute(self, started: float) -> dict[str, Any]:
         prepared = self._prepared()
         definition = prepared.definition
         overrides = validation.parameter_overrides(definition, self.options.parameters)
@@ -449,10 +460,8 @@ class LocalPipeline:
         api = local_api(self.workdir, self.options.port, self.options.ray)
         name = prepared.pipeline_name
         self.project = prepared.project
-        if self.options.tracking_uri:  # the store's tables and the experiment, before parallel trials start
-            from entrypoints import tracking
-
-            tracking.prepare(self.options.tracking_uri, name)
+        if self.tracking is not None:  # the store's tables and the experiment, before parallel trials start
+            self.tracking.prepare(name)
         self.execution = LocalExecution(
             definition,
             executors=step_executors(self.options, self.workdir, api, prepared.project),
@@ -529,15 +538,13 @@ class LocalPipeline:
                     state = None
                 if state is not None and state["EndpointStatus"] == "InService":
                     summary["endpoint"] = {"name": answer["endpoint_name"], "url": state["url"]}
-        if self.options.tracking_uri:
-            self._summarise_tracking(summary)
+        if self.tracking is not None:
+            self._summarise_tracking(summary, self.tracking)
 
-    def _summarise_tracking(self, summary: dict[str, Any]) -> None:
+    def _summarise_tracking(self, summary: dict[str, Any], tracking: TrackingStore) -> None:
         """MLflow: the registered version's ARN, number and status as tags of its run (the package names the run
         in its CustomerMetadataProperties), and the command that opens the UI on this store."""
-        from entrypoints import tracking
-
-        uri = str(self.options.tracking_uri)
+        uri = tracking.uri
         arn = summary.get("model_package", {}).get("ModelPackageArn")
         if arn:
             try:
@@ -545,7 +552,7 @@ class LocalPipeline:
             except RegistryError:
                 package = None
             if package is not None:
-                summary["tracking_run"] = tracking.tag_registered_version(package, uri)
+                summary["tracking_run"] = tracking.tag_registered_version(package)
         ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
         summary["tracking"] = {"uri": uri, "ui": ui}
 
