@@ -83,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                 workdir = base / f"{label}-{index}"
                 elapsed, record = run_local(workdir, [*extra, *args.local_args])
                 times[label].append(elapsed)
-                print(f"{label} run {index + 1}: {elapsed:.1f} s wall ({record['ElapsedSeconds']:.1f} s executing)")
+                steps = ", ".join(
+                    f"{step['StepName']} {step['Local'].get('DurationSeconds') or 0:.1f}"
+                    for step in record["PipelineExecutionSteps"]
+                )
+                executing = record["ElapsedSeconds"]
+                print(f"{label} run {index + 1}: {elapsed:.1f} s wall ({executing:.1f} s executing: {steps})")
                 if label == "tracked":
                     tracked_dirs.append((workdir, record))
         problems = check_store(*tracked_dirs[0])

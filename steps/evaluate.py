@@ -46,8 +46,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -874,23 +875,53 @@ def track_evaluation(tracker: Any, report: dict[str, Any], output_dir: Path) -> 
     tracker.log_dict(decision, "serving.json")
 
 
+class Background:
+    """``function(*args)`` in a daemon thread; ``result()`` waits for it and returns (or raises) what it did."""
+
+    def __init__(self, function: Callable[..., Any], *args: Any) -> None:
+        self._outcome: tuple[bool, Any] = (False, None)
+        self._thread = threading.Thread(target=self._run, args=(function, *args), daemon=True, name="tracking")
+        self._thread.start()
+
+    def _run(self, function: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._outcome = (True, function(*args))
+        except BaseException as error:  # handed to whoever waits for the result
+            self._outcome = (False, error)
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Any:
+        self._thread.join()
+        succeeded, value = self._outcome
+        if not succeeded:
+            raise value
+        return value
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     require_matplotlib()
     with tempfile.TemporaryDirectory(prefix="tracking-") as scratch:  # the MLflow client, when installed here
-        tracker = start_tracking(args.wheels, Path(scratch))
+        # Importing MLflow (and installing it, on an image without it) runs beside the evaluation, whose native
+        # work (decoding, inference, quantisation, compression) leaves the interpreter to it: the run's ID is
+        # needed only when evaluation.json is written.
+        started = Background(start_tracking, args.wheels, Path(scratch))
         try:
-            report = _evaluate(args, tracker)
+            report = _evaluate(args, started.result)
         except BaseException:
+            tracker = started.result() if started.done() else None  # a stopped job does not wait for an install
             if tracker is not None:
                 tracker.end("FAILED")
             raise
+        tracker = started.result()
         if tracker is not None:
             track_evaluation(tracker, report, Path(args.output_dir))
             tracker.end("FINISHED", end_parent=True)  # the execution's last tracked job
     return report
 
 
-def _evaluate(args: argparse.Namespace, tracker: Any) -> dict[str, Any]:
+def _evaluate(args: argparse.Namespace, tracker_started: Callable[[], Any]) -> dict[str, Any]:
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch_name:
@@ -922,6 +953,7 @@ def _evaluate(args: argparse.Namespace, tracker: Any) -> dict[str, Any]:
         accuracy = report["multiclass_classification_metrics"]["accuracy"]["value"]
         set_by_path(report, contract.ACCURACY_JSON_PATH, accuracy)  # the path the ConditionStep reads
         report[SERVING_SECTION] = decision
+        tracker = tracker_started()
         if tracker is not None:  # tracking is configured: the Register step reads this path
             report[TRACKING_SECTION] = {
                 TRACKING_RUN_ID: tracker.run_id or NOT_TRACKED,

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,15 @@ def test_a_missing_matplotlib_is_named_before_any_work(monkeypatch: pytest.Monke
         == 1
     )
     assert "matplotlib is needed to draw confusion_matrix.png" in capsys.readouterr().err
+
+
+def test_tracking_starts_beside_the_evaluation_and_its_failure_reaches_whoever_waits() -> None:
+    """evaluate.Background runs the tracker's start (MLflow's import, or its install) beside the evaluation."""
+    gate = threading.Event()
+    started = evaluate.Background(lambda value: gate.wait(5) and value + 1, 41)
+    assert not started.done()  # the evaluation goes on meanwhile
+    gate.set()
+    assert started.result() == 42 and started.done()
+    failed = evaluate.Background(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failed.result()

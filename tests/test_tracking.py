@@ -182,6 +182,22 @@ def test_the_runners_helper_makes_the_store_only_when_asked_and_tags_the_version
     assert helper.process is None and helper.prepare("Exp") is None  # closed: asks nothing, breaks nothing
 
 
+def test_a_helper_never_asked_is_stopped_at_once_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run refused after the helper started (its values are checked once the definition is built) does not
+    wait for MLflow's import, and the helper's template goes with it."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    helper = TrackingStore(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    time.sleep(1)  # importing MLflow, or migrating the template
+    started = time.monotonic()
+    helper.close()
+    assert time.monotonic() - started < 5
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "runs").exists()
+
+
 def test_a_helper_that_died_costs_one_line_and_the_run_goes_on(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     helper = TrackingStore(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert helper.process is not None

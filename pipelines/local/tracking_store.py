@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,6 @@ from entrypoints import tracking
 
 SQLITE = "sqlite:///"
 TEMPLATE_NAME = "template.db"
-REPLY_TIMEOUT_SECONDS = 120  # the helper's HTTP calls are bounded (tracking.HTTP_DEFAULTS); a stuck one is dropped
 
 
 class TrackingStore:
@@ -39,6 +39,7 @@ class TrackingStore:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        self.asked = False
         root = str(Path(__file__).resolve().parents[2])  # the checkout or site-packages that holds `pipelines`
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables" of a template
@@ -56,6 +57,7 @@ class TrackingStore:
         if process is None or process.stdin is None or process.stdout is None:
             return None
         try:
+            self.asked = True
             process.stdin.write(json.dumps({"op": op, **fields}, default=str) + "\n")
             process.stdin.flush()
             line = process.stdout.readline()
@@ -73,19 +75,25 @@ class TrackingStore:
         return self._request("tag", package=package)
 
     def close(self) -> None:
+        """Every request has had its answer: a helper still importing (a run refused after its start) is not
+        waited for. SIGTERM lets it remove its template."""
         process, self.process = self.process, None
         if process is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             if process.stdin is not None:
                 process.stdin.close()
-            process.wait(timeout=REPLY_TIMEOUT_SECONDS)
-        except (OSError, subprocess.TimeoutExpired):
+        try:
+            process.wait(timeout=2 if self.asked else 0)  # an idle helper ends on its own when its stdin closes
+        except subprocess.TimeoutExpired:
+            process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        finally:
-            if process.stdout is not None:
-                process.stdout.close()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def place_template(template: Path, uri: str) -> None:
@@ -123,6 +131,7 @@ def _answer(request: dict[str, Any], uri: str, template: Path | None) -> Any:
 def main(argv: list[str]) -> int:
     """The helper: ``python -m pipelines.local.tracking_store URI``."""
     uri = argv[0]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the runner is done: unwind, removing the template
     replies, sys.stdout = sys.stdout, sys.stderr  # MLflow's and tracking's own lines are the run's stderr
     with tempfile.TemporaryDirectory(prefix="mlflow-template-") as scratch:
         template = _migrated_template(Path(scratch)) if uri.startswith(SQLITE) else None
