@@ -182,6 +182,7 @@ def test_the_runners_helper_makes_the_store_only_when_asked_and_tags_the_version
     assert helper.process is None and helper.prepare("Exp") is None  # closed: asks nothing, breaks nothing
 
 
+@pytest.mark.slow  # waits a second for the helper to be at work
 def test_a_helper_never_asked_is_stopped_at_once_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
