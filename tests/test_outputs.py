@@ -111,6 +111,44 @@ def test_a_full_disk_leaves_the_previous_file_and_no_temporary(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["definition.json"]
 
 
+def test_without_replace_a_file_goes_in_place_only_where_nothing_is(tmp_path: Path) -> None:
+    """atomic_output(replace=False): what appeared at the path meanwhile (a file, a link) is kept, the caller
+    hears FileExistsError, and no temporary is left; where nothing is, the bytes appear whole."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "link").symlink_to(victim)
+    (tmp_path / "file").write_text("first")
+    for name in ("link", "file"):
+        with pytest.raises(FileExistsError), fsutil.atomic_output(tmp_path / name, replace=False) as stream:
+            stream.write(b"second")
+    assert victim.read_text() == "precious" and (tmp_path / "file").read_text() == "first"
+    with fsutil.atomic_output(tmp_path / "new", replace=False) as stream:
+        stream.write(b"whole")
+    assert (tmp_path / "new").read_bytes() == b"whole"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file", "link", "new", "victim.txt"]
+
+
+def test_the_tracking_template_is_copied_through_the_projects_one_write(tmp_path: Path) -> None:
+    """A new store is the template's bytes; an existing store is kept; a link planted at a temporary name of the
+    store's folder (the helper's first version wrote a fixed one) is not followed."""
+    from pipelines.local.tracking_store import place_template
+
+    template = tmp_path / "template.db"
+    template.write_bytes(b"migrated tables")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / ".mlflow.db.partial").symlink_to(victim)
+    place_template(template, f"sqlite:///{runs / 'mlflow.db'}")
+    assert (runs / "mlflow.db").read_bytes() == b"migrated tables" and victim.read_text() == "precious"
+    (runs / "mlflow.db").write_bytes(b"a user's runs")
+    place_template(template, f"sqlite:///{runs / 'mlflow.db'}")
+    assert (runs / "mlflow.db").read_bytes() == b"a user's runs"
+    place_template(template, f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}")  # MLflow names the folder later
+    assert not (tmp_path / "missing").exists()
+
+
 # --- values and credentials -----------------------------------------------------------------------------------
 
 

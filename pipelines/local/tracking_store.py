@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoints import tracking
+from pipelines.util import fsutil
 
 SQLITE = "sqlite:///"
 TEMPLATE_NAME = "template.db"
@@ -97,19 +98,18 @@ class TrackingStore:
 
 
 def place_template(template: Path, uri: str) -> None:
-    """A new SQLite store starts as a copy of the migrated template (written beside it, then linked into place,
-    so a store that appeared meanwhile is kept); an existing one is left as it is."""
+    """A new SQLite store starts as a copy of the migrated template (fsutil.atomic_output, put in place only where
+    nothing is, so a store that appeared meanwhile is kept); an existing one is left as it is."""
     database = Path(uri.removeprefix(SQLITE))
-    if database.exists() or not template.is_file():
+    if database.exists():
         return
-    partial = database.with_name(f".{database.name}.partial")
-    try:
-        shutil.copyfile(template, partial)
-        os.link(partial, database)
-    except OSError:  # a store that appeared meanwhile, or a folder MLflow will name in its own error
-        pass
-    finally:
-        partial.unlink(missing_ok=True)
+    # a store that appeared meanwhile, or a folder that is not there (MLflow names it in its own error)
+    with (
+        contextlib.suppress(OSError, fsutil.OutputPathError),
+        template.open("rb") as source,
+        fsutil.atomic_output(database, replace=False) as stream,
+    ):
+        shutil.copyfileobj(source, stream)
 
 
 def _migrated_template(folder: Path) -> Path | None:
@@ -120,7 +120,7 @@ def _migrated_template(folder: Path) -> Path | None:
 
 def _answer(request: dict[str, Any], uri: str, template: Path | None) -> Any:
     if request.get("op") == "prepare":
-        if template is not None and uri.startswith(SQLITE):
+        if template is not None:  # a SQLite store's
             place_template(template, uri)
         return tracking.prepare(uri, str(request["experiment"]))
     if request.get("op") == "tag":

@@ -233,7 +233,7 @@ def check_output_path(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path, make_parents: bool = False) -> Iterator[Any]:
+def atomic_output(path: Path, make_parents: bool = False, replace: bool = True) -> Iterator[Any]:
     """A binary stream whose bytes appear at ``path`` whole, or not at all: the one way this project writes a file.
 
     The bytes go to a temporary file of a fresh random name in the same folder, created with O_EXCL and
@@ -241,6 +241,8 @@ def atomic_output(path: Path, make_parents: bool = False) -> Iterator[Any]:
     umask); a rename then puts it in place, replacing ``path`` itself even if ``path`` is a link. An error,
     interruption or full disk removes the temporary and leaves ``path`` as it was. ``make_parents`` creates
     missing folders (the workdir's own state); without it a missing folder is refused (OutputPathError).
+    ``replace=False`` puts the file in place only where nothing is (a hard link, not a rename): whatever
+    appeared at ``path`` meanwhile, a link included, is kept and FileExistsError raised.
     """
     path = Path(path)
     if make_parents:
@@ -252,7 +254,11 @@ def atomic_output(path: Path, make_parents: bool = False) -> Iterator[Any]:
     try:
         with os.fdopen(descriptor, "wb") as stream:
             yield stream
-        os.replace(temporary, path)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+            temporary.unlink()
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
