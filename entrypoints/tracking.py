@@ -1,8 +1,11 @@
 """Experiment tracking with MLflow, for the jobs' scripts: on only when ``MLFLOW_TRACKING_URI`` is set.
 
-Standard library only at import time; ``mlflow`` is imported when a job starts tracking. Shipped inside the
-training ``source_dir`` (beside train.py) and, for the Evaluate step, as its ``tracking`` input beside the
-script (``/opt/ml/processing/input/tracking``), like Preprocess's ``contract`` input.
+Standard library only. A job that tracks into a server (``http(s)://``: the local runner serves its SQLite store,
+or ``--tracking-uri``) speaks MLflow's REST API itself (:class:`RestClient`) and never imports ``mlflow``, which
+with its store would cost seconds of a core per job; a SQLite store, a SageMaker MLflow ARN (signed by the
+sagemaker-mlflow plugin) or TLS client options go through MLflow's own client, imported when the job starts
+tracking. Shipped inside the training ``source_dir`` (beside train.py) and, for the Evaluate step, as its
+``tracking`` input beside the script (``/opt/ml/processing/input/tracking``), like Preprocess's ``contract`` input.
 
 **Never breaks a job.** MLflow missing, a server that cannot be reached or that refuses a request: the job prints
 one line (``MLflow tracking: off ...``) and goes on untracked. After the first failure nothing more is sent. The
@@ -23,12 +26,19 @@ the execution has exactly one parent, holding every child.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
@@ -40,6 +50,13 @@ ENV_DEBUGGER_RULES = "DEBUGGER_RULES"  # the Debugger rules the job runs (the jo
 # of stall per call against a server that is down. A job tracks on a best-effort basis, so both are bounded.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 DEFAULT_EXPERIMENT = "ImageClassificationPipeline"
+# MLflow's client options that RestClient does not speak: with one of them set, a job uses MLflow's own client.
+MLFLOW_CLIENT_OPTIONS = (
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_AUTH",
+)
 # What a tracked training job pip-installs (appended to the source directory's requirements.txt by the pipeline):
 # MLflow's client without its server and UI, and SageMaker's plugin that signs requests to a tracking server ARN.
 JOB_REQUIREMENTS = ("mlflow-skinny==3.18.0", "sagemaker-mlflow==0.5.0")
@@ -78,14 +95,39 @@ def _say(message: str) -> None:
     print(f"MLflow tracking: {message}", flush=True)
 
 
-def _load_mlflow() -> tuple[Any, Any]:
-    """(MlflowClient class, ViewType) with the HTTP retries bounded first; ImportError when MLflow is missing."""
+def _mlflow_client(uri: str) -> Any:
+    """MLflow's own client (with the HTTP retries bounded first), taking :class:`RestClient`'s plain batch items;
+    ImportError when MLflow is missing."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from mlflow.entities import ViewType
+    from mlflow.entities import Metric, Param, RunTag, ViewType
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient, ViewType
+    class Client(MlflowClient):
+        VIEW_ALL = ViewType.ALL
+
+        def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = ()) -> None:
+            super().log_batch(
+                run_id,
+                metrics=[Metric(**item) for item in metrics],
+                params=[Param(**item) for item in params],
+                tags=[RunTag(**item) for item in tags],
+            )
+
+    return Client(tracking_uri=uri)
+
+
+def speaks_rest(uri: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a job reaches this URI with :class:`RestClient` (an http(s) server, no client option it lacks)."""
+    env = environ if environ is not None else os.environ
+    return uri.startswith(("http://", "https://")) and not any(env.get(key) for key in MLFLOW_CLIENT_OPTIONS)
+
+
+def client_for(uri: str, environ: Mapping[str, str] | None = None) -> Any:
+    """The client a job uses: :class:`RestClient` for an http(s) server, MLflow's own otherwise (a SQLite store, a
+    SageMaker MLflow ARN through the sagemaker-mlflow plugin); ImportError when that one is missing."""
+    env = environ if environ is not None else os.environ
+    return RestClient(uri, env) if speaks_rest(uri, env) else _mlflow_client(uri)
 
 
 def _first_line(error: BaseException) -> str:
@@ -93,11 +135,141 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
+class RestError(Exception):
+    """A refused REST call: MLflow's error code (``RESOURCE_DOES_NOT_EXIST``...) and message, or the HTTP status."""
+
+    def __init__(self, message: str, error_code: str = "") -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+def _as_run(document: Mapping[str, Any]) -> SimpleNamespace:
+    """A run of the REST API shaped as MLflow's ``Run`` where the tracker reads it (info, tags)."""
+    tags = {tag["key"]: tag.get("value") for tag in document.get("data", {}).get("tags", [])}
+    return SimpleNamespace(info=SimpleNamespace(**document["info"]), data=SimpleNamespace(tags=tags))
+
+
+class RestClient:
+    """The part of MLflow's client that a job uses, over MLflow's REST API with the standard library only.
+
+    Importing MLflow and its store costs seconds of a core per job, which on a small machine is the whole cost of
+    tracking; a job that talks to a server (the local runner serves its SQLite store, or ``--tracking-uri``)
+    needs none of it. Same method names and shapes as ``MlflowClient`` where the tracker calls them; batch items
+    are plain ``{"key", "value", ...}`` dicts. Basic and bearer auth as MLflow reads them from the environment.
+    Artifacts go where the run's artifact URI says: ``mlflow-artifacts:`` (a server that proxies them) by HTTP
+    PUT, ``file:`` (a store on this machine) by a copy, anything else (s3: ...) through MLflow's own client.
+    """
+
+    VIEW_ALL = "ALL"
+
+    def __init__(self, uri: str, environ: Mapping[str, str]) -> None:
+        self.url = uri.rstrip("/")
+        self.timeout = float(environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+        self.headers: dict[str, str] = {}
+        user, password = environ.get("MLFLOW_TRACKING_USERNAME"), environ.get("MLFLOW_TRACKING_PASSWORD")
+        if user and password:  # MLflow's order: basic auth first, then a token
+            self.headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        elif environ.get("MLFLOW_TRACKING_TOKEN"):
+            self.headers["Authorization"] = f"Bearer {environ['MLFLOW_TRACKING_TOKEN']}"
+        self.artifact_uris: dict[str, str] = {}
+
+    def _send(self, method: str, url: str, data: bytes | None, content_type: str) -> dict[str, Any]:
+        request = urllib.request.Request(  # noqa: S310 - http(s) only (speaks_rest)
+            url, data=data, headers={**self.headers, "Content-Type": content_type}, method=method
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            try:
+                answer = json.loads(error.read() or b"{}")
+            except ValueError:
+                answer = {}
+            code = str(answer.get("error_code", ""))
+            raise RestError(f"HTTP {error.code} {code}: {answer.get('message', error.reason)}", code) from None
+
+    def _call(self, endpoint: str, body: Mapping[str, Any] | None = None, **query: str) -> dict[str, Any]:
+        url = f"{self.url}/api/2.0/mlflow/{endpoint}"
+        if body is None:
+            return self._send("GET", f"{url}?{urllib.parse.urlencode(query)}", None, "application/json")
+        return self._send("POST", url, json.dumps(body).encode(), "application/json")
+
+    def get_experiment_by_name(self, name: str) -> SimpleNamespace | None:
+        try:
+            answer = self._call("experiments/get-by-name", experiment_name=name)
+        except RestError as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return SimpleNamespace(**answer["experiment"])
+
+    def create_experiment(self, name: str, artifact_location: str | None = None) -> str:
+        body = {"name": name, **({"artifact_location": artifact_location} if artifact_location else {})}
+        return str(self._call("experiments/create", body)["experiment_id"])
+
+    def search_runs(
+        self, experiment_ids: list[str], filter_string: str = "", run_view_type: str = "", max_results: int = 1000
+    ) -> list[SimpleNamespace]:
+        body = {"experiment_ids": experiment_ids, "filter": filter_string, "max_results": max_results}
+        answer = self._call("runs/search", {**body, "run_view_type": run_view_type or "ACTIVE_ONLY"})
+        return [_as_run(run) for run in answer.get("runs", [])]
+
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> SimpleNamespace:
+        tag_list = [{"key": key, "value": value} for key, value in tags.items()]
+        body = {"experiment_id": experiment_id, "run_name": run_name, "tags": tag_list}
+        run = _as_run(self._call("runs/create", {**body, "start_time": int(time.time() * 1000)})["run"])
+        self.artifact_uris[run.info.run_id] = run.info.artifact_uri
+        return run
+
+    def get_run(self, run_id: str) -> SimpleNamespace:
+        return _as_run(self._call("runs/get", run_id=run_id)["run"])
+
+    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = ()) -> None:
+        self._call("runs/log-batch", {"run_id": run_id, "metrics": metrics, "params": params, "tags": tags})
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._call("runs/set-tag", {"run_id": run_id, "key": key, "value": value})
+
+    def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call("runs/update", {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)})
+
+    def delete_run(self, run_id: str) -> None:
+        self._call("runs/delete", {"run_id": run_id})
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        name = "/".join(filter(None, [(artifact_path or "").strip("/"), Path(local_path).name]))
+        if ".." in name.split("/"):
+            raise ValueError(f"artifact path {name!r} leaves the run's artifact folder")
+        root = self.artifact_uris.get(run_id) or self.get_run(run_id).info.artifact_uri
+        where = urllib.parse.urlparse(root)
+        if where.scheme == "mlflow-artifacts":
+            base = f"{urllib.parse.urlparse(self.url).scheme}://{where.netloc}" if where.netloc else self.url
+            path = urllib.parse.quote(f"{where.path.strip('/')}/{name}")
+            self._send(
+                "PUT",
+                f"{base}/api/2.0/mlflow-artifacts/artifacts/{path}",
+                Path(local_path).read_bytes(),
+                "application/octet-stream",
+            )
+        elif where.scheme == "file":
+            target = Path(urllib.request.url2pathname(where.path)) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local_path, target)
+        else:
+            _mlflow_client(self.url).log_artifact(run_id, local_path, artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(artifact_file).name
+            path.write_text(text, encoding="utf-8")
+            self.log_artifact(run_id, str(path), str(Path(artifact_file).parent).strip("."))
+
+
 class ParentElection:
     """The execution's parent run: joined, or created and elected (see the module docstring)."""
 
-    def __init__(self, client: Any, view_type: Any, experiment_id: str, execution_id: str, pipeline: str) -> None:
-        self.client, self.view_type = client, view_type
+    def __init__(self, client: Any, experiment_id: str, execution_id: str, pipeline: str) -> None:
+        self.client = client
         self.experiment_id, self.execution_id, self.pipeline = experiment_id, execution_id, pipeline
         self.created: str | None = None
 
@@ -106,7 +278,7 @@ class ParentElection:
             self.client.search_runs(
                 [self.experiment_id],
                 filter_string=f"tags.`{TAG_EXECUTION}` = '{self.execution_id}' and tags.`{TAG_ROLE}` = '{ROLE_PARENT}'",
-                run_view_type=self.view_type.ALL,
+                run_view_type=self.client.VIEW_ALL,
                 max_results=1000,
             )
         )
@@ -141,7 +313,7 @@ class ParentElection:
             children = self.client.search_runs(
                 [self.experiment_id],
                 filter_string=f"tags.`{TAG_PARENT}` = '{loser}'",
-                run_view_type=self.view_type.ALL,
+                run_view_type=self.client.VIEW_ALL,
                 max_results=1000,
             )
             for child in children:
@@ -193,12 +365,11 @@ class Tracker:
             return tracker
         uri = env[ENV_TRACKING_URI].strip()
         try:
-            client_class, view_type = _load_mlflow()
+            client = client_for(uri, env)
         except ImportError as error:
             _say(f"off: MLflow is not installed ({error}); {ENV_TRACKING_URI} is set but nothing is tracked")
             return tracker
         try:
-            client = client_class(tracking_uri=uri)
             experiment_name = env.get(ENV_EXPERIMENT, "").strip() or DEFAULT_EXPERIMENT
             experiment = client.get_experiment_by_name(experiment_name)
             if experiment is None:
@@ -219,9 +390,8 @@ class Tracker:
                 run_tags[TAG_ROLE] = ROLES_BY_STEP.get(step, step.lower())
             election = None
             if execution_id:
-                election = ParentElection(
-                    client, view_type, experiment_id, execution_id, env.get(ENV_EXPERIMENT, "") or "pipeline"
-                )
+                pipeline = env.get(ENV_EXPERIMENT, "") or "pipeline"
+                election = ParentElection(client, experiment_id, execution_id, pipeline)
                 run_tags[TAG_EXECUTION] = execution_id
                 run_tags[TAG_PARENT] = election.join(before_create)
             run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
@@ -244,27 +414,19 @@ class Tracker:
             self._call(lambda chunk=chunk: self.client.log_batch(run_id or self.run_id, **{kind: chunk}))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        if not self.active:  # MLflow may not even be importable
-            return
-        from mlflow.entities import Param
-
-        self._batches(None, "params", [Param(str(k), str(v)[:6000]) for k, v in params.items()])
+        self._batches(None, "params", [{"key": str(k), "value": str(v)[:6000]} for k, v in params.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
-        if not self.active:  # MLflow may not even be importable
-            return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        items = [Metric(str(k), float(v), now, int(step or 0)) for k, v in metrics.items() if v is not None]
+        items = [
+            {"key": str(k), "value": float(v), "timestamp": now, "step": int(step or 0)}
+            for k, v in metrics.items()
+            if v is not None
+        ]
         self._batches(run_id, "metrics", items)
 
     def set_tags(self, tags: Mapping[str, Any], run_id: str | None = None) -> None:
-        if not self.active:  # MLflow may not even be importable
-            return
-        from mlflow.entities import RunTag
-
-        self._batches(run_id, "tags", [RunTag(str(k), str(v)) for k, v in tags.items() if v is not None])
+        self._batches(run_id, "tags", [{"key": str(k), "value": str(v)} for k, v in tags.items() if v is not None])
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         if Path(path).is_file():
@@ -292,8 +454,7 @@ def prepare(uri: str, experiment_name: str | None) -> str | None:
     fresh SQLite store's tables collide); the experiment's ID, or None and one line when that fails. With no
     experiment name, the store alone: "" once its tables are there."""
     try:
-        client_class, _ = _load_mlflow()
-        client = client_class(tracking_uri=uri)
+        client = client_for(uri)
         if experiment_name is None:
             client.search_experiments(max_results=1)
             return ""
@@ -327,8 +488,7 @@ def tag_registered_version(package: Mapping[str, Any], tracking_uri: str | None 
         "model_package.status": package.get("ModelApprovalStatus"),
     }
     try:
-        client_class, _ = _load_mlflow()
-        client = client_class(tracking_uri=uri)
+        client = client_for(uri)
         parent = client.get_run(run_id).data.tags.get(TAG_PARENT)
         for target in (run_id, parent):
             if target:

@@ -833,7 +833,8 @@ def start_tracking(wheels: str | None, scratch: Path) -> Any:
     if module is None:
         print("MLflow tracking: off (tracking.py is not beside this script: no tracking input); the job goes on")
         return None
-    if not install_tracking_client(wheels, module.JOB_REQUIREMENTS, scratch):
+    speaks_rest = module.speaks_rest(os.environ["MLFLOW_TRACKING_URI"].strip())  # a server: no MLflow needed
+    if not speaks_rest and not install_tracking_client(wheels, module.JOB_REQUIREMENTS, scratch):
         return module.Tracker()  # inactive: evaluation.json still gets its tracking section (not-tracked)
     job_name = _processing_job_name()
     return module.Tracker.start(job_name, tags={"job_name": job_name})

@@ -462,3 +462,53 @@ def test_local_deploy_function_answers_a_pending_package_with_awaiting_approval(
     assert "PendingManualApproval" in log.read_text()  # the handler's log lines, in the step's log
     with pytest.raises(Exception, match="Could not find model package"):
         function({"model_package_arn": package["ModelPackageArn"].replace("/1", "/9")}, log)
+
+
+def test_the_runner_has_the_last_word_on_a_jobs_environment(tmp_path: Path) -> None:
+    """``job_environment`` sees each job's environment as the definition and the extras make it and returns the
+    one the job gets (the local runner points jobs that track into its SQLite store at its server of it)."""
+    import sys
+
+    from pipelines.local.console import Console
+    from pipelines.local.executor import LocalExecution
+    from pipelines.local.jobs import ProcessingExecutor
+
+    arguments = {
+        "ProcessingResources": {
+            "ClusterConfig": {"InstanceCount": 1, "InstanceType": "ml.m5.large", "VolumeSizeInGB": 30}
+        },
+        "AppSpecification": {
+            "ImageUri": "image",
+            "ContainerEntrypoint": [sys.executable, "-c", "import os; print('uri=' + os.environ['URI'])"],
+        },
+        "Environment": {"URI": "sqlite:///store.db", "OTHER": "kept"},
+        "RoleArn": "arn:aws:iam::111122223333:role/r",
+    }
+    definition = {
+        "Version": "2020-12-01",
+        "Parameters": [],
+        "Steps": [{"Name": "Report", "Type": "Processing", "Arguments": arguments}],
+    }
+    seen: list[dict[str, str]] = []
+
+    def environment(env: dict[str, str]) -> dict[str, str]:
+        seen.append(dict(env))
+        return {**env, "URI": "http://127.0.0.1:1"}
+
+    execution = LocalExecution(
+        definition,
+        executors={"Processing": ProcessingExecutor()},
+        parameters={},
+        run_dir=tmp_path / "run-0001",
+        store=objectstore.ObjectStore(tmp_path),
+        cache=cache.StepCache(tmp_path, enabled=False),
+        console=Console(io.StringIO()),
+        execution_variables={"PipelineExecutionId": "run-0001"},
+        region=REGION,
+        account_id=ACCOUNT_ID,
+        cpus=1,
+        job_environment=environment,
+    )
+    execution.run()
+    assert [(env["URI"], env["OTHER"]) for env in seen] == [("sqlite:///store.db", "kept")]
+    assert "uri=http://127.0.0.1:1" in (tmp_path / "run-0001" / "report" / "log.txt").read_text()

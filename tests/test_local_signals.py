@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,3 +148,6 @@ def test_a_trial_killed_from_outside_is_never_cached_and_sighup_stops_the_traini
     finished = [run for run in runs if run.data.tags[tracking.TAG_ROLE] == "trial" and run.info.status == "FINISHED"]
     assert len(finished) == 1 and finished[0].data.tags[tracking.TAG_PARENT] == parent.info.run_id
     assert [m.step for m in client.get_metric_history(finished[0].info.run_id, "valid_accuracy")] == [1]
+    # ... through the runner's server of that store, not by opening it (and importing MLflow) in the job
+    line = next(line for line in (run / "tune" / "trial-01" / "log.txt").read_text().splitlines() if "MLflow" in line)
+    assert re.search(r"^MLflow tracking: run \w+ in experiment .* at http://127\.0\.0\.1:\d+ under parent", line), line

@@ -182,6 +182,95 @@ def test_the_runners_helper_makes_the_store_only_when_asked_and_tags_the_version
     assert helper.process is None and helper.prepare("Exp") is None  # closed: asks nothing, breaks nothing
 
 
+# A job's whole tracking without MLflow: what Tracker.start, log_* and end do in train.py and Evaluate.
+_REST_JOB = """
+import sys
+from pathlib import Path
+from entrypoints import tracking
+tracker = tracking.Tracker.start("train-job", tags={"job_name": "train-job"})
+assert tracker.active and "mlflow" not in sys.modules, "not tracking, or MLflow imported"
+tracker.log_params({"lr": 0.1})
+tracker.log_metrics({"valid_accuracy": 0.5}, step=1)
+tracker.log_artifact(Path(sys.argv[1]))
+tracker.log_dict({"epochs": 2}, "hyperparameters.json")
+tracker.end("FINISHED", end_parent=True)
+print(tracker.parent_id)
+"""
+
+
+@pytest.mark.slow
+def test_the_helper_serves_the_store_and_a_job_tracks_into_it_without_mlflow(tmp_path: Path) -> None:
+    """The local default: the runner's helper serves the workdir's SQLite store, the jobs whose definition tracks
+    into that store are pointed at the server, and a job then tracks (params, metrics, artifacts, its parent)
+    with no MLflow at all: its artifacts land beside the store, where ``mlflow ui`` on the store finds them."""
+    database = tmp_path / "runs" / "mlflow.db"
+    database.parent.mkdir()
+    uri = f"sqlite:///{database}"
+    helper = TrackingStore(uri)
+    try:
+        helper.prepare("Exp")
+        served = helper.serve()
+        assert served is not None and served.startswith("http://127.0.0.1:")
+        environment = helper.job_environment(served)
+        assert environment({tracking.ENV_TRACKING_URI: uri, "A": "1"}) == {tracking.ENV_TRACKING_URI: served, "A": "1"}
+        other = {tracking.ENV_TRACKING_URI: "http://elsewhere:5000"}
+        assert environment(other) == other and environment({"A": "1"}) == {"A": "1"}  # not this store's: kept
+        picture = tmp_path / "training_curves.png"
+        picture.write_bytes(b"\x89PNG not really")
+        job = subprocess.run(
+            [sys.executable, "-c", _REST_JOB, str(picture)],
+            env=subprocess_env(PYTHONPATH=str(_mlflow_blocker(tmp_path)), **_env(served, step="Train")),
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert job.returncode == 0, job.stdout + job.stderr
+    finally:
+        helper.close()
+    client = MlflowClient(uri)
+    (run,) = [run for run in _runs(client) if run.info.run_name == "train-job"]
+    assert run.data.params == {"lr": "0.1"} and run.data.metrics == {"valid_accuracy": 0.5}
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_ROLE] == "train"
+    (parent,) = _parents(_runs(client))
+    assert run.data.tags[tracking.TAG_PARENT] == parent.info.run_id == job.stdout.split()[-1]
+    assert parent.info.status == "FINISHED"
+    folder = database.parent / "mlartifacts" / run.info.run_id / "artifacts"
+    assert (folder / "training_curves.png").read_bytes() == picture.read_bytes()
+    assert json.loads((folder / "hyperparameters.json").read_text()) == {"epochs": 2}
+    assert sorted(item.path for item in client.list_artifacts(run.info.run_id)) == [
+        "hyperparameters.json",
+        "training_curves.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("uri", "environ", "rest"),
+    [
+        ("http://127.0.0.1:5000", {}, True),
+        ("https://mlflow.example.com/", {"MLFLOW_TRACKING_TOKEN": "t"}, True),
+        ("https://mlflow.example.com", {"MLFLOW_TRACKING_INSECURE_TLS": "true"}, False),
+        ("https://mlflow.example.com", {"MLFLOW_TRACKING_CLIENT_CERT_PATH": "/c.pem"}, False),
+        ("sqlite:///m.db", {}, False),
+        (ARN, {}, False),
+    ],
+)
+def test_a_job_speaks_rest_to_a_server_unless_it_needs_mlflows_client(uri: str, environ: dict, rest: bool) -> None:
+    """A SQLite store, a SageMaker MLflow ARN (the sagemaker-mlflow plugin signs) and the TLS options the standard
+    library client does not speak go through MLflow's own client."""
+    assert tracking.speaks_rest(uri, environ) is rest
+
+
+def test_the_rest_client_authenticates_as_mlflow_does_and_keeps_artifacts_in_their_folder() -> None:
+    bearer = tracking.RestClient("http://h:1/", {"MLFLOW_TRACKING_TOKEN": "tok"})
+    assert bearer.url == "http://h:1" and bearer.headers == {"Authorization": "Bearer tok"}
+    basic = tracking.RestClient("http://h:1", {"MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "p"})
+    assert basic.headers == {"Authorization": "Basic dTpw"}  # base64 of u:p
+    bearer.artifact_uris["r"] = "file:///tmp/never"
+    with pytest.raises(ValueError, match="leaves the run's artifact folder"):
+        bearer.log_artifact("r", "/etc/hostname", "../..")
+
+
 @pytest.mark.slow  # waits a second for the helper to be at work
 def test_a_helper_never_asked_is_stopped_at_once_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -255,6 +344,22 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
     return output
 
 
+def _mlflow_blocker(tmp_path: Path) -> Path:
+    """A folder whose sitecustomize.py, on PYTHONPATH, makes ``import mlflow`` fail as in an image without it."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoMlflow:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'mlflow' or name.startswith('mlflow.'):\n"
+        "            raise ModuleNotFoundError(\"No module named 'mlflow'\", name=name)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _NoMlflow())\n"
+    )
+    return blocker
+
+
 def _weights_digest(out: Path) -> str:
     return hashlib.sha256((out / "model" / "model.pt").read_bytes()).hexdigest()
 
@@ -271,17 +376,7 @@ def test_train_without_mlflow_installed_runs_and_says_so_once(
     channels: tuple[Path, Path], untracked: tuple[Path, str], tmp_path: Path
 ) -> None:
     """A sitecustomize on PYTHONPATH makes ``import mlflow`` fail, as in a container without it."""
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class _NoMlflow:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'mlflow' or name.startswith('mlflow.'):\n"
-        "            raise ModuleNotFoundError(\"No module named 'mlflow'\", name=name)\n"
-        "        return None\n"
-        "sys.meta_path.insert(0, _NoMlflow())\n"
-    )
+    blocker = _mlflow_blocker(tmp_path)
     out = tmp_path / "out"
     output = _finish(_train(channels, out, {"PYTHONPATH": str(blocker), **_env(f"sqlite:///{tmp_path}/m.db")}))
     lines = [line for line in output.splitlines() if line.startswith(NOT_TRACKING)]

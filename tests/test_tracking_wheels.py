@@ -264,3 +264,22 @@ def test_an_inactive_tracker_logs_nothing_and_needs_no_mlflow(
     tracker.end("FINISHED", end_parent=True)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "MLflow is not installed" in out[0] and not store.exists()
+
+
+def test_evaluate_installs_nothing_to_track_into_a_server(
+    tmp_path: Path, no_client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A server (http(s), as the local runner's) is spoken to with the standard library: an image without MLflow
+    tracks as it is, with no install and no wait for one."""
+    installs: list[object] = []
+    monkeypatch.setattr(evaluate, "pip_install", lambda *args, **kwargs: installs.append(args))
+    monkeypatch.setenv(tracking.ENV_TRACKING_URI, "http://127.0.0.1:9")  # the discard port: nothing answers
+    tracker = evaluate.start_tracking(None, tmp_path / "scratch")
+    assert installs == [] and tracker is not None and not tracker.active
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "cannot reach or use the tracking server at http://127.0.0.1:9" in out[0], out
+
+    monkeypatch.setenv(tracking.ENV_TRACKING_URI, f"sqlite:///{tmp_path / 'mlflow.db'}")  # a store: MLflow's client
+    monkeypatch.setattr(evaluate, "pip_install", lambda *args, **kwargs: installs.append(args) or "refused")
+    evaluate.start_tracking(None, tmp_path / "scratch")
+    assert len(installs) == 1

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,8 +207,11 @@ class LocalExecution:
         cpus: int,
         record: dict[str, Any] | None = None,
         sagemaker: Any = None,
+        job_environment: Callable[[dict[str, str]], dict[str, str]] | None = None,
     ) -> None:
         self.definition = definition
+        # whoever builds the execution (the runner) has the last word on each job's environment variables
+        self.job_environment = job_environment or (lambda environment: environment)
         self.executors = dict(executors)
         self.run_dir = run_dir
         self.run_id = run_dir.name

@@ -212,10 +212,12 @@ class ProcessingExecutor(StepExecutor):
             outputs=[containers.ProcessingOutput(o["S3Output"]["LocalPath"], o["OutputName"]) for o in outputs],
             arguments=[as_text(item) for item in app.get("ContainerArguments", [])],
             cpus=run.cpus,
-            env={
-                **{key: as_text(value) for key, value in arguments.get("Environment", {}).items()},
-                "MPLCONFIGDIR": str(context.folder / "mplconfig"),
-            },
+            env=context.execution.job_environment(
+                {
+                    **{key: as_text(value) for key, value in arguments.get("Environment", {}).items()},
+                    "MPLCONFIGDIR": str(context.folder / "mplconfig"),
+                }
+            ),
         )
         try:
             result = job.run()
@@ -353,11 +355,13 @@ def _run_training_job(
         },
         cpus=cpus,
         extra_arguments=extras.arguments(request),
-        env={
-            **{key: as_text(value) for key, value in request.get("Environment", {}).items()},
-            **extras.environment,
-            "MPLCONFIGDIR": str(root / "mplconfig"),
-        },
+        env=context.execution.job_environment(
+            {
+                **{key: as_text(value) for key, value in request.get("Environment", {}).items()},
+                **extras.environment,
+                "MPLCONFIGDIR": str(root / "mplconfig"),
+            }
+        ),
         restore=restore,
         instance_count=_instance_count(request),
     )

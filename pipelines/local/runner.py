@@ -460,8 +460,10 @@ class LocalPipeline:
         api = local_api(self.workdir, self.options.port, self.options.ray)
         name = prepared.pipeline_name
         self.project = prepared.project
+        job_environment = None
         if self.tracking is not None:  # the store's tables and the experiment, before parallel trials start
             self.tracking.prepare(name)
+            job_environment = self.tracking.job_environment(self.tracking.serve())
         self.execution = LocalExecution(
             definition,
             executors=step_executors(self.options, self.workdir, api, prepared.project),
@@ -479,6 +481,7 @@ class LocalPipeline:
             region=local_sagemaker.REGION,
             account_id=local_sagemaker.ACCOUNT_ID,
             sagemaker=api,
+            job_environment=job_environment,
             cpus=self.options.cpus or contract.available_cpus(),
             record={
                 "RunId": self.run_id,

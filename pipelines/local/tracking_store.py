@@ -6,7 +6,8 @@ MLflow and migrating a new SQLite store take seconds of one core, and the defini
 core too: so the helper imports MLflow and migrates a template store in a temporary folder while the runner
 builds, and the runner's two requests then cost a fraction of a second. The helper creates nothing in the workdir
 until the run asks it to (``prepare``, after the run's values are checked and its folder exists): a refused run
-leaves no store behind.
+leaves no store behind. Then it serves the SQLite store (``serve``), and the runner points the jobs that track
+into it at that server: they log over HTTP with the standard library instead of each importing MLflow.
 
 The runner and the helper speak JSON lines: a request ``{"op": ..., ...}`` on the helper's stdin, one reply
 ``{"result": ...}`` on its stdout. What MLflow and :mod:`entrypoints.tracking` say goes to the run's stderr. The
@@ -32,6 +33,8 @@ from pipelines.util import fsutil
 
 SQLITE = "sqlite:///"
 TEMPLATE_NAME = "template.db"
+SERVER_STORE_VARIABLE = "_MLFLOW_SERVER_FILE_STORE"  # mlflow.server.constants.BACKEND_STORE_URI_ENV_VAR
+SERVER_ARTIFACTS_VARIABLE = "_MLFLOW_SERVER_ARTIFACT_ROOT"  # mlflow.server.constants.ARTIFACT_ROOT_ENV_VAR
 
 
 class TrackingStore:
@@ -71,6 +74,20 @@ class TrackingStore:
     def prepare(self, experiment: str) -> str | None:
         """The store's tables (a copy of the migrated template for a new SQLite store) and the experiment."""
         return self._request("prepare", experiment=experiment)
+
+    def serve(self) -> str | None:
+        """The URL where the helper now serves the SQLite store (None: the jobs open it themselves)."""
+        return self._request("serve") if self.uri.startswith(SQLITE) else None
+
+    def job_environment(self, served: str | None) -> Any:
+        """What the runner hands the engine: a job whose definition tracks into this store talks to ``served``."""
+
+        def environment(env: dict[str, str]) -> dict[str, str]:
+            if served and env.get(tracking.ENV_TRACKING_URI) == self.uri:
+                return {**env, tracking.ENV_TRACKING_URI: served}
+            return env
+
+        return environment
 
     def tag_registered_version(self, package: dict[str, Any]) -> str | None:
         return self._request("tag", package=package)
@@ -118,11 +135,57 @@ def _migrated_template(folder: Path) -> Path | None:
     return template if tracking.prepare(f"{SQLITE}{template}", None) is not None else None
 
 
-def _answer(request: dict[str, Any], uri: str, template: Path | None) -> Any:
+def server_app(uri: str) -> Any:
+    """MLflow's tracking-server app over a SQLite store, imported while the runner builds the definition (None, and
+    one line, where it cannot be had: the jobs then open the store themselves).
+
+    A job that imports MLflow and opens the store itself spends seconds of a core on it (MLflow 2.9 s, its SQL
+    store 1.7 s); one that speaks to a server needs only the standard library (entrypoints.tracking.RestClient).
+    The app is what ``mlflow server`` runs, here without its job runner and worker processes; it opens the store
+    at its first request, so importing it early writes nothing. New experiments keep their artifacts where the
+    SQLite store's would (``mlartifacts`` beside it), and the jobs copy theirs there."""
+    import warnings
+
+    # What `mlflow server` sets for its app, set before the app is imported (it reads them then, to decide on its
+    # security middleware); mlflow.server.constants names them, but importing it imports the app.
+    names = {"BACKEND_STORE_URI_ENV_VAR": SERVER_STORE_VARIABLE, "ARTIFACT_ROOT_ENV_VAR": SERVER_ARTIFACTS_VARIABLE}
+    os.environ[SERVER_STORE_VARIABLE] = uri
+    os.environ[SERVER_ARTIFACTS_VARIABLE] = str(tracking.artifact_location(uri))
+    try:
+        with warnings.catch_warnings():  # Starlette's deprecations, of MLflow's FastAPI wrapper: not the run's concern
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from mlflow.server import app, constants
+    except ImportError as error:  # mlflow-skinny alone: no server
+        print(f"MLflow tracking: the jobs open the store themselves (no MLflow server: {error}; pip install mlflow)")
+        return None
+    if any(getattr(constants, name, None) != value for name, value in names.items()):
+        print("MLflow tracking: the jobs open the store themselves (this MLflow's server reads other variables)")
+        return None
+    return app
+
+
+def serve(app: Any) -> str | None:
+    """Serve ``app`` on a free port of 127.0.0.1, in a thread of this helper that ends with it; its URL."""
+    if app is None:
+        return None
+    import logging
+    import threading
+
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, name="mlflow-server", daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}"
+
+
+def _answer(request: dict[str, Any], uri: str, template: Path | None, app: Any) -> Any:
     if request.get("op") == "prepare":
         if template is not None:  # a SQLite store's
             place_template(template, uri)
         return tracking.prepare(uri, str(request["experiment"]))
+    if request.get("op") == "serve":
+        return serve(app)
     if request.get("op") == "tag":
         return tracking.tag_registered_version(request["package"], uri)
     raise ValueError(f"unknown request {request.get('op')!r}")
@@ -135,12 +198,13 @@ def main(argv: list[str]) -> int:
     replies, sys.stdout = sys.stdout, sys.stderr  # MLflow's and tracking's own lines are the run's stderr
     with tempfile.TemporaryDirectory(prefix="mlflow-template-") as scratch:
         template = _migrated_template(Path(scratch)) if uri.startswith(SQLITE) else None
-        if template is None:  # a server (or no template): MLflow imported before the first request all the same
+        app = server_app(uri) if template is not None else None
+        if template is None and not tracking.speaks_rest(uri):  # MLflow imported before the first request
             with contextlib.suppress(ImportError):  # tracking.prepare then says that MLflow is missing
                 import mlflow.tracking  # noqa: F401
         for line in sys.stdin:
             try:
-                result = _answer(json.loads(line), uri, template)
+                result = _answer(json.loads(line), uri, template, app)
             except Exception as error:  # tracking never breaks the run: one line, and the runner goes on
                 print(f"MLflow tracking: the runner's request failed ({type(error).__name__}: {error})")
                 result = None
