@@ -78,6 +78,7 @@ def auto_precision(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- the gate ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the module's evaluation with its int8 build: about 11 s on 2 cores
 def test_int8_is_served_when_its_test_accuracy_is_within_a_point_of_fp32(int8_served, auto_precision) -> None:
     report, details, served = int8_served
     serving = report[evaluate.SERVING_SECTION]
@@ -158,6 +159,7 @@ def test_inference_precision_fp32_turns_int8_off_and_int8_insists(
         inference.load_serving_model(fp32_only)
 
 
+@pytest.mark.slow  # the module's evaluation with its int8 build: about 11 s on 2 cores
 def test_without_onnxruntime_an_int8_artifact_serves_fp32_and_says_why(
     int8_served, auto_precision, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -173,6 +175,7 @@ def test_without_onnxruntime_an_int8_artifact_serves_fp32_and_says_why(
         inference.load_serving_model(int8_served[2])
 
 
+@pytest.mark.slow  # the module's evaluation with its int8 build: about 11 s on 2 cores
 def test_int8_is_off_on_a_gpu(int8_served, auto_precision, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     choice = inference.choose_precision(int8_served[2])
