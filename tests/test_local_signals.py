@@ -151,3 +151,4 @@ def test_a_trial_killed_from_outside_is_never_cached_and_sighup_stops_the_traini
     # ... through the runner's server of that store, not by opening it (and importing MLflow) in the job
     line = next(line for line in (run / "tune" / "trial-01" / "log.txt").read_text().splitlines() if "MLflow" in line)
     assert re.search(r"^MLflow tracking: run \w+ in experiment .* at http://127\.0\.0\.1:\d+ under parent", line), line
+    assert "Warning" not in (tmp_path / "local.log").read_text()  # nothing of the server's own on the run's output

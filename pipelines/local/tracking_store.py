@@ -151,10 +151,12 @@ def server_app(uri: str) -> Any:
     names = {"BACKEND_STORE_URI_ENV_VAR": SERVER_STORE_VARIABLE, "ARTIFACT_ROOT_ENV_VAR": SERVER_ARTIFACTS_VARIABLE}
     os.environ[SERVER_STORE_VARIABLE] = uri
     os.environ[SERVER_ARTIFACTS_VARIABLE] = str(tracking.artifact_location(uri))
+    # Deprecations that MLflow's server app (and its FastAPI wrapper, imported at the first request) warns of are
+    # MLflow's to act on, not the run's: the helper's stderr is the run's.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r"starlette\b")
     try:
-        with warnings.catch_warnings():  # Starlette's deprecations, of MLflow's FastAPI wrapper: not the run's concern
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from mlflow.server import app, constants
+        from mlflow.server import app, constants
     except ImportError as error:  # mlflow-skinny alone: no server
         print(f"MLflow tracking: the jobs open the store themselves (no MLflow server: {error}; pip install mlflow)")
         return None
