@@ -29,9 +29,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -149,6 +147,12 @@ def _as_run(document: Mapping[str, Any]) -> SimpleNamespace:
     return SimpleNamespace(info=SimpleNamespace(**document["info"]), data=SimpleNamespace(tags=tags))
 
 
+def _artifact_name(name: str) -> str:
+    if ".." in name.split("/"):
+        raise ValueError(f"artifact path {name!r} leaves the run's artifact folder")
+    return name
+
+
 class RestClient:
     """The part of MLflow's client that a job uses, over MLflow's REST API with the standard library only.
 
@@ -237,32 +241,30 @@ class RestClient:
         self._call("runs/delete", {"run_id": run_id})
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
-        name = "/".join(filter(None, [(artifact_path or "").strip("/"), Path(local_path).name]))
-        if ".." in name.split("/"):
-            raise ValueError(f"artifact path {name!r} leaves the run's artifact folder")
+        name = _artifact_name("/".join(filter(None, [(artifact_path or "").strip("/"), Path(local_path).name])))
+        if not self._put(run_id, name, Path(local_path).read_bytes()):
+            _mlflow_client(self.url).log_artifact(run_id, local_path, artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        if not self._put(run_id, _artifact_name(artifact_file.strip("/")), text.encode("utf-8")):
+            _mlflow_client(self.url).log_text(run_id, text, artifact_file)
+
+    def _put(self, run_id: str, name: str, data: bytes) -> bool:
+        """``data`` as the run's artifact ``name`` where its artifact URI says; False for a store that only MLflow's
+        client reaches (s3: ...)."""
         root = self.artifact_uris.get(run_id) or self.get_run(run_id).info.artifact_uri
         where = urllib.parse.urlparse(root)
         if where.scheme == "mlflow-artifacts":
             base = f"{urllib.parse.urlparse(self.url).scheme}://{where.netloc}" if where.netloc else self.url
             path = urllib.parse.quote(f"{where.path.strip('/')}/{name}")
-            self._send(
-                "PUT",
-                f"{base}/api/2.0/mlflow-artifacts/artifacts/{path}",
-                Path(local_path).read_bytes(),
-                "application/octet-stream",
-            )
+            self._send("PUT", f"{base}/api/2.0/mlflow-artifacts/artifacts/{path}", data, "application/octet-stream")
         elif where.scheme == "file":
             target = Path(urllib.request.url2pathname(where.path)) / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local_path, target)
+            target.write_bytes(data)
         else:
-            _mlflow_client(self.url).log_artifact(run_id, local_path, artifact_path)
-
-    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / Path(artifact_file).name
-            path.write_text(text, encoding="utf-8")
-            self.log_artifact(run_id, str(path), str(Path(artifact_file).parent).strip("."))
+            return False
+        return True
 
 
 class ParentElection:

@@ -77,7 +77,7 @@ class TrackingStore:
 
     def serve(self) -> str | None:
         """The URL where the helper now serves the SQLite store (None: the jobs open it themselves)."""
-        return self._request("serve") if self.uri.startswith(SQLITE) else None
+        return self._request("serve")  # the helper serves a SQLite store only
 
     def job_environment(self, served: str | None) -> Any:
         """What the runner hands the engine: a job whose definition tracks into this store talks to ``served``."""
