@@ -77,6 +77,7 @@ def test_a_hand_written_definition_runs_end_to_end(
     assert metadata["owner"] == "toy-team" and metadata["run"] == "run-0001"
     assert "test_accuracy" not in record["Summary"]  # the project's summary is not made of another's run
     assert record["PipelineArn"].endswith(":pipeline/toy")
+    assert not (tmp_path / "mlflow.db").exists()  # no job tracks into the default store: no MLflow helper, no store
 
 
 @pytest.mark.slow
@@ -97,6 +98,21 @@ def test_a_parameter_flips_the_condition_to_the_fail_step(
     fail = record["PipelineExecutionSteps"][-1]
     assert fail["FailureReason"] == "toy grade 0.5 is below MinGrade 0.9"
     assert "model_package" not in record["Summary"]
+
+
+@pytest.mark.slow
+def test_a_definition_whose_job_tracks_into_the_runs_store_gets_the_store(tmp_path: Path, objects: list[str]) -> None:
+    workdir = tmp_path / "runs"
+    store = f"sqlite:///{(workdir.resolve() / 'mlflow.db').as_posix()}"  # the CLI's default tracking URI
+    definition = json.loads(DEFINITION.read_text())
+    numbers = next(step for step in definition["Steps"] if step["Name"] == "Numbers")
+    numbers["Arguments"]["Environment"] = {"MLFLOW_TRACKING_URI": store}
+    definition["Steps"] = [numbers]  # MinGrade and Approval now unused: SageMaker runs such a definition, so does local
+    tracked = tmp_path / "tracked.json"
+    tracked.write_text(json.dumps(definition))
+    flags = ["--definition", str(tracked), "--pipeline-name", "toy", "--workdir", str(workdir)]
+    assert run.main(["local", *flags, *objects]) == 0
+    assert (workdir / "mlflow.db").is_file()  # the helper made the store before the job started
 
 
 def test_builder_flags_are_refused_with_a_definition_file(

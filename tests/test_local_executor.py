@@ -206,7 +206,8 @@ def test_a_definition_that_cannot_run_fails_before_any_step(
     workdir = tmp_path / "runs"
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = main(["local", "--workdir", str(workdir), "--data", str(_tiny_archive(tmp_path)), "--quiet"])
+        data = str(_tiny_archive(tmp_path))
+        code = main(["local", "--workdir", str(workdir), "--data", data, "--quiet", "--no-tracking"])  # not tracking's
 
     assert code == 1
     problems = [line for line in err.getvalue().splitlines() if line.startswith("definition problem:")]

@@ -233,7 +233,7 @@ class LocalExecution:
 
     # --- checks before the first step ---------------------------------------------------------------------------
     def problems(self) -> list[str]:
-        problems = list(check_definition(self.definition))
+        problems = list(check_definition(self.definition, unused_parameters=False))  # as SageMaker runs it
         for name, step in self.steps.items():
             if not fsutil.is_safe_name(name):
                 problems.append(f"step name {name!r} may hold only letters, digits, hyphens and underscores")

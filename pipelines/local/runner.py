@@ -436,8 +436,8 @@ class LocalPipeline:
             local_sagemaker.LocalSageMaker(self.workdir).registry.check()
         except RegistryError as error:
             raise InvalidOptions([str(error)]) from error
-        if self.options.tracking_uri:  # MLflow imported, and a store migrated, while the definition is built
-            self.tracking = TrackingStore(self.options.tracking_uri)
+        if self.options.tracking_uri and self.options.definition_file is None:  # MLflow imported, and a store
+            self.tracking = TrackingStore(self.options.tracking_uri)  # migrated, while the definition is built
         try:
             return self._execute(started)
         finally:
@@ -447,6 +447,9 @@ class LocalPipeline:
     def _execute(self, started: float) -> dict[str, Any]:
         prepared = self._prepared()
         definition = prepared.definition
+        uri = self.options.tracking_uri
+        if self.tracking is None and uri and _contains_value(definition, uri):  # a file whose jobs track into the store
+            self.tracking = TrackingStore(uri)
         overrides = validation.parameter_overrides(definition, self.options.parameters)
         self._checked_values(definition, overrides, prepared.project)
         self.run_id, self.run_dir = new_run_folder(self.workdir)
@@ -585,3 +588,13 @@ def path_problems(workdir: Path, data: Path | None) -> list[str]:
                 "store, which would copy itself; pass a --workdir outside the data folder"
             )
     return problems
+
+
+def _contains_value(value: Any, text: str) -> bool:
+    """Whether ``text`` is one of the values in ``value`` (a definition): a --definition file whose jobs do not
+    track into the run's store gets no helper (MLflow's import and a store: seconds of a core for nothing)."""
+    if isinstance(value, dict):
+        return any(_contains_value(item, text) for item in value.values())
+    if isinstance(value, list):
+        return any(_contains_value(item, text) for item in value)
+    return value == text
