@@ -517,11 +517,17 @@ def test_a_refused_archive_prints_one_line_and_no_worker_traceback(tmp_path, nam
     assert_nothing_published(tmp_path / "out")
 
 
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal's: a suite started in the background (`nohup pytest &`) hands its children an ignored
+    SIGINT, which Python keeps ignored, and the step would run to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGINT to the process group", "SIGTERM to the step"])
 def test_a_stopped_run_publishes_nothing_prints_no_traceback_and_leaves_no_worker(tmp_path, stop):
     archive = write_zip(tmp_path / "many.zip", imagefolder_entries({"a": 300, "b": 300}, size=(64, 64)))
-    process = _run_script(archive, tmp_path / "out", start_new_session=True)
+    process = _run_script(archive, tmp_path / "out", start_new_session=True, preexec_fn=_default_sigint)
     assert process.stdout is not None
     first = process.stdout.readline()  # "input many.zip (zip): layout ..." : the workers are decoding now
     assert first.startswith("input "), first
