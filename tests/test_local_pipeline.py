@@ -213,6 +213,9 @@ def test_first_run_executes_every_step_of_the_demo_definition(first_run: Run, se
     assert f"--lr {json.loads(hyperparameters['lr'])}" in log  # tuned values reach the script as flags
     trials = json.loads((first_run.folder / "tune/trials.json").read_text())
     assert trials[0]["status"] == "Completed"
+    tune = first_run.step("Tune")["Local"]["Properties"]  # DescribeHyperParameterTuningJob's shapes
+    assert tune["TrainingJobSummaries"] == [tune["BestTrainingJob"]]  # the top jobs, best first: here the one trial
+    assert tune["BestTrainingJob"]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == trials[0]["objective"]
     assert trials[0]["objective"] == contract.parse_metrics(log)[-1][config.OBJECTIVE_METRIC]
 
     # Train: the best trial's tuned strings, unchanged, plus the final epochs; a model.tar.gz of the contract

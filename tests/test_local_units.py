@@ -95,6 +95,9 @@ def test_objective_is_the_last_value_found_with_the_metric_regex() -> None:
     ]
     assert tuning.best_trial(outcomes).name == "b"  # ties go to the earlier trial
     assert tuning.best_trial([outcomes[2]]) is None
+    # TrainingJobSummaries' order: completed trials, best first (get_top_model_s3_uri's top_k indexes it)
+    assert [o.name for o in tuning.ranked_trials(outcomes)] == ["b", "d", "a"]
+    assert [o.name for o in tuning.ranked_trials(outcomes, "Minimize")] == ["a", "b", "d"]
 
 
 # --- the training container contract ------------------------------------------------------------------------------

@@ -753,6 +753,13 @@ def _mutations() -> list[tuple[str, Any, str]]:
             "reference Parameters.GpuType names no declared parameter",
         ),
         (
+            "bad member of a top training job",
+            lambda d: args(d, "Train")["CheckpointConfig"].update(
+                S3Uri={"Get": "Steps.Tune.TrainingJobSummaries[0].Nope"}
+            ),
+            "HyperParameterTrainingJobSummary has no member 'Nope'",
+        ),
+        (
             "bad step property",
             lambda d: args(d, "Evaluate")["ProcessingInputs"][0]["S3Input"].update(
                 S3Uri={"Get": "Steps.Train.ModelArtifacts.S3Artifacts"}
@@ -813,6 +820,16 @@ def _mutations() -> list[tuple[str, Any, str]]:
             "is not the ARN of a Lambda function",
         ),
     ]
+
+
+def test_a_tuning_steps_top_training_jobs_are_properties_as_on_sagemaker(built: dict[str, Any]) -> None:
+    """The SDK's TuningStep.get_top_model_s3_uri(top_k) reads TrainingJobSummaries[top_k] (a second API's shape)."""
+    from pipelines.definition.check import check_definition
+
+    text = json.dumps(built["default"])
+    best = '"Steps.Tune.BestTrainingJob.TrainingJobName"'
+    assert best in text
+    assert check_definition(text.replace(best, '"Steps.Tune.TrainingJobSummaries[1].TrainingJobName"')) == []
 
 
 @pytest.mark.parametrize(("case", "mutate", "expected"), _mutations(), ids=[m[0] for m in _mutations()])

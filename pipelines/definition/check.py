@@ -23,6 +23,9 @@ STEP_API_OPERATIONS = {
     "Tuning": ("CreateHyperParameterTuningJob", "DescribeHyperParameterTuningJob"),
     "RegisterModel": ("CreateModelPackage", "DescribeModelPackage"),
 }
+# Properties the pipeline service fills from a second call: a tuning step's top training jobs (the SDK's
+# TuningStep reads both shapes, get_top_model_s3_uri the TrainingJobSummaries).
+SECOND_PROPERTY_OPERATIONS = {"Tuning": "ListTrainingJobsForHyperParameterTuningJob"}
 # Job names the pipeline service fills in (the SDK leaves them out unless custom prefixes are on).
 SERVICE_FILLED_MEMBERS = {"ProcessingJobName", "TrainingJobName", "HyperParameterTuningJobName"}
 EXECUTION_VARIABLE_NAMES = {
@@ -264,6 +267,9 @@ class DefinitionChecker:
             self.problems.append(f"{where}: reference {reference}: a {step.get('Type')} step has no properties")
             return "any"
         shape = self.model.operation_model(operations[1]).output_shape
+        second = SECOND_PROPERTY_OPERATIONS.get(step.get("Type"))
+        if second and tokens and tokens[0] in self.model.operation_model(second).output_shape.members:
+            shape = self.model.operation_model(second).output_shape
         for position, token in enumerate(tokens):
             if isinstance(token, int):
                 if shape.type_name != "list":

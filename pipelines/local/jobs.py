@@ -483,6 +483,24 @@ class TrainingExecutor(StepExecutor):
 # --- tuning ------------------------------------------------------------------------------------------------------
 
 
+TOP_TRAINING_JOBS = 50  # how many of the best training jobs a SageMaker tuning step lists in TrainingJobSummaries
+
+
+def _trial_summary(context: StepContext, trial: tuning.TrialOutcome, objective: dict[str, Any]) -> dict[str, Any]:
+    """A completed trial as a HyperParameterTrainingJobSummary (DescribeHyperParameterTuningJob's shape)."""
+    return {
+        "TrainingJobName": trial.name,
+        "TrainingJobArn": _arn(context, "training-job", trial.name),
+        "TrainingJobStatus": "Completed",
+        "TunedHyperParameters": trial.tuned,
+        "FinalHyperParameterTuningJobObjectiveMetric": {
+            "Type": objective["Type"],
+            "MetricName": objective["MetricName"],
+            "Value": trial.objective,
+        },
+    }
+
+
 class TuningExecutor(StepExecutor):
     step_type = "Tuning"
     provides = frozenset(
@@ -492,6 +510,7 @@ class TuningExecutor(StepExecutor):
             "HyperParameterTuningJobStatus",
             "HyperParameterTuningJobConfig",
             "BestTrainingJob",
+            "TrainingJobSummaries",
             "TrainingJobStatusCounters",
         }
     )
@@ -629,17 +648,12 @@ class TuningExecutor(StepExecutor):
                 "HyperParameterTuningJobStatus": "Completed",
                 "HyperParameterTuningJobConfig": job_config,
                 "TrainingJobStatusCounters": {"Completed": len(outcomes) - len(failed), "Failed": len(failed)},
-                "BestTrainingJob": {
-                    "TrainingJobName": best.name,
-                    "TrainingJobArn": _arn(context, "training-job", best.name),
-                    "TrainingJobStatus": "Completed",
-                    "TunedHyperParameters": best.tuned,
-                    "FinalHyperParameterTuningJobObjectiveMetric": {
-                        "Type": objective["Type"],
-                        "MetricName": objective["MetricName"],
-                        "Value": best.objective,
-                    },
-                },
+                "BestTrainingJob": _trial_summary(context, best, objective),
+                # SageMaker's top jobs, best first (the SDK's get_top_model_s3_uri(top_k) reads [top_k])
+                "TrainingJobSummaries": [
+                    _trial_summary(context, trial, objective)
+                    for trial in tuning.ranked_trials(outcomes, objective["Type"])[:TOP_TRAINING_JOBS]
+                ],
             },
             metadata={"TuningJob": {"Arn": arn}},
             detail=detail,

@@ -99,10 +99,14 @@ class TrialOutcome:
     signal: str | None = None  # the signal that ended a failed trial (a stop from outside, not its values)
 
 
+def ranked_trials(outcomes: list[TrialOutcome], objective_type: str = "Maximize") -> list[TrialOutcome]:
+    """The completed trials, best final objective first; ties go to the earlier trial."""
+    scored = [o for o in outcomes if o.status == "Completed" and o.objective is not None]
+    sign = 1.0 if objective_type == "Maximize" else -1.0
+    return sorted(scored, key=lambda o: (-sign * o.objective, outcomes.index(o)))  # type: ignore[operator]
+
+
 def best_trial(outcomes: list[TrialOutcome], objective_type: str = "Maximize") -> TrialOutcome | None:
     """The completed trial with the best final objective; ties go to the earlier trial."""
-    scored = [o for o in outcomes if o.status == "Completed" and o.objective is not None]
-    if not scored:
-        return None
-    sign = 1.0 if objective_type == "Maximize" else -1.0
-    return max(scored, key=lambda o: (sign * o.objective, -outcomes.index(o)))  # type: ignore[operator]
+    ranked = ranked_trials(outcomes, objective_type)
+    return ranked[0] if ranked else None
