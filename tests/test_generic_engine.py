@@ -101,6 +101,45 @@ def test_a_parameter_flips_the_condition_to_the_fail_step(
 
 
 @pytest.mark.slow
+def test_a_model_step_creates_a_model_a_later_step_reads_by_name(tmp_path: Path, objects: list[str]) -> None:
+    """The SDK's ModelStep over model.create() (AWS's abalone sample has one): CreateModel's arguments without a
+    ModelName, which the service makes; its ModelName is a property."""
+    definition = json.loads(DEFINITION.read_text())
+    gate = next(step for step in definition["Steps"] if step["Name"] == "Gate")
+    keep = gate["Arguments"]["IfSteps"][0]
+    container = keep["Arguments"]["InferenceSpecification"]["Containers"][0]
+    role = next(step for step in definition["Steps"] if step["Name"] == "Fit")["Arguments"]["RoleArn"]
+    model = {
+        "Name": "Toy-Model",
+        "Type": "Model",
+        "Arguments": {
+            "ExecutionRoleArn": role,
+            "PrimaryContainer": {"Image": container["Image"], "ModelDataUrl": container["ModelDataUrl"]},
+        },
+    }
+    keep["Arguments"]["ModelPackageDescription"] = {"Get": "Steps.Toy-Model.ModelName"}
+    gate["Arguments"]["IfSteps"].append(model)
+    with_model = tmp_path / "with_model.json"
+    with_model.write_text(json.dumps(definition))
+    workdir = tmp_path / "runs"
+    flags = ["--definition", str(with_model), "--pipeline-name", "toy", "--workdir", str(workdir)]
+    assert run.main(["local", *flags, *objects]) == 0
+    record = _record(workdir, "run-0001")
+    steps = {step["StepName"]: step for step in record["PipelineExecutionSteps"]}
+    assert steps["Toy-Model"]["StepStatus"] == steps["Keep"]["StepStatus"] == "Succeeded"
+    name = steps["Toy-Model"]["Local"]["Properties"]["ModelName"]
+    assert name == "pipelines-run-0001-Toy-Model"
+    from pipelines.local.sagemaker import LocalSageMaker
+
+    api = LocalSageMaker(workdir)
+    described = api.describe_model(ModelName=name)
+    fit = steps["Fit"]["Local"]["Properties"]["ModelArtifacts"]["S3ModelArtifacts"]
+    assert described["PrimaryContainer"]["ModelDataUrl"] == fit and described["ExecutionRoleArn"] == role
+    package = api.describe_model_package(ModelPackageName=record["Summary"]["model_package"]["ModelPackageArn"])
+    assert package["ModelPackageDescription"] == name  # the RegisterModel step read the model's name
+
+
+@pytest.mark.slow
 def test_a_definition_whose_job_tracks_into_the_runs_store_gets_the_store(tmp_path: Path, objects: list[str]) -> None:
     workdir = tmp_path / "runs"
     store = f"sqlite:///{(workdir.resolve() / 'mlflow.db').as_posix()}"  # the CLI's default tracking URI

@@ -22,12 +22,13 @@ STEP_API_OPERATIONS = {
     "Training": ("CreateTrainingJob", "DescribeTrainingJob"),
     "Tuning": ("CreateHyperParameterTuningJob", "DescribeHyperParameterTuningJob"),
     "RegisterModel": ("CreateModelPackage", "DescribeModelPackage"),
+    "Model": ("CreateModel", "DescribeModel"),
 }
 # Properties the pipeline service fills from a second call: a tuning step's top training jobs (the SDK's
 # TuningStep reads both shapes, get_top_model_s3_uri the TrainingJobSummaries).
 SECOND_PROPERTY_OPERATIONS = {"Tuning": "ListTrainingJobsForHyperParameterTuningJob"}
-# Job names the pipeline service fills in (the SDK leaves them out unless custom prefixes are on).
-SERVICE_FILLED_MEMBERS = {"ProcessingJobName", "TrainingJobName", "HyperParameterTuningJobName"}
+# Names the pipeline service fills in (the SDK leaves them out unless custom prefixes are on).
+SERVICE_FILLED_MEMBERS = {"ProcessingJobName", "TrainingJobName", "HyperParameterTuningJobName", "ModelName"}
 EXECUTION_VARIABLE_NAMES = {
     "CurrentDateTime",
     "StartDateTime",

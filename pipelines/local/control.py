@@ -1,4 +1,4 @@
-"""Executors of the steps that run no container: Condition, Fail, RegisterModel and Lambda.
+"""Executors of the steps that run no container: Condition, Fail, RegisterModel, Model and Lambda.
 
 - **Condition**: every one of ``Conditions`` evaluated (``JsonGet`` on property files included); the outcome
   picks ``IfSteps`` or ``ElseSteps``.
@@ -6,6 +6,8 @@
 - **RegisterModel**: ``CreateModelPackage`` of the local SageMaker (:mod:`.sagemaker`): always a new version in
   its registry, with copies of the files its arguments name (model artifact, metrics reports). The step is never
   cached: a rerun whose jobs all come from the cache still registers a version of its own, as on SageMaker.
+- **Model**: ``CreateModel`` of the local SageMaker, named as the pipeline service names a Model step's model;
+  its ``ModelName`` is what a later step reads. Never cached, as on SageMaker.
 - **Lambda**: the function the ``FunctionArn`` names, run in-process with the step's resolved ``Arguments`` as
   its event and its log in the step's folder; the declared ``OutputParameters`` are read from its answer. Only
   functions the runner hands over run (the deploy function, against the local registry and endpoint:
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -121,6 +124,36 @@ class RegisterModelExecutor(StepExecutor):
             detail=f"{package['ModelPackageGroupName']} version {version} ({status})",
             summary={"model_package": summary},
         )
+
+
+class ModelExecutor(StepExecutor):
+    """``CreateModel`` (the SDK's ModelStep over ``model.create()``) in the local SageMaker, under a name made as
+    the pipeline service makes one (the step's arguments name none): a later step reads it by ``ModelName``."""
+
+    step_type = "Model"
+    provides = frozenset({"ModelName", "ModelArn", "PrimaryContainer", "Containers", "ExecutionRoleArn"})
+
+    def __init__(self, sagemaker: Any) -> None:
+        self.sagemaker = sagemaker  # a LocalSageMaker
+
+    def run(self, context: StepContext) -> StepResult:
+        request = dict(context.arguments)
+        name = request.pop("ModelName", None) or model_name(context.execution.run_id, context.name)
+        try:
+            self.sagemaker.create_model(ModelName=name, **request)
+            model = self.sagemaker.describe_model(ModelName=name)
+        except ClientError as error:
+            raise StepFailure(error.response["Error"]["Message"]) from error
+        return StepResult(
+            properties={key: model[key] for key in self.provides if key in model},
+            metadata={"Model": {"Arn": model["ModelArn"]}},
+            detail=name,
+        )
+
+
+def model_name(run_id: str, step_name: str) -> str:
+    """A SageMaker ModelName (letters, digits and hyphens, at most 63) for a Model step of a run."""
+    return re.sub(r"[^a-zA-Z0-9]+", "-", f"pipelines-{run_id}-{step_name}")[:63].strip("-")
 
 
 def function_name(arn: str) -> str:

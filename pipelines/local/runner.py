@@ -265,7 +265,13 @@ def step_executors(options: LocalRunOptions, workdir: Path, api: Any, project: b
     definition the training jobs get the project's extras and the Lambda executor runs the deploy function against
     the local registry and endpoint; for any other, the engine runs the container contract alone and knows no
     function."""
-    from pipelines.local.control import ConditionExecutor, FailExecutor, LambdaExecutor, RegisterModelExecutor
+    from pipelines.local.control import (
+        ConditionExecutor,
+        FailExecutor,
+        LambdaExecutor,
+        ModelExecutor,
+        RegisterModelExecutor,
+    )
     from pipelines.local.deploy_function import deploy_function
     from pipelines.local.jobs import ProcessingExecutor, TrainingExecutor, TrainingExtras, TuningExecutor
 
@@ -286,6 +292,7 @@ def step_executors(options: LocalRunOptions, workdir: Path, api: Any, project: b
         ConditionExecutor(),
         FailExecutor(),
         RegisterModelExecutor(api),
+        ModelExecutor(api),
         LambdaExecutor(functions),
     ]
     return {executor.step_type: executor for executor in executors}
