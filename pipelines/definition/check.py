@@ -269,8 +269,9 @@ class DefinitionChecker:
             return "any"
         shape = self.model.operation_model(operations[1]).output_shape
         second = SECOND_PROPERTY_OPERATIONS.get(step.get("Type"))
-        if second and tokens and tokens[0] in self.model.operation_model(second).output_shape.members:
-            shape = self.model.operation_model(second).output_shape
+        listed = self.model.operation_model(second).output_shape if second else None
+        if listed is not None and tokens and tokens[0] in listed.members:
+            shape = listed
         for position, token in enumerate(tokens):
             if isinstance(token, int):
                 if shape.type_name != "list":
